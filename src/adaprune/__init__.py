@@ -1,0 +1,37 @@
+"""adaprune: structured pruning that adapts to the task and the target.
+
+The curated public API::
+
+    import adaprune as ap
+    res = ap.prune(model, x, ratio=0.5, importance="l2", allocation="uniform", ignore=[model.fc])
+    ap.count(model, x)            # Cost(macs, params, bytes)
+    graph = ap.trace(model, x)    # groups of coupled channels
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .api import PruneResult, apply_plan, prune
+from .cost import Cost, count
+from .graph import Graph, Group, trace
+from .plan import GroupCut, Plan
+from .surgery import mask, remove
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune",
+    "PruneResult",
+    "apply_plan",
+    "count",
+    "Cost",
+    "trace",
+    "Graph",
+    "Group",
+    "Plan",
+    "GroupCut",
+    "mask",
+    "remove",
+    "errors",
+    "__version__",
+]

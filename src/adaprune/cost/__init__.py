@@ -1,0 +1,61 @@
+"""What a model spends: MACs (torch.utils.flop_counter), parameters and bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["Cost", "count"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs of one forward pass on the example inputs, parameter count, and bytes of weights."""
+
+    macs: int
+    params: int
+    bytes: int
+
+    def ratio_to(self, other: Cost) -> dict[str, float]:
+        """Each field as a fraction of ``other``'s."""
+        return {
+            k: (getattr(self, k) / getattr(other, k) if getattr(other, k) else 1.0)
+            for k in ("macs", "params", "bytes")
+        }
+
+
+def _unique(tensors: Any) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def count(model: nn.Module, example_inputs: Any) -> Cost:
+    """Count MACs (one multiply-add = one MAC; flop counter's flops / 2), params and bytes.
+
+    Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
+    """
+    from ..graph import call_model
+
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+    params = _unique(model.parameters())
+    buffers = _unique(model.buffers())
+    return Cost(
+        macs=int(counter.get_total_flops()) // 2,
+        params=sum(p.numel() for p in params),
+        bytes=sum(t.numel() * t.element_size() for t in params + buffers),
+    )

@@ -1,0 +1,48 @@
+"""Typed exceptions. Each names what was wrong (argument, module, op) and how to fix it.
+
+Error classes that describe bad input also subclass the matching builtin (``ValueError``,
+``TypeError``, ``KeyError``) so callers can catch either.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapruneError",
+    "ConfigError",
+    "UnknownNameError",
+    "TraceError",
+    "SurgeryError",
+    "PlanError",
+    "PlanMismatchError",
+]
+
+
+class AdapruneError(Exception):
+    """Base class of every error adaprune raises on purpose."""
+
+
+class ConfigError(AdapruneError, ValueError):
+    """An argument has a value outside what is allowed (the message names it and the allowed range)."""
+
+
+class UnknownNameError(AdapruneError, KeyError):
+    """A registry lookup failed; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class TraceError(AdapruneError, RuntimeError):
+    """The model could not be run on the example inputs while building the graph."""
+
+
+class SurgeryError(AdapruneError, RuntimeError):
+    """Applying a plan failed; the model was restored to exactly what it was before."""
+
+
+class PlanError(AdapruneError, ValueError):
+    """A plan is malformed (bad JSON, wrong version, negative or duplicate indices)."""
+
+
+class PlanMismatchError(PlanError):
+    """A plan does not fit the model it is applied to (missing tensor, wrong shape)."""

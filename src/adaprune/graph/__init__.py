@@ -1,0 +1,87 @@
+"""Trace a model on example inputs and find its groups of coupled channels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TraceError
+from .groups import Graph, Group, Slot, build_groups
+from .tracer import Frozen, UnsupportedOpWarning, run_traced
+
+__all__ = ["Graph", "Group", "Slot", "Frozen", "UnsupportedOpWarning", "trace", "call_model"]
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` the way ``example_inputs`` says: a dict is keywords, a tuple positional args."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | None) -> set[int]:
+    """Module ids for ``ignore`` (modules or their names); anything not in ``model`` raises."""
+    ids: set[int] = set()
+    names = dict(model.named_modules())
+    by_id = {id(m) for m in names.values()}
+    for item in ignore or ():
+        if isinstance(item, str):
+            if item not in names:
+                raise ConfigError(
+                    f"ignore: no module named {item!r} in the model; pass a module of the model "
+                    "or one of the names from model.named_modules()"
+                )
+            ids.add(id(names[item]))
+        elif isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ConfigError(
+                    f"ignore: the {type(item).__name__} passed is not a submodule of the model "
+                    "being pruned (a copy of the model has different modules); pass the model's own module"
+                )
+            ids.add(id(item))
+        else:
+            raise ConfigError(
+                f"ignore: expected modules or module names, got {type(item).__name__}"
+            )
+    return ids
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    ignore: Iterable[nn.Module | str] | None = None,
+) -> Graph:
+    """Run ``model`` once on ``example_inputs`` (in eval mode, without gradients) and group its channels.
+
+    Args:
+        model: any ``nn.Module`` that runs eagerly; Python control flow is fine.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        ignore: modules (or names) whose outputs must keep their width, e.g. the classifier.
+
+    Returns:
+        The :class:`Graph`: prunable groups, plus what was frozen and why.
+    """
+    ignored = resolve_ignore(model, ignore)
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored)
+    except TraceError:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
+            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
+            "positional arguments)"
+        ) from exc
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return build_groups(state, param_names)

@@ -1,0 +1,128 @@
+"""Groups: the classes of atoms left after tracing, gathered by the tensor slices they cover."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .tracer import Frozen, TraceState
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One prunable dim of one parameter or buffer."""
+
+    tensor: str
+    dim: int
+    size: int
+    is_param: bool
+
+    @property
+    def module(self) -> str:
+        return self.tensor.rpartition(".")[0]
+
+
+@dataclass
+class Group:
+    """Channels that cover the same slots and are removed as units.
+
+    ``channel_of[i][p]`` is the channel (index into this group) that position ``p`` of slot ``i``
+    belongs to, or ``-1`` when the position belongs to another group or cannot be removed.
+    """
+
+    name: str
+    slots: tuple[Slot, ...]
+    channel_of: tuple[torch.Tensor, ...]
+    size: int
+    exact: bool
+
+    def positions(self, channel: int) -> dict[tuple[str, int], list[int]]:
+        """Which positions of which ``(tensor, dim)`` removing ``channel`` removes."""
+        out = {}
+        for slot, owner in zip(self.slots, self.channel_of):
+            pos = (owner == channel).nonzero().flatten().tolist()
+            if pos:
+                out[(slot.tensor, slot.dim)] = pos
+        return out
+
+    def removals(self, channels: list[int]) -> dict[str, dict[int, list[int]]]:
+        """Positions to remove per tensor and dim when ``channels`` of this group go."""
+        chosen = torch.zeros(self.size + 1, dtype=torch.bool)
+        chosen[torch.tensor(channels, dtype=torch.long)] = True
+        out: dict[str, dict[int, list[int]]] = {}
+        for slot, owner in zip(self.slots, self.channel_of):
+            hit = chosen[owner].logical_and(owner >= 0)
+            pos = hit.nonzero().flatten().tolist()
+            if pos:
+                out.setdefault(slot.tensor, {})[slot.dim] = pos
+        return out
+
+
+@dataclass
+class Graph:
+    """What tracing found: the prunable groups, and what is frozen and why."""
+
+    groups: list[Group]
+    frozen: list[Frozen] = field(default_factory=list)
+    frozen_slots: dict[str, list[str]] = field(default_factory=dict)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+
+def build_groups(state: TraceState, param_names: set[str]) -> Graph:
+    atoms = state.atoms
+    slot_list: list[Slot] = []
+    slot_roots: list[torch.Tensor] = []
+    members: dict[int, dict[int, list[int]]] = {}
+    frozen_slots: dict[str, list[str]] = {}
+    for (name, dim), ids in state.slots.items():
+        roots = atoms.roots(ids)
+        slot = Slot(name, dim, ids.numel(), name in param_names)
+        idx = len(slot_list)
+        slot_list.append(slot)
+        slot_roots.append(roots)
+        for p, r in enumerate(roots.tolist()):
+            reasons = atoms.pinned(r)
+            if reasons:
+                key = f"{name}:{dim}"
+                if key not in frozen_slots:
+                    frozen_slots[key] = sorted(set(reasons))[:3]
+                continue
+            members.setdefault(r, {}).setdefault(idx, []).append(p)
+    by_signature: dict[tuple[int, ...], list[int]] = {}
+    for r, where in members.items():
+        by_signature.setdefault(tuple(sorted(where)), []).append(r)
+    groups: list[Group] = []
+    used: set[str] = set()
+    for sig, roots in by_signature.items():
+        roots.sort(key=lambda r: min(members[r][sig[0]]))
+        index = {r: c for c, r in enumerate(roots)}
+        channel_of = []
+        for i in sig:
+            owner = torch.full((slot_list[i].size,), -1, dtype=torch.long)
+            rr = slot_roots[i]
+            for p, r in enumerate(rr.tolist()):
+                if r in index:
+                    owner[p] = index[r]
+            channel_of.append(owner)
+        slots = tuple(slot_list[i] for i in sig)
+        name = _group_name(slots, used)
+        exact = not any(atoms.spanned(r) for r in roots)
+        groups.append(Group(name, slots, tuple(channel_of), len(roots), exact))
+    groups.sort(key=lambda g: min(slot_list.index(s) for s in g.slots))
+    return Graph(groups, list(state.frozen), frozen_slots)
+
+
+def _group_name(slots: tuple[Slot, ...], used: set[str]) -> str:
+    producers = [s for s in slots if s.dim == 0 and s.is_param and s.tensor.endswith("weight")]
+    base = (producers or list(slots))[0].module or slots[0].tensor
+    name, k = base, 2
+    while name in used:
+        name, k = f"{base}#{k}", k + 1
+    used.add(name)
+    return name

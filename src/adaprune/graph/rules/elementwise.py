@@ -1,0 +1,153 @@
+"""Rules for elementwise ops, reductions and normalisations along a dim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..fields import collapse
+from ..tracer import Call, TraceState, rule
+from ._contract import elementwise
+
+_UNARY = """
+abs absolute neg negative positive exp exp2 expm1 log log2 log10 log1p sqrt rsqrt square sin cos tan
+asin acos atan sinh cosh tanh asinh acosh atanh sigmoid logit erf erfc erfinv reciprocal sign sgn
+floor ceil round trunc frac nan_to_num relu relu6 gelu silu mish selu celu elu leaky_relu hardtanh
+hardswish hardsigmoid hardshrink softshrink tanhshrink softplus softsign threshold logsigmoid
+rrelu glu_placeholder clamp clip clamp_min clamp_max dropout dropout1d dropout2d dropout3d
+alpha_dropout feature_alpha_dropout isnan isinf isfinite logical_not bitwise_not __invert__ __neg__
+__abs__ __pos__ contiguous clone detach to type float double half bfloat16 int long bool cpu cuda
+requires_grad_ data.__get__ type_as float_power pow __pow__ mul_scalar zeros_like ones_like
+empty_like full_like rand_like randn_like zero_ fill_ normal_ uniform_ nan_to_num_ silu_
+""".split()
+
+_BINARY = """
+add sub subtract mul multiply div divide true_divide floor_divide remainder fmod atan2 arctan2
+maximum minimum fmax fmin eq ne lt le gt ge greater less greater_equal less_equal not_equal equal_placeholder
+logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor where lerp addcmul addcdiv
+masked_fill hypot copysign xlogy rsub heaviside
+__add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__
+__rtruediv__ __itruediv__ __div__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __pow__ __rpow__
+__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __iand__ __ior__
+""".split()
+
+_REDUCE = """
+sum mean nansum nanmean amax amin prod std var logsumexp argmax argmin all any count_nonzero
+median nanmedian mode kthvalue var_mean std_mean aminmax max min norm
+""".split()
+
+_ALONG_DIM = "softmax log_softmax softmin normalize cumsum cumprod cummax cummin logcumsumexp".split()
+
+
+def _inplace(names: list[str]) -> list[str]:
+    out = []
+    for n in names:
+        out.append(n)
+        if not n.startswith("_") and not n.endswith("_") and "." not in n:
+            out.append(n + "_")
+    return sorted(set(out))
+
+
+def _first_tensor(call: Call) -> torch.Tensor:
+    for a in call.args:
+        if isinstance(a, torch.Tensor):
+            return a
+    for a in call.kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return a
+    raise TypeError(f"{call.name} has no tensor argument")
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return [t for t in getattr(out, "__iter__", lambda: iter(()))() if isinstance(t, torch.Tensor)]
+
+
+def _binary_operands(call: Call) -> list[torch.Tensor]:
+    tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
+    tensors += [v for k, v in call.kwargs.items() if isinstance(v, torch.Tensor) and k != "out"]
+    return tensors
+
+
+@rule(*[n for n in _inplace(_UNARY) if n not in _BINARY])
+def unary(state: TraceState, call: Call) -> None:
+    x = _first_tensor(call)
+    fields = state.fields_of(x)
+    for out in _outputs(call.out):
+        if tuple(out.shape) == tuple(x.shape):
+            state.set_fields(out, list(fields))
+        else:  # e.g. a broadcasting clamp with tensor bounds: treat as a binary op
+            state.set_fields(out, elementwise(state, _binary_operands(call), out.dim(), call.name))
+
+
+@rule(*_inplace([n for n in _BINARY if not n.endswith("_placeholder")]))
+def binary(state: TraceState, call: Call) -> None:
+    out = call.out if isinstance(call.out, torch.Tensor) else call.args[0]
+    state.set_fields(out, elementwise(state, _binary_operands(call), out.dim(), call.name))
+
+
+def _dims(dim: Any, ndim: int) -> list[int]:
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [dim % ndim]
+    return [d % ndim for d in dim]
+
+
+@rule(*_REDUCE)
+def reduce(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    if call.name in ("max", "min") and len(call.args) > 1 and isinstance(call.args[1], torch.Tensor):
+        return binary(state, call)
+    if call.name == "norm":
+        dim = call.arg(2, "dim")
+    else:
+        dim = call.arg(1, "dim")
+    if x.dim() == 0:
+        return
+    dims = _dims(dim, x.dim())
+    for out in _outputs(call.out):
+        keep = out.dim() == x.dim()
+        fields = []
+        for f in state.fields_of(x):
+            if any(f.shape[d] > 1 for d in dims):
+                state.atoms.span(f)
+            g = collapse(state.atoms, f, dims)
+            if not keep:
+                g = g.reshape([g.shape[d] for d in range(g.dim()) if d not in dims])
+            if any(s > 1 for s in g.shape):
+                fields.append(g)
+        state.set_fields(out, fields)
+
+
+@rule(*_ALONG_DIM)
+def along_dim(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    dim = call.arg(2 if call.name == "normalize" else 1, "dim", 1 if call.name == "normalize" else None)
+    fields = state.fields_of(x)
+    if dim is not None:
+        d = dim % x.dim()
+        for f in fields:
+            if f.shape[d] > 1:
+                state.atoms.span(f)
+    for out in _outputs(call.out):
+        state.set_fields(out, list(fields))
+
+
+@rule("sort", "argsort", "topk", "msort")
+def sort(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    default = -1
+    dim = call.arg(2 if call.name == "topk" else 1, "dim", default)
+    if not isinstance(dim, int):
+        dim = default
+    d = dim % x.dim()
+    if any(f.shape[d] > 1 for f in state.fields_of(x)):
+        state.freeze(x, call.name, "channels are reordered by their values")
+        return
+    for out in _outputs(call.out):
+        state.set_fields(out, list(state.fields_of(x)))

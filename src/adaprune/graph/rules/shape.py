@@ -1,0 +1,297 @@
+"""Rules for ops that move elements without mixing them: views, slices, splits, concatenation.
+
+These ops are applied to the fields themselves, so the mapping of channels is exact whatever the
+op does. What the rules add is *rigidity*: a dim whose size the code fixes (an integer index, the
+non-inferred sizes of a split reshape, the number of chunks) cannot shrink, so the channels across
+it are pruned in lockstep (or pinned when nothing else can shrink).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..atoms import NO_ATOM
+from ..fields import Field, collapse, compact, full, merge
+from ..tracer import Call, TraceState, rule
+
+
+def _apply(call: Call, x: torch.Tensor, label: Field) -> Any:
+    args = list(call.args)
+    args[0] = full(label, x.shape)
+    return call.func(*args, **call.kwargs)
+
+
+def _set_results(state: TraceState, out: Any, results: list[Any]) -> None:
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    for i, o in enumerate(outs):
+        fs = []
+        for r in results:
+            lab = r if isinstance(r, torch.Tensor) else r[i]
+            fs.append(compact(state.atoms, lab))
+        state.set_fields(o, [f for f in fs if any(s > 1 for s in f.shape)])
+
+
+_MOVE = """
+permute transpose swapaxes swapdims t T.__get__ mT.__get__ movedim moveaxis squeeze unsqueeze
+expand expand_as broadcast_to repeat tile flip fliplr flipud roll rot90 repeat_interleave
+pixel_shuffle pixel_unshuffle channel_shuffle unfold diagonal
+""".split()
+
+
+@rule(*_MOVE)
+def move(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    if call.name == "unfold" and not isinstance(call.args[1] if len(call.args) > 1 else 0, int):
+        state.unknown(call)
+        return
+    results = [_apply(call, x, f) for f in state.fields_of(x)]
+    _set_results(state, call.out, results)
+
+
+def _reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input dims with runs of output dims whose sizes multiply to the same number."""
+    if 0 in src or 0 in dst:
+        return []
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    try:
+        while i < len(src) and j < len(dst):
+            a, b = [i], [j]
+            pa, pb = src[i], dst[j]
+            i, j = i + 1, j + 1
+            while pa != pb:
+                if pa < pb:
+                    a.append(i)
+                    pa *= src[i]
+                    i += 1
+                else:
+                    b.append(j)
+                    pb *= dst[j]
+                    j += 1
+            groups.append((a, b))
+    except IndexError:
+        return []
+    return groups
+
+
+def _shape_args(call: Call) -> list[Any] | None:
+    if call.name in ("view_as", "reshape_as"):
+        return None
+    rest = call.args[1:]
+    if call.name == "reshape" and "shape" in call.kwargs:
+        rest = (call.kwargs["shape"],)
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        rest = tuple(rest[0])
+    return list(rest)
+
+
+@rule("view", "reshape", "view_as", "reshape_as")
+def reshape(state: TraceState, call: Call) -> None:
+    x, out = call.args[0], call.out
+    if call.name == "view" and len(call.args) == 2 and isinstance(call.args[1], torch.dtype):
+        state.set_fields(out, list(state.fields_of(x)))
+        return
+    sizes = _shape_args(call)
+    free = {i for i, s in enumerate(sizes or []) if isinstance(s, int) and s == -1}
+    fields = []
+    for f in state.fields_of(x):
+        g = compact(state.atoms, full(f, x.shape).reshape(out.shape))
+        for src_dims, dst_dims in _reshape_groups(list(x.shape), list(out.shape)):
+            if len(dst_dims) < 2:
+                continue  # a merge (flatten) or an unchanged dim: computed size, free
+            vary = [d for d in dst_dims if g.shape[d] > 1]
+            if len(vary) < 2:
+                continue
+            loose = [d for d in vary if d in free] or [max(vary)]
+            rigid = [d for d in vary if d not in loose[:1]]
+            g = collapse(state.atoms, g, rigid)
+        fields.append(g)
+    if call.name in ("view_as", "reshape_as"):
+        fields = _union_with(state, fields, state.fields_of(call.args[1]))
+    state.set_fields(out, [f for f in fields if any(s > 1 for s in f.shape)])
+
+
+def _union_with(state: TraceState, a: list[Field], b: list[Field]) -> list[Field]:
+    if not b:
+        return a
+    return [merge(state.atoms, a + b)] if a else list(b)
+
+
+@rule("flatten", "unflatten", "ravel")
+def flatten(state: TraceState, call: Call) -> None:
+    x, out = call.args[0], call.out
+    fields = []
+    for f in state.fields_of(x):
+        g = compact(state.atoms, full(f, x.shape).reshape(out.shape))
+        if call.name == "unflatten":
+            dim = call.arg(1, "dim") % x.dim()
+            sizes = list(call.arg(2, "sizes"))
+            new = list(range(dim, dim + len(sizes)))
+            vary = [d for d in new if g.shape[d] > 1]
+            if len(vary) > 1:
+                loose = [dim + i for i, s in enumerate(sizes) if s == -1 and dim + i in vary]
+                keep = loose[:1] or [max(vary)]
+                g = collapse(state.atoms, g, [d for d in vary if d not in keep])
+        fields.append(g)
+    state.set_fields(out, [f for f in fields if any(s > 1 for s in f.shape)])
+
+
+def _index_dims(x: torch.Tensor, index: Any) -> tuple[list[int], list[int]] | None:
+    """Input dims hit by an integer (rigid) and by a partial slice / tensor index (fixed)."""
+    idx = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(
+        (i.dim() if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1)
+        for i in idx
+        if i is not None and i is not Ellipsis
+    )
+    ints, fixed = [], []
+    d = 0
+    for i in idx:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            d += x.dim() - consumed
+            continue
+        if isinstance(i, bool):
+            return None
+        if isinstance(i, int):
+            ints.append(d)
+        elif isinstance(i, slice):
+            if not (i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
+                if not (i.start in (None, 0) and isinstance(i.stop, int) and i.stop >= x.shape[d]):
+                    fixed.append(d)
+        elif isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+            fixed.extend(range(d, d + i.dim()))
+            d += i.dim()
+            continue
+        else:
+            fixed.append(d)
+        d += 1
+    return ints, fixed
+
+
+@rule("__getitem__")
+def getitem(state: TraceState, call: Call) -> None:
+    x, index = call.args[0], call.args[1]
+    hit = _index_dims(x, index)
+    if hit is None:
+        state.unknown(call)
+        return
+    ints, fixed = hit
+    results = []
+    for f in state.fields_of(x):
+        if any(f.shape[d] > 1 for d in fixed):
+            state.atoms.pin(f, f"sliced by a fixed index in {state.module}")
+        f = collapse(state.atoms, f, ints)
+        results.append(_apply(call, x, f))
+    _set_results(state, call.out, results)
+
+
+@rule("__setitem__")
+def setitem(state: TraceState, call: Call) -> None:
+    state.unknown(call, "in-place assignment into a slice")
+
+
+@rule("narrow")
+def narrow(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    dim = call.arg(1, "dim") % x.dim()
+    length = call.arg(3, "length")
+    results = []
+    for f in state.fields_of(x):
+        if f.shape[dim] > 1 and length != x.shape[dim]:
+            state.atoms.pin(f, f"narrowed to a fixed length in {state.module}")
+        results.append(_apply(call, x, f))
+    _set_results(state, call.out, results)
+
+
+@rule("chunk", "split", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
+def split(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    default = 0 if call.name in ("chunk", "split", "tensor_split", "unbind", "split_with_sizes") else -1
+    dim = call.arg(1 if call.name == "unbind" else 2, "dim", default)
+    dim = dim % x.dim()
+    pieces = len(call.out)
+    size = x.shape[dim]
+    results = []
+    for f in state.fields_of(x):
+        if f.shape[dim] > 1:
+            if call.name == "unbind":
+                f = collapse(state.atoms, f, [dim])
+            elif size % pieces == 0 and all(o.shape[dim] == size // pieces for o in call.out):
+                lab = full(f, x.shape)
+                parts = lab.chunk(pieces, dim)
+                for p in parts[1:]:
+                    state.atoms.union_pairs(parts[0], p)
+                f = compact(state.atoms, f)
+            else:
+                state.atoms.pin(f, f"split into unequal pieces in {state.module}")
+        results.append(_apply(call, x, f))
+    _set_results(state, call.out, results)
+
+
+@rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
+def cat(state: TraceState, call: Call) -> None:
+    tensors = list(call.args[0])
+    out = call.out
+    if call.name in ("hstack", "vstack"):
+        state.unknown(call)
+        return
+    dim = call.arg(1, "dim", 0)
+    if call.name == "stack":
+        dim = dim % (tensors[0].dim() + 1)
+        tensors_shapes = [tuple(t.unsqueeze(dim).shape) for t in tensors]
+        fields_per = [[f.unsqueeze(dim) for f in state.fields_of(t)] for t in tensors]
+    else:
+        dim = dim % tensors[0].dim()
+        tensors_shapes = [tuple(t.shape) for t in tensors]
+        fields_per = [list(state.fields_of(t)) for t in tensors]
+    items = [(k, f) for k, fs in enumerate(fields_per) for f in fs]
+    comp = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while comp[i] != i:
+            i = comp[i]
+        return i
+
+    vary = [{d for d, s in enumerate(f.shape) if s > 1} for _, f in items]
+    for i in range(len(items)):
+        for j in range(i):
+            if vary[i] & vary[j]:
+                comp[find(i)] = find(j)
+    comps: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        comps.setdefault(find(i), []).append(i)
+    fields = []
+    for members in comps.values():
+        parts = []
+        for k, shape in enumerate(tensors_shapes):
+            mine = [items[i][1] for i in members if items[i][0] == k]
+            if mine:
+                lab = merge(state.atoms, mine) if len(mine) > 1 else mine[0]
+                parts.append(full(lab, shape))
+            else:
+                parts.append(torch.full(shape, NO_ATOM, dtype=torch.long))
+        fields.append(compact(state.atoms, torch.cat(parts, dim)))
+    state.set_fields(out, [f for f in fields if any(s > 1 for s in f.shape)])
+
+
+@rule("pad")
+def pad(state: TraceState, call: Call) -> None:
+    x = call.args[0]
+    widths = list(call.arg(1, "pad"))
+    mode = call.arg(2, "mode", "constant")
+    padded = [x.dim() - 1 - i for i in range(len(widths) // 2)]
+    results = []
+    for f in state.fields_of(x):
+        hit = [d for d in padded if f.shape[d] > 1]
+        if hit and mode != "constant":
+            state.atoms.pin(f, f"padded along a channel dim in {state.module}")
+        if hit and mode == "constant":
+            results.append(torch.nn.functional.pad(full(f, x.shape), widths, value=NO_ATOM))
+        else:
+            results.append(f)
+    _set_results(state, call.out, results)

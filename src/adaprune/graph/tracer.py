@@ -1,0 +1,231 @@
+"""Run the model once on example inputs and record, op by op, which channels are coupled.
+
+Tracing is a real forward pass under a ``TorchFunctionMode``: Python control flow, HF models and
+anything else that runs in eager mode trace as they run. Every torch function called at the user's
+level (``F.conv2d``, ``x.view``, ``torch.cat``, ``a + b`` ...) goes to the rule registered for its name
+(see ``rules/``); ops with no rule freeze the channels they touch, with a warning naming the op and
+the module, so an unknown op can never cause a wrong cut.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .atoms import Atoms
+from .fields import Field, along
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op the graph does not understand touched prunable channels; they were frozen."""
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """Channels that cannot be pruned, and why."""
+
+    module: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Call:
+    """One recorded torch function call."""
+
+    name: str
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: Any
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if index < len(self.args):
+            return self.args[index]
+        return default
+
+
+Rule = Callable[["TraceState", Call], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a coupling rule under one or more normalised op names."""
+
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            if n in RULES:
+                raise ValueError(f"a graph rule for op {n!r} is already registered")
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+_PREFIXES = ("torch.nn.functional.", "torch.Tensor.", "torch._C._nn.", "torch.", "_C._nn.")
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_``."""
+    try:
+        name = resolve_name(func) or ""
+    except Exception:  # resolve_name is best-effort on exotic callables
+        name = ""
+    if not name:
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    for p in _PREFIXES:
+        if name.startswith(p):
+            return name[len(p) :]
+    return name
+
+
+@dataclass
+class TraceState:
+    """Everything tracing accumulates: atoms, fields of live tensors, tensor slots, frozen notes."""
+
+    tensor_names: dict[int, str]
+    atoms: Atoms = field(default_factory=Atoms)
+    fields: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    slots: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    module_stack: list[str] = field(default_factory=list)
+    frozen: list[Frozen] = field(default_factory=list)
+    strict: bool = False
+
+    # -- tensors -------------------------------------------------------------------------------
+    @property
+    def module(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "<model>"
+
+    def is_tracked(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and (t in self.fields or id(t) in self.tensor_names)
+
+    def slot(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The atoms of dim ``dim`` of a parameter or buffer (created on first use)."""
+        key = (self.tensor_names[id(t)], dim % t.dim())
+        if key not in self.slots:
+            self.slots[key] = self.atoms.new(t.shape[key[1]])
+        return self.slots[key]
+
+    def fields_of(self, t: Any) -> list[Field]:
+        if not isinstance(t, torch.Tensor):
+            return []
+        if t in self.fields:
+            return self.fields[t]
+        if id(t) in self.tensor_names:
+            return [along(self.slot(t, d), t.dim(), d) for d in range(t.dim()) if t.shape[d] > 1]
+        return []
+
+    def set_fields(self, t: Any, fields: list[Field]) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in self.tensor_names:
+            self.fields[t] = [f for f in fields if f.numel() > 0]
+
+    # -- freezing ------------------------------------------------------------------------------
+    def freeze(self, t: Any, op: str, reason: str) -> None:
+        for f in self.fields_of(t):
+            self.atoms.pin(f, f"{reason} (op {op} in module {self.module})")
+
+    def unknown(self, call: Call, why: str = "") -> None:
+        """Freeze every channel an op we cannot reason about touches."""
+        tensors = [t for t in tree_flatten((call.args, call.kwargs))[0] if self.is_tracked(t)]
+        if not tensors:
+            return
+        reason = why or f"op {call.name!r} is not understood by the graph"
+        for t in tensors:
+            self.freeze(t, call.name, reason)
+        note = Frozen(self.module, call.name, reason)
+        if note not in self.frozen:
+            self.frozen.append(note)
+            warnings.warn(
+                f"adaprune froze the channels touched by {call.name!r} in module {self.module!r}: "
+                f"{reason}. Pruning continues on the rest of the model.",
+                UnsupportedOpWarning,
+                stacklevel=4,
+            )
+
+    # -- recording -----------------------------------------------------------------------------
+    def record(self, call: Call) -> None:
+        flat_in = tree_flatten((call.args, call.kwargs))[0]
+        if not any(self.is_tracked(t) for t in flat_in):
+            return
+        flat_out = tree_flatten(call.out)[0]
+        if not any(isinstance(t, torch.Tensor) for t in flat_out) and call.out is not None:
+            return
+        fn = RULES.get(call.name)
+        if fn is None:
+            self.unknown(call)
+            return
+        try:
+            fn(self, call)
+        except Exception as exc:
+            if self.strict:
+                raise
+            self.unknown(call, f"the graph rule for {call.name!r} failed ({exc})")
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, state: TraceState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.state.record(Call(op_name(func), func, tuple(args), dict(kwargs), out))
+        return out
+
+
+@contextmanager
+def _module_hooks(
+    model: nn.Module, state: TraceState, ignore: set[int]
+) -> Iterator[None]:
+    handles = []
+    for name, mod in model.named_modules():
+
+        def pre(m: nn.Module, a: Any, n: str = name) -> None:
+            state.module_stack.append(n or "<model>")
+
+        def post(m: nn.Module, a: Any, out: Any, n: str = name) -> None:
+            if id(m) in ignore:
+                for t in tree_flatten(out)[0]:
+                    state.freeze(t, "output", f"module {n!r} is in `ignore`")
+            if state.module_stack:
+                state.module_stack.pop()
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_traced(
+    model: nn.Module, call_model: Callable[[], Any], ignore: set[int]
+) -> tuple[TraceState, Any]:
+    """Run ``call_model`` under the tracing mode; return the trace state and the model's output."""
+    from . import rules  # noqa: F401  (registers the rules)
+
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    for n, b in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), n)
+    state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
+    with _module_hooks(model, state, ignore), _Mode(state):
+        out = call_model()
+    for t in tree_flatten(out)[0]:
+        state.freeze(t, "output", "the model's output keeps its shape")
+    return state, out

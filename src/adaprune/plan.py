@@ -1,0 +1,141 @@
+"""The plan: which channels to remove, as plain data keyed by tensor names; JSON round trip.
+
+A plan records, for every parameter and buffer it touches, the indices removed along each dim
+(``removals``), plus the per-group view it came from (``groups``, for reports). Replaying a plan
+needs no tracing: it slices the named tensors of a fresh copy of the model and updates the modules'
+size attributes, so the same plan gives the same weights on any copy of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import PlanError, PlanMismatchError
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GroupCut:
+    """The channels removed from one group."""
+
+    name: str
+    size: int
+    removed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Indices to remove, per tensor (FQN) and dim, plus the per-group summary."""
+
+    removals: Mapping[str, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
+    groups: tuple[GroupCut, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not any(idx for dims in self.removals.values() for idx in dims.values())
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "removals": {
+                name: {str(d): list(idx) for d, idx in sorted(dims.items())}
+                for name, dims in sorted(self.removals.items())
+            },
+            "groups": [
+                {"name": g.name, "size": g.size, "removed": list(g.removed)} for g in self.groups
+            ],
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise PlanError(
+                f"plan version {version!r} is not supported (this adaprune reads version {PLAN_VERSION})"
+            )
+        raw = data.get("removals")
+        if not isinstance(raw, dict):
+            raise PlanError("plan field 'removals' must be an object {tensor: {dim: [indices]}}")
+        removals: dict[str, dict[int, tuple[int, ...]]] = {}
+        for name, dims in raw.items():
+            if not isinstance(dims, dict):
+                raise PlanError(f"plan removals[{name!r}] must be an object {{dim: [indices]}}")
+            removals[name] = {}
+            for d, idx in dims.items():
+                try:
+                    dim = int(d)
+                except ValueError:
+                    raise PlanError(f"plan removals[{name!r}] has a non-integer dim {d!r}") from None
+                if not isinstance(idx, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx
+                ):
+                    raise PlanError(
+                        f"plan removals[{name!r}][{d}] must be a list of non-negative integers"
+                    )
+                if len(set(idx)) != len(idx):
+                    raise PlanError(f"plan removals[{name!r}][{d}] repeats an index")
+                removals[name][dim] = tuple(sorted(idx))
+        groups = []
+        for g in data.get("groups", []):
+            try:
+                groups.append(GroupCut(str(g["name"]), int(g["size"]), tuple(int(i) for i in g["removed"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PlanError(f"plan group entry {g!r} is malformed ({exc})") from None
+        return cls(removals, tuple(groups))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"the plan is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    # -- checks and predictions ----------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`PlanMismatchError` unless every entry fits ``model``."""
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        for name, dims in self.removals.items():
+            if name not in tensors:
+                raise PlanMismatchError(
+                    f"the plan removes channels of {name!r}, which the model does not have; "
+                    "was the plan made for another architecture (or for an already pruned copy)?"
+                )
+            t = tensors[name]
+            for d, idx in dims.items():
+                if not 0 <= d < t.dim():
+                    raise PlanMismatchError(f"the plan cuts dim {d} of {name!r}, which has {t.dim()} dims")
+                if idx and idx[-1] >= t.shape[d]:
+                    raise PlanMismatchError(
+                        f"the plan removes index {idx[-1]} of dim {d} of {name!r}, whose size is "
+                        f"{t.shape[d]}; the plan was made for a different (or already pruned) model"
+                    )
+                if len(idx) >= t.shape[d] > 0:
+                    raise PlanMismatchError(
+                        f"the plan removes all {t.shape[d]} entries of dim {d} of {name!r}"
+                    )
+
+    def predicted_params(self, model: nn.Module) -> int:
+        """Parameter count of ``model`` after this plan is applied (tied weights counted once)."""
+        total, seen = 0, set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            cut = self.removals.get(name, {})
+            total += math.prod(s - len(cut.get(d, ())) for d, s in enumerate(p.shape))
+        return total
