@@ -20,18 +20,18 @@ from .surgery import mask, remove
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune",
-    "PruneResult",
-    "apply_plan",
-    "count",
     "Cost",
-    "trace",
     "Graph",
     "Group",
-    "Plan",
     "GroupCut",
-    "mask",
-    "remove",
-    "errors",
+    "Plan",
+    "PruneResult",
     "__version__",
+    "apply_plan",
+    "count",
+    "errors",
+    "mask",
+    "prune",
+    "remove",
+    "trace",
 ]

@@ -9,11 +9,11 @@ from __future__ import annotations
 __all__ = [
     "AdapruneError",
     "ConfigError",
-    "UnknownNameError",
-    "TraceError",
-    "SurgeryError",
     "PlanError",
     "PlanMismatchError",
+    "SurgeryError",
+    "TraceError",
+    "UnknownNameError",
 ]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import PlanError, PlanMismatchError
@@ -107,7 +108,7 @@ class Plan:
     # -- checks and predictions ----------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PlanMismatchError` unless every entry fits ``model``."""
-        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(dict(model.named_buffers(remove_duplicate=False)))
         for name, dims in self.removals.items():
             if name not in tensors:

@@ -52,6 +52,6 @@ def lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n].tolist())
 
 
-from . import uniform  # noqa: E402,F401
+from . import uniform  # noqa: F401
 
-__all__ = ["Allocator", "ALLOCATORS", "get_allocator", "kept_count", "lowest"]
+__all__ = ["ALLOCATORS", "Allocator", "get_allocator", "kept_count", "lowest"]

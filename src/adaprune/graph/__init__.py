@@ -12,7 +12,7 @@ from ..errors import ConfigError, TraceError
 from .groups import Graph, Group, Slot, build_groups
 from .tracer import Frozen, UnsupportedOpWarning, run_traced
 
-__all__ = ["Graph", "Group", "Slot", "Frozen", "UnsupportedOpWarning", "trace", "call_model"]
+__all__ = ["Frozen", "Graph", "Group", "Slot", "UnsupportedOpWarning", "call_model", "trace"]
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:

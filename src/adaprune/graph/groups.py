@@ -81,12 +81,12 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     members: dict[int, dict[int, list[int]]] = {}
     frozen_slots: dict[str, list[str]] = {}
     for (name, dim), ids in state.slots.items():
-        roots = atoms.roots(ids)
+        slot_root = atoms.roots(ids)
         slot = Slot(name, dim, ids.numel(), name in param_names)
         idx = len(slot_list)
         slot_list.append(slot)
-        slot_roots.append(roots)
-        for p, r in enumerate(roots.tolist()):
+        slot_roots.append(slot_root)
+        for p, r in enumerate(slot_root.tolist()):
             reasons = atoms.pinned(r)
             if reasons:
                 key = f"{name}:{dim}"

@@ -80,11 +80,11 @@ _PREFIXES = ("torch.nn.functional.", "torch.Tensor.", "torch._C._nn.", "torch.",
 def op_name(func: Callable[..., Any]) -> str:
     """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_``."""
     try:
-        name = resolve_name(func) or ""
-    except Exception:  # resolve_name is best-effort on exotic callables
+        name = str(resolve_name(func) or "")
+    except Exception:  # noqa: BLE001  (resolve_name is best-effort on exotic callables)
         name = ""
     if not name:
-        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
     for p in _PREFIXES:
         if name.startswith(p):
             return name[len(p) :]

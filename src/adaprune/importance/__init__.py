@@ -31,6 +31,6 @@ def get_importance(name: str | Importance) -> Importance:
     return IMPORTANCE.get(name)()
 
 
-from . import magnitude  # noqa: E402,F401  (registers the criteria)
+from . import magnitude  # noqa: F401  (registers the criteria)
 
-__all__ = ["Importance", "IMPORTANCE", "get_importance"]
+__all__ = ["IMPORTANCE", "Importance", "get_importance"]

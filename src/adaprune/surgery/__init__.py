@@ -4,4 +4,4 @@ from .fixers import register_fixer
 from .mask import Masking, mask
 from .remove import remove
 
-__all__ = ["remove", "mask", "Masking", "register_fixer"]
+__all__ = ["Masking", "mask", "register_fixer", "remove"]

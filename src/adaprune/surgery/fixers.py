@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-Fixer = Callable[[nn.Module, dict[str, Any]], None]
+Fixer = Callable[[Any, dict[str, Any]], None]
 _FIXERS: list[tuple[type[nn.Module], Fixer]] = []
 
 
@@ -39,12 +39,12 @@ def fix_module(module: nn.Module, old: dict[str, Any]) -> bool:
 
 
 @register_fixer(nn.Linear)
-def _linear(m: nn.Module, old: dict[str, Any]) -> None:
+def _linear(m: Any, old: dict[str, Any]) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
 @register_fixer(nn.Bilinear)
-def _bilinear(m: nn.Module, old: dict[str, Any]) -> None:
+def _bilinear(m: Any, old: dict[str, Any]) -> None:
     m.out_features, m.in1_features, m.in2_features = m.weight.shape
 
 
@@ -53,7 +53,7 @@ def _new_groups(old_groups: int, old_per_group_out: int, new_out: int) -> int:
 
 
 @register_fixer(nn.modules.conv._ConvNd)
-def _conv(m: nn.Module, old: dict[str, Any]) -> None:
+def _conv(m: Any, old: dict[str, Any]) -> None:
     w = m.weight
     g_old = old["groups"]
     if m.transposed:
@@ -68,7 +68,7 @@ def _conv(m: nn.Module, old: dict[str, Any]) -> None:
 
 
 @register_fixer(nn.modules.batchnorm._NormBase)
-def _norm(m: nn.Module, old: dict[str, Any]) -> None:
+def _norm(m: Any, old: dict[str, Any]) -> None:
     for name in ("weight", "running_mean", "bias", "running_var"):
         t = getattr(m, name, None)
         if t is not None:
@@ -77,40 +77,40 @@ def _norm(m: nn.Module, old: dict[str, Any]) -> None:
 
 
 @register_fixer(nn.GroupNorm)
-def _group_norm(m: nn.Module, old: dict[str, Any]) -> None:
+def _group_norm(m: Any, old: dict[str, Any]) -> None:
     if m.weight is not None:
         m.num_channels = m.weight.shape[0]
 
 
 @register_fixer(nn.LayerNorm)
-def _layer_norm(m: nn.Module, old: dict[str, Any]) -> None:
+def _layer_norm(m: Any, old: dict[str, Any]) -> None:
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
 @register_fixer(nn.RMSNorm)
-def _rms_norm(m: nn.Module, old: dict[str, Any]) -> None:
+def _rms_norm(m: Any, old: dict[str, Any]) -> None:
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
 @register_fixer(nn.PReLU)
-def _prelu(m: nn.Module, old: dict[str, Any]) -> None:
+def _prelu(m: Any, old: dict[str, Any]) -> None:
     m.num_parameters = m.weight.numel()
 
 
 @register_fixer(nn.Embedding)
-def _embedding(m: nn.Module, old: dict[str, Any]) -> None:
+def _embedding(m: Any, old: dict[str, Any]) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 @register_fixer(nn.EmbeddingBag)
-def _embedding_bag(m: nn.Module, old: dict[str, Any]) -> None:
+def _embedding_bag(m: Any, old: dict[str, Any]) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 @register_fixer(nn.MultiheadAttention)
-def _mha(m: nn.Module, old: dict[str, Any]) -> None:
+def _mha(m: Any, old: dict[str, Any]) -> None:
     if m._qkv_same_embed_dim:
         inner = m.in_proj_weight.shape[0] // 3
         m.kdim = m.vdim = inner

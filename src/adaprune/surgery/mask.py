@@ -18,6 +18,8 @@ from ..plan import Plan
 class ChannelMask(nn.Module):
     """Parametrization ``w -> w * mask`` with a fixed 0/1 mask broadcast over ``w``."""
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask)

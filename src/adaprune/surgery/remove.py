@@ -61,7 +61,7 @@ def remove(
     plan.check(model)
     if plan.is_empty:
         return
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     owners = _owners(model)
     touched: dict[int, nn.Module] = {}
@@ -76,7 +76,8 @@ def remove(
             if isinstance(old, nn.Parameter):  # one new Parameter shared by all owners keeps ties
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
             for mod, attr, is_param in owners[id(old)]:
-                (mod._parameters if is_param else mod._buffers)[attr] = new
+                store: dict[str, Any] = mod._parameters if is_param else mod._buffers
+                store[attr] = new
         for k, mod in touched.items():
             fix_module(mod, saved[k][0])
         if check is not None:

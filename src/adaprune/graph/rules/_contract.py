@@ -59,7 +59,7 @@ def contract(
     for members in groups.values():
         merged = merge(state.atoms, [items[i][1] for i in members])
         axes = {ax for ax, s in enumerate(merged.shape) if s > 1}
-        holders = {items[i][0]: set() for i in members}
+        holders: dict[int, set[int]] = {items[i][0]: set() for i in members}
         for i in members:
             holders[items[i][0]] |= varying[i]
         for ax in axes:

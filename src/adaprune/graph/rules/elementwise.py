@@ -10,34 +10,13 @@ from ..fields import collapse
 from ..tracer import Call, TraceState, rule
 from ._contract import elementwise
 
-_UNARY = """
-abs absolute neg negative positive exp exp2 expm1 log log2 log10 log1p sqrt rsqrt square sin cos tan
-asin acos atan sinh cosh tanh asinh acosh atanh sigmoid logit erf erfc erfinv reciprocal sign sgn
-floor ceil round trunc frac nan_to_num relu relu6 gelu silu mish selu celu elu leaky_relu hardtanh
-hardswish hardsigmoid hardshrink softshrink tanhshrink softplus softsign threshold logsigmoid
-rrelu glu_placeholder clamp clip clamp_min clamp_max dropout dropout1d dropout2d dropout3d
-alpha_dropout feature_alpha_dropout isnan isinf isfinite logical_not bitwise_not __invert__ __neg__
-__abs__ __pos__ contiguous clone detach to type float double half bfloat16 int long bool cpu cuda
-requires_grad_ data.__get__ type_as float_power pow __pow__ mul_scalar zeros_like ones_like
-empty_like full_like rand_like randn_like zero_ fill_ normal_ uniform_ nan_to_num_ silu_
-""".split()
+_UNARY = ["abs", "absolute", "neg", "negative", "positive", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "square", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "sigmoid", "logit", "erf", "erfc", "erfinv", "reciprocal", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "nan_to_num", "relu", "relu6", "gelu", "silu", "mish", "selu", "celu", "elu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "softplus", "softsign", "threshold", "logsigmoid", "rrelu", "glu_placeholder", "clamp", "clip", "clamp_min", "clamp_max", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "isnan", "isinf", "isfinite", "logical_not", "bitwise_not", "__invert__", "__neg__", "__abs__", "__pos__", "contiguous", "clone", "detach", "to", "type", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda", "requires_grad_", "data.__get__", "type_as", "float_power", "pow", "__pow__", "mul_scalar", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "zero_", "fill_", "normal_", "uniform_", "nan_to_num_", "silu_"]
 
-_BINARY = """
-add sub subtract mul multiply div divide true_divide floor_divide remainder fmod atan2 arctan2
-maximum minimum fmax fmin eq ne lt le gt ge greater less greater_equal less_equal not_equal equal_placeholder
-logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor where lerp addcmul addcdiv
-masked_fill hypot copysign xlogy rsub heaviside
-__add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__
-__rtruediv__ __itruediv__ __div__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __pow__ __rpow__
-__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __iand__ __ior__
-""".split()
+_BINARY = ["add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide", "remainder", "fmod", "atan2", "arctan2", "maximum", "minimum", "fmax", "fmin", "eq", "ne", "lt", "le", "gt", "ge", "greater", "less", "greater_equal", "less_equal", "not_equal", "equal_placeholder", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "where", "lerp", "addcmul", "addcdiv", "masked_fill", "hypot", "copysign", "xlogy", "rsub", "heaviside", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__iand__", "__ior__"]
 
-_REDUCE = """
-sum mean nansum nanmean amax amin prod std var logsumexp argmax argmin all any count_nonzero
-median nanmedian mode kthvalue var_mean std_mean aminmax max min norm
-""".split()
+_REDUCE = ["sum", "mean", "nansum", "nanmean", "amax", "amin", "prod", "std", "var", "logsumexp", "argmax", "argmin", "all", "any", "count_nonzero", "median", "nanmedian", "mode", "kthvalue", "var_mean", "std_mean", "aminmax", "max", "min", "norm"]
 
-_ALONG_DIM = "softmax log_softmax softmin normalize cumsum cumprod cummax cummin logcumsumexp".split()
+_ALONG_DIM = ["softmax", "log_softmax", "softmin", "normalize", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"]
 
 
 def _inplace(names: list[str]) -> list[str]:

@@ -34,11 +34,7 @@ def _set_results(state: TraceState, out: Any, results: list[Any]) -> None:
         state.set_fields(o, [f for f in fs if any(s > 1 for s in f.shape)])
 
 
-_MOVE = """
-permute transpose swapaxes swapdims t T.__get__ mT.__get__ movedim moveaxis squeeze unsqueeze
-expand expand_as broadcast_to repeat tile flip fliplr flipud roll rot90 repeat_interleave
-pixel_shuffle pixel_unshuffle channel_shuffle unfold diagonal
-""".split()
+_MOVE = ["permute", "transpose", "swapaxes", "swapdims", "t", "T.__get__", "mT.__get__", "movedim", "moveaxis", "squeeze", "unsqueeze", "expand", "expand_as", "broadcast_to", "repeat", "tile", "flip", "fliplr", "flipud", "roll", "rot90", "repeat_interleave", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "diagonal"]
 
 
 @rule(*_MOVE)
@@ -160,9 +156,9 @@ def _index_dims(x: torch.Tensor, index: Any) -> tuple[list[int], list[int]] | No
         if isinstance(i, int):
             ints.append(d)
         elif isinstance(i, slice):
-            if not (i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
-                if not (i.start in (None, 0) and isinstance(i.stop, int) and i.stop >= x.shape[d]):
-                    fixed.append(d)
+            whole = i.start in (None, 0) and i.step in (None, 1)
+            if not (whole and (i.stop is None or (isinstance(i.stop, int) and i.stop >= x.shape[d]))):
+                fixed.append(d)
         elif isinstance(i, torch.Tensor) and i.dtype == torch.bool:
             fixed.extend(range(d, d + i.dim()))
             d += i.dim()
