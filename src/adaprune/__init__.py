@@ -13,19 +13,24 @@ from __future__ import annotations
 from . import errors
 from .api import PruneResult, apply_plan, prune
 from .cost import Cost, count
+from .cost.budget import Budget
 from .graph import Graph, Group, trace
 from .plan import GroupCut, Plan
-from .surgery import mask, remove
+from .sensitivity import Sensitivity, sensitivity
+from .surgery import NM, mask, remove, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NM",
+    "Budget",
     "Cost",
     "Graph",
     "Group",
     "GroupCut",
     "Plan",
     "PruneResult",
+    "Sensitivity",
     "__version__",
     "apply_plan",
     "count",
@@ -33,5 +38,7 @@ __all__ = [
     "mask",
     "prune",
     "remove",
+    "sensitivity",
+    "sparsify",
     "trace",
 ]

@@ -1,19 +1,21 @@
-"""The static entry point: ``prune`` (one shot, preset ratio) and its result."""
+"""The static entry point: ``prune`` (one shot, preset ratio or budget) and its result."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocate import get_allocator
+from .allocate import Limits, get_allocator
 from .cost import Cost, count
-from .errors import ConfigError
+from .cost.budget import Budget
+from .cost.predict import CostPredictor
+from .errors import BudgetUnreachableError, ConfigError
 from .graph import Frozen, Graph, call_model, trace
-from .importance import get_importance
+from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
 from .surgery import remove
 from .surgery.remove import output_shapes
@@ -29,6 +31,7 @@ class PruneResult:
     after: Cost
     graph: Graph
     frozen: list[Frozen] = field(default_factory=list)
+    ratio: float = 0.0
 
     def summary(self) -> str:
         r = self.after.ratio_to(self.before)
@@ -38,21 +41,37 @@ class PruneResult:
         )
 
 
-def _check_ratio(ratio: Any) -> float:
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise ConfigError(f"ratio must be a number in [0, 1), got {type(ratio).__name__}")
+        raise ConfigError(f"{name} must be a number in [0, 1), got {type(ratio).__name__}")
     if not 0.0 <= float(ratio) < 1.0:
         raise ConfigError(
-            f"ratio={ratio} is outside [0, 1): ratio is the fraction of channels removed from each "
+            f"{name}={ratio} is outside [0, 1): {name} is the fraction of channels removed from each "
             "group (0.5 removes half); use a value such as 0.3"
         )
     return float(ratio)
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+def choose(
+    graph: Graph,
+    scores: dict[str, torch.Tensor],
+    allocation: Any,
+    limits: Limits,
+    ratio: float,
+) -> Plan:
+    """Let the allocator choose at ``ratio`` and turn the choice into a :class:`Plan`."""
+    chosen = get_allocator(allocation)(graph.groups, scores, limits, ratio=ratio)
+    removals: dict[str, dict[int, set[int]]] = {}
+    cuts = []
+    for g in graph.groups:
+        channels = chosen.get(g.name, [])
+        cuts.append(GroupCut(g.name, g.size, tuple(channels)))
+        if channels:
+            for tensor, dims in g.removals(channels).items():
+                for d, pos in dims.items():
+                    removals.setdefault(tensor, {}).setdefault(d, set()).update(pos)
+    frozen = {t: {d: tuple(sorted(p)) for d, p in dims.items()} for t, dims in removals.items()}
+    return Plan(frozen, tuple(cuts))
 
 
 def plan_for(
@@ -62,73 +81,108 @@ def plan_for(
     ratio: float,
     importance: Any = "l2",
     allocation: Any = "uniform",
+    calibration: Iterable[tuple[Any, Any]] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    max_ratio: float = 1.0,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> Plan:
-    """Score every group, let the allocator choose, and turn the choice into a :class:`Plan`."""
-    criterion = get_importance(importance)
-    allocator = get_allocator(allocation)
-    scores = {g.name: criterion(model, g) for g in graph.groups}
-    chosen = allocator(graph.groups, scores, ratio=ratio, min_channels=min_channels, round_to=round_to)
-    removals: dict[str, dict[int, list[int]]] = {}
-    cuts = []
-    for g in graph.groups:
-        channels = chosen.get(g.name, [])
-        cuts.append(GroupCut(g.name, g.size, tuple(channels)))
-        if not channels:
-            continue
-        for tensor, dims in g.removals(channels).items():
-            for d, pos in dims.items():
-                removals.setdefault(tensor, {}).setdefault(d, []).extend(pos)
-    frozen = {t: {d: tuple(sorted(set(p))) for d, p in dims.items()} for t, dims in removals.items()}
-    return Plan(frozen, tuple(cuts))
+    """The plan :func:`prune` would apply at ``ratio`` on an already traced model (nothing is changed)."""
+    scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
+    limits = Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    return choose(graph, scores, allocation, limits, check_ratio(ratio))
+
+
+def search_budget(
+    plan_at: Callable[[float], Plan], cost_of: Callable[[Plan], Cost], budget: Budget, original: Cost,
+    steps: int = 16,
+) -> tuple[float, Plan]:
+    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``."""
+    hi = 1.0 - 1e-9
+    hi_plan = plan_at(hi)
+    hi_cost = cost_of(hi_plan)
+    if not budget.met(hi_cost, original):
+        raise BudgetUnreachableError(
+            "the budget cannot be met under the per-group limits: pruning as far as they allow "
+            f"gives {budget.describe(hi_cost, original)}. Loosen max_ratio/min_channels/round_to, "
+            "ignore fewer modules, or ask for a smaller reduction"
+        )
+    lo = 0.0
+    if budget.met(original, original):
+        return 0.0, plan_at(0.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        p = plan_at(mid)
+        if budget.met(cost_of(p), original):
+            hi, hi_plan = mid, p
+        else:
+            lo = mid
+    return hi, hi_plan
 
 
 def prune(
     model: nn.Module,
     example_inputs: Any,
     *,
-    ratio: float = 0.5,
+    ratio: float | None = None,
+    budget: Budget | None = None,
     importance: Any = "l2",
     allocation: Any = "uniform",
     ignore: Iterable[nn.Module | str] | None = None,
+    calibration: Iterable[tuple[Any, Any]] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    max_ratio: float = 1.0,
     min_channels: int = 1,
     round_to: int = 1,
 ) -> PruneResult:
-    """Prune ``model`` in place, once, at a preset ratio: the static baseline.
+    """Prune ``model`` in place, once: the static baseline.
 
     Args:
         model: the model to prune; it is changed in place (and left exactly as it was on error).
         example_inputs: inputs ``model`` runs on (tensor, tuple of args, or dict of kwargs).
-        ratio: fraction of channels removed from each prunable group, in [0, 1).
-        importance: a registered criterion name (``"l2"``, ``"l1"``, ``"random"``) or a callable
-            ``(model, group) -> scores``.
-        allocation: a registered allocator name (``"uniform"``) or a callable.
+        ratio: fraction of channels removed from each prunable group, in [0, 1) (default 0.5 when
+            no budget is given). For ``global``/``lamp`` allocation: the fraction of all channels.
+        budget: instead of a ratio, a :class:`Budget` (e.g. ``Budget(macs=0.5)``); the least
+            pruning whose exact cost meets it is found by bisection on the allocator's ratio.
+        importance: criterion name (``l2``, ``l1``, ``lamp``, ``fpgm``, ``bn_scale``, ``taylor``,
+            ``activation``, ``apoz``, ``wanda``, ``random``) or a callable.
+        allocation: ``uniform``, ``global`` or ``lamp`` (or a callable allocator).
         ignore: modules (or names) whose output width must not change, e.g. ``[model.fc]``.
+        calibration: ``(inputs, targets)`` batches for data-driven criteria.
+        loss: ``loss(output, targets)`` for ``taylor`` (default: cross-entropy on the logits).
+        max_ratio: the largest fraction of any group that may be removed.
         min_channels: channels every group keeps at least.
         round_to: kept widths are rounded up to a multiple of this (hardware-friendly sizes).
-
-    Returns:
-        A :class:`PruneResult` with the plan and the costs before and after.
     """
-    ratio = _check_ratio(ratio)
-    _check_int("min_channels", min_channels, 1)
-    _check_int("round_to", round_to, 1)
-    get_importance(importance)  # fail on a bad name before doing any work
+    if ratio is not None and budget is not None:
+        raise ConfigError("pass ratio= or budget=, not both: a budget chooses the ratio itself")
+    if budget is not None and not isinstance(budget, Budget):
+        raise ConfigError(f"budget must be an adaprune.Budget, got {type(budget).__name__}")
+    ratio = check_ratio(0.5 if ratio is None and budget is None else (ratio or 0.0))
+    limits = Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    criterion = get_importance(importance)
     get_allocator(allocation)
+    ctx = Context(calibration, loss or default_loss)
+    if calibration is not None:
+        ctx.calibration = ctx.batches(str(importance))
     before = count(model, example_inputs)
     graph = trace(model, example_inputs, ignore=ignore)
-    plan = plan_for(
-        model, graph, ratio=ratio, importance=importance, allocation=allocation,
-        min_channels=min_channels, round_to=round_to,
-    )
-    expected = _expected_shapes(model, example_inputs)
-    remove(model, plan, check=lambda: _eval_call(model, example_inputs), expected_shapes=expected)
+    scores = criterion(model, graph.groups, ctx)
+    if budget is None:
+        plan = choose(graph, scores, allocation, limits, ratio)
+    else:
+        predictor = CostPredictor(model, example_inputs)
+        ratio, plan = search_budget(
+            lambda r: choose(graph, scores, allocation, limits, r), predictor, budget, before
+        )
+    expected = output_shapes(eval_call(model, example_inputs))
+    remove(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected)
     after = count(model, example_inputs)
-    return PruneResult(model, plan, before, after, graph, list(graph.frozen))
+    return PruneResult(model, plan, before, after, graph, list(graph.frozen), ratio)
 
 
-def _eval_call(model: nn.Module, example_inputs: Any) -> Any:
+def eval_call(model: nn.Module, example_inputs: Any) -> Any:
+    """One forward pass in eval mode without gradients; training flags are restored."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -139,15 +193,11 @@ def _eval_call(model: nn.Module, example_inputs: Any) -> Any:
             m.training = flag
 
 
-def _expected_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
-    return output_shapes(_eval_call(model, example_inputs))
-
-
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
     """Replay ``plan`` on ``model`` (e.g. a fresh copy): physical removal, checked when inputs are given."""
     if example_inputs is None:
         remove(model, plan)
     else:
-        expected = _expected_shapes(model, example_inputs)
-        remove(model, plan, check=lambda: _eval_call(model, example_inputs), expected_shapes=expected)
+        expected = output_shapes(eval_call(model, example_inputs))
+        remove(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected)
     return model

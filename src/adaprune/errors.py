@@ -46,3 +46,7 @@ class PlanError(AdapruneError, ValueError):
 
 class PlanMismatchError(PlanError):
     """A plan does not fit the model it is applied to (missing tensor, wrong shape)."""
+
+
+class BudgetUnreachableError(AdapruneError, ValueError):
+    """No plan allowed by the per-group limits meets the budget; the message says how close it got."""

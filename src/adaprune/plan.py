@@ -130,13 +130,24 @@ class Plan:
                         f"the plan removes all {t.shape[d]} entries of dim {d} of {name!r}"
                     )
 
+    def _sizes(self, named: Any) -> tuple[int, int]:
+        count, nbytes, seen = 0, 0, set()
+        for name, t in named:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            cut = self.removals.get(name, {})
+            n = math.prod(s - len(cut.get(d, ())) for d, s in enumerate(t.shape))
+            count += n
+            nbytes += n * t.element_size()
+        return count, nbytes
+
     def predicted_params(self, model: nn.Module) -> int:
         """Parameter count of ``model`` after this plan is applied (tied weights counted once)."""
-        total, seen = 0, set()
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            cut = self.removals.get(name, {})
-            total += math.prod(s - len(cut.get(d, ())) for d, s in enumerate(p.shape))
-        return total
+        return self._sizes(model.named_parameters(remove_duplicate=False))[0]
+
+    def predicted_bytes(self, model: nn.Module) -> int:
+        """Bytes of parameters and buffers of ``model`` after this plan is applied."""
+        named: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
+        named += list(model.named_buffers(remove_duplicate=False))
+        return self._sizes(named)[1]

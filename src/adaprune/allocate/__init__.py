@@ -1,18 +1,54 @@
 """Allocators: how many (and which) channels each group loses.
 
-An allocator is registered by name (``ALLOCATORS.register``) and called as
-``allocator(groups, scores, ratio=..., min_channels=..., round_to=...) -> {group name: [channels]}``.
+An allocator is a class registered by name in :data:`ALLOCATORS`; an instance is called as
+``allocator(groups, scores, limits, ratio=...) -> {group name: [channels to remove]}``.
+``ratio`` is the one knob a budget search turns: for ``uniform`` it is the fraction removed from
+every group, for ``global`` and ``lamp`` the fraction of all prunable channels removed. ``limits``
+carries the per-group constraints every allocator respects: ``max_ratio`` (cap on the fraction a
+group may lose), ``min_channels`` and ``round_to`` (kept widths are multiples of it, unless the
+group is kept whole).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from .._registry import Registry
+from ..errors import ConfigError
 from ..graph import Group
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-group constraints on what an allocator may remove."""
+
+    max_ratio: float = 1.0
+    min_channels: int = 1
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ConfigError(f"max_ratio={self.max_ratio} must be in (0, 1]: the largest fraction a group may lose")
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ConfigError(f"min_channels={self.min_channels!r} must be an integer >= 1")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to={self.round_to!r} must be an integer >= 1 (1 = no rounding)")
+
+    def min_kept(self, size: int) -> int:
+        """The fewest channels a group of ``size`` may keep."""
+        floor = size - int(self.max_ratio * size + 1e-9)
+        return min(size, max(floor, self.min_channels, 1))
+
+    def kept(self, size: int, wanted_removed: int) -> int:
+        """Channels kept when ``wanted_removed`` are asked for: capped, then rounded up to round_to."""
+        keep = max(size - wanted_removed, self.min_kept(size))
+        if self.round_to > 1 and keep < size:
+            keep = -(-keep // self.round_to) * self.round_to
+        return min(keep, size)
 
 
 class Allocator(Protocol):
@@ -20,10 +56,9 @@ class Allocator(Protocol):
         self,
         groups: Sequence[Group],
         scores: Mapping[str, torch.Tensor],
+        limits: Limits,
         *,
         ratio: float,
-        min_channels: int = 1,
-        round_to: int = 1,
     ) -> dict[str, list[int]]: ...
 
 
@@ -33,15 +68,9 @@ ALLOCATORS: Registry[type] = Registry("allocator")
 def get_allocator(name: str | Allocator) -> Allocator:
     if callable(name) and not isinstance(name, str):
         return name
-    return ALLOCATORS.get(name)()
-
-
-def kept_count(size: int, ratio: float, min_channels: int, round_to: int) -> int:
-    """Channels kept when removing ``ratio`` of ``size``, rounded up to a multiple of ``round_to``."""
-    keep = size - int(ratio * size + 1e-9)
-    if round_to > 1:
-        keep = -(-keep // round_to) * round_to
-    return min(size, max(keep, min_channels, 1))
+    if not isinstance(name, str):
+        raise ConfigError(f"allocation must be a name or a callable, got {type(name).__name__}")
+    return ALLOCATORS.get(name)()  # type: ignore[no-any-return]
 
 
 def lowest(scores: torch.Tensor, n: int) -> list[int]:
@@ -52,6 +81,6 @@ def lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n].tolist())
 
 
-from . import uniform  # noqa: F401
+from . import global_rank, uniform  # noqa: F401
 
-__all__ = ["ALLOCATORS", "Allocator", "get_allocator", "kept_count", "lowest"]
+__all__ = ["ALLOCATORS", "Allocator", "Limits", "get_allocator", "lowest"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..graph import Group
-from . import ALLOCATORS, kept_count, lowest
+from . import ALLOCATORS, Limits, lowest
 
 
 @ALLOCATORS.register("uniform")
@@ -18,13 +18,12 @@ class Uniform:
         self,
         groups: Sequence[Group],
         scores: Mapping[str, torch.Tensor],
+        limits: Limits,
         *,
         ratio: float,
-        min_channels: int = 1,
-        round_to: int = 1,
     ) -> dict[str, list[int]]:
         out = {}
         for g in groups:
-            keep = kept_count(g.size, ratio, min_channels, round_to)
+            keep = limits.kept(g.size, int(ratio * g.size + 1e-9))
             out[g.name] = lowest(scores[g.name], g.size - keep)
         return out

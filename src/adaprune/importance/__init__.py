@@ -1,24 +1,80 @@
 """Importance criteria: one score per channel of a group (higher = keep).
 
-Criteria are registered by name (``IMPORTANCE.register``) and looked up by :func:`get_importance`.
-Each is a class whose instances are called as ``criterion(model, group) -> Tensor[group.size]``.
+Criteria are classes registered by name in :data:`IMPORTANCE` and looked up with
+:func:`get_importance`. An instance is called as ``criterion(model, groups, ctx)`` and returns
+``{group.name: scores}`` with one score per channel. Weight-only criteria ignore ``ctx``;
+data-driven ones (``taylor``, ``activation``, ``apoz``, ``wanda``) read ``ctx.calibration`` (an
+iterable of ``(inputs, targets)`` batches) and ``ctx.loss``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .._registry import Registry
+from ..errors import ConfigError
 from ..graph import Group
 
 
-class Importance(Protocol):
-    """Scores the channels of one group of a model."""
+def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the model's logits (``output``, ``output.logits`` or ``output[0]``)."""
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def __call__(self, model: nn.Module, group: Group) -> torch.Tensor: ...
+
+@dataclass
+class Context:
+    """What data-driven criteria may use: calibration batches and a loss."""
+
+    calibration: Iterable[tuple[Any, Any]] | None = None
+    loss: Callable[[Any, Any], torch.Tensor] = default_loss
+
+    def batches(self, criterion: str) -> list[tuple[Any, Any]]:
+        if self.calibration is None:
+            raise ConfigError(
+                f"importance={criterion!r} measures the model on data: pass calibration= an iterable "
+                "of (inputs, targets) batches (a DataLoader works), or pick a weight-only criterion "
+                "such as 'l2'"
+            )
+        batches = list(self.calibration)
+        if not batches:
+            raise ConfigError(f"importance={criterion!r}: calibration= yielded no batches")
+        for b in batches:
+            if not isinstance(b, (tuple, list)) or len(b) != 2:
+                raise ConfigError(
+                    f"importance={criterion!r}: each calibration batch must be (inputs, targets), "
+                    f"got {type(b).__name__}"
+                )
+        return batches
+
+
+class Importance(Protocol):
+    """Scores the channels of every group of a model."""
+
+    def __call__(
+        self, model: nn.Module, groups: Sequence[Group], ctx: Context
+    ) -> dict[str, torch.Tensor]: ...
+
+
+class PerGroup(ABC):
+    """Base for criteria that score each group on its own from the weights."""
+
+    @abstractmethod
+    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+        """One score per channel of ``group``."""
+
+    def __call__(
+        self, model: nn.Module, groups: Sequence[Group], ctx: Context
+    ) -> dict[str, torch.Tensor]:
+        return {g.name: self.score(model, g) for g in groups}
 
 
 IMPORTANCE: Registry[type] = Registry("importance criterion")
@@ -28,9 +84,11 @@ def get_importance(name: str | Importance) -> Importance:
     """An instance of the criterion registered as ``name`` (or ``name`` itself when callable)."""
     if callable(name) and not isinstance(name, str):
         return name
-    return IMPORTANCE.get(name)()
+    if not isinstance(name, str):
+        raise ConfigError(f"importance must be a name or a callable, got {type(name).__name__}")
+    return IMPORTANCE.get(name)()  # type: ignore[no-any-return]
 
 
-from . import magnitude  # noqa: F401  (registers the criteria)
+from . import data, magnitude  # noqa: F401  (registers the criteria)
 
-__all__ = ["IMPORTANCE", "Importance", "get_importance"]
+__all__ = ["IMPORTANCE", "Context", "Importance", "PerGroup", "default_loss", "get_importance"]

@@ -1,9 +1,10 @@
-"""Soft, reversible surgery: zero the planned slices with ``torch.nn.utils.parametrize``.
+"""Soft, reversible surgery: zero weights with ``torch.nn.utils.parametrize``.
 
 A masked model computes what the physically pruned model computes (wherever no norm or reduction
-spans the pruned dim) while keeping every tensor's shape; :meth:`Masking.undo` restores it.
-Buffers (BatchNorm running statistics) are not masked: the masked weight and bias already make
-the removed channels' outputs zero.
+spans the pruned dim) while keeping every tensor's shape. :meth:`Masking.undo` restores the original
+weights; :meth:`Masking.materialize` bakes the zeros into the weights and drops the masks. Buffers
+(BatchNorm running statistics) are not masked: the masked weight and bias already make the removed
+channels' outputs zero.
 """
 
 from __future__ import annotations
@@ -37,22 +38,15 @@ def mask_tensor(shape: torch.Size, dims: dict[int, tuple[int, ...]], device: tor
 
 
 class Masking:
-    """The masks a plan put on a model; ``undo()`` takes them off again."""
+    """Masks put on a model's parameters; ``undo()`` takes them off, ``materialize()`` bakes them in."""
 
-    def __init__(self, model: nn.Module, plan: Plan) -> None:
-        plan.check(model)
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         self._entries: list[tuple[nn.Module, str]] = []
-        params = dict(model.named_parameters(remove_duplicate=False))
         try:
-            for name, dims in plan.removals.items():
-                if name not in params:
-                    continue  # a buffer
+            for name, m in masks.items():
                 mod_name, _, attr = name.rpartition(".")
                 mod = model.get_submodule(mod_name)
-                p = params[name]
-                parametrize.register_parametrization(
-                    mod, attr, ChannelMask(mask_tensor(p.shape, dict(dims), p.device))
-                )
+                parametrize.register_parametrization(mod, attr, ChannelMask(m))
                 self._entries.append((mod, attr))
         except Exception:
             self.undo()
@@ -64,7 +58,20 @@ class Masking:
             parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         self._entries.clear()
 
+    def materialize(self) -> None:
+        """Write the masked (zeroed) weights into the parameters and remove the masks."""
+        for mod, attr in reversed(self._entries):
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+        self._entries.clear()
+
 
 def mask(model: nn.Module, plan: Plan) -> Masking:
     """Zero what ``plan`` removes, reversibly; returns the :class:`Masking` handle."""
-    return Masking(model, plan)
+    plan.check(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    masks = {
+        name: mask_tensor(params[name].shape, dict(dims), params[name].device)
+        for name, dims in plan.removals.items()
+        if name in params
+    }
+    return Masking(model, masks)

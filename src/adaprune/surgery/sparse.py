@@ -1,0 +1,204 @@
+"""Unstructured and N:M sparsity: zero individual weights, chosen by the same importance measures.
+
+Scores per weight: ``magnitude`` (|w|), ``wanda`` (|w| * ||x|| of the layer's input channel: Sun et
+al., 2023) or ``taylor`` (|w * dL/dw|). ``sparsity=0.5`` zeroes the lowest half of every layer (or of
+all layers together with ``scope="global"``); ``pattern=NM(2, 4)`` keeps the 2 largest of every 4
+consecutive weights along the layer's reduction dim (Mishra et al., 2021; the layout NVIDIA's sparse
+tensor cores run).
+
+This is masking, not removal: the zeros are stored densely, so **on CPU (eager PyTorch or ONNX
+Runtime) a sparse model runs exactly as fast as the dense one**. Real speed-ups need structured
+pruning (``adaprune.prune``) or, for 2:4, a GPU with sparse tensor cores (:func:`to_semi_structured`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..graph import resolve_ignore
+from ..importance import Context, default_loss
+from .mask import Masking
+
+CPU_NOTE = (
+    "Unstructured and N:M sparsity keep dense tensors with zeros: on CPU they save no time "
+    "(and no memory unless the weights are compressed). Use structured pruning for CPU speed-ups; "
+    "2:4 runs faster only on GPUs with sparse tensor cores."
+)
+
+
+@dataclass(frozen=True)
+class NM:
+    """An N:M pattern: ``n`` non-zeros in every ``m`` consecutive weights (``NM(2, 4)`` is 2:4)."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise ConfigError(f"NM(n={self.n!r}, m={self.m!r}): need integers with 0 < n < m, e.g. NM(2, 4)")
+
+    @classmethod
+    def parse(cls, text: str) -> NM:
+        try:
+            n, m = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ConfigError(f"pattern {text!r} is not N:M (write e.g. '2:4')") from None
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass
+class SparseResult:
+    """The masks, the sparsity reached per layer, and what was skipped and why."""
+
+    masking: Masking
+    sparsity: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    note: str = CPU_NOTE
+
+    @property
+    def overall(self) -> float:
+        return sum(self.sparsity.values()) / max(len(self.sparsity), 1)
+
+
+def _targets(model: nn.Module, ignore: set[int]) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if id(mod) in ignore:
+            continue
+        if isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed
+        ):
+            out[name] = mod
+    return out
+
+
+def _weight(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def element_scores(
+    model: nn.Module, layers: dict[str, nn.Module], importance: str, ctx: Context
+) -> dict[str, torch.Tensor]:
+    """A score per weight of each layer (higher = keep)."""
+    from ..importance.data import input_sq_norms, taylor_elements
+
+    if importance == "magnitude":
+        return {n: _weight(m).detach().abs().double().cpu() for n, m in layers.items()}
+    if importance == "wanda":
+        norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
+        out = {}
+        for n, m in layers.items():
+            w = _weight(m).detach().abs().double().cpu()
+            x = norms.get(n)
+            groups = getattr(m, "groups", 1)
+            if x is None or x.numel() != w.shape[1] * groups:
+                out[n] = w
+                continue
+            rows = torch.arange(w.shape[0]) // (w.shape[0] // groups)
+            xn = x.sqrt().view(groups, w.shape[1])[rows]  # (out, in per group): each row's inputs
+            out[n] = w * xn.view(*xn.shape, *([1] * (w.dim() - 2)))
+        return out
+    if importance == "taylor":
+        elems = taylor_elements(model, ctx.batches("taylor"), ctx.loss)
+        return {n: elems[f"{n}.weight" if n else "weight"] for n in layers}
+    raise ConfigError(
+        f"importance={importance!r} is not an element-level criterion; use 'magnitude', 'wanda' or 'taylor'"
+    )
+
+
+def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive scores along the flattened reduction dim."""
+    rows = scores.reshape(scores.shape[0], -1)
+    blocks = rows.reshape(rows.shape[0], -1, pattern.m)
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    top = blocks.topk(pattern.n, dim=-1).indices
+    keep.scatter_(-1, top, True)
+    return keep.reshape(scores.shape).float()
+
+
+def _lowest_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = int(fraction * scores.numel())
+    mask = torch.ones(scores.numel())
+    if k > 0:
+        mask[torch.argsort(scores.flatten(), stable=True)[:k]] = 0.0
+    return mask.view(scores.shape)
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    sparsity: float | None = None,
+    pattern: NM | str | None = None,
+    importance: str = "magnitude",
+    scope: str = "layer",
+    ignore: Iterable[nn.Module | str] | None = None,
+    calibration: Iterable[tuple[Any, Any]] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> SparseResult:
+    """Mask individual weights of every Linear/Conv layer (reversibly, with parametrize).
+
+    Give ``sparsity`` (fraction of weights zeroed, per layer or with ``scope="global"`` over all
+    layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both.
+    """
+    if (sparsity is None) == (pattern is None):
+        raise ConfigError("give exactly one of sparsity= (e.g. 0.5) or pattern= (e.g. '2:4')")
+    if isinstance(pattern, str):
+        pattern = NM.parse(pattern)
+    if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0):
+        raise ConfigError(f"sparsity={sparsity!r} must be a fraction in [0, 1)")
+    if scope not in ("layer", "global"):
+        raise ConfigError(f"scope={scope!r} must be 'layer' or 'global'")
+    layers = _targets(model, resolve_ignore(model, ignore))
+    scores = element_scores(model, layers, importance, Context(calibration, loss or default_loss))
+    masks: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    if pattern is not None:
+        for n, s in scores.items():
+            per_row = s[0].numel()
+            if per_row % pattern.m:
+                skipped[n] = f"reduction size {per_row} is not a multiple of {pattern.m}"
+                continue
+            masks[n] = nm_mask(s, pattern)
+    elif scope == "global" and scores:
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        k = int(float(sparsity or 0.0) * flat.numel())
+        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+        for n, s in scores.items():
+            masks[n] = (s > threshold).float()
+    else:
+        masks = {n: _lowest_mask(s, float(sparsity or 0.0)) for n, s in scores.items()}
+    device_masks = {
+        (f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
+        for n, m in masks.items()
+    }
+    handle = Masking(model, device_masks)
+    achieved = {n: 1.0 - float(m.mean()) for n, m in masks.items()}
+    return SparseResult(handle, achieved, skipped)
+
+
+def to_semi_structured(model: nn.Module, result: SparseResult) -> nn.Module:
+    """Bake a 2:4 mask in and store the weights as torch semi-structured sparse tensors (CUDA only)."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "semi-structured (2:4) sparse tensors need a CUDA GPU with sparse tensor cores; on CPU use "
+            "result.masking.materialize() to store the zeros densely"
+        )
+    from torch.sparse import to_sparse_semi_structured
+
+    result.masking.materialize()
+    for name in result.sparsity:
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Linear):
+            mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+    return model
