@@ -11,9 +11,9 @@ from torch import nn
 
 from .allocate import Limits, get_allocator
 from .cost import Cost, count
-from .cost.budget import Budget
+from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
-from .errors import BudgetUnreachableError, ConfigError
+from .errors import BudgetUnreachableError, ConfigError, SurgeryError
 from .graph import Frozen, Graph, call_model, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
@@ -52,15 +52,8 @@ def check_ratio(ratio: Any, name: str = "ratio") -> float:
     return float(ratio)
 
 
-def choose(
-    graph: Graph,
-    scores: dict[str, torch.Tensor],
-    allocation: Any,
-    limits: Limits,
-    ratio: float,
-) -> Plan:
-    """Let the allocator choose at ``ratio`` and turn the choice into a :class:`Plan`."""
-    chosen = get_allocator(allocation)(graph.groups, scores, limits, ratio=ratio)
+def plan_from_choice(graph: Graph, chosen: dict[str, list[int]]) -> Plan:
+    """The :class:`Plan` removing ``chosen[group name]`` channels of each group."""
     removals: dict[str, dict[int, set[int]]] = {}
     cuts = []
     for g in graph.groups:
@@ -72,6 +65,55 @@ def choose(
                     removals.setdefault(tensor, {}).setdefault(d, set()).update(pos)
     frozen = {t: {d: tuple(sorted(p)) for d, p in dims.items()} for t, dims in removals.items()}
     return Plan(frozen, tuple(cuts))
+
+
+def choose(
+    graph: Graph,
+    scores: dict[str, torch.Tensor],
+    allocation: Any,
+    limits: Limits,
+    ratio: float,
+) -> Plan:
+    """Let the allocator choose at ``ratio`` and turn the choice into a :class:`Plan`."""
+    return plan_from_choice(graph, get_allocator(allocation)(graph.groups, scores, limits, ratio=ratio))
+
+
+def find_broken(model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any) -> list[Frozen]:
+    """Groups whose cut in ``plan`` breaks the model when applied (dry runs; the model is unchanged).
+
+    Some sizes live in the code rather than in the tensors (``x.split(self.n_embd)``,
+    ``view(B, 512, -1)``): tracing cannot see them, a forward pass after surgery can. The whole plan
+    is tried first; if it fails, each group with a cut is tried alone, and the ones that break the
+    model are returned so the caller keeps them whole.
+    """
+    expected = output_shapes(eval_call(model, example_inputs))
+
+    def run() -> Any:
+        return eval_call(model, example_inputs)
+
+    try:
+        remove(model, plan, check=run, expected_shapes=expected, commit=False)
+        return []
+    except SurgeryError as first:
+        cut = [g for g in plan.groups if g.removed]
+        if len(cut) <= 1:
+            raise
+        error = first
+    frozen = []
+    for g in cut:
+        try:
+            remove(model, plan_from_choice(graph, {g.name: list(g.removed)}), run, expected, commit=False)
+        except SurgeryError as exc:
+            reason = str(exc.__cause__ or exc).split("; the model was restored")[0]
+            frozen.append(Frozen(g.name, "surgery check", f"pruning this group breaks the model: {reason}"))
+    if not frozen:
+        raise error
+    return frozen
+
+
+def without(graph: Graph, names: set[str]) -> Graph:
+    """``graph`` minus the named groups."""
+    return Graph([g for g in graph.groups if g.name not in names], graph.frozen, graph.frozen_slots)
 
 
 def plan_for(
@@ -98,22 +140,26 @@ def search_budget(
     steps: int = 16,
 ) -> tuple[float, Plan]:
     """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``."""
+    base = static_values(original)
+
+    def met(p: Plan) -> bool:
+        return budget.met(static_values(cost_of(p)), base)
+
     hi = 1.0 - 1e-9
     hi_plan = plan_at(hi)
-    hi_cost = cost_of(hi_plan)
-    if not budget.met(hi_cost, original):
+    if not met(hi_plan):
         raise BudgetUnreachableError(
             "the budget cannot be met under the per-group limits: pruning as far as they allow "
-            f"gives {budget.describe(hi_cost, original)}. Loosen max_ratio/min_channels/round_to, "
-            "ignore fewer modules, or ask for a smaller reduction"
+            f"gives {budget.describe(static_values(cost_of(hi_plan)), base)}. Loosen "
+            "max_ratio/min_channels/round_to, ignore fewer modules, or ask for a smaller reduction"
         )
-    lo = 0.0
-    if budget.met(original, original):
+    if budget.met(base, base):
         return 0.0, plan_at(0.0)
+    lo = 0.0
     for _ in range(steps):
         mid = (lo + hi) / 2
         p = plan_at(mid)
-        if budget.met(cost_of(p), original):
+        if met(p):
             hi, hi_plan = mid, p
         else:
             lo = mid
@@ -158,7 +204,12 @@ def prune(
         raise ConfigError("pass ratio= or budget=, not both: a budget chooses the ratio itself")
     if budget is not None and not isinstance(budget, Budget):
         raise ConfigError(f"budget must be an adaprune.Budget, got {type(budget).__name__}")
-    ratio = check_ratio(0.5 if ratio is None and budget is None else (ratio or 0.0))
+    if budget is not None and budget.needs_latency:
+        raise ConfigError(
+            "prune() is one-shot and does not measure latency: use adaprune.adapt(...) for a latency "
+            "budget, or bound macs=/params=/bytes=/energy= here"
+        )
+    ratio = check_ratio(0.5 if ratio is None and budget is None else (0.0 if ratio is None else ratio))
     limits = Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
     criterion = get_importance(importance)
     get_allocator(allocation)
@@ -169,16 +220,20 @@ def prune(
     graph = trace(model, example_inputs, ignore=ignore)
     scores = criterion(model, graph.groups, ctx)
     if budget is None:
-        plan = choose(graph, scores, allocation, limits, ratio)
+        broken = find_broken(model, choose(graph, scores, allocation, limits, ratio), graph, example_inputs)
+        usable = without(graph, {f.module for f in broken})
+        plan = choose(usable, scores, allocation, limits, ratio)
     else:
+        hi = choose(graph, scores, allocation, limits, 1.0 - 1e-9)
+        broken = find_broken(model, hi, graph, example_inputs)
+        usable = without(graph, {f.module for f in broken})
         predictor = CostPredictor(model, example_inputs)
         ratio, plan = search_budget(
-            lambda r: choose(graph, scores, allocation, limits, r), predictor, budget, before
+            lambda r: choose(usable, scores, allocation, limits, r), predictor, budget, before
         )
-    expected = output_shapes(eval_call(model, example_inputs))
-    remove(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected)
+    apply_plan(model, plan, example_inputs)
     after = count(model, example_inputs)
-    return PruneResult(model, plan, before, after, graph, list(graph.frozen), ratio)
+    return PruneResult(model, plan, before, after, graph, list(graph.frozen) + broken, ratio)
 
 
 def eval_call(model: nn.Module, example_inputs: Any) -> Any:

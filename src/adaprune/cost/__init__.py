@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import TraceError
+
 __all__ = ["Cost", "count"]
 
 
@@ -19,6 +21,13 @@ class Cost:
     macs: int
     params: int
     bytes: int
+
+    @property
+    def energy_uj(self) -> float:
+        """Estimated energy of one inference (µJ), see :mod:`adaprune.cost.energy`."""
+        from .energy import energy_uj
+
+        return energy_uj(self.macs, self.bytes)
 
     def ratio_to(self, other: Cost) -> dict[str, float]:
         """Each field as a fraction of ``other``'s."""
@@ -49,6 +58,14 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             call_model(model, example_inputs)
+    except Warning:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
+            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
+            "positional arguments)"
+        ) from exc
     finally:
         for m, flag in was_training.items():
             m.training = flag

@@ -1,58 +1,84 @@
-"""Budgets: bounds on costs, relative to the original model or absolute."""
+"""Budgets: bounds on costs, relative to the original model or absolute; all given bounds must hold."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 from . import Cost
 
-_FIELDS = ("macs", "params", "bytes")
+STATIC = ("macs", "params", "bytes", "energy")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Upper bounds on the pruned model's costs; every bound given must hold.
+    """Upper bounds on the pruned model's costs.
 
-    A value in (0, 1] is a fraction of the original model's cost (``Budget(macs=0.5)``: at most half
-    the original MACs); a value above 1 is an absolute count (``Budget(params=2_000_000)``).
+    ``macs``, ``params``, ``bytes``, ``energy`` (estimated µJ, see :mod:`adaprune.cost.energy`) and
+    ``latency``: a value in (0, 1] is a fraction of the original model's cost (``Budget(macs=0.5)``
+    means at most half the original MACs); a value above 1 is an absolute amount (a count, bytes,
+    µJ). ``latency_ms`` is an absolute latency bound. Latency is measured on ``backend`` (``torch``,
+    ``onnxruntime`` or ``cuda``) with ``threads`` threads, at the batch size of the example inputs.
     """
 
     macs: float | None = None
     params: float | None = None
     bytes: float | None = None
+    energy: float | None = None
+    latency: float | None = None
+    latency_ms: float | None = None
+    backend: str = "torch"
+    threads: int = 1
 
     def __post_init__(self) -> None:
-        given = 0
-        for f in fields(self):
-            v = getattr(self, f.name)
+        bounds = {k: getattr(self, k) for k in (*STATIC, "latency", "latency_ms")}
+        for name, v in bounds.items():
             if v is None:
                 continue
-            given += 1
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(
-                    f"Budget({f.name}={v!r}): a budget must be a positive number, a fraction in (0, 1] "
-                    "of the original cost or an absolute count above 1"
+                    f"Budget({name}={v!r}): a bound must be a positive number (a fraction in (0, 1] of "
+                    "the original cost, or an absolute amount above 1)"
                 )
-        if not given:
-            raise ConfigError("Budget() sets no bound: give at least one of macs=, params=, bytes=")
+        if all(v is None for v in bounds.values()):
+            raise ConfigError("Budget() sets no bound: give at least one of macs=, params=, bytes=, energy=, latency=")
+        if self.latency is not None and self.latency_ms is not None:
+            raise ConfigError("Budget: give latency= (relative) or latency_ms= (absolute), not both")
+        from .latency import BACKENDS
 
-    def limits(self, original: Cost) -> dict[str, float]:
-        """Absolute bound per costed field."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Budget(backend={self.backend!r}): use one of {', '.join(BACKENDS)}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"Budget(threads={self.threads!r}) must be an integer >= 1")
+
+    @property
+    def needs_latency(self) -> bool:
+        return self.latency is not None or self.latency_ms is not None
+
+    def limits(self, original: dict[str, float]) -> dict[str, float]:
+        """Absolute bound per field, given the original model's values."""
         out = {}
-        for name in _FIELDS:
+        for name in (*STATIC, "latency"):
             v = getattr(self, name)
             if v is not None:
-                out[name] = v * getattr(original, name) if v <= 1 else float(v)
+                out[name] = v * original[name] if v <= 1 else float(v)
+        if self.latency_ms is not None:
+            out["latency"] = float(self.latency_ms)
         return out
 
-    def met(self, cost: Cost, original: Cost) -> bool:
-        return all(getattr(cost, k) <= v for k, v in self.limits(original).items())
+    def met(self, values: dict[str, float], original: dict[str, float]) -> bool:
+        return all(values[k] <= v * (1 + 1e-12) for k, v in self.limits(original).items() if k in values)
 
-    def describe(self, cost: Cost, original: Cost) -> str:
-        """'macs 61% of original (bound 50%)' for every bounded field."""
+    def describe(self, values: dict[str, float], original: dict[str, float]) -> str:
+        """'macs 61.0% of original (bound 50.0%)' for every bounded field that has a value."""
         parts = []
         for k, v in self.limits(original).items():
-            base = getattr(original, k) or 1
-            parts.append(f"{k} {getattr(cost, k) / base:.1%} of original (bound {v / base:.1%})")
+            if k in values:
+                base = original[k] or 1.0
+                parts.append(f"{k} {values[k] / base:.1%} of original (bound {v / base:.1%})")
         return ", ".join(parts)
+
+
+def static_values(cost: Cost) -> dict[str, float]:
+    """The budgetable fields of a :class:`Cost` as a dict (energy estimated from MACs and bytes)."""
+    return {"macs": cost.macs, "params": cost.params, "bytes": cost.bytes, "energy": cost.energy_uj}

@@ -72,7 +72,7 @@ def trace(
     try:
         with torch.no_grad():
             state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored)
-    except TraceError:
+    except (TraceError, Warning):
         raise
     except Exception as exc:
         raise TraceError(

@@ -74,7 +74,14 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
     return deco
 
 
-_PREFIXES = ("torch.nn.functional.", "torch.Tensor.", "torch._C._nn.", "torch.", "_C._nn.")
+_PREFIXES = (
+    "torch.nn.functional.",
+    "torch.Tensor.",
+    "torch._C._nn.",
+    "torch.functional.",
+    "torch.",
+    "_C._nn.",
+)
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -135,6 +142,14 @@ class TraceState:
     def freeze(self, t: Any, op: str, reason: str) -> None:
         for f in self.fields_of(t):
             self.atoms.pin(f, f"{reason} (op {op} in module {self.module})")
+
+    def pin_op(self, field: Field, op: str, reason: str) -> None:
+        """Pin the channels of ``field`` because ``op`` fixes their size; listed in ``frozen``."""
+        if bool((field >= 0).any()):
+            self.atoms.pin(field, f"{reason} (op {op} in module {self.module})")
+            note = Frozen(self.module, op, reason)
+            if note not in self.frozen:
+                self.frozen.append(note)
 
     def unknown(self, call: Call, why: str = "") -> None:
         """Freeze every channel an op we cannot reason about touches."""
@@ -222,7 +237,8 @@ def run_traced(
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), n)
     for n, b in model.named_buffers(remove_duplicate=False):
-        names.setdefault(id(b), n)
+        if b.is_floating_point():  # integer buffers (position ids, counters) index, they carry no channels
+            names.setdefault(id(b), n)
     state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
     with _module_hooks(model, state, ignore), _Mode(state):
         out = call_model()

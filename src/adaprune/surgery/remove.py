@@ -47,6 +47,7 @@ def remove(
     plan: Plan,
     check: Callable[[], Any] | None = None,
     expected_shapes: list[tuple[int, ...]] | None = None,
+    commit: bool = True,
 ) -> None:
     """Apply ``plan`` physically to ``model`` in place.
 
@@ -57,6 +58,7 @@ def remove(
             ``expected_shapes``. On any failure the model is restored exactly and
             :class:`SurgeryError` is raised.
         expected_shapes: output shapes the model must keep.
+        commit: with ``False`` the model is restored after a successful check (a dry run).
     """
     plan.check(model)
     if plan.is_empty:
@@ -88,12 +90,7 @@ def remove(
                     f"after surgery the output shapes are {got}, expected {expected_shapes}"
                 )
     except Exception as exc:
-        for k, mod in touched.items():
-            d, params, bufs = saved[k]
-            mod.__dict__.clear()
-            mod.__dict__.update(d)
-            mod._parameters = params
-            mod._buffers = bufs
+        _restore(touched, saved)
         if isinstance(exc, SurgeryError):
             raise SurgeryError(f"{exc}; the model was restored unchanged") from exc
         raise SurgeryError(
@@ -102,3 +99,14 @@ def remove(
             "module that does so to `ignore`, or register a fixer for its class with "
             "adaprune.surgery.register_fixer"
         ) from exc
+    if not commit:
+        _restore(touched, saved)
+
+
+def _restore(touched: dict[int, nn.Module], saved: dict[int, tuple[dict, dict, dict]]) -> None:
+    for k, mod in touched.items():
+        d, params, bufs = saved[k]
+        mod.__dict__.clear()
+        mod.__dict__.update(d)
+        mod._parameters = params
+        mod._buffers = bufs

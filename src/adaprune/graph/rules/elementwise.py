@@ -93,9 +93,14 @@ def reduce(state: TraceState, call: Call) -> None:
         keep = out.dim() == x.dim()
         fields = []
         for f in state.fields_of(x):
-            if any(f.shape[d] > 1 for d in dims):
+            if not any(f.shape[d] > 1 for d in dims):
+                g = f
+            elif all(f.shape[d] == 1 for d in range(f.dim()) if d not in dims):
+                state.atoms.span(f)  # varies only along reduced dims: consumed, nothing to couple
+                continue
+            else:
                 state.atoms.span(f)
-            g = collapse(state.atoms, f, dims)
+                g = collapse(state.atoms, f, dims)
             if not keep:
                 g = g.reshape([g.shape[d] for d in range(g.dim()) if d not in dims])
             if any(s > 1 for s in g.shape):
@@ -126,7 +131,8 @@ def sort(state: TraceState, call: Call) -> None:
         dim = default
     d = dim % x.dim()
     if any(f.shape[d] > 1 for f in state.fields_of(x)):
-        state.freeze(x, call.name, "channels are reordered by their values")
+        for f in state.fields_of(x):
+            state.pin_op(f, call.name, "channels are reordered by their values")
         return
     for out in _outputs(call.out):
         state.set_fields(out, list(state.fields_of(x)))

@@ -121,7 +121,7 @@ def conv(state: TraceState, call: Call) -> None:
     cd = x.dim() - k - 1
     a_in, rest = read(state.atoms, state.fields_of(x), x.shape, cd)
     for f in rest:
-        state.atoms.pin(f, f"mixed across positions by {call.name} in {state.module}")
+        state.pin_op(f, call.name, "a channel axis along positions is mixed by a convolution")
     a_out, w_in = weight_atoms(state, w, (0, 1))
     if groups == 1:
         state.atoms.union_pairs(a_in, w_in)
@@ -151,7 +151,7 @@ def conv_transpose(state: TraceState, call: Call) -> None:
     cd = x.dim() - k - 1
     a_in, rest = read(state.atoms, state.fields_of(x), x.shape, cd)
     for f in rest:
-        state.atoms.pin(f, f"mixed across positions by {call.name} in {state.module}")
+        state.pin_op(f, call.name, "a channel axis along positions is mixed by a convolution")
     w_in, w_out = weight_atoms(state, w, (0, 1))
     state.atoms.union_pairs(a_in, w_in)
     if groups == 1:
@@ -202,13 +202,14 @@ def layer_norm(state: TraceState, call: Call) -> None:
     b = call.arg(3, "bias") if call.name == "layer_norm" else None
     nd = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
     if nd != 1:
-        state.freeze(x, call.name, "normalized over several dims")
+        for f in state.fields_of(x):
+            state.pin_op(f, call.name, "normalized over several dims")
         state.set_fields(call.out, [])
         return
     a, rest = read(state.atoms, state.fields_of(x), x.shape, -1)
     state.atoms.span(a)
     if w is None:
-        state.atoms.pin(a, "a norm without affine weights keeps its normalized_shape")
+        state.pin_op(along(a, 1, 0), call.name, "a norm without affine weights keeps its normalized_shape")
     for t in (w, b):
         for ta in weight_atoms(state, t, (0,)):
             state.atoms.union_pairs(a, ta)

@@ -180,7 +180,7 @@ def getitem(state: TraceState, call: Call) -> None:
     results = []
     for f in state.fields_of(x):
         if any(f.shape[d] > 1 for d in fixed):
-            state.atoms.pin(f, f"sliced by a fixed index in {state.module}")
+            state.pin_op(f, call.name, "sliced by a fixed index along a channel dim")
         f = collapse(state.atoms, f, ints)
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
@@ -199,7 +199,7 @@ def narrow(state: TraceState, call: Call) -> None:
     results = []
     for f in state.fields_of(x):
         if f.shape[dim] > 1 and length != x.shape[dim]:
-            state.atoms.pin(f, f"narrowed to a fixed length in {state.module}")
+            state.pin_op(f, call.name, "narrowed to a fixed length along a channel dim")
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
 
@@ -224,7 +224,7 @@ def split(state: TraceState, call: Call) -> None:
                     state.atoms.union_pairs(parts[0], p)
                 f = compact(state.atoms, f)
             else:
-                state.atoms.pin(f, f"split into unequal pieces in {state.module}")
+                state.pin_op(f, call.name, "split into unequal pieces along a channel dim")
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
 
@@ -285,7 +285,7 @@ def pad(state: TraceState, call: Call) -> None:
     for f in state.fields_of(x):
         hit = [d for d in padded if f.shape[d] > 1]
         if hit and mode != "constant":
-            state.atoms.pin(f, f"padded along a channel dim in {state.module}")
+            state.pin_op(f, call.name, "padded (not with a constant) along a channel dim")
         if hit and mode == "constant":
             results.append(torch.nn.functional.pad(full(f, x.shape), widths, value=NO_ATOM))
         else:

@@ -1,0 +1,146 @@
+"""Latency measured on the backend the model will run on.
+
+Backends: ``torch`` (eager, CPU), ``onnxruntime`` (CPU execution provider; the model is exported
+with ``torch.onnx.export``) and ``cuda`` (eager on the GPU, synchronised). Every measurement uses
+warm-up runs, a fixed number of threads, and reports the median of the repeats, with the backend,
+threads and batch size it was taken under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import ConfigError
+
+BACKENDS = ("torch", "onnxruntime", "cuda")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A median latency and the conditions it was measured under."""
+
+    median_ms: float
+    p90_ms: float
+    backend: str
+    threads: int
+    batch_size: int
+    repeats: int
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def batch_size_of(example_inputs: Any) -> int:
+    for t in tree_flatten(example_inputs)[0]:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    return 1
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def onnx_session(model: nn.Module, example_inputs: Any, threads: int) -> tuple[Any, dict[str, Any]]:
+    """Export ``model`` to ONNX (in memory) and open an ONNX Runtime CPU session with ``threads``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError("backend='onnxruntime' needs the onnx extra: pip install 'adaprune[onnx]'") from exc
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = example_inputs if isinstance(example_inputs, dict) else None
+    if kwargs is not None:
+        args = ()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                torch.onnx.export(model, args, path, kwargs=kwargs, dynamo=False, opset_version=17)
+        finally:
+            for m, f in flags.items():
+                m.training = f
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    tensors = [t for t in tree_flatten(kwargs if kwargs is not None else args)[0] if isinstance(t, torch.Tensor)]
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), tensors)}
+    return sess, feed
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    backend: str = "torch",
+    threads: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> Latency:
+    """Median latency of one forward pass on ``example_inputs`` (its batch size is the batch size)."""
+    from ..graph import call_model
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if threads < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError("threads and repeats must be >= 1 and warmup >= 0")
+    batch = batch_size_of(example_inputs)
+    if backend == "onnxruntime":
+        sess, feed = onnx_session(model, example_inputs, threads)
+        times = _time(lambda: sess.run(None, feed), warmup, repeats, lambda: None)
+    else:
+        if backend == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("backend='cuda' but no CUDA device is available")
+        device = torch.device("cuda" if backend == "cuda" else "cpu")
+        inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
+        moved = next(model.parameters()).device != device if any(True for _ in model.parameters()) else False
+        if moved:
+            raise ConfigError(f"move the model to {device} before measuring backend={backend!r}")
+        sync = torch.cuda.synchronize if backend == "cuda" else (lambda: None)
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with _threads(threads), torch.inference_mode():
+                times = _time(lambda: call_model(model, inputs), warmup, repeats, sync)
+        finally:
+            for m, f in flags.items():
+                m.training = f
+    times.sort()
+    return Latency(
+        median_ms=statistics.median(times),
+        p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+        backend=backend,
+        threads=threads,
+        batch_size=batch,
+        repeats=repeats,
+    )
