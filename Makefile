@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml $(CONSTR)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTR) torch torchvision
-	$(BIN)/pip install -q -c $(CONSTR) -e ".[vision,report,hf,dev]"
+	$(BIN)/pip install -q -c $(CONSTR) -e ".[vision,report,hf,examples,onnx,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -11,6 +11,7 @@ The curated public API::
 from __future__ import annotations
 
 from . import errors
+from .adapt import AdaptResult, adapt
 from .api import PruneResult, apply_plan, prune
 from .cost import Cost, count
 from .cost.budget import Budget
@@ -18,12 +19,15 @@ from .graph import Graph, Group, trace
 from .plan import GroupCut, Plan
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import NM, mask, remove, sparsify
+from .task import ClassificationTask, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NM",
+    "AdaptResult",
     "Budget",
+    "ClassificationTask",
     "Cost",
     "Graph",
     "Group",
@@ -31,7 +35,9 @@ __all__ = [
     "Plan",
     "PruneResult",
     "Sensitivity",
+    "Task",
     "__version__",
+    "adapt",
     "apply_plan",
     "count",
     "errors",

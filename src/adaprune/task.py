@@ -89,7 +89,7 @@ class ClassificationTask:
         train_loader: Iterable[tuple[Any, Any]],
         val_loader: Iterable[tuple[Any, Any]],
         *,
-        lr: float = 1e-3,
+        lr: float = 3e-4,
         weight_decay: float = 0.0,
         distill: bool = False,
         temperature: float = 4.0,

@@ -1,0 +1,322 @@
+"""The adaptive loop: step toward the budget, recover, measure, accept or roll back, resize the step.
+
+Every step:
+
+1. re-trace the working model and measure each cluster's *sensitivity*: the metric lost when a
+   probe fraction of its channels is masked (no fine-tuning), per unit of cost that saves;
+2. allocate: each cluster's removal ratio is proportional to cost saved per metric lost (capped),
+   scaled so the step cuts ``step_size`` of the binding cost (exact MACs/params/bytes from a meta
+   copy; latency from the calibrated per-group table);
+3. remove the channels physically, recover (the task's fine-tune, else BatchNorm recalibration),
+   evaluate, measure the costs (latency on the target backend);
+4. accept if the metric dropped at most ``tolerance`` below the original (grow the step when there
+   is slack), else roll back, halve the step and protect the cluster that hurt most.
+
+It stops when the budget is met, or when the step has shrunk below ``min_step`` (the budget cannot
+be met within tolerance: the best model that keeps the tolerance is returned with a message saying
+how far the budget remains). State goes to the run directory after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocate import Limits, lowest
+from ..api import eval_call, find_broken, plan_from_choice, without
+from ..cost import count
+from ..cost.budget import Budget, static_values
+from ..cost.latency import measure_latency
+from ..cost.predict import CostPredictor
+from ..errors import ConfigError
+from ..graph import Graph, Group, trace
+from ..importance import Context, get_importance
+from ..plan import Plan
+from ..sensitivity import clusters
+from ..surgery import mask, remove
+from ..task import recalibrate_bn
+from .latency_table import LatencyTable
+from .state import ControllerState, RunDir, StepRecord
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Knobs of the controller (all have working defaults)."""
+
+    tolerance: float = 0.01
+    importance: str = "l2"
+    step: float = 0.25
+    min_step: float = 0.01
+    max_step: float = 0.6
+    grow: float = 1.5
+    shrink: float = 0.5
+    probe_ratio: float = 0.3
+    max_group_ratio: float = 0.6
+    finetune_steps: int = 50
+    max_iterations: int = 40
+    latency_repeats: int = 15
+    seed: int = 0
+    min_channels: int = 1
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tolerance, bool) or not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(
+                f"tolerance={self.tolerance!r} must be in [0, 1): the largest acceptable drop of the metric"
+            )
+        for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"{name}={v!r} must be a fraction in (0, 1)")
+        if self.min_step > self.step or self.step > self.max_step:
+            raise ConfigError("need min_step <= step <= max_step")
+        if self.finetune_steps < 0 or self.max_iterations < 1:
+            raise ConfigError("finetune_steps must be >= 0 and max_iterations >= 1")
+
+
+def compose(removals: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]], plan: Plan) -> None:
+    """Fold a step's plan (indices of the current model) into removals relative to the original."""
+    for tensor, dims in plan.removals.items():
+        for d, idx in dims.items():
+            done = set(removals.get(tensor, {}).get(str(d), []))
+            kept = [i for i in range(shapes[tensor][d]) if i not in done]
+            done.update(kept[i] for i in idx)
+            removals.setdefault(tensor, {})[str(d)] = sorted(done)
+
+
+def as_plan(removals: dict[str, dict[str, list[int]]]) -> Plan:
+    return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()})
+
+
+@dataclass
+class _Probe:
+    groups: list[Group]
+    drop: float
+    saved: dict[str, float]
+
+
+class Controller:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        task: Any,
+        budget: Budget,
+        config: AdaptConfig,
+        ignore: list[str],
+        run_dir: RunDir | None,
+    ) -> None:
+        self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
+        self.ignore, self.run_dir = ignore, run_dir
+        self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+        self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
+        self.sign = 1.0 if task.higher_is_better else -1.0
+
+    # -- measuring ---------------------------------------------------------------------------
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        out = self.task.evaluate(model)
+        if self.task.metric not in out:
+            raise ConfigError(
+                f"task.evaluate returned {sorted(out)}, without the task's metric {self.task.metric!r}"
+            )
+        return {k: float(v) for k, v in out.items()}
+
+    def drop(self, state: ControllerState, metrics: dict[str, float]) -> float:
+        return self.sign * (state.baseline[self.task.metric] - metrics[self.task.metric])
+
+    def costs(self, model: nn.Module) -> dict[str, float]:
+        values = static_values(count(model, self.x))
+        if self.budget.needs_latency:
+            lat = measure_latency(
+                model, self.x, backend=self.budget.backend, threads=self.budget.threads,
+                repeats=self.cfg.latency_repeats,
+            )
+            values["latency"] = lat.median_ms
+        return values
+
+    def binding(self, state: ControllerState, values: dict[str, float]) -> tuple[str, float]:
+        limits = self.budget.limits(state.original_costs)
+        name = max(limits, key=lambda k: values[k] / max(limits[k], 1e-12))
+        return name, limits[name]
+
+    # -- one step ----------------------------------------------------------------------------
+    def probes(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor],
+               predictor: CostPredictor, metric_now: float) -> dict[str, _Probe]:
+        limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
+        now = static_values(predictor(Plan()))
+        out = {}
+        for name, members in clusters(work, graph.groups).items():
+            chosen = {g.name: lowest(scores[g.name], g.size - limits.kept(g.size, int(self.cfg.probe_ratio * g.size)))
+                      for g in members}
+            plan = plan_from_choice(Graph(members), chosen)
+            if plan.is_empty:
+                continue
+            handle = mask(work, plan)
+            try:
+                with torch.no_grad():
+                    m = self.metrics(work)[self.task.metric]
+            finally:
+                handle.undo()
+            after = static_values(predictor(plan))
+            out[name] = _Probe(members, max(self.sign * (metric_now - m), 0.0),
+                               {k: now[k] - after[k] for k in now})
+        return out
+
+    def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, _Probe],
+                 predictor: CostPredictor, field: str, target: float, values: dict[str, float],
+                 table: LatencyTable, caps: dict[str, float]) -> tuple[Plan, dict[str, float]]:
+        """Per-cluster ratios ∝ cost saved per metric lost, scaled (bisection) to reach ``target``."""
+        key = field if field != "latency" else "macs"
+        # cost saved per metric lost, softened (square root) so one cheap cluster does not take it all
+        eff = {c: (max(p.saved[key], 0.0) / (p.drop + 1e-3)) ** 0.5 for c, p in probes.items()}
+        top = max(eff.values(), default=0.0)
+        limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
+        default_rate = values.get("latency", 0.0) / max(values["macs"], 1.0)
+
+        def plan_at(lam: float) -> tuple[Plan, dict[str, float], float]:
+            chosen, ratios = {}, {}
+            for c, p in probes.items():
+                cap = self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)
+                r = min(cap, lam * eff[c] / top) if top > 0 else 0.0
+                ratios[c] = r
+                for g in p.groups:
+                    chosen[g.name] = lowest(scores[g.name], g.size - limits.kept(g.size, int(r * g.size)))
+            plan = plan_from_choice(graph, chosen)
+            if field == "latency":
+                saved = {c: probes[c].saved["macs"] * ratios[c] / self.cfg.probe_ratio for c in probes}
+                value = values["latency"] - table.predict_saving(saved, default_rate)
+            else:
+                value = static_values(predictor(plan))[field]
+            return plan, ratios, value
+
+        lo, hi = 0.0, 1.0
+        best = plan_at(hi)
+        if best[2] > target:
+            return best[0], best[1]
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            cand = plan_at(mid)
+            if cand[2] <= target:
+                hi, best = mid, cand
+            else:
+                lo = mid
+        return best[0], best[1]
+
+    def recover(self, work: nn.Module, step: int) -> None:
+        torch.manual_seed(self.cfg.seed * 100_003 + step)
+        if hasattr(self.task, "finetune") and self.cfg.finetune_steps > 0:
+            self.task.finetune(work, self.cfg.finetune_steps)
+        if hasattr(self.task, "calibration"):  # adaptive BN: statistics of the pruned model
+            recalibrate_bn(work, self.task.calibration())
+
+    def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
+        """Try one step; return the working model to continue with (the same, or the restored copy)."""
+        field, limit = self.binding(state, values)
+        target = max(limit, values[field] * (1.0 - state.step_size))
+        graph = without(trace(work, self.x, ignore=self.ignore), set(state.protected))
+        ctx = Context(self.task.calibration() if hasattr(self.task, "calibration") else None)
+        scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
+        predictor = CostPredictor(work, self.x)
+        metric_now = self.metrics(work)[self.task.metric]
+        probes = self.probes(work, graph, scores, predictor, metric_now)
+        table = LatencyTable(state.latency_table)
+        plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
+        if plan.is_empty:
+            state.done = True
+            state.message = self.unmet(state, values, "no prunable channels are left outside protected groups")
+            return work
+        broken = find_broken(work, plan, graph, self.x)
+        if broken:
+            state.protected.extend(f.module for f in broken)
+            plan = plan_from_choice(without(graph, {f.module for f in broken}),
+                                    {g.name: list(g.removed) for g in plan.groups})
+        snapshot = copy.deepcopy(work)
+        remove(work, plan)
+        self.recover(work, state.step)
+        metrics = self.metrics(work)
+        new_values = self.costs(work)
+        drop = self.drop(state, metrics)
+        cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
+        record = StepRecord(state.step, state.step_size, cuts, metrics, new_values, False, "")
+        if drop <= self.cfg.tolerance + 1e-12:
+            record.accepted = True
+            record.reason = f"metric drop {drop:.4f} within tolerance {self.cfg.tolerance}"
+            compose(state.removals, self.shapes, plan)
+            if "latency" in values:
+                saved = {c: probes[c].saved["macs"] * ratios[c] / self.cfg.probe_ratio for c in probes if ratios[c] > 0}
+                table.calibrate(saved, values["latency"] - new_values["latency"],
+                                values["latency"] / max(values["macs"], 1.0))
+                state.latency_table = table.table
+            if drop < self.cfg.tolerance / 2:
+                state.step_size = min(self.cfg.max_step, state.step_size * self.cfg.grow)
+                record.reason += "; slack left, step grows"
+            state.history.append(record)
+            return work
+        hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
+        note = ""
+        if hurt is not None:
+            note = self.protect(state, probes[hurt].groups, hurt)
+        state.step_size *= self.cfg.shrink
+        record.reason = (
+            f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}: rolled back, step halved" + note
+        )
+        state.history.append(record)
+        return snapshot
+
+    def protect(self, state: ControllerState, groups: list[Group], name: str) -> str:
+        """Halve how much the groups that hurt may lose per step; protect them fully after a few halvings."""
+        caps = [state.caps.get(g.name, 1.0) * 0.5 for g in groups]
+        for g, c in zip(groups, caps):
+            state.caps[g.name] = c
+            if c < 0.1 and g.name not in state.protected:
+                state.protected.append(g.name)
+        return f", protected {name}" if min(caps) < 0.1 else f", capped {name} at {min(caps):.0%} of the step"
+
+    def unmet(self, state: ControllerState, values: dict[str, float], why: str) -> str:
+        return (
+            f"budget not met within tolerance ({why}): "
+            f"{self.budget.describe(values, state.original_costs)}"
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
+        work = copy.deepcopy(self.model)
+        config = {**asdict(self.cfg), "budget": repr(self.budget)}
+        if resume and self.run_dir is not None and self.run_dir.exists():
+            state = self.run_dir.load()
+            if state.config != config:
+                raise ConfigError(
+                    f"cannot resume {self.run_dir.path}: it was started with other settings; "
+                    "pass the same budget and options, or use a new run directory"
+                )
+            remove(work, as_plan(state.removals))
+            self.run_dir.load_weights(state, work)
+        else:
+            state = ControllerState(step_size=self.cfg.step, config=config)
+            state.baseline = self.metrics(work)
+            state.original_costs = self.costs(work)
+            if self.run_dir is not None:
+                self.run_dir.save(state, work)
+        if hasattr(self.task, "set_teacher"):
+            self.task.set_teacher(self.model)
+        values = self.costs(work) if state.history else dict(state.original_costs)
+        while not state.done:
+            if self.budget.met(values, state.original_costs):
+                state.done, state.message = True, "budget met: " + self.budget.describe(values, state.original_costs)
+                break
+            if state.step_size < self.cfg.min_step or state.step >= self.cfg.max_iterations:
+                state.done = True
+                state.message = self.unmet(state, values, "the step cannot shrink further")
+                break
+            work = self.step(work, state, values)
+            state.step += 1
+            if state.history and state.history[-1].accepted and state.history[-1].step == state.step - 1:
+                values = dict(state.history[-1].costs)
+            if self.run_dir is not None:
+                self.run_dir.save(state, work)
+        eval_call(work, self.x)
+        return work, state

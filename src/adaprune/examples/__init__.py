@@ -1,0 +1,1 @@
+"""Built-in examples on data that ships offline (sklearn's digits)."""
