@@ -215,6 +215,7 @@ class Controller:
 
     def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
+        torch.manual_seed(self.cfg.seed * 100_003 + state.step)  # every step replays identically on resume
         field, limit = self.binding(state, values)
         target = max(limit, values[field] * (1.0 - state.step_size))
         graph = without(trace(work, self.x, ignore=self.ignore), set(state.protected))
