@@ -16,6 +16,7 @@ from .api import PruneResult, apply_plan, prune
 from .cost import Cost, count
 from .cost.budget import Budget
 from .graph import Graph, Group, trace
+from .io import export_onnx, load, save
 from .plan import GroupCut, Plan
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import NM, mask, remove, sparsify
@@ -40,6 +41,9 @@ __all__ = [
     "adapt",
     "apply_plan",
     "count",
+    "save",
+    "load",
+    "export_onnx",
     "errors",
     "mask",
     "prune",

@@ -115,13 +115,12 @@ def clusters(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[Group]
 
 
 def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes (order-independent)."""
     h = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        if p.is_floating_point():
-            h.update(f"{float(p.double().abs().sum()):.10e}".encode())
-    return h.hexdigest()[:16]
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def sensitivity(

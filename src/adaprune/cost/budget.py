@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -35,7 +36,7 @@ class Budget:
         for name, v in bounds.items():
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(
                     f"Budget({name}={v!r}): a bound must be a positive number (a fraction in (0, 1] of "
                     "the original cost, or an absolute amount above 1)"

@@ -79,16 +79,12 @@ def onnx_session(model: nn.Module, example_inputs: Any, threads: int) -> tuple[A
     kwargs = example_inputs if isinstance(example_inputs, dict) else None
     if kwargs is not None:
         args = ()
+    from ..io import export_onnx
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-                torch.onnx.export(model, args, path, kwargs=kwargs, dynamo=False, opset_version=17)
-        finally:
-            for m, f in flags.items():
-                m.training = f
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_onnx(model, example_inputs, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -3,9 +3,11 @@
 - ``taylor``: first-order Taylor expansion of the loss (Molchanov et al., 2019, "Importance
   Estimation for Neural Network Pruning"): |w * dL/dw| per weight, accumulated over batches, summed
   over the channel's parameter slices in its group.
-- ``activation``: mean |output| of the layers that produce the channel (neuron contribution).
-- ``apoz``: 1 - average percentage of zeros after ReLU (Hu et al., 2016, "Network Trimming"),
-  i.e. the fraction of positions where the producing layer's output is positive.
+- ``activation``: mean |output| of the channel (neuron contribution), measured on the output of the
+  group's normalisation layer when it has one (what the activation function sees), else on the
+  output of the layer that produces the channel.
+- ``apoz``: 1 - average percentage of zeros after ReLU (Hu et al., 2016, "Network Trimming"), i.e.
+  the fraction of positions where that same output is positive (what a ReLU lets through).
 - ``wanda``: |W| * ||X|| (Sun et al., 2023, "A Simple and Effective Pruning Approach for LLMs"),
   summed over the weights that consume the channel, X being the consumer's input.
 
@@ -39,10 +41,27 @@ def _eval(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
 def _channel_dim(mod: nn.Module, t: torch.Tensor) -> int:
     if isinstance(mod, nn.modules.conv._ConvNd):
         return t.dim() - len(mod.kernel_size) - 1
+    if isinstance(mod, _CHANNEL_FIRST_NORMS):
+        return 1 if t.dim() > 1 else 0
     return t.dim() - 1
+
+
+def norm_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]:
+    """(module name, channel map) for normalisation layers in the group: their output is what the
+    activation function sees."""
+    out = []
+    for slot, owner in zip(group.slots, group.channel_of):
+        if slot.tensor.endswith(".weight") and slot.dim == 0:
+            mod = model.get_submodule(slot.module)
+            if isinstance(mod, (*_CHANNEL_FIRST_NORMS, nn.LayerNorm)):
+                out.append((slot.module, owner))
+    return out
 
 
 def producer_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]:
@@ -122,7 +141,7 @@ class _OutputStat:
         self, model: nn.Module, groups: Sequence[Group], ctx: Context
     ) -> dict[str, torch.Tensor]:
         batches = ctx.batches(self.name)
-        producers = {g.name: producer_slots(model, g) for g in groups}
+        producers = {g.name: norm_slots(model, g) or producer_slots(model, g) for g in groups}
         store: dict[str, list[torch.Tensor]] = {}
         collect = _per_position(self.stat)
         names = {n for ps in producers.values() for n, _ in ps}

@@ -42,27 +42,36 @@ class Masking:
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         self._entries: list[tuple[nn.Module, str]] = []
+        self._order: dict[int, list[str]] = {}
         try:
             for name, m in masks.items():
                 mod_name, _, attr = name.rpartition(".")
                 mod = model.get_submodule(mod_name)
+                self._order.setdefault(id(mod), list(mod._parameters))
                 parametrize.register_parametrization(mod, attr, ChannelMask(m))
                 self._entries.append((mod, attr))
         except Exception:
             self.undo()
             raise
 
-    def undo(self) -> None:
-        """Remove the masks; the original weights come back untouched."""
+    def _finish(self, leave: bool) -> None:
         for mod, attr in reversed(self._entries):
-            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=leave)
+        for mod, _ in self._entries:  # parametrize re-registers at the end: restore the original order
+            order = self._order.get(id(mod), [])
+            params = mod._parameters
+            mod._parameters = {k: params[k] for k in order if k in params} | {
+                k: v for k, v in params.items() if k not in order
+            }
         self._entries.clear()
+
+    def undo(self) -> None:
+        """Remove the masks; the original weights come back untouched (same objects, same order)."""
+        self._finish(leave=False)
 
     def materialize(self) -> None:
         """Write the masked (zeroed) weights into the parameters and remove the masks."""
-        for mod, attr in reversed(self._entries):
-            parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
-        self._entries.clear()
+        self._finish(leave=True)
 
 
 def mask(model: nn.Module, plan: Plan) -> Masking:

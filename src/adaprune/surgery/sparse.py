@@ -63,10 +63,13 @@ class SparseResult:
     sparsity: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
     note: str = CPU_NOTE
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def overall(self) -> float:
-        return sum(self.sparsity.values()) / max(len(self.sparsity), 1)
+        """Fraction of all masked layers' weights that are zero."""
+        total = sum(self.sizes.get(n, 1) for n in self.sparsity)
+        return sum(s * self.sizes.get(n, 1) for n, s in self.sparsity.items()) / max(total, 1)
 
 
 def _targets(model: nn.Module, ignore: set[int]) -> dict[str, nn.Module]:
@@ -172,10 +175,11 @@ def sparsify(
             masks[n] = nm_mask(s, pattern)
     elif scope == "global" and scores:
         flat = torch.cat([s.flatten() for s in scores.values()])
-        k = int(float(sparsity or 0.0) * flat.numel())
-        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+        keep = _lowest_mask(flat, float(sparsity or 0.0))
+        start = 0
         for n, s in scores.items():
-            masks[n] = (s > threshold).float()
+            masks[n] = keep[start : start + s.numel()].view(s.shape)
+            start += s.numel()
     else:
         masks = {n: _lowest_mask(s, float(sparsity or 0.0)) for n, s in scores.items()}
     device_masks = {
@@ -184,7 +188,8 @@ def sparsify(
     }
     handle = Masking(model, device_masks)
     achieved = {n: 1.0 - float(m.mean()) for n, m in masks.items()}
-    return SparseResult(handle, achieved, skipped)
+    sizes = {n: m.numel() for n, m in masks.items()}
+    return SparseResult(handle, achieved, skipped, sizes=sizes)
 
 
 def to_semi_structured(model: nn.Module, result: SparseResult) -> nn.Module:
