@@ -217,7 +217,8 @@ class Controller:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
         torch.manual_seed(self.cfg.seed * 100_003 + state.step)  # every step replays identically on resume
         field, limit = self.binding(state, values)
-        target = max(limit, values[field] * (1.0 - state.step_size))
+        size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
+        target = values[field] * (1.0 - size)
         graph = without(trace(work, self.x, ignore=self.ignore), set(state.protected))
         ctx = Context(self.task.calibration() if hasattr(self.task, "calibration") else None)
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
@@ -242,7 +243,7 @@ class Controller:
         new_values = self.costs(work)
         drop = self.drop(state, metrics)
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
-        record = StepRecord(state.step, state.step_size, cuts, metrics, new_values, False, "")
+        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "")
         if drop <= self.cfg.tolerance + 1e-12:
             record.accepted = True
             record.reason = f"metric drop {drop:.4f} within tolerance {self.cfg.tolerance}"
@@ -261,7 +262,7 @@ class Controller:
         note = ""
         if hurt is not None:
             note = self.protect(state, probes[hurt].groups, hurt)
-        state.step_size *= self.cfg.shrink
+        state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
         record.reason = (
             f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}: rolled back, step halved" + note
         )

@@ -13,16 +13,25 @@ from typing import Any
 from torch import nn
 
 Fixer = Callable[[Any, dict[str, Any]], None]
-_FIXERS: list[tuple[type[nn.Module], Fixer]] = []
+_FIXERS: dict[str, Fixer] = {}
 
 
-def register_fixer(kind: type[nn.Module]) -> Callable[[Fixer], Fixer]:
-    """Register ``fn(module, old_attrs)`` for modules of class ``kind`` (and subclasses)."""
+def _key(kind: type | str) -> str:
+    return kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def register_fixer(kind: type[nn.Module] | str) -> Callable[[Fixer], Fixer]:
+    """Register ``fn(module, old_attrs)`` for modules of class ``kind`` (and subclasses).
+
+    ``kind`` may be the class or its qualified name (``"transformers.pytorch_utils.Conv1D"``), so a
+    fixer for an optional library does not import it.
+    """
 
     def deco(fn: Fixer) -> Fixer:
-        if any(k is kind for k, _ in _FIXERS):
-            raise ValueError(f"a fixer for {kind.__name__} is already registered")
-        _FIXERS.append((kind, fn))
+        key = _key(kind)
+        if key in _FIXERS:
+            raise ValueError(f"a fixer for {key} is already registered")
+        _FIXERS[key] = fn
         return fn
 
     return deco
@@ -31,10 +40,12 @@ def register_fixer(kind: type[nn.Module]) -> Callable[[Fixer], Fixer]:
 def fix_module(module: nn.Module, old: dict[str, Any]) -> bool:
     """Apply the most specific registered fixer; return False when none matches."""
     for kind in type(module).__mro__:
-        for k, fn in _FIXERS:
-            if k is kind:
-                fn(module, old)
-                return True
+        fn = _FIXERS.get(_key(kind))
+        if fn is not None:
+            fn(module, old)
+            return True
+    if type(module).__module__.startswith("transformers."):
+        return _hf_attention(module, old)
     return False
 
 
@@ -119,3 +130,44 @@ def _mha(m: Any, old: dict[str, Any]) -> None:
         m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
     m.num_heads = inner // old["head_dim"]
     m.embed_dim = inner
+
+
+@register_fixer("transformers.pytorch_utils.Conv1D")
+def _hf_conv1d(m: Any, old: dict[str, Any]) -> None:
+    m.nx, m.nf = m.weight.shape
+
+
+@register_fixer("transformers.models.gpt2.modeling_gpt2.GPT2Attention")
+def _gpt2_attention(m: Any, old: dict[str, Any]) -> None:
+    inner = m.q_attn.nf if getattr(m, "is_cross_attention", False) else m.c_attn.nf // 3
+    m.split_size = m.embed_dim = inner
+    m.num_heads = inner // m.head_dim
+
+
+@register_fixer("torchvision.models.vision_transformer.VisionTransformer")
+def _tv_vit(m: Any, old: dict[str, Any]) -> None:
+    m.hidden_dim = m.class_token.shape[-1]
+
+
+_Q = ("q_proj", "query", "q", "q_lin")
+_K = ("k_proj", "key", "k", "k_lin")
+
+
+def _hf_attention(m: Any, old: dict[str, Any]) -> bool:
+    """Keep a transformers attention module's head counts equal to its (pruned) projections."""
+    head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    q = next((getattr(m, n) for n in _Q if isinstance(getattr(m, n, None), nn.Linear)), None)
+    if not isinstance(head_dim, int) or q is None:
+        return False
+    heads = q.out_features // head_dim
+    for name in ("num_heads", "num_attention_heads", "n_heads"):
+        if isinstance(getattr(m, name, None), int):
+            setattr(m, name, heads)
+    if isinstance(getattr(m, "all_head_size", None), int):
+        m.all_head_size = q.out_features
+    if isinstance(getattr(m, "inner_dim", None), int):
+        m.inner_dim = q.out_features
+    k = next((getattr(m, n) for n in _K if isinstance(getattr(m, n, None), nn.Linear)), None)
+    if k is not None and isinstance(getattr(m, "num_key_value_heads", None), int):
+        m.num_key_value_heads = k.out_features // head_dim
+    return True

@@ -70,7 +70,11 @@ def remove(
     for name in plan.removals:
         for mod, _, _ in owners[id(tensors[name])]:
             touched[id(mod)] = mod
-    saved = {k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for k, m in touched.items()}
+    parents = _ancestors(model, touched)
+    saved = {
+        k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
+        for k, m in [*touched.items(), *((id(p), p) for p in parents)]
+    }
     try:
         for name, dims in plan.removals.items():
             old = tensors[name]
@@ -82,6 +86,8 @@ def remove(
                 store[attr] = new
         for k, mod in touched.items():
             fix_module(mod, saved[k][0])
+        for mod in parents:  # containers whose attributes mirror their children's sizes
+            fix_module(mod, saved[id(mod)][0])
         if check is not None:
             with torch.no_grad():
                 got = output_shapes(check())
@@ -91,6 +97,7 @@ def remove(
                 )
     except Exception as exc:
         _restore(touched, saved)
+        _restore({id(p): p for p in parents}, saved)
         if isinstance(exc, SurgeryError):
             raise SurgeryError(f"{exc}; the model was restored unchanged") from exc
         raise SurgeryError(
@@ -101,6 +108,21 @@ def remove(
         ) from exc
     if not commit:
         _restore(touched, saved)
+        _restore({id(p): p for p in parents}, saved)
+
+
+def _ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
+    """Modules containing a touched module (not touched themselves), deepest first."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    found: dict[str, None] = {}
+    for k in touched:
+        parts = names.get(k, "").split(".") if names.get(k) else []
+        for i in range(len(parts) - 1, -1, -1):
+            found[".".join(parts[:i])] = None
+    mods = [(n, model.get_submodule(n)) for n in found]
+    mods = [(n, m) for n, m in mods if id(m) not in touched]
+    mods.sort(key=lambda nm: -nm[0].count(".") - (1 if nm[0] else 0))
+    return [m for _, m in mods]
 
 
 def _restore(touched: dict[int, nn.Module], saved: dict[int, tuple[dict, dict, dict]]) -> None:

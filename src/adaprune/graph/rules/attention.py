@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fields import along, full, read
+from ..fields import along, compact, full, read
 from ..tracer import Call, TraceState, rule
 from ._contract import contract
 from .layers import weight_atoms
@@ -67,8 +67,8 @@ def sdpa(state: TraceState, call: Call) -> None:
     kshape, vshape = tuple(k.shape), tuple(v.shape)
     if call.arg(7, "enable_gqa", False) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
-        kf = [full(f, kshape).repeat_interleave(rep, dim=-3) for f in kf]
-        vf = [full(f, vshape).repeat_interleave(rep, dim=-3) for f in vf]
+        kf = [compact(state.atoms, full(f, kshape).repeat_interleave(rep, dim=-3)) for f in kf]
+        vf = [compact(state.atoms, full(f, vshape).repeat_interleave(rep, dim=-3)) for f in vf]
         kshape = kshape[:-3] + (q.shape[-3],) + kshape[-2:]
         vshape = vshape[:-3] + (q.shape[-3],) + vshape[-2:]
     nb = q.dim() - 2

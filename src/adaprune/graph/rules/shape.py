@@ -231,7 +231,8 @@ def split(state: TraceState, call: Call) -> None:
 
 @rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
 def cat(state: TraceState, call: Call) -> None:
-    tensors = list(call.args[0])
+    tensors = [t for t in call.args[0] if t.numel() > 0 or t.dim() == call.out.dim()]
+    tensors = [t for t in tensors if t.numel() > 0] or tensors  # empty pieces (a fresh KV cache) add nothing
     out = call.out
     if call.name in ("hstack", "vstack"):
         state.unknown(call)
@@ -271,7 +272,14 @@ def cat(state: TraceState, call: Call) -> None:
                 parts.append(full(lab, shape))
             else:
                 parts.append(torch.full(shape, NO_ATOM, dtype=torch.long))
-        fields.append(compact(state.atoms, torch.cat(parts, dim)))
+        if any(items[i][1].shape[dim] > 1 for i in members):
+            fields.append(compact(state.atoms, torch.cat(parts, dim)))
+            continue
+        # concatenated along another axis (tokens): every part carries the same channels, in lockstep
+        heads = [p.narrow(dim, 0, 1) for p in parts]
+        for h in heads[1:]:
+            state.atoms.union_pairs(heads[0], h)
+        fields.append(compact(state.atoms, merge(state.atoms, heads)))
     state.set_fields(out, [f for f in fields if any(s > 1 for s in f.shape)])
 
 
