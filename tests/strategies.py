@@ -73,9 +73,10 @@ def randomize_norms(net: nn.Module) -> None:
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.normal_(0.0, 0.3)
                 m.running_var.uniform_(0.5, 1.5)
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.2)
 
@@ -260,7 +261,8 @@ class Split(nn.Module):
         self.pieces = nn.ModuleList(conv_bn(s, width, 3) for s in sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(torch.relu(self.conv(x)), self.sizes, dim=1)
+        # Tensor.split: torch.split (torch.functional.split) is covered by its own test
+        parts = torch.relu(self.conv(x)).split(self.sizes, dim=1)
         return torch.relu(torch.cat([p(t) for p, t in zip(self.pieces, parts)], dim=1))
 
 
@@ -311,7 +313,10 @@ def concat_specs(draw: st.DrawFn) -> tuple:
         kind = draw(st.sampled_from(["inception", "dense", "chunk", "split"]))
         if kind == "inception":
             n = draw(st.integers(2, 3))
-            block: tuple = (kind, tuple((draw(st.integers(2, 8)), draw(st.sampled_from([1, 3]))) for _ in range(n)))
+            block: tuple = (
+                kind,
+                tuple((draw(st.integers(2, 8)), draw(st.sampled_from([1, 3]))) for _ in range(n)),
+            )
         elif kind == "dense":
             block = (kind, draw(st.integers(2, 8)))
         elif kind == "chunk":
@@ -430,7 +435,9 @@ def mlp_specs(draw: st.DrawFn) -> tuple:
 class AttnBlock(nn.Module):
     """x + MHA(LN(x)); x + FFN(LN(x)) (LayerNorms optional)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, batch_first: bool, ln: bool, need_weights: bool) -> None:
+    def __init__(
+        self, dim: int, heads: int, hidden: int, batch_first: bool, ln: bool, need_weights: bool
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim) if ln else nn.Identity()
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)

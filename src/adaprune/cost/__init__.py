@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import TraceError
@@ -49,14 +50,21 @@ def _unique(tensors: Any) -> list[torch.Tensor]:
 def count(model: nn.Module, example_inputs: Any) -> Cost:
     """Count MACs (one multiply-add = one MAC; flop counter's flops / 2), params and bytes.
 
+    Attention is counted as the matmuls it performs: fused kernels (which the flop counter has no
+    formula for) are switched off while counting.
+
     Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
     """
     from ..graph import call_model
 
     was_training = {m: m.training for m in model.modules()}
     model.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # Fused attention kernels have no flop formula: count the math they replace instead
+        # (scaled dot-product attention's math backend, nn.MultiheadAttention's regular path).
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             call_model(model, example_inputs)
     except Warning:
         raise
@@ -67,6 +75,7 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
             "positional arguments)"
         ) from exc
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, flag in was_training.items():
             m.training = flag
     params = _unique(model.parameters())

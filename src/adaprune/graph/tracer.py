@@ -107,6 +107,7 @@ class TraceState:
     fields: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     slots: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     module_stack: list[str] = field(default_factory=list)
+    module_objects: list[nn.Module] = field(default_factory=list)
     frozen: list[Frozen] = field(default_factory=list)
     strict: bool = False
 
@@ -210,6 +211,7 @@ def _module_hooks(
 
         def pre(m: nn.Module, a: Any, n: str = name) -> None:
             state.module_stack.append(n or "<model>")
+            state.module_objects.append(m)
 
         def post(m: nn.Module, a: Any, out: Any, n: str = name) -> None:
             if id(m) in ignore:
@@ -217,6 +219,7 @@ def _module_hooks(
                     state.freeze(t, "output", f"module {n!r} is in `ignore`")
             if state.module_stack:
                 state.module_stack.pop()
+                state.module_objects.pop()
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))

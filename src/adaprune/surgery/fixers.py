@@ -37,6 +37,11 @@ def register_fixer(kind: type[nn.Module] | str) -> Callable[[Fixer], Fixer]:
     return deco
 
 
+def has_fixer(module: nn.Module) -> bool:
+    """Whether a fixer is registered for the module's class (or a base class)."""
+    return any(_key(kind) in _FIXERS for kind in type(module).__mro__)
+
+
 def fix_module(module: nn.Module, old: dict[str, Any]) -> bool:
     """Apply the most specific registered fixer; return False when none matches."""
     for kind in type(module).__mro__:

@@ -136,3 +136,12 @@ def sort(state: TraceState, call: Call) -> None:
         return
     for out in _outputs(call.out):
         state.set_fields(out, list(state.fields_of(x)))
+
+
+@rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "arange", "zeros", "ones", "full", "empty",
+      "tensor", "as_tensor", "randn", "rand", "randint", "eye", "linspace", "logspace")
+def creation(state: TraceState, call: Call) -> None:
+    """A new tensor of sizes given by the code: it carries no channels (its sizes are checked where
+    it meets a channel axis)."""
+    for out in _outputs(call.out):
+        state.set_fields(out, [])

@@ -178,9 +178,13 @@ def getitem(state: TraceState, call: Call) -> None:
         return
     ints, fixed = hit
     results = []
+    lookup = id(x) in state.tensor_names  # a table indexed by position (e.g. relative position bias)
     for f in state.fields_of(x):
         if any(f.shape[d] > 1 for d in fixed):
-            state.pin_op(f, call.name, "sliced by a fixed index along a channel dim")
+            if lookup:
+                state.atoms.pin(f, f"rows of a lookup table indexed in {state.module}")
+            else:
+                state.pin_op(f, call.name, "sliced by a fixed index along a channel dim")
         f = collapse(state.atoms, f, ints)
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
@@ -217,6 +221,9 @@ def split(state: TraceState, call: Call) -> None:
         if f.shape[dim] > 1:
             if call.name == "unbind":
                 f = collapse(state.atoms, f, [dim])
+            elif call.name in ("split", "split_with_sizes", "hsplit", "vsplit") and not _sizes_follow(state):
+                state.pin_op(f, call.name, "split into pieces whose sizes the code fixes (register a fixer "
+                             "for the module that updates them to prune these channels)")
             elif size % pieces == 0 and all(o.shape[dim] == size // pieces for o in call.out):
                 lab = full(f, x.shape)
                 parts = lab.chunk(pieces, dim)
@@ -227,6 +234,14 @@ def split(state: TraceState, call: Call) -> None:
                 state.pin_op(f, call.name, "split into unequal pieces along a channel dim")
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
+
+
+def _sizes_follow(state: TraceState) -> bool:
+    """Whether the module running the op has a registered fixer (which keeps its size attributes,
+    such as GPT-2's ``split_size``, equal to its pruned tensors)."""
+    from ...surgery.fixers import has_fixer
+
+    return bool(state.module_objects) and has_fixer(state.module_objects[-1])
 
 
 @rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
