@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         args = ()
     flags = {m: m.training for m in model.modules()}
     model.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        with torch.no_grad():
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants
             torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=False, opset_version=opset)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, f in flags.items():
             m.training = f
     return Path(path)

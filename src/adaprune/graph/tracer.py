@@ -117,7 +117,7 @@ class TraceState:
         return self.module_stack[-1] if self.module_stack else "<model>"
 
     def is_tracked(self, t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and (t in self.fields or id(t) in self.tensor_names)
+        return isinstance(t, torch.Tensor) and (bool(self.fields.get(t)) or id(t) in self.tensor_names)
 
     def slot(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """The atoms of dim ``dim`` of a parameter or buffer (created on first use)."""
@@ -137,7 +137,11 @@ class TraceState:
 
     def set_fields(self, t: Any, fields: list[Field]) -> None:
         if isinstance(t, torch.Tensor) and id(t) not in self.tensor_names:
-            self.fields[t] = [f for f in fields if f.numel() > 0]
+            kept = [f for f in fields if f.numel() > 0]
+            if kept:
+                self.fields[t] = kept
+            elif t in self.fields:
+                del self.fields[t]
 
     # -- freezing ------------------------------------------------------------------------------
     def freeze(self, t: Any, op: str, reason: str) -> None:
