@@ -78,13 +78,16 @@ def choose(
     return plan_from_choice(graph, get_allocator(allocation)(graph.groups, scores, limits, ratio=ratio))
 
 
-def find_broken(model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any) -> list[Frozen]:
+def find_broken(
+    model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any, commit: bool = False
+) -> list[Frozen]:
     """Groups whose cut in ``plan`` breaks the model when applied (dry runs; the model is unchanged).
 
     Some sizes live in the code rather than in the tensors (``x.split(self.n_embd)``,
     ``view(B, 512, -1)``): tracing cannot see them, a forward pass after surgery can. The whole plan
     is tried first; if it fails, each group with a cut is tried alone, and the ones that break the
-    model are returned so the caller keeps them whole.
+    model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
+    whole stays applied.
     """
     expected = output_shapes(eval_call(model, example_inputs))
 
@@ -92,7 +95,7 @@ def find_broken(model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any)
         return eval_call(model, example_inputs)
 
     try:
-        remove(model, plan, check=run, expected_shapes=expected, commit=False)
+        remove(model, plan, check=run, expected_shapes=expected, commit=commit)
         return []
     except SurgeryError as first:
         cut = [g for g in plan.groups if g.removed]
@@ -220,9 +223,11 @@ def prune(
     graph = trace(model, example_inputs, ignore=ignore)
     scores = criterion(model, graph.groups, ctx)
     if budget is None:
-        broken = find_broken(model, choose(graph, scores, allocation, limits, ratio), graph, example_inputs)
-        usable = without(graph, {f.module for f in broken})
-        plan = choose(usable, scores, allocation, limits, ratio)
+        plan = choose(graph, scores, allocation, limits, ratio)
+        broken = find_broken(model, plan, graph, example_inputs, commit=True)  # applied when it passes
+        if broken:
+            plan = choose(without(graph, {f.module for f in broken}), scores, allocation, limits, ratio)
+            apply_plan(model, plan, example_inputs)
     else:
         hi = choose(graph, scores, allocation, limits, 1.0 - 1e-9)
         broken = find_broken(model, hi, graph, example_inputs)
@@ -231,7 +236,7 @@ def prune(
         ratio, plan = search_budget(
             lambda r: choose(usable, scores, allocation, limits, r), predictor, budget, before
         )
-    apply_plan(model, plan, example_inputs)
+        apply_plan(model, plan, example_inputs)
     after = count(model, example_inputs)
     return PruneResult(model, plan, before, after, graph, list(graph.frozen) + broken, ratio)
 
