@@ -98,6 +98,7 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     for r, where in members.items():
         by_signature.setdefault(tuple(sorted(where)), []).append(r)
     groups: list[Group] = []
+    first: list[int] = []
     used: set[str] = set()
     for sig, roots in by_signature.items():
         roots.sort(key=lambda r: min(members[r][sig[0]]))
@@ -114,7 +115,8 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
         name = _group_name(slots, used)
         exact = not any(atoms.spanned(r) for r in roots)
         groups.append(Group(name, slots, tuple(channel_of), len(roots), exact))
-    groups.sort(key=lambda g: min(slot_list.index(s) for s in g.slots))
+        first.append(min(sig))
+    groups = [g for _, g in sorted(zip(first, groups), key=lambda t: t[0])]
     return Graph(groups, list(state.frozen), frozen_slots)
 
 

@@ -64,17 +64,21 @@ class Importance(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
+Params = dict[str, nn.Parameter]
+
+
 class PerGroup(ABC):
     """Base for criteria that score each group on its own from the weights."""
 
     @abstractmethod
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
-        """One score per channel of ``group``."""
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        """One score per channel of ``group`` (``params``: the model's named parameters, if at hand)."""
 
     def __call__(
         self, model: nn.Module, groups: Sequence[Group], ctx: Context
     ) -> dict[str, torch.Tensor]:
-        return {g.name: self.score(model, g) for g in groups}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return {g.name: self.score(model, g, params) for g in groups}
 
 
 IMPORTANCE: Registry[type] = Registry("importance criterion")

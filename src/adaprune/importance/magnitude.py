@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from ..graph import Group
-from . import IMPORTANCE, PerGroup
+from . import IMPORTANCE, Params, PerGroup
 
 
-def slot_rows(model: nn.Module, group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def slot_rows(
+    model: nn.Module, group: Group, params: Params | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each parameter slot: (weights with the slot dim first and the rest flattened, channel map)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = params if params is not None else dict(model.named_parameters(remove_duplicate=False))
     out = []
     for slot, owner in zip(group.slots, group.channel_of):
         if not slot.is_param or slot.tensor not in params:
@@ -45,25 +47,26 @@ def per_channel(group: Group, values: list[tuple[torch.Tensor, torch.Tensor]]) -
     return total[:-1]
 
 
-def group_sums(model: nn.Module, group: Group, power: float) -> torch.Tensor:
+def group_sums(model: nn.Module, group: Group, power: float, params: Params | None = None) -> torch.Tensor:
     """Per channel: the sum of |w|^power over the group's parameter slices."""
-    return per_channel(group, [(w.abs().pow(power).sum(1), o) for w, o in slot_rows(model, group)])
+    rows = slot_rows(model, group, params)
+    return per_channel(group, [(w.abs().pow(power).sum(1), o) for w, o in rows])
 
 
 @IMPORTANCE.register("l1")
 class L1(PerGroup):
     """Sum of absolute weights of each channel over its group."""
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
-        return group_sums(model, group, 1.0)
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        return group_sums(model, group, 1.0, params)
 
 
 @IMPORTANCE.register("l2")
 class L2(PerGroup):
     """Euclidean norm of each channel's weights over its group."""
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
-        return group_sums(model, group, 2.0).sqrt()
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        return group_sums(model, group, 2.0, params).sqrt()
 
 
 def lamp_normalize(squared: torch.Tensor) -> torch.Tensor:
@@ -80,17 +83,17 @@ def lamp_normalize(squared: torch.Tensor) -> torch.Tensor:
 class Lamp(PerGroup):
     """LAMP-normalised squared group norms."""
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
-        return lamp_normalize(group_sums(model, group, 2.0))
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        return lamp_normalize(group_sums(model, group, 2.0, params))
 
 
 @IMPORTANCE.register("fpgm")
 class FPGM(PerGroup):
     """Distance to the other channels (geometric-median redundancy), scaled by the channel's norm."""
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
         feats = []
-        for w, owner in slot_rows(model, group):
+        for w, owner in slot_rows(model, group, params):
             mat = torch.zeros(group.size, w.shape[1], dtype=torch.float64)
             keep = owner >= 0
             mat.index_add_(0, owner[keep], w[keep])
@@ -109,8 +112,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 class BNScale(PerGroup):
     """|gamma| of the group's normalisation layers (network slimming); ``l1`` where there is none."""
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
-        params = dict(model.named_parameters(remove_duplicate=False))
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        params = params if params is not None else dict(model.named_parameters(remove_duplicate=False))
         values = []
         for slot, owner in zip(group.slots, group.channel_of):
             if not slot.tensor.endswith(".weight") or slot.tensor not in params:
@@ -122,7 +125,7 @@ class BNScale(PerGroup):
             if isinstance(mod, _NORMS):
                 values.append((params[slot.tensor].detach().abs().double().cpu(), owner))
         if not values:
-            return group_sums(model, group, 1.0)
+            return group_sums(model, group, 1.0, params)
         return per_channel(group, values)
 
 
@@ -133,6 +136,6 @@ class Random(PerGroup):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + sum(map(ord, group.name)))
         return torch.rand(group.size, generator=gen, dtype=torch.float64)
