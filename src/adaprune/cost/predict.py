@@ -32,7 +32,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _to_meta(x: Any) -> Any:
+def to_meta(x: Any) -> Any:
+    """``x`` with every tensor moved to the meta device."""
     return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
 
 
@@ -66,7 +67,7 @@ class CostPredictor:
             clone = meta_copy(self.model)
             remove(clone, plan)
             _strip_norms(clone)
-            return count(clone, _to_meta(self.example_inputs)).macs
+            return count(clone, to_meta(self.example_inputs)).macs
         clone = copy.deepcopy(self.model)
         remove(clone, plan)
         return count(clone, self.example_inputs).macs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,18 +56,29 @@ def trace(
     model: nn.Module,
     example_inputs: Any,
     ignore: Iterable[nn.Module | str] | None = None,
+    *,
+    on_meta: bool = True,
 ) -> Graph:
     """Run ``model`` once on ``example_inputs`` (in eval mode, without gradients) and group its channels.
+
+    The run happens on a weightless copy on the meta device when the model allows it (no compute,
+    no memory for activations); models whose forward needs real values (data-dependent control
+    flow, tensors kept outside parameters and buffers) are traced for real.
 
     Args:
         model: any ``nn.Module`` that runs eagerly; Python control flow is fine.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         ignore: modules (or names) whose outputs must keep their width, e.g. the classifier.
+        on_meta: try the meta-device run first (set False to always run the real model).
 
     Returns:
         The :class:`Graph`: prunable groups, plus what was frozen and why.
     """
     ignored = resolve_ignore(model, ignore)
+    state = _trace_on_meta(model, example_inputs, ignored) if on_meta else None
+    if state is not None:
+        param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        return build_groups(state, param_names)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -85,3 +97,22 @@ def trace(
             m.training = flag
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return build_groups(state, param_names)
+
+
+def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int]) -> Any:
+    """The trace state from a meta-device copy, or None when the model cannot run on meta tensors."""
+    from ..cost.predict import meta_copy, to_meta
+
+    try:
+        clone = meta_copy(model).eval()
+        names = {n for n, m in model.named_modules() if id(m) in ignored}
+        ids = {id(m) for n, m in clone.named_modules() if n in names}
+        inputs = to_meta(example_inputs)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            state, _ = run_traced(clone, lambda: call_model(clone, inputs), ids)
+    except Exception:  # noqa: BLE001  (anything a meta run cannot do: the real run will tell)
+        return None
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=3)
+    return state

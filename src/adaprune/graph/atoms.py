@@ -65,11 +65,13 @@ class Atoms:
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ``a[i]`` with ``b[i]`` for every element of the (broadcast) label tensors."""
         a, b = torch.broadcast_tensors(a, b)
-        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-        if pairs.numel() == 0:
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = a != b
+        if not bool(keep.any()):
             return
-        for x, y in torch.unique(pairs, dim=0).tolist():
+        n = len(self._parent) + 2  # encode each pair as one integer (ids are >= -1)
+        keys = torch.unique((a[keep] + 1) * n + (b[keep] + 1))
+        for x, y in zip(((keys // n) - 1).tolist(), ((keys % n) - 1).tolist()):
             self.union(x, y)
 
     def union_all(self, labels: torch.Tensor) -> None:

@@ -78,22 +78,25 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     atoms = state.atoms
     slot_list: list[Slot] = []
     slot_roots: list[torch.Tensor] = []
-    members: dict[int, dict[int, list[int]]] = {}
+    members: dict[int, dict[int, int]] = {}  # root -> slot index -> first position
     frozen_slots: dict[str, list[str]] = {}
+    pinned: dict[int, list[str]] = {}
     for (name, dim), ids in state.slots.items():
         slot_root = atoms.roots(ids)
-        slot = Slot(name, dim, ids.numel(), name in param_names)
         idx = len(slot_list)
-        slot_list.append(slot)
+        slot_list.append(Slot(name, dim, ids.numel(), name in param_names))
         slot_roots.append(slot_root)
-        for p, r in enumerate(slot_root.tolist()):
-            reasons = atoms.pinned(r)
-            if reasons:
-                key = f"{name}:{dim}"
-                if key not in frozen_slots:
-                    frozen_slots[key] = sorted(set(reasons))[:3]
+        order = torch.argsort(slot_root, stable=True)
+        uniq, counts = torch.unique_consecutive(slot_root[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        first_pos = order[starts].tolist()
+        for r, start in zip(uniq.tolist(), first_pos):
+            if r not in pinned:
+                pinned[r] = atoms.pinned(r)
+            if pinned[r]:
+                frozen_slots.setdefault(f"{name}:{dim}", sorted(set(pinned[r]))[:3])
                 continue
-            members.setdefault(r, {}).setdefault(idx, []).append(p)
+            members.setdefault(r, {})[idx] = start
     by_signature: dict[tuple[int, ...], list[int]] = {}
     for r, where in members.items():
         by_signature.setdefault(tuple(sorted(where)), []).append(r)
@@ -101,16 +104,15 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     first: list[int] = []
     used: set[str] = set()
     for sig, roots in by_signature.items():
-        roots.sort(key=lambda r: min(members[r][sig[0]]))
-        index = {r: c for c, r in enumerate(roots)}
+        roots.sort(key=lambda r: members[r][sig[0]])
+        keys = torch.tensor(sorted(roots), dtype=torch.long)
+        rank = {r: c for c, r in enumerate(roots)}
+        values = torch.tensor([rank[int(k)] for k in keys], dtype=torch.long)
         channel_of = []
         for i in sig:
-            owner = torch.full((slot_list[i].size,), -1, dtype=torch.long)
             rr = slot_roots[i]
-            for p, r in enumerate(rr.tolist()):
-                if r in index:
-                    owner[p] = index[r]
-            channel_of.append(owner)
+            pos = torch.searchsorted(keys, rr).clamp(max=keys.numel() - 1)
+            channel_of.append(torch.where(keys[pos] == rr, values[pos], torch.full_like(rr, -1)))
         slots = tuple(slot_list[i] for i in sig)
         name = _group_name(slots, used)
         exact = not any(atoms.spanned(r) for r in roots)
