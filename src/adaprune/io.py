@@ -49,11 +49,13 @@ def _versions() -> dict[str, str]:
     from . import __version__
 
     out = {"adaprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for name in ("torchvision", "transformers"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("torchvision", "transformers", "safetensors"):
         try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
     return out
 
 
