@@ -184,6 +184,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants
+            # the TorchScript exporter is deprecated upstream but needs no extra dependency (the
+            # torch.export-based one needs onnxscript); it exports every model the tests cover
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=False, opset_version=opset)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
