@@ -10,6 +10,7 @@ measured CPU latency (torch eager, 1 thread, batch 32, median of repeats).
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -34,8 +35,17 @@ def _row(name: str, model: nn.Module, data: DigitsData, x: torch.Tensor, seconds
             f"{lat.median_ms:.3f}", f"{seconds:.1f}"]
 
 
-def run(seed: int = 0, budget: float = 0.5, tolerance: float = 0.01) -> tuple[list[list[str]], AdaptResult]:
-    """Train, prune both ways, and return the table rows (used by the demo and the README)."""
+COLUMNS = ("model", "test accuracy", "MACs (M)", "params (k)", "latency ms (CPU, 1 thread, bs 32)", "time s")
+TITLE = "digits CNN, budget 50% MACs, tolerance 1 point (same fine-tuning steps for both)"
+
+
+def run(
+    seed: int = 0, budget: float = 0.5, tolerance: float = 0.01, run_dir: str | os.PathLike[str] | None = None
+) -> tuple[list[list[str]], AdaptResult]:
+    """Train, prune both ways, and return the table rows (used by the demo and the README).
+
+    With ``run_dir``, the adapt run's report (``report.html``, ``.md``, ``.json``) is written there.
+    """
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     data = load_digits_data(seed)
@@ -58,18 +68,29 @@ def run(seed: int = 0, budget: float = 0.5, tolerance: float = 0.01) -> tuple[li
     task.finetune(static, steps)
     recalibrate_bn(static, task.calibration())
     rows.append(_row("static prune (uniform)", static, data, x, time.perf_counter() - t0))
+    if run_dir is not None:
+        from . import report, sensitivity
+
+        sens = sensitivity(base, x, lambda m: task.evaluate(m)["accuracy"], ignore=[base.fc])
+        data_ = report.collect(res, base, x, latency_inputs=data.x_test[:32],
+                               onnx_path=os.path.join(run_dir, "model.onnx"), metric=task.metric,
+                               tolerance=tolerance, budget=Budget(macs=budget), sensitivity=sens,
+                               title="adaprune demo: digits CNN, 50% of MACs",
+                               model_name="adaprune.examples.digits:DigitsCNN",
+                               comparison={"title": TITLE, "columns": list(COLUMNS), "rows": rows})
+        report.write(data_, run_dir)
     return rows, res
 
 
-def main() -> None:
+def main(run_dir: str | os.PathLike[str] = "runs/demo") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     console.print("Training a small CNN on sklearn digits, then pruning it to 50% of its MACs ...")
-    rows, res = run()
-    table = Table(title="digits CNN, budget 50% MACs, tolerance 1 point (same fine-tuning steps for both)")
-    for col in ("model", "test accuracy", "MACs (M)", "params (k)", "latency ms (CPU, 1 thread, bs 32)", "time s"):
+    rows, res = run(run_dir=run_dir)
+    table = Table(title=TITLE)
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(*r)
@@ -77,6 +98,7 @@ def main() -> None:
     console.print(res.message)
     console.print(f"adapt: {len(res.history)} steps, {sum(h.accepted for h in res.history)} accepted; "
                   f"validation accuracy {res.before['accuracy']:.2%} -> {res.after['accuracy']:.2%}")
+    console.print(f"report: {os.path.join(run_dir, 'report.html')} (also report.md, report.json)")
 
 
 if __name__ == "__main__":

@@ -144,8 +144,15 @@ class Controller:
         return name, limits[name]
 
     # -- one step ----------------------------------------------------------------------------
+    def harm(self, now: dict[str, float], masked: dict[str, float]) -> float:
+        """How much masking hurt: the rise of the task's ``loss`` when it reports one (smooth, so small
+        differences between clusters are seen), else the drop of its metric."""
+        if "loss" in now and "loss" in masked:
+            return max(masked["loss"] - now["loss"], 0.0)
+        return max(self.sign * (now[self.task.metric] - masked[self.task.metric]), 0.0)
+
     def probes(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor],
-               predictor: CostPredictor, metric_now: float) -> dict[str, _Probe]:
+               predictor: CostPredictor, metrics_now: dict[str, float]) -> dict[str, _Probe]:
         limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
         now = static_values(predictor(Plan()))
         out = {}
@@ -158,12 +165,11 @@ class Controller:
             handle = mask(work, plan)
             try:
                 with torch.no_grad():
-                    m = self.metrics(work)[self.task.metric]
+                    masked = self.metrics(work)
             finally:
                 handle.undo()
             after = static_values(predictor(plan))
-            out[name] = _Probe(members, max(self.sign * (metric_now - m), 0.0),
-                               {k: now[k] - after[k] for k in now})
+            out[name] = _Probe(members, self.harm(metrics_now, masked), {k: now[k] - after[k] for k in now})
         return out
 
     def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, _Probe],
@@ -171,9 +177,16 @@ class Controller:
                  table: LatencyTable, caps: dict[str, float]) -> tuple[Plan, dict[str, float]]:
         """Per-cluster ratios ∝ cost saved per metric lost, scaled (bisection) to reach ``target``."""
         key = field if field != "latency" else "macs"
-        # cost saved per metric lost, softened (square root) so one cheap cluster does not take it all
-        eff = {c: (max(p.saved[key], 0.0) / (p.drop + 1e-3)) ** 0.5 for c, p in probes.items()}
-        top = max(eff.values(), default=0.0)
+        # Cost saved per metric lost, relative to the clusters' geometric mean and softened (square
+        # root): clusters that are cheap to cut lose more, but no cluster takes the whole step, which
+        # would leave it too thin for later steps to recover.
+        drops = sorted(p.drop for p in probes.values())
+        floor = 0.05 * drops[len(drops) // 2] + 1e-6 if drops else 1e-6  # measurement noise
+        raw = {c: max(p.saved[key], 0.0) / (p.drop + floor) for c, p in probes.items()}
+        positive = [v for v in raw.values() if v > 0]
+        mean = torch.tensor(positive, dtype=torch.float64).log().mean().exp().item() if positive else 0.0
+        eff = {c: (v / mean) ** 0.5 if mean > 0 else 0.0 for c, v in raw.items()}
+        top = 1.0 if positive else 0.0
         limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
         default_rate = values.get("latency", 0.0) / max(values["macs"], 1.0)
 
@@ -223,8 +236,7 @@ class Controller:
         ctx = Context(self.task.calibration() if hasattr(self.task, "calibration") else None)
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
-        metric_now = self.metrics(work)[self.task.metric]
-        probes = self.probes(work, graph, scores, predictor, metric_now)
+        probes = self.probes(work, graph, scores, predictor, self.metrics(work))
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if plan.is_empty:
@@ -320,5 +332,7 @@ class Controller:
                 values = dict(state.history[-1].costs)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
+        if self.run_dir is not None:
+            self.run_dir.save(state, work)  # the final state says done, with the message
         eval_call(work, self.x)
         return work, state

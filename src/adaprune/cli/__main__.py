@@ -1,0 +1,5 @@
+"""``python -m adaprune.cli``."""
+
+from .app import app
+
+app(prog_name="adaprune")

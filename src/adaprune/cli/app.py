@@ -1,0 +1,280 @@
+"""The ``adaprune`` command line (Typer + Rich). Thin: every command calls the public API.
+
+Exit status: 0 done, 1 a failure inside the run, 2 a usage or configuration error (one line, no
+traceback), 130 interrupted (Ctrl-C; an adapt run directory stays resumable with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import CliError
+
+app = typer.Typer(
+    name="adaprune",
+    help="Adaptive structured pruning for PyTorch: prune toward a budget while the task's metric holds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="a YAML run configuration")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="override the config's run_dir")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print a machine-readable result on stdout")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors(source: Path | None = None) -> Iterator[None]:
+    """User-fixable errors become one line on stderr and exit status 2 (1 for failures during a run).
+
+    Messages about a config file start with its name (``source``).
+    """
+    from ..errors import AdapruneError, ConfigError
+
+    def named(message: str) -> str:
+        return message if source is None or message.startswith(str(source)) else f"{source}: {message}"
+
+    try:
+        yield
+    except CliError as exc:
+        raise _fail(named(str(exc)), exc.code) from None
+    except ConfigError as exc:
+        raise _fail(named(str(exc)), 2) from None
+    except AdapruneError as exc:
+        raise _fail(f"{type(exc).__name__}: {exc}", 1) from None
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt even where the process was started with it ignored (a background
+    job of a non-interactive shell), so ``kill -INT`` stops a run as cleanly as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _err_console() -> Console:
+    return Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"adaprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Adaptive structured pruning for PyTorch."""
+
+
+def _print_summary(data: dict[str, Any], run_dir: Path) -> None:
+    from ..report.render import summary_table
+
+    console = Console()
+    head, rows = summary_table(data)
+    table = Table(title=data["title"])
+    for col in head:
+        table.add_column(col, justify="left" if col == head[0] else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(data["message"])
+    steps = data["history"]
+    console.print(f"{len(steps)} steps, {sum(1 for h in steps if h['accepted'])} accepted")
+    console.print(f"report: {run_dir / 'report.html'} (also report.md, report.json)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="the run directory for the reports")] = Path("runs/demo"),
+) -> None:
+    """Run the built-in job: a digits CNN pruned to half its MACs, adapt against the static baseline."""
+    from ..demo import main as demo_main
+
+    with _errors():
+        demo_main(out)
+
+
+@app.command()
+def adapt(
+    config: ConfigArg,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in run_dir")] = False,
+    force: Annotated[bool, typer.Option("--force", help="start over even if run_dir holds a run")] = False,
+    run_dir: RunDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune the configured model in measured steps until the budget is met or the tolerance binds.
+
+    CONFIG sections: model, data, budget, tolerance, ignore, run_dir, options, task, sensitivity, report.
+
+    model.factory: 'pkg.module:fn', 'file.py:fn', 'torchvision:resnet18' or an HF config class.
+
+    data.kind: digits | npz | imagefolder | callable.  budget: macs, params, bytes, energy, latency.
+
+    The run directory is saved after every step: after Ctrl-C, --resume continues the run.
+    """
+    from .jobs import prepare, run_adapt, summary
+
+    with _errors(config):
+        cfg = prepare(config, run_dir)
+        try:
+            with _interruptible():
+                data = run_adapt(cfg, resume=resume, force=force, console=_err_console())
+        except KeyboardInterrupt:
+            if (Path(str(cfg.run_dir)) / "state.json").is_file():
+                note = (
+                    f"interrupted: {cfg.run_dir} keeps the state after the last finished step; continue "
+                    f"with: adaprune adapt {config} --resume"
+                )
+            else:
+                note = "interrupted before the first step was saved; nothing to resume"
+            typer.echo(note, err=True)
+            raise typer.Exit(130) from None
+    out = Path(str(cfg.run_dir))
+    if as_json:
+        typer.echo(json.dumps(summary(data, out), indent=1))
+    else:
+        _print_summary(data, out)
+
+
+@app.command()
+def sensitivity(config: ConfigArg, run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Measure the metric with each group (cluster) alone pruned at each ratio; writes a table and a plot."""
+    from .jobs import prepare, run_sensitivity, sensitivity_job
+
+    with _errors(config):
+        cfg = prepare(config, run_dir)
+        console = _err_console()
+        with console.status("building the model, the data and the task"):
+            job = sensitivity_job(cfg)
+        data, paths = run_sensitivity(job, console)
+    if as_json:
+        typer.echo(json.dumps({**data, "files": {k: str(v) for k, v in paths.items()}}, indent=1))
+        return
+    curves: dict[str, dict[float, float]] = {}
+    for r in data["rows"]:
+        curves.setdefault(r["cluster"], {})[r["ratio"]] = r["metric"]
+    ratios = sorted({r["ratio"] for r in data["rows"]})
+    table = Table(title=f"{data['metric']} with one cluster masked (unpruned {data['baseline']:.4f})")
+    table.add_column("cluster")
+    for x in ratios:
+        table.add_column(f"{x:.0%}", justify="right")
+    for name, c in curves.items():
+        table.add_row(name, *(f"{c[x]:.4f}" if x in c else "" for x in ratios))
+    Console().print(table)
+    Console().print(f"wrote {paths['md']}, {paths['png']}, {paths['json']}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory of an adapt run")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-render report.html and report.md from the run directory's report.json (or state.json)."""
+    from .jobs import rerender, summary
+
+    with _errors():
+        if not run_dir.is_dir():
+            raise CliError(f"{run_dir}: no such directory; pass the run_dir of an adapt run")
+        data, paths = rerender(run_dir)
+    if as_json:
+        typer.echo(json.dumps(summary(data, run_dir), indent=1))
+    else:
+        typer.echo(f"wrote {paths['html']} and {paths['md']}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory of a finished adapt run")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="export to ONNX (run_dir/model.onnx)")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="threads for the latency measurements")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="timed repeats per measurement")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the pruned model of a run and compare ONNX Runtime and PyTorch latency."""
+    from .jobs import run_export
+
+    with _errors():
+        if not onnx:
+            raise CliError("choose a format: pass --onnx (the only export format so far)")
+        if not run_dir.is_dir():
+            raise CliError(f"{run_dir}: no such directory; pass the run_dir of an adapt run")
+        result = run_export(run_dir, threads, repeats, _err_console())
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    table = Table(title=f"{result['onnx']} ({result['bytes'] / 1e6:.2f} MB)")
+    for col in ("backend", "threads", "batch", "median ms", "p90 ms"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in result["latency"]:
+        if "error" in r:
+            table.add_row(r["backend"], str(r["threads"]), "", "not measured", r["error"][:60])
+        else:
+            table.add_row(
+                r["backend"],
+                str(r["threads"]),
+                str(r["batch_size"]),
+                f"{r['median_ms']:.3f}",
+                f"{r['p90_ms']:.3f}",
+            )
+    Console().print(table)
+
+
+def _zoo_script() -> Path | None:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        script = root / "benchmarks" / "zoo.py"
+        if script.is_file():
+            return script
+    return None
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
+def zoo(ctx: typer.Context) -> None:
+    """Run the model-zoo sweep (benchmarks/zoo.py of a source checkout); arguments pass through."""
+    script = _zoo_script()
+    if script is None:
+        raise _fail(
+            "benchmarks/zoo.py is not here: the zoo sweep ships with the source checkout, not the "
+            "package; run this command from a clone of the adaprune repository",
+            2,
+        )
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    try:
+        code = subprocess.call([sys.executable, str(script), *ctx.args], env=env)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)

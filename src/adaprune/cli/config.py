@@ -1,0 +1,349 @@
+"""The run configuration (YAML), validated up front with strict pydantic models.
+
+Every section forbids unknown keys. A bad file raises :class:`CliError` whose one-line message names
+the field (``budget.macs``), what is wrong with its value and what is allowed; the command line prints
+it and exits with status 2. Paths in the file are relative to the file's directory.
+
+A complete example::
+
+    model:
+      factory: adaprune.examples.digits:DigitsCNN    # or torchvision:resnet18, transformers:BertConfig
+      kwargs: {width: 16}
+      weights: base.safetensors                      # optional state dict (safetensors)
+    data: {kind: digits, batch_size: 64}             # or npz / imagefolder / callable
+    budget: {macs: 0.5, backend: torch, threads: 1}
+    tolerance: 0.01
+    ignore: [fc]
+    run_dir: runs/digits
+    options: {finetune_steps: 20, importance: l2}
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from ..adapt import AdaptConfig
+
+__all__ = ["CliError", "RunConfig", "load_config", "parse_config"]
+
+
+class CliError(Exception):
+    """A problem the user can fix (config, paths, names); printed as one line, exit status 2."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Bound = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+BOUND_HELP = "a fraction in (0, 1] of the original model's cost, or an absolute amount above 1"
+IMPORT_HELP = "an import path 'package.module:name' or 'path/to/file.py:name'"
+
+
+class ModelSpec(_Strict):
+    factory: str = Field(
+        description="where the model comes from: 'package.module:factory', 'file.py:factory', "
+        "'torchvision:resnet18', or an HF config class such as 'transformers:BertConfig'",
+        pattern=r"^[^:\s]+:[A-Za-z_][\w.]*$",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the factory (of the config class, for an HF config)",
+    )
+    weights: str | None = Field(None, description="a .safetensors file holding the model's state dict")
+    hf_auto: str = Field(
+        "AutoModelForSequenceClassification",
+        description="the transformers Auto class that builds a model from an HF config",
+    )
+
+
+class DigitsData(_Strict):
+    kind: Literal["digits"] = Field(description="sklearn's 8x8 handwritten digits (no download)")
+    seed: int = Field(0, description="seed of the fixed 60/20/20 split")
+    batch_size: int = Field(64, gt=0, description="batch size of the loaders")
+
+
+class NpzData(_Strict):
+    kind: Literal["npz"] = Field(description="numpy arrays x_train, y_train, x_val, y_val in one .npz file")
+    path: str = Field(description="the .npz file")
+    batch_size: int = Field(64, gt=0, description="batch size of the loaders")
+
+
+class ImageFolderData(_Strict):
+    kind: Literal["imagefolder"] = Field(description="torchvision ImageFolder: one folder per class")
+    path: str = Field(description="a folder holding the train and val folders")
+    train: str = Field("train", description="the training folder, inside path")
+    val: str = Field("val", description="the validation folder, inside path")
+    image_size: int = Field(224, gt=0, description="images are resized and center-cropped to this size")
+    batch_size: int = Field(32, gt=0, description="batch size of the loaders")
+
+
+class CallableData(_Strict):
+    kind: Literal["callable"] = Field(description="a function returning (train_loader, val_loader)")
+    factory: str = Field(description=f"the function, {IMPORT_HELP}", pattern=r"^[^:\s]+:[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
+
+
+DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | CallableData, Field(discriminator="kind")]
+DATA_KINDS: dict[str, type[BaseModel]] = {
+    "digits": DigitsData,
+    "npz": NpzData,
+    "imagefolder": ImageFolderData,
+    "callable": CallableData,
+}
+
+
+class TaskSpec(_Strict):
+    factory: str | None = Field(
+        None,
+        description=f"a task factory(train_loader, val_loader, **kwargs), "
+        f"{IMPORT_HELP}; default: adaprune.ClassificationTask",
+        pattern=r"^[^:\s]+:[A-Za-z_][\w.]*$",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task factory")
+    lr: float = Field(3e-4, gt=0, description="fine-tune learning rate (ClassificationTask)")
+    distill: bool = Field(False, description="distil from the unpruned model while fine-tuning")
+    temperature: float = Field(4.0, gt=0, description="distillation temperature")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss, in [0, 1]")
+
+
+class BudgetSpec(_Strict):
+    macs: Bound | None = Field(None, description=f"MACs bound: {BOUND_HELP}")
+    params: Bound | None = Field(None, description=f"parameter bound: {BOUND_HELP}")
+    bytes: Bound | None = Field(None, description=f"weight-bytes bound: {BOUND_HELP}")
+    energy: Bound | None = Field(None, description=f"estimated-energy bound: {BOUND_HELP}")
+    latency: Bound | None = Field(None, description=f"latency bound: {BOUND_HELP}")
+    latency_ms: Bound | None = Field(None, description="an absolute latency bound in milliseconds")
+    backend: Literal["torch", "onnxruntime", "cuda"] = Field("torch", description="where latency is measured")
+    threads: int = Field(1, gt=0, description="threads latency is measured with")
+    batch_size: int = Field(1, gt=0, description="batch size of the example inputs costs are measured on")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> BudgetSpec:
+        if all(
+            getattr(self, k) is None for k in ("macs", "params", "bytes", "energy", "latency", "latency_ms")
+        ):
+            raise ValueError(
+                "sets no bound; give at least one of macs, params, bytes, energy, latency, "
+                "latency_ms, e.g. `budget: {macs: 0.5}`"
+            )
+        if self.latency is not None and self.latency_ms is not None:
+            raise ValueError("give latency (relative) or latency_ms (absolute), not both")
+        return self
+
+
+class SensitivitySpec(_Strict):
+    ratios: list[Fraction] = Field(
+        [0.25, 0.5, 0.75],
+        min_length=1,
+        description="fractions of each group's channels masked, each in (0, 1)",
+    )
+    importance: str = Field("l2", description="importance criterion ranking the channels")
+    cluster: bool = Field(True, description="measure isomorphic groups once, as a cluster")
+
+
+class ReportSpec(_Strict):
+    latency: bool = Field(True, description="measure latency before and after (torch, and ONNX Runtime)")
+    onnx: bool = Field(True, description="export the pruned model to model.onnx and time it on ONNX Runtime")
+    sensitivity: bool = Field(False, description="run a sensitivity analysis of the original model first")
+    repeats: int = Field(20, gt=0, description="timed repeats per latency measurement")
+
+
+def _options_model() -> type[BaseModel]:
+    """The ``options`` section: every :class:`AdaptConfig` field but tolerance, all optional."""
+    hints = typing.get_type_hints(AdaptConfig)
+    fields: dict[str, Any] = {
+        name: (hints[name] | None, Field(None, description=f"AdaptConfig.{name} (default {f.default!r})"))
+        for name, f in AdaptConfig.__dataclass_fields__.items()
+        if name != "tolerance"
+    }
+    return create_model("Options", __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields)
+
+
+Options = _options_model()
+
+
+class RunConfig(_Strict):
+    model: ModelSpec = Field(description="the model to prune")
+    data: DataSpec = Field(description="the data: kind digits, npz, imagefolder or callable")
+    task: TaskSpec = Field(
+        default_factory=lambda: TaskSpec.model_validate({}), description="the task (default: classification)"
+    )
+    budget: BudgetSpec | None = Field(None, description="the cost bounds, e.g. `budget: {macs: 0.5}`")
+    tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="largest acceptable metric drop, in [0, 1)")
+    ignore: list[str] = Field(default_factory=list, description="names of modules whose output width is kept")
+    run_dir: str | None = Field(
+        None, description="the run directory (default: runs/<config file name>, under the working directory)"
+    )
+    title: str | None = Field(None, description="the report's title")
+    options: Options = Field(  # type: ignore[valid-type]
+        default_factory=Options, description="adapt options (AdaptConfig fields)"
+    )
+    sensitivity: SensitivitySpec = Field(
+        default_factory=lambda: SensitivitySpec.model_validate({}), description="sensitivity analysis"
+    )
+    report: ReportSpec = Field(
+        default_factory=lambda: ReportSpec.model_validate({}), description="what the report measures"
+    )
+
+    def adapt_options(self) -> dict[str, Any]:
+        options: BaseModel = self.options
+        return {k: v for k, v in options.model_dump().items() if v is not None}
+
+
+def _field_info(loc: tuple[Any, ...]) -> tuple[str, str]:
+    """The dotted field name of a pydantic error location, and the field's description."""
+    model: Any = RunConfig
+    names: list[str] = []
+    description = ""
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, int):
+            names[-1:] = [f"{names[-1]}[{part}]"] if names else [f"[{part}]"]
+            continue
+        fields = getattr(model, "model_fields", {}) if isinstance(model, type) else {}
+        if part not in fields:
+            names.append(str(part))
+            model = None
+            continue
+        names.append(str(part))
+        info = fields[part]
+        description = info.description or ""
+        model = info.annotation
+        args = [a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if part == "data" and parts and parts[0] in DATA_KINDS:
+            model = DATA_KINDS[parts.pop(0)]
+        elif len(args) == 1:
+            model = args[0]
+    return ".".join(names) or "config", description
+
+
+def _format(err: dict[str, Any]) -> str:
+    kind, loc, msg = err["type"], tuple(err["loc"]), err["msg"]
+    field, help_ = _field_info(loc)
+    if kind == "missing":
+        return f"{field}: missing; add it: {help_ or 'see the documented example'}"
+    if kind == "extra_forbidden":
+        parent, _ = _field_info(loc[:-1])
+        allowed = _allowed(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        where = "" if parent == "config" else f" in {parent}"
+        return f"{field}: unknown field{where}; {hint}allowed: {', '.join(allowed)}"
+    if kind == "union_tag_invalid":
+        tag = (err.get("ctx") or {}).get("tag")
+        return f"{field}.kind: unknown kind {tag!r}; use one of {', '.join(DATA_KINDS)}"
+    if kind == "union_tag_not_found":
+        return f"{field}.kind: missing; use one of {', '.join(DATA_KINDS)}"
+    if kind == "value_error":
+        return f"{field}: {msg.removeprefix('Value error, ')}"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    tail = f" ({help_})" if help_ else ""
+    if kind == "string_pattern_mismatch":
+        return f"{field}: {shown} is not of the form 'module:name'{tail}"
+    return f"{field}: {msg[0].lower() + msg[1:]}, got {shown}{tail}"
+
+
+def _allowed(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        if part in DATA_KINDS and model is not RunConfig:
+            model = DATA_KINDS[part]
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return []
+        model = info.annotation
+        if part == "data":
+            continue
+        args = [a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = args[0] if len(args) == 1 else model if isinstance(model, type) else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_config(raw: Any, base_dir: Path, source: str = "config") -> RunConfig:
+    """Validate a mapping (already loaded from YAML); relative paths are resolved against ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise CliError(
+            f"{source}: the file must hold a mapping (model:, data:, budget: ...), got {type(raw).__name__}"
+        )
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CliError(f"{source}: {_format(dict(errors[0]))}{more}") from None
+    return _resolve_paths(cfg, base_dir, source)
+
+
+def _abs(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _abs_ref(ref: str, base: Path) -> str:
+    module, _, name = ref.rpartition(":")
+    return f"{_abs(module, base)}:{name}" if module.endswith(".py") else ref
+
+
+def _resolve_paths(cfg: RunConfig, base: Path, source: str) -> RunConfig:
+    model = cfg.model.model_copy(
+        update={
+            "factory": _abs_ref(cfg.model.factory, base),
+            "weights": _abs(cfg.model.weights, base) if cfg.model.weights else None,
+        }
+    )
+    data: BaseModel = cfg.data
+    if isinstance(data, (NpzData, ImageFolderData)):
+        data = data.model_copy(update={"path": _abs(data.path, base)})
+    elif isinstance(data, CallableData):
+        data = data.model_copy(update={"factory": _abs_ref(data.factory, base)})
+    task = cfg.task.model_copy(
+        update={"factory": _abs_ref(cfg.task.factory, base) if cfg.task.factory else None}
+    )
+    # the default run directory is under the working directory, like `make demo`'s runs/demo
+    run_dir = _abs(cfg.run_dir, base) if cfg.run_dir else str(Path("runs", Path(source).stem).resolve())
+    return cfg.model_copy(update={"model": model, "data": data, "task": task, "run_dir": run_dir})
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration; raises :class:`CliError` with a one-line message."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise CliError(f"{p}: no such file; pass the path of a YAML run configuration") from None
+    except OSError as exc:
+        raise CliError(f"{p}: cannot be read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise CliError(f"{p}: not valid YAML{where}: {problem}; fix the syntax") from None
+    return parse_config(raw, p.resolve().parent, str(p))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The validated configuration (absolute paths, defaults omitted) as YAML."""
+    import yaml
+
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    return str(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,347 @@
+"""What the commands do, on top of the public API: adapt with a report, sensitivity, export.
+
+A CLI run directory holds, besides the controller's ``state.json`` and weights (written by
+:func:`adaprune.adapt` after every step, so an interrupted run resumes):
+
+- ``config.yaml``: the validated configuration, with absolute paths (``export`` rebuilds from it);
+- ``inputs.safetensors``: the example inputs costs and latency were measured on;
+- ``model/``: the pruned model (:func:`adaprune.save`), ``model.onnx``;
+- ``report.json``, ``report.html``, ``report.md``, ``plots/``; ``sensitivity.*`` when analysed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+import adaprune as ap
+
+from .. import report
+from ..adapt import AdaptConfig
+from .build import Job, budget, build_job, build_model, model_factory
+from .config import CliError, RunConfig, dump_config, load_config
+
+CONFIG, INPUTS, MODEL, ONNX, SENS = "config.yaml", "inputs.safetensors", "model", "model.onnx", "sensitivity"
+
+
+# -- example inputs on disk ------------------------------------------------------------------------
+def save_inputs(x: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    if isinstance(x, torch.Tensor):
+        tensors, kind = {"input": x}, "tensor"
+    elif isinstance(x, dict):
+        tensors, kind = {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}, "dict"
+    elif isinstance(x, (tuple, list)):
+        tensors, kind = {str(i): v for i, v in enumerate(x) if isinstance(v, torch.Tensor)}, "tuple"
+    else:
+        raise CliError(f"data: example inputs of type {type(x).__name__} cannot be saved; use tensors")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"kind": kind}
+    )
+
+
+def load_inputs(path: Path) -> Any:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CliError(f"{path} is missing: the run directory was not written by `adaprune adapt`")
+    with safe_open(str(path), "pt") as f:
+        kind = (f.metadata() or {}).get("kind", "tensor")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if kind == "tensor":
+        return tensors["input"]
+    if kind == "tuple":
+        return tuple(tensors[str(i)] for i in range(len(tensors)))
+    return tensors
+
+
+# -- progress --------------------------------------------------------------------------------------
+def _describe(state: dict[str, Any], metric: str) -> str:
+    history = state.get("history", [])
+    if not history:
+        return "measuring the original model" if not state.get("baseline") else "step 0: pruning"
+    last = [h for h in history if h["accepted"]]
+    costs = last[-1]["costs"] if last else state.get("original_costs", {})
+    base = state.get("original_costs", {})
+    macs = f"MACs {costs['macs'] / base['macs']:.0%}" if base.get("macs") else ""
+    value = (last[-1]["metrics"] if last else state.get("baseline", {})).get(metric)
+    shown = f", {metric} {value:.4f}" if isinstance(value, (int, float)) else ""
+    return f"step {len(history)}: {macs}{shown} ({len(last)} accepted)"
+
+
+@contextmanager
+def watch(state_file: Path, total: int, metric: str, console: Console) -> Iterator[None]:
+    """A progress bar fed by the run's ``state.json`` (the controller writes it after every step)."""
+    stop = threading.Event()
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("adapt: starting", total=total)
+
+        def poll() -> None:
+            while not stop.wait(0.3):
+                try:
+                    state = json.loads(state_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                progress.update(
+                    task,
+                    completed=min(state.get("step", 0), total),
+                    description="adapt: " + _describe(state, metric),
+                )
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+@contextmanager
+def spinner(console: Console, text: str) -> Iterator[None]:
+    with console.status(text):
+        yield
+
+
+# -- adapt -----------------------------------------------------------------------------------------
+def prepare(config: Path, run_dir: Path | None) -> RunConfig:
+    cfg = load_config(config)
+    if run_dir is not None:
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir.resolve())})
+    return cfg
+
+
+def _sensitivity(job: Job, console: Console) -> Any:
+    """Sensitivity of the original model: computed if asked, else read from the run directory."""
+    saved = job.run_dir / f"{SENS}.json"
+    if job.cfg.report.sensitivity:
+        return run_sensitivity(job, console)[0]
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    return None
+
+
+def run_adapt(cfg: RunConfig, *, resume: bool, force: bool, console: Console) -> dict[str, Any]:
+    """Build, measure the original, adapt (resumable), save, export and report. Returns the report data."""
+    run_dir = Path(str(cfg.run_dir))
+    state = run_dir / "state.json"
+    if state.exists() and not (resume or force):
+        raise CliError(
+            f"run_dir: {run_dir} already holds a run (state.json); pass --resume to continue it "
+            "or --force to start over"
+        )
+    with spinner(console, "building the model, the data and the task"):
+        job = build_job(cfg)
+        the_budget = budget(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / report.JSON).unlink(missing_ok=True)  # stale until this run writes its own
+    (run_dir / CONFIG).write_text(dump_config(cfg))
+    save_inputs(job.x, run_dir / INPUTS)
+    spec = cfg.report
+    threads = the_budget.threads
+    backends = ["torch"] + (["onnxruntime"] if spec.onnx else [])
+    sens = _sensitivity(job, console)
+    widths_before = report.layer_widths(job.model)
+    before: list[dict[str, Any]] = []
+    if spec.latency:
+        with spinner(console, "measuring the original model's latency"):
+            before = report.measure(job.model, job.x, backends, threads, spec.repeats)
+    options = cfg.adapt_options()
+    total = int(options.get("max_iterations", AdaptConfig().max_iterations))
+    metric = str(getattr(job.task, "metric", "metric"))
+    with watch(state, total, metric, console):
+        res = ap.adapt(
+            job.model,
+            job.x,
+            job.task,
+            the_budget,
+            cfg.tolerance,
+            ignore=cfg.ignore,
+            run_dir=run_dir,
+            resume=resume,
+            **options,
+        )
+    with spinner(console, "saving, exporting and measuring the pruned model"):
+        ap.save(res, run_dir / MODEL, base=cfg.model.factory)
+        onnx = report.export(res.model, job.x, run_dir / ONNX) if spec.onnx else {}
+        after = report.measure(res.model, job.x, backends, threads, spec.repeats) if spec.latency else []
+    data = report.build(
+        res,
+        metric=metric,
+        higher_is_better=bool(getattr(job.task, "higher_is_better", True)),
+        tolerance=cfg.tolerance,
+        budget={**cfg.budget.model_dump(exclude_none=True)} if cfg.budget else None,
+        widths_before=widths_before,
+        widths_after=report.layer_widths(res.model),
+        latency=report.latency_pairs(before, after) if spec.latency else None,
+        onnx=onnx,
+        sensitivity=sens,
+        title=cfg.title or f"adaprune: {cfg.model.factory.rpartition(':')[2]} on {cfg.data.kind}",
+        model_name=cfg.model.factory,
+    )
+    report.write(data, run_dir)
+    return data
+
+
+def summary(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The machine-readable result of a run (``--json``)."""
+    history = data["history"]
+    return {
+        "run_dir": str(run_dir),
+        "status": data["status"],
+        "budget_met": data["budget_met"],
+        "message": data["message"],
+        "metric": data["metric"],
+        "before": data["before"],
+        "after": data["after"],
+        "costs_before": data["costs_before"],
+        "costs_after": data["costs_after"],
+        "latency": data["latency"],
+        "steps": len(history),
+        "accepted": sum(1 for h in history if h["accepted"]),
+        "report": {
+            k: str(run_dir / v) for k, v in (("json", report.JSON), ("html", report.HTML), ("md", report.MD))
+        },
+    }
+
+
+# -- sensitivity -----------------------------------------------------------------------------------
+def run_sensitivity(job: Job, console: Console) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Sensitivity of ``job.model``; writes ``sensitivity.{json,md,png}`` into the run directory."""
+    spec = job.cfg.sensitivity
+    metric = str(getattr(job.task, "metric", "metric"))
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("sensitivity: evaluations", total=None)
+
+        def evaluate(model: torch.nn.Module) -> float:
+            value = float(job.task.evaluate(model)[metric])
+            progress.advance(bar)
+            return value
+
+        calibration = job.task.calibration() if hasattr(job.task, "calibration") else None
+        sens = ap.sensitivity(
+            job.model,
+            job.x,
+            evaluate,
+            spec.ratios,
+            importance=spec.importance,
+            ignore=job.cfg.ignore,
+            calibration=calibration,
+            cluster=spec.cluster,
+            cache=job.run_dir / f"{SENS}-cache.json",
+        )
+    data = {
+        "metric": metric,
+        "baseline": sens.baseline,
+        "rows": [
+            {"cluster": r.cluster, "groups": list(r.groups), "ratio": r.ratio, "metric": r.metric}
+            for r in sens.rows
+        ],
+    }
+    paths = {
+        "json": job.run_dir / f"{SENS}.json",
+        "md": job.run_dir / f"{SENS}.md",
+        "png": job.run_dir / f"{SENS}.png",
+    }
+    paths["json"].write_text(json.dumps(data, indent=1))
+    paths["md"].write_text(f"# Sensitivity ({metric})\n\n{sens.to_markdown()}\n")
+    sens.plot(paths["png"])
+    return data, paths
+
+
+def sensitivity_job(cfg: RunConfig) -> Job:
+    return build_job(cfg, need_budget=False)
+
+
+# -- report / export -------------------------------------------------------------------------------
+def rerender(run_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Re-render the reports from ``report.json``, or from ``state.json`` for an unfinished run."""
+    if (run_dir / report.JSON).is_file():
+        try:
+            data = report.load(run_dir)
+        except report.ReportError as exc:
+            raise CliError(str(exc)) from None
+        sens = run_dir / f"{SENS}.json"
+        if data.get("sensitivity") is None and sens.is_file():  # analysed after the run
+            data["sensitivity"] = json.loads(sens.read_text())
+            return data, report.write(data, run_dir)
+        return data, report.render(data, run_dir)
+    state = run_dir / "state.json"
+    if not state.is_file():
+        raise CliError(
+            f"{run_dir}: neither report.json nor state.json is there; pass the run_dir of an adapt run"
+        )
+    raw = json.loads(state.read_text())
+    cfg_file = run_dir / CONFIG
+    extra: dict[str, Any] = {}
+    if cfg_file.is_file():
+        cfg = load_config(cfg_file)
+        extra = {
+            "tolerance": cfg.tolerance,
+            "model_name": cfg.model.factory,
+            "budget": cfg.budget.model_dump(exclude_none=True) if cfg.budget else None,
+        }
+    if (run_dir / f"{SENS}.json").is_file():
+        extra["sensitivity"] = json.loads((run_dir / f"{SENS}.json").read_text())
+    data = report.from_state(raw, title=f"adaprune run {run_dir.name}", **extra)
+    return data, report.write(data, run_dir)
+
+
+def run_export(run_dir: Path, threads: int, repeats: int, console: Console) -> dict[str, Any]:
+    """Rebuild the pruned model from the run directory, export it to ONNX and time both runtimes."""
+    cfg_file = run_dir / CONFIG
+    if not cfg_file.is_file():
+        raise CliError(f"{run_dir}: {CONFIG} is missing; pass the run_dir of a finished `adaprune adapt` run")
+    cfg = load_config(cfg_file)
+    factory = model_factory(cfg)
+    if not (run_dir / MODEL).is_dir():
+        raise CliError(f"{run_dir}: {MODEL}/ is missing; the adapt run did not finish (resume it first)")
+    x = load_inputs(run_dir / INPUTS)
+    with spinner(console, "loading the pruned model"):
+        try:
+            model = ap.load(run_dir / MODEL, lambda: build_model(cfg, factory, weights=False))
+        except ap.errors.AdapruneError as exc:
+            raise CliError(f"{run_dir / MODEL}: {exc}") from None
+    with spinner(console, "exporting to ONNX and measuring latency"):
+        onnx = report.export(model, x, run_dir / ONNX)
+        if onnx.get("error"):
+            raise CliError(f"ONNX export failed: {onnx['error']}", code=1)
+        rows = report.measure(model, x, ("torch", "onnxruntime"), threads, repeats)
+    result = {"onnx": str(run_dir / ONNX), "bytes": onnx["bytes"], "latency": rows}
+    if (run_dir / report.JSON).is_file():
+        data = report.load(run_dir)
+        data["onnx"] = onnx
+        data["exported_latency"] = rows
+        report.write(data, run_dir)
+    return result

@@ -1,0 +1,295 @@
+"""The report's data: a plain, JSON-serialisable dict built from an :class:`~adaprune.AdaptResult`.
+
+Everything the renderers draw comes from this dict, so a run directory's ``report.json`` is enough to
+re-render the report (``adaprune report RUN_DIR``). Measuring (layer widths, latency on torch and
+ONNX Runtime) happens here too, on the models, before the dict is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cost.latency import measure_latency
+
+FORMAT = "adaprune-report"
+VERSION = 1
+COSTS = ("macs", "params", "bytes", "energy", "latency")
+
+__all__ = [
+    "build",
+    "collect",
+    "from_state",
+    "latency_pairs",
+    "layer_widths",
+    "load_json",
+    "measure",
+    "save_json",
+]
+
+
+class ReportError(ValueError):
+    """A report file is missing, unreadable, or of another format version."""
+
+
+def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Output width of every conv / linear layer, read from its weight tensor: ``{name: {kind, width}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        kind = type(m).__name__
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            width = int(w.shape[1]) * m.groups
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            width = int(w.shape[0])
+        elif kind == "Conv1D":  # transformers' GPT-2 style linear: weight is (in, out)
+            width = int(w.shape[1])
+        else:
+            continue
+        out[name or "(model)"] = {"kind": kind, "width": width}
+    return out
+
+
+def measure(
+    model: nn.Module,
+    example_inputs: Any,
+    backends: Sequence[str] = ("torch", "onnxruntime"),
+    threads: int = 1,
+    repeats: int = 20,
+) -> list[dict[str, Any]]:
+    """Median latency per backend (an ``error`` entry where a backend cannot run the model)."""
+    rows: list[dict[str, Any]] = []
+    for backend in backends:
+        try:
+            lat = measure_latency(model, example_inputs, backend=backend, threads=threads, repeats=repeats)
+        except Exception as exc:  # noqa: BLE001  (a backend that cannot run the model is reported, not fatal)
+            rows.append(
+                {"backend": backend, "threads": threads, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            )
+            continue
+        rows.append(
+            {
+                "backend": lat.backend,
+                "threads": lat.threads,
+                "batch_size": lat.batch_size,
+                "repeats": lat.repeats,
+                "median_ms": lat.median_ms,
+                "p90_ms": lat.p90_ms,
+            }
+        )
+    return rows
+
+
+def latency_pairs(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join per-backend measurements of the original and the pruned model into before/after rows."""
+    by_backend = {r["backend"]: r for r in before}
+    rows = []
+    for a in after:
+        b = by_backend.get(a["backend"], {})
+        row: dict[str, Any] = {k: a[k] for k in ("backend", "threads", "batch_size", "repeats") if k in a}
+        row["before_ms"], row["after_ms"] = b.get("median_ms"), a.get("median_ms")
+        error = a.get("error") or b.get("error")
+        if error:
+            row["error"] = error
+        rows.append(row)
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"adaprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _layers(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "kind": b["kind"], "before": b["width"], "after": after.get(n, b)["width"]}
+        for n, b in before.items()
+    ]
+
+
+def _sensitivity(sens: Any, metric: str) -> dict[str, Any] | None:
+    if sens is None or isinstance(sens, dict):
+        return sens
+    return {
+        "metric": metric,
+        "baseline": float(sens.baseline),
+        "rows": [
+            {"cluster": r.cluster, "groups": list(r.groups), "ratio": r.ratio, "metric": r.metric}
+            for r in sens.rows
+        ],
+    }
+
+
+def _budget(budget: Any) -> dict[str, Any]:
+    if budget is None:
+        return {}
+    if dataclasses.is_dataclass(budget) and not isinstance(budget, type):
+        return {k: v for k, v in dataclasses.asdict(budget).items() if v is not None}
+    return dict(budget)
+
+
+def build(
+    result: Any,
+    *,
+    metric: str | None = None,
+    higher_is_better: bool = True,
+    tolerance: float | None = None,
+    budget: Any = None,
+    widths_before: dict[str, dict[str, Any]] | None = None,
+    widths_after: dict[str, dict[str, Any]] | None = None,
+    latency: list[dict[str, Any]] | None = None,
+    onnx: dict[str, Any] | None = None,
+    sensitivity: Any = None,
+    comparison: dict[str, Any] | None = None,
+    title: str = "adaprune report",
+    model_name: str = "",
+    status: str = "finished",
+) -> dict[str, Any]:
+    """The report dict of an adapt result (an :class:`AdaptResult` or any object with its fields)."""
+    before = {k: float(v) for k, v in result.before.items()}
+    if metric is None:
+        metric = "accuracy" if "accuracy" in before else next(iter(before), "metric")
+    widths_before = widths_before or {}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "title": title,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "status": status,
+        "model": model_name,
+        "metric": metric,
+        "higher_is_better": bool(higher_is_better),
+        "tolerance": tolerance,
+        "budget": _budget(budget),
+        "budget_met": bool(result.budget_met),
+        "message": str(result.message),
+        "before": before,
+        "after": {k: float(v) for k, v in result.after.items()},
+        "costs_before": {k: float(v) for k, v in result.costs_before.items()},
+        "costs_after": {k: float(v) for k, v in result.costs_after.items()},
+        "history": [h if isinstance(h, dict) else dataclasses.asdict(h) for h in result.history],
+        "layers": _layers(widths_before, widths_after or widths_before),
+        "latency": latency or [],
+        "onnx": onnx or {},
+        "sensitivity": _sensitivity(sensitivity, metric),
+        "comparison": comparison,
+    }
+
+
+def collect(
+    result: Any,
+    original: nn.Module,
+    example_inputs: Any,
+    *,
+    latency: bool = True,
+    backends: Sequence[str] = ("torch", "onnxruntime"),
+    threads: int = 1,
+    repeats: int = 20,
+    onnx_path: str | os.PathLike[str] | None = None,
+    latency_inputs: Any = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Measure the original and the pruned model (``result.model``), then :func:`build` the report.
+
+    ``original`` is left unchanged. Latency is measured on ``latency_inputs`` (default: the example
+    inputs) on each of ``backends``. With ``onnx_path`` the pruned model is exported there too.
+    """
+    onnx: dict[str, Any] = {}
+    if onnx_path is not None:
+        onnx = export(result.model, example_inputs, onnx_path)
+    pairs = None
+    if latency:
+        xs = example_inputs if latency_inputs is None else latency_inputs
+        pairs = latency_pairs(
+            measure(original, xs, backends, threads, repeats),
+            measure(result.model, xs, backends, threads, repeats),
+        )
+    return build(
+        result,
+        widths_before=layer_widths(original),
+        widths_after=layer_widths(result.model),
+        latency=pairs,
+        onnx=onnx,
+        **kwargs,
+    )
+
+
+def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Export ``model`` to ONNX at ``path``; returns ``{path, bytes}`` or ``{error}``."""
+    import contextlib
+    import io
+
+    from ..io import export_onnx
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = export_onnx(model, example_inputs, path)
+    except Exception as exc:  # noqa: BLE001  (an export failure is reported in the report, not fatal)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"path": Path(out).name, "bytes": Path(out).stat().st_size}
+
+
+def from_state(state: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A report of an unfinished run from its ``state.json`` (the last accepted step is the 'after')."""
+    history = state.get("history", [])
+    accepted = [h for h in history if h.get("accepted")]
+    last = accepted[-1] if accepted else None
+
+    partial = SimpleNamespace(
+        before=state.get("baseline", {}),
+        after=last["metrics"] if last else state.get("baseline", {}),
+        costs_before=state.get("original_costs", {}),
+        costs_after=last["costs"] if last else state.get("original_costs", {}),
+        history=history,
+        budget_met=False,
+        message=state.get("message")
+        or f"run not finished: {len(history)} steps so far ({len(accepted)} accepted)",
+    )
+    kwargs.setdefault("status", "finished" if state.get("done") else "interrupted")
+    return build(partial, **kwargs)
+
+
+def save_json(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` atomically."""
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, p)
+    return p
+
+
+def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{p} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{p} is unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ReportError(f"{p} is not an adaprune report")
+    if data.get("version") != VERSION:
+        raise ReportError(f"{p} is report format {data.get('version')}, this adaprune reads {VERSION}")
+    return data

@@ -1,0 +1,214 @@
+"""Plots of a report dict, as PNG bytes (matplotlib's object API and the Agg canvas; pyplot's global
+state is never touched). Each function returns ``None`` when the report has nothing to draw."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from matplotlib.ticker import MaxNLocator
+
+ACCEPTED = {"marker": "o", "color": "#1a7f37", "label": "accepted"}
+ROLLED_BACK = {"marker": "x", "color": "#cf222e", "label": "rolled back"}
+ORIGINAL = {"marker": "s", "color": "#444444", "label": "original"}
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise ImportError("reports need matplotlib: pip install 'adaprune[report]'") from exc
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", facecolor="white")
+    return buf.getvalue()
+
+
+def _fraction(data: dict[str, Any], costs: dict[str, float], key: str) -> float | None:
+    base = data["costs_before"].get(key)
+    value = costs.get(key)
+    if not base or value is None:
+        return None
+    return float(value) / float(base)
+
+
+def _cost_keys(data: dict[str, Any]) -> list[str]:
+    """The budgeted costs (MACs first), restricted to those the steps recorded."""
+    recorded = set(data["costs_before"])
+    keys = [
+        k for k in ("macs", "params", "bytes", "energy", "latency") if k in data["budget"] and k in recorded
+    ]
+    if "latency_ms" in data["budget"] and "latency" in recorded:
+        keys.append("latency")
+    return keys or ["macs"]
+
+
+def steps(data: dict[str, Any]) -> bytes | None:
+    """Metric (top) and budgeted costs as a fraction of the original (bottom) at every step."""
+    history = data["history"]
+    if not history:
+        return None
+    metric = data["metric"]
+    fig = _figure(8, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    base = data["before"].get(metric)
+    if base is not None:
+        top.axhline(base, color="#888888", linewidth=1, linestyle="--", label="original")
+        tol = data.get("tolerance")
+        if tol is not None:
+            floor = base - tol if data.get("higher_is_better", True) else base + tol
+            top.axhline(floor, color="#cf222e", linewidth=1, linestyle=":", label="tolerance limit")
+    for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
+        pts = [(h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted]
+        pts = [(s, m) for s, m in pts if m is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            top.scatter(xs, ys, s=40, **style)
+    top.set_ylabel(metric)
+    top.legend(fontsize=8, loc="best")
+    top.set_title("metric and cost after every step")
+    for key in _cost_keys(data):
+        for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
+            pts = [
+                (h["step"], _fraction(data, h["costs"], key)) for h in history if h["accepted"] == accepted
+            ]
+            pts = [(s, f) for s, f in pts if f is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                bottom.scatter(
+                    xs,
+                    ys,
+                    s=40,
+                    marker=style["marker"],
+                    color=style["color"],
+                    label=f"{key}, {style['label']}",
+                )
+        bound = data["budget"].get(key)
+        if isinstance(bound, (int, float)) and 0 < bound <= 1:
+            bottom.axhline(bound, linestyle="--", linewidth=1, color="#0969da", label=f"{key} bound")
+    bottom.set_xlabel("step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set_ylabel("fraction of original")
+    bottom.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def _frontier(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """Points not dominated by another (less cost, better metric)."""
+    sign = 1.0 if higher_is_better else -1.0
+    out: list[tuple[float, float]] = []
+    best = float("-inf")
+    for c, m in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * m > best:
+            out.append((c, m))
+            best = sign * m
+    return out
+
+
+def pareto(data: dict[str, Any]) -> bytes | None:
+    """Accepted steps on cost (MACs, and latency if measured) vs metric, with their Pareto front."""
+    metric = data["metric"]
+    base = data["before"].get(metric)
+    if base is None:
+        return None
+    keys = ["macs"] + (["latency"] if "latency" in data["costs_before"] else [])
+    fig = _figure(5.5 * len(keys), 4.2)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        points = [(1.0, float(base))]
+        for h in data["history"]:
+            f = _fraction(data, h["costs"], key)
+            if h["accepted"] and f is not None and metric in h["metrics"]:
+                points.append((f, float(h["metrics"][metric])))
+        rolled = [
+            (_fraction(data, h["costs"], key), h["metrics"].get(metric))
+            for h in data["history"]
+            if not h["accepted"]
+        ]
+        rolled = [(f, m) for f, m in rolled if f is not None and m is not None]
+        front = _frontier(points, data.get("higher_is_better", True))
+        ax.plot(*zip(*front), color="#1a7f37", linewidth=1, alpha=0.6, label="Pareto front")
+        ax.scatter([1.0], [base], s=50, **ORIGINAL)
+        if len(points) > 1:
+            ax.scatter(*zip(*points[1:]), s=40, **ACCEPTED)
+            for (f, m), h in zip(points[1:], [h for h in data["history"] if h["accepted"]]):
+                ax.annotate(str(h["step"]), (f, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if rolled:
+            ax.scatter(*zip(*rolled), s=40, alpha=0.5, **ROLLED_BACK)
+        ax.set_xlabel(f"{key} (fraction of original)")
+        ax.set_ylabel(metric)
+        ax.invert_xaxis()
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{metric} against cost, accepted steps")
+    return _png(fig)
+
+
+def widths(data: dict[str, Any], top: int = 60) -> bytes | None:
+    """Per-layer output widths before and after (horizontal bars), at most ``top`` layers."""
+    layers = data["layers"][:top]
+    if not layers:
+        return None
+    fig = _figure(8, max(2.5, 0.26 * len(layers) + 1.2))
+    ax = fig.subplots()
+    ys = list(range(len(layers)))
+    ax.barh(
+        [y + 0.2 for y in ys], [lay["before"] for lay in layers], height=0.4, color="#c8ccd1", label="before"
+    )
+    ax.barh(
+        [y - 0.2 for y in ys], [lay["after"] for lay in layers], height=0.4, color="#0969da", label="after"
+    )
+    ax.set_yticks(ys)
+    ax.set_yticklabels([lay["name"] for lay in layers], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels / features")
+    more = len(data["layers"]) - len(layers)
+    ax.set_title(
+        "width per layer" + (f" (first {len(layers)}; {more} more in the table)" if more > 0 else "")
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def sensitivity(data: dict[str, Any], top: int = 12) -> bytes | None:
+    """Metric against the fraction of each cluster's channels masked, for the most sensitive clusters."""
+    sens = data.get("sensitivity")
+    if not sens or not sens.get("rows"):
+        return None
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in sens["rows"]:
+        curves.setdefault(r["cluster"], []).append((float(r["ratio"]), float(r["metric"])))
+    sign = 1.0 if data.get("higher_is_better", True) else -1.0
+    names = sorted(curves, key=lambda n: min(sign * m for _, m in curves[n]))[:top]
+    fig = _figure(8, 4.5)
+    ax = fig.subplots()
+    for n in names:
+        xs, ys = zip(*([(0.0, sens["baseline"])] + sorted(curves[n])))
+        ax.plot(xs, ys, marker="o", label=n)
+    ax.axhline(sens["baseline"], color="#888888", linestyle="--", linewidth=1, label="unpruned")
+    ax.set_xlabel("fraction of the cluster's channels masked (no fine-tuning)")
+    ax.set_ylabel(sens.get("metric") or data["metric"])
+    ax.set_title("sensitivity per cluster of groups")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+PLOTS = {
+    "steps": ("Metric and cost at every step (accepted: green circles, rolled back: red crosses)", steps),
+    "pareto": ("Accepted steps: cost against metric, with the Pareto front", pareto),
+    "widths": ("Output width of each conv / linear layer, before and after", widths),
+    "sensitivity": ("Sensitivity of the original model, per cluster of groups", sensitivity),
+}
+
+
+def render_all(data: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    """Every plot the report has data for: ``{name: (caption, png)}``."""
+    out = {}
+    for name, (caption, fn) in PLOTS.items():
+        png = fn(data)
+        if png is not None:
+            out[name] = (caption, png)
+    return out

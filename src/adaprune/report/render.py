@@ -1,0 +1,322 @@
+"""Render a report dict as a self-contained HTML page (inline CSS, plots as base64 PNG, no scripts, no
+external URLs) and as Markdown (plots as PNG files beside it)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from typing import Any
+
+Table = tuple[list[str], list[list[str]]]
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#1f2328;background:#fff;padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d0d7de}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
+th,td{border:1px solid #d0d7de;padding:.25rem .55rem;text-align:right;vertical-align:top}
+th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}
+td.reason,th.reason{text-align:left;max-width:34rem}
+.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}.muted{color:#656d76;font-size:.85rem}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de}
+figcaption{color:#656d76;font-size:.85rem}
+.status{padding:.6rem .8rem;border-radius:6px;background:#f6f8fa;border:1px solid #d0d7de}
+"""
+
+
+def fmt(key: str, value: Any) -> str:
+    """A cost or metric value, with its unit."""
+    if value is None:
+        return "–"
+    v = float(value)
+    if key == "bytes":
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if v >= size:
+                return f"{v / size:.2f} {unit}"
+        return f"{v:.0f} B"
+    if key in ("macs", "params"):
+        for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if v >= size:
+                return f"{v / size:.2f}{unit}"
+        return f"{v:.0f}"
+    if key == "energy":
+        return f"{v:,.1f} µJ"
+    if key.startswith("latency"):
+        return f"{v:.3f} ms"
+    return f"{v:.4f}"
+
+
+def _ratio(before: Any, after: Any) -> str:
+    if before in (None, 0) or after is None:
+        return "–"
+    return f"{float(after) / float(before):.1%}"
+
+
+def summary_table(data: dict[str, Any]) -> Table:
+    """Before / after of every metric, cost and latency measurement."""
+    rows = []
+    for k in [k for k in data["before"] if k in data["after"]]:
+        rows.append(
+            [
+                k,
+                fmt(k, data["before"][k]),
+                fmt(k, data["after"][k]),
+                f"{data['after'][k] - data['before'][k]:+.4f}",
+            ]
+        )
+    budget = data.get("budget", {})
+    names = {
+        "macs": "MACs",
+        "params": "params",
+        "bytes": "bytes (weights)",
+        "energy": "energy (estimate)",
+        "latency": f"latency ({budget.get('backend', 'torch')}, {budget.get('threads', 1)} thread(s), "
+        f"batch {budget.get('batch_size', 1)}; controller)",
+    }
+    for k, label in names.items():
+        if k in data["costs_before"]:
+            b, a = data["costs_before"][k], data["costs_after"].get(k)
+            rows.append([label, fmt(k, b), fmt(k, a), _ratio(b, a)])
+    for r in data.get("latency", []):
+        label = (
+            f"latency {r['backend']} ({r.get('threads', 1)} thread(s), batch {r.get('batch_size', '?')}, "
+            f"median of {r.get('repeats', '?')})"
+        )
+        if r.get("error"):
+            rows.append([label, "–", "–", f"not measured: {r['error']}"])
+        else:
+            rows.append(
+                [
+                    label,
+                    fmt("latency", r["before_ms"]),
+                    fmt("latency", r["after_ms"]),
+                    _ratio(r["before_ms"], r["after_ms"]),
+                ]
+            )
+    return ["quantity", "before", "after", "change / after÷before"], rows
+
+
+def steps_table(data: dict[str, Any]) -> Table:
+    metric = data["metric"]
+    rows = []
+    for h in data["history"]:
+        macs = _ratio(data["costs_before"].get("macs"), h["costs"].get("macs"))
+        channels = sum(h["cuts"].values())
+        rows.append(
+            [
+                str(h["step"]),
+                f"{h['step_size']:.3f}",
+                "accepted" if h["accepted"] else "rolled back",
+                fmt(metric, h["metrics"].get(metric)),
+                macs,
+                f"{channels} in {len(h['cuts'])} groups",
+                h["reason"],
+            ]
+        )
+    return ["step", "step size", "decision", metric, "MACs of original", "channels removed", "reason"], rows
+
+
+def layers_table(data: dict[str, Any]) -> Table:
+    rows = [
+        [lay["name"], lay["kind"], str(lay["before"]), str(lay["after"]), _ratio(lay["before"], lay["after"])]
+        for lay in data["layers"]
+    ]
+    return ["layer", "kind", "width before", "width after", "kept"], rows
+
+
+def sensitivity_table(data: dict[str, Any]) -> Table | None:
+    sens = data.get("sensitivity")
+    if not sens or not sens.get("rows"):
+        return None
+    ratios = sorted({float(r["ratio"]) for r in sens["rows"]})
+    values: dict[str, dict[float, float]] = {}
+    sizes: dict[str, int] = {}
+    for r in sens["rows"]:
+        values.setdefault(r["cluster"], {})[float(r["ratio"])] = float(r["metric"])
+        sizes[r["cluster"]] = len(r.get("groups", []))
+    rows = [[c, str(sizes[c])] + [f"{v[x]:.4f}" if x in v else "" for x in ratios] for c, v in values.items()]
+    return ["cluster", "groups"] + [f"{x:.0%} masked" for x in ratios], rows
+
+
+def budget_text(data: dict[str, Any]) -> str:
+    b = data.get("budget", {})
+    parts = []
+    for k in ("macs", "params", "bytes", "energy", "latency"):
+        v = b.get(k)
+        if v is not None:
+            parts.append(f"{k} ≤ {v:.0%} of original" if v <= 1 else f"{k} ≤ {fmt(k, v)}")
+    if b.get("latency_ms") is not None:
+        parts.append(f"latency ≤ {b['latency_ms']} ms")
+    where = f"backend {b.get('backend', 'torch')}, {b.get('threads', 1)} thread(s)" if b else ""
+    tol = data.get("tolerance")
+    tol_text = f"; tolerance {tol} ({data['metric']} drop)" if tol is not None else ""
+    return (", ".join(parts) + (f" ({where})" if where else "") + tol_text) or "no budget recorded"
+
+
+def onnx_text(data: dict[str, Any]) -> str:
+    onnx = data.get("onnx") or {}
+    if onnx.get("error"):
+        return f"ONNX export failed: {onnx['error']}"
+    if onnx.get("path"):
+        return f"pruned model exported to {onnx['path']} ({onnx.get('bytes', 0) / 1e6:.2f} MB)"
+    return "no ONNX export in this run (adaprune export RUN_DIR --onnx)"
+
+
+def exported_table(data: dict[str, Any]) -> Table | None:
+    """Latency of the exported model (``adaprune export``), per runtime."""
+    rows = data.get("exported_latency")
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        if r.get("error"):
+            out.append([r["backend"], str(r.get("threads", "")), "", "not measured", r["error"]])
+        else:
+            out.append(
+                [
+                    r["backend"],
+                    str(r["threads"]),
+                    str(r["batch_size"]),
+                    fmt("latency", r["median_ms"]),
+                    fmt("latency", r["p90_ms"]),
+                ]
+            )
+    return ["runtime", "threads", "batch", "median", "p90"], out
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+def _html_table(table: Table, reason_col: int | None = None) -> str:
+    head, rows = table
+    e = html.escape
+    heads = [
+        f'<th class="reason">{e(h)}</th>' if i == reason_col else f"<th>{e(h)}</th>"
+        for i, h in enumerate(head)
+    ]
+    out = ["<table><thead><tr>" + "".join(heads) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = []
+        for i, c in enumerate(r):
+            cls = ""
+            if i == reason_col:
+                cls = ' class="reason"'
+            elif c == "accepted":
+                cls = ' class="ok"'
+            elif c == "rolled back":
+                cls = ' class="bad"'
+            cells.append(f"<td{cls}>{e(str(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _figure(name: str, caption: str, png: bytes) -> str:
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure id="plot-{name}"><img alt="{html.escape(caption)}" src="{src}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def to_html(data: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
+    e = html.escape
+    met = data.get("budget_met")
+    badge = '<span class="ok">budget met</span>' if met else '<span class="bad">budget not met</span>'
+    if data.get("status") != "finished":
+        badge = f'<span class="bad">{e(str(data.get("status")))}</span>'
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(data['title'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(data['title'])}</h1>",
+        f'<p class="muted">{e(data.get("model") or "")} · {e(data.get("created", ""))}</p>',
+        f'<p class="status">{badge} — {e(data["message"])}</p>',
+        f"<p>Budget: {e(budget_text(data))}</p>",
+        "<h2>Summary</h2>",
+        _html_table(summary_table(data)),
+        f"<p>{e(onnx_text(data))}</p>",
+    ]
+    exported = exported_table(data)
+    if exported is not None:
+        parts.append(_html_table(exported))
+    comp = data.get("comparison")
+    if comp:
+        parts += [
+            f"<h2>{e(comp.get('title', 'Comparison'))}</h2>",
+            _html_table((comp["columns"], comp["rows"])),
+        ]
+    for name in ("steps", "pareto"):
+        if name in plots:
+            parts.append(_figure(name, *plots[name]))
+    parts += ["<h2>Steps</h2>", _html_table(steps_table(data), reason_col=6)]
+    parts.append("<h2>Layer widths</h2>")
+    if "widths" in plots:
+        parts.append(_figure("widths", *plots["widths"]))
+    parts.append(
+        "<details><summary>Table of widths</summary>" + _html_table(layers_table(data)) + "</details>"
+    )
+    sens = sensitivity_table(data)
+    if sens is not None:
+        parts.append("<h2>Sensitivity</h2>")
+        if "sensitivity" in plots:
+            parts.append(_figure("sensitivity", *plots["sensitivity"]))
+        parts.append(_html_table(sens))
+    versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+    parts += [f'<p class="muted">{e(versions)}</p>', "</body></html>"]
+    return "\n".join(parts)
+
+
+# -- Markdown --------------------------------------------------------------------------------------
+def _md_cell(c: str) -> str:
+    return str(c).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(table: Table) -> str:
+    head, rows = table
+    lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(data: dict[str, Any], plot_files: dict[str, tuple[str, str]]) -> str:
+    """Markdown; ``plot_files`` maps plot names to (caption, path relative to the .md file)."""
+
+    def img(name: str) -> list[str]:
+        if name not in plot_files:
+            return []
+        caption, path = plot_files[name]
+        return [f"![{caption}]({path})", "", f"*{caption}*", ""]
+
+    status = "budget met" if data.get("budget_met") else "budget not met"
+    if data.get("status") != "finished":
+        status = str(data.get("status"))
+    out = [
+        f"# {data['title']}",
+        "",
+        f"**{status}** — {data['message']}",
+        "",
+        f"Budget: {budget_text(data)}",
+        "",
+        "## Summary",
+        "",
+        _md_table(summary_table(data)),
+        "",
+        onnx_text(data),
+        "",
+    ]
+    exported = exported_table(data)
+    if exported is not None:
+        out += [_md_table(exported), ""]
+    comp = data.get("comparison")
+    if comp:
+        out += [f"## {comp.get('title', 'Comparison')}", "", _md_table((comp["columns"], comp["rows"])), ""]
+    out += img("steps") + img("pareto")
+    out += ["## Steps", "", _md_table(steps_table(data)), "", "## Layer widths", ""] + img("widths")
+    out += [_md_table(layers_table(data)), ""]
+    sens = sensitivity_table(data)
+    if sens is not None:
+        out += ["## Sensitivity", ""] + img("sensitivity") + [_md_table(sens), ""]
+    versions: Sequence[str] = [f"{k} {v}" for k, v in data.get("versions", {}).items()]
+    out += [f"<sub>{', '.join(versions)} · {data.get('created', '')}</sub>", ""]
+    return "\n".join(out)
