@@ -26,6 +26,26 @@ def weight_atoms(state: TraceState, t: torch.Tensor | None, dims: tuple[int, ...
     return out
 
 
+def couple(state: TraceState, atoms: torch.Tensor, t: torch.Tensor | None, dim: int) -> None:
+    """Slices of ``t`` along ``dim`` go with ``atoms``. A parameter's slot seen for the first time simply
+    takes those atoms (no new atoms, no unions: the common case, and the fast one)."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if id(t) in state.tensor_names:
+        key = (state.tensor_names[id(t)], dim % t.dim())
+        if key not in state.slots:
+            fresh = atoms.clone()
+            missing = fresh < 0
+            if bool(missing.any()):
+                extra = state.atoms.new(int(missing.sum()))
+                fresh[missing] = extra
+                state.atoms.pin(extra, "its size is fixed by a tensor that cannot shrink")
+            state.slots[key] = fresh
+            return
+    for ta in weight_atoms(state, t, (dim,)):
+        state.atoms.union_pairs(atoms, ta)
+
+
 def _letters_matmul(na: int, nb: int) -> tuple[list[int], list[int], list[int]]:
     # letters: 0 = n, 1 = k, 2 = m, 3.. = batch dims (right-aligned)
     if na == 1 and nb == 1:
@@ -122,13 +142,16 @@ def conv(state: TraceState, call: Call) -> None:
     a_in, rest = read(state.atoms, state.fields_of(x), x.shape, cd)
     for f in rest:
         state.pin_op(f, call.name, "a channel axis along positions is mixed by a convolution")
-    a_out, w_in = weight_atoms(state, w, (0, 1))
-    if groups == 1:
-        state.atoms.union_pairs(a_in, w_in)
+    if groups == 1 and id(w) in state.tensor_names:
+        a_out = weight_atoms(state, w, (0,))[0]
+        couple(state, a_in, w, 1)
     else:
-        _group_couple(state, a_in, a_out, w_in, groups)
-    for bias in weight_atoms(state, b, (0,)):
-        state.atoms.union_pairs(a_out, bias)
+        a_out, w_in = weight_atoms(state, w, (0, 1))
+        if groups == 1:
+            state.atoms.union_pairs(a_in, w_in)
+        else:
+            _group_couple(state, a_in, a_out, w_in, groups)
+    couple(state, a_out, b, 0)
     state.set_fields(call.out, [along(a_out, call.out.dim(), cd)])
 
 
@@ -161,16 +184,14 @@ def conv_transpose(state: TraceState, call: Call) -> None:
         gin = a_in.view(groups, -1)
         state.atoms.union_pairs(gin[:, :1], gin)
         a_out = gin[:, :1].expand(groups, w_out.numel()).reshape(-1)
-    for bias in weight_atoms(state, b, (0,)):
-        state.atoms.union_pairs(a_out, bias)
+    couple(state, a_out, b, 0)
     state.set_fields(call.out, [along(a_out, call.out.dim(), cd)])
 
 
 def _per_channel(state: TraceState, call: Call, x: torch.Tensor, dim: int, tensors: list) -> torch.Tensor:
     a, rest = read(state.atoms, state.fields_of(x), x.shape, dim)
     for t in tensors:
-        for ta in weight_atoms(state, t, (0,)):
-            state.atoms.union_pairs(a, ta)
+        couple(state, a, t, 0)
     state.set_fields(call.out, rest + [along(a, call.out.dim(), dim)])
     return a
 
@@ -190,8 +211,7 @@ def group_norm(state: TraceState, call: Call) -> None:
     state.atoms.union_pairs(grid[:1], grid)  # lockstep: every group keeps the same width
     state.atoms.span(a)
     for t in (call.arg(2, "weight"), call.arg(3, "bias")):
-        for ta in weight_atoms(state, t, (0,)):
-            state.atoms.union_pairs(a, ta)
+        couple(state, a, t, 0)
     state.set_fields(call.out, rest + [along(a, call.out.dim(), 1)])
 
 
@@ -211,8 +231,7 @@ def layer_norm(state: TraceState, call: Call) -> None:
     if w is None:
         state.pin_op(along(a, 1, 0), call.name, "a norm without affine weights keeps its normalized_shape")
     for t in (w, b):
-        for ta in weight_atoms(state, t, (0,)):
-            state.atoms.union_pairs(a, ta)
+        couple(state, a, t, 0)
     state.set_fields(call.out, rest + [along(a, call.out.dim(), -1)])
 
 
