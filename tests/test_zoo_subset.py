@@ -198,3 +198,42 @@ def test_onnx_export_of_a_pruned_transformer_matches(tmp_path: Path):
     model, x = _vit().eval(), _image(32)
     ap.prune(model, x, ratio=0.5, ignore=[model.heads.head])
     assert _onnx_matches(model, x, tmp_path / "vit.onnx")
+
+
+class _AuxNet(nn.Module):
+    """A train-only auxiliary head (like GoogLeNet's): it must be traced and sliced too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.aux = nn.Conv2d(16, 4, 1)
+        self.body = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.fc(self.body(h).mean((2, 3)))
+        if self.training:
+            return out, self.aux(h).mean((2, 3))
+        return out
+
+
+@pytest.mark.parametrize("on_meta", [True, False])
+def test_train_only_branches_are_traced_without_side_effects(on_meta):
+    torch.manual_seed(0)
+    model, x = _AuxNet(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = ap.trace(model, x, ignore=[model.fc, model.aux], on_meta=on_meta)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    stem = next(g for g in graph.groups if any(s.tensor == "stem.0.weight" and s.dim == 0 for s in g.slots))
+    assert any(s.tensor == "aux.weight" and s.dim == 1 for s in stem.slots)
+
+
+def test_googlenet_with_aux_heads_trains_after_pruning():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    x = torch.randn(2, 3, 64, 64)
+    ap.prune(model, x, ratio=0.5, ignore=[model.fc, model.aux1.fc2, model.aux2.fc2])
+    model.train()
+    out = model(x)
+    assert out.logits.shape == out.aux_logits1.shape == out.aux_logits2.shape == (2, 1000)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, TraceError
 from .groups import Graph, Group, Slot, build_groups
-from .tracer import Frozen, UnsupportedOpWarning, run_traced
+from .tracer import Frozen, UnsupportedOpWarning, run_traced, unused_parameters
 
 __all__ = ["Frozen", "Graph", "Group", "Slot", "UnsupportedOpWarning", "call_model", "trace"]
 
@@ -84,6 +84,8 @@ def trace(
     try:
         with torch.no_grad():
             state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored)
+            if unused_parameters(model, state):
+                _train_pass(model, example_inputs, ignored, state)
     except (TraceError, Warning):
         raise
     except Exception as exc:
@@ -111,8 +113,27 @@ def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int]) -> 
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             state, _ = run_traced(clone, lambda: call_model(clone, inputs), ids)
+            if unused_parameters(clone, state):  # train-only branches (auxiliary heads): trace them too
+                clone.train()
+                run_traced(clone, lambda: call_model(clone, inputs), ids, state)
     except Exception:  # noqa: BLE001  (anything a meta run cannot do: the real run will tell)
         return None
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=3)
     return state
+
+
+def _train_pass(model: nn.Module, example_inputs: Any, ignored: set[int], state: Any) -> None:
+    """Trace the real model in train mode too (for train-only branches), then undo its side effects:
+    running statistics and the random number generator are restored."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    model.train()
+    try:
+        run_traced(model, lambda: call_model(model, example_inputs), ignored, state)
+    finally:
+        model.eval()
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])

@@ -234,19 +234,29 @@ def _module_hooks(
             h.remove()
 
 
+def unused_parameters(model: nn.Module, state: TraceState) -> list[str]:
+    """Parameters no traced op touched (e.g. branches that run only in train mode)."""
+    seen = {name for name, _ in state.slots}
+    return [n for n, p in model.named_parameters() if n not in seen and p.numel() > 1]
+
+
 def run_traced(
-    model: nn.Module, call_model: Callable[[], Any], ignore: set[int]
+    model: nn.Module, call_model: Callable[[], Any], ignore: set[int], state: TraceState | None = None
 ) -> tuple[TraceState, Any]:
-    """Run ``call_model`` under the tracing mode; return the trace state and the model's output."""
+    """Run ``call_model`` under the tracing mode; return the trace state and the model's output.
+
+    Passing the ``state`` of an earlier run (the same model in another mode) adds this run's couplings.
+    """
     from . import rules  # noqa: F401  (registers the rules)
 
-    names: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), n)
-    for n, b in model.named_buffers(remove_duplicate=False):
-        if b.is_floating_point():  # integer buffers (position ids, counters) index, they carry no channels
-            names.setdefault(id(b), n)
-    state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
+    if state is None:
+        names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)
+        for n, b in model.named_buffers(remove_duplicate=False):
+            if b.is_floating_point():  # integer buffers (position ids, counters) index: no channels
+                names.setdefault(id(b), n)
+        state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
     with _module_hooks(model, state, ignore), _Mode(state):
         out = call_model()
     for t in tree_flatten(out)[0]:
