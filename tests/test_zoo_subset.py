@@ -237,3 +237,15 @@ def test_googlenet_with_aux_heads_trains_after_pruning():
     model.train()
     out = model(x)
     assert out.logits.shape == out.aux_logits1.shape == out.aux_logits2.shape == (2, 1000)
+
+
+def test_swin_prunes_its_attention_with_the_residual_width():
+    """torchvision's Swin sizes heads as C // num_heads with C read from the input: the residual
+    width and the head size must shrink together, which the size-provenance coupling provides."""
+    model, x = _swin().eval(), _image(32)
+    res = ap.prune(model, x, ratio=0.5, ignore=[model.head])
+    assert not res.frozen
+    assert res.after.macs < 0.4 * res.before.macs
+    attn = model.features[1][0].attn
+    assert attn.qkv.out_features == 3 * attn.proj.in_features
+    assert attn.proj.in_features == model.features[1][0].norm1.normalized_shape[0]

@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .atoms import Atoms
 from .fields import Field, along
+from .sizes import SizeInt
 
 
 class UnsupportedOpWarning(UserWarning):
@@ -143,6 +144,23 @@ class TraceState:
             elif t in self.fields:
                 del self.fields[t]
 
+    def sized(self, t: torch.Tensor, out: Any, dim: Any) -> Any:
+        """``t.shape`` / ``t.size(dim)``, with the sizes of channel axes as :class:`SizeInt`."""
+        if not self.is_tracked(t):
+            return out
+
+        def wrap(d: int, value: int) -> int:
+            along = [f for f in self.fields_of(t) if f.shape[d] > 1]
+            if len(along) == 1 and all(s == 1 for e, s in enumerate(along[0].shape) if e != d):
+                return SizeInt(value, along[0].reshape(-1))
+            return value
+
+        if isinstance(out, torch.Size):
+            return torch.Size([wrap(d, v) for d, v in enumerate(out)])
+        if isinstance(out, int) and isinstance(dim, int):
+            return wrap(dim % t.dim(), out)
+        return out
+
     # -- freezing ------------------------------------------------------------------------------
     def freeze(self, t: Any, op: str, reason: str) -> None:
         for f in self.fields_of(t):
@@ -202,7 +220,10 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.state.record(Call(op_name(func), func, tuple(args), dict(kwargs), out))
+        name = op_name(func)
+        if name in ("size", "shape.__get__") and args and isinstance(args[0], torch.Tensor):
+            return self.state.sized(args[0], out, args[1] if len(args) > 1 else kwargs.get("dim"))
+        self.state.record(Call(name, func, tuple(args), dict(kwargs), out))
         return out
 
 

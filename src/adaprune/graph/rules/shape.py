@@ -15,6 +15,7 @@ import torch
 
 from ..atoms import NO_ATOM
 from ..fields import Field, collapse, compact, full, merge
+from ..sizes import SizeInt
 from ..tracer import Call, TraceState, rule
 
 
@@ -107,7 +108,33 @@ def reshape(state: TraceState, call: Call) -> None:
         fields.append(g)
     if call.name in ("view_as", "reshape_as"):
         fields = _union_with(state, fields, state.fields_of(call.args[1]))
+    # A merge can leave an axis that cannot shrink (a position-bias table's heads) varying along the
+    # same dim as a prunable one; the fixed axis needs no tracking and must not pin the other.
+    fields = [f for f in fields if not _all_pinned(state, f)]
+    own = {r for f in state.fields_of(x) for r in state.atoms.roots(f).reshape(-1).tolist()}
+    for k, size in enumerate(sizes or []):
+        # a size read from this very tensor is kept by the reshape itself; one read from another axis
+        # (the residual width, in C // heads) ties that axis to this dim
+        if isinstance(size, SizeInt) and not set(state.atoms.roots(size.atoms).tolist()) <= own:
+            fields = [_follow(state, f, k, size) for f in fields]
     state.set_fields(out, [f for f in fields if any(s > 1 for s in f.shape)])
+
+
+def _all_pinned(state: TraceState, field: Field) -> bool:
+    roots = [r for r in set(state.atoms.roots(field).reshape(-1).tolist()) if r >= 0]
+    return bool(roots) and all(state.atoms.pinned(r) for r in roots)
+
+
+def _follow(state: TraceState, field: Field, k: int, size: SizeInt) -> Field:
+    """Dim ``k`` was sized from another channel axis (``C // heads``): pair its positions with that
+    axis's channels so both shrink together (position ``d`` with channels ``h * n + d``)."""
+    n = field.shape[k]
+    if n <= 1 or size.num != 1 or any(s > 1 for e, s in enumerate(field.shape) if e != k):
+        return field
+    if size.atoms.numel() != n * size.den:
+        return field
+    state.atoms.union_pairs(field.reshape(1, n), size.atoms.view(size.den, n))
+    return compact(state.atoms, field)
 
 
 def _union_with(state: TraceState, a: list[Field], b: list[Field]) -> list[Field]:
