@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import Self
 
 
 class SizeInt(int):
@@ -23,7 +24,7 @@ class SizeInt(int):
     num: int
     den: int
 
-    def __new__(cls, value: int, atoms: torch.Tensor, num: int = 1, den: int = 1) -> SizeInt:
+    def __new__(cls, value: int, atoms: torch.Tensor, num: int = 1, den: int = 1) -> Self:
         obj = super().__new__(cls, value)
         obj.atoms, obj.num, obj.den = atoms, num, den
         return obj
