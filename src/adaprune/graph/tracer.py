@@ -212,6 +212,9 @@ class TraceState:
             self.unknown(call, f"the graph rule for {call.name!r} failed ({exc})")
 
 
+_SAME_SHAPE = frozenset({"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"})
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, state: TraceState) -> None:
         super().__init__()
@@ -219,8 +222,11 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = op_name(func)
+        if name in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            out = torch.empty_like(args[0])  # on meta only the shape matters; norms decompose slowly
+        else:
+            out = func(*args, **kwargs)
         if name in ("size", "shape.__get__") and args and isinstance(args[0], torch.Tensor):
             return self.state.sized(args[0], out, args[1] if len(args) > 1 else kwargs.get("dim"))
         self.state.record(Call(name, func, tuple(args), dict(kwargs), out))
