@@ -67,6 +67,28 @@ class Importance(Protocol):
 Params = dict[str, nn.Parameter]
 
 
+class ParamIndex(dict):  # type: ignore[type-arg]
+    """A model's named parameters, with per-dim sums of |w|^p computed once per tensor and power."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.named_parameters(remove_duplicate=False))
+        self._sums: dict[tuple[str, float], list[torch.Tensor]] = {}
+
+    def sums(self, name: str, power: float, dim: int) -> torch.Tensor:
+        """sum over every dim but ``dim`` of |w|^power, float64 on the CPU."""
+        key = (name, power)
+        if key not in self._sums:
+            w = self[name].detach().float().abs()
+            if power != 1.0:
+                w = w.pow(power)
+            dims = range(w.dim())
+            # (an empty dim list would reduce everything: a 1-D tensor is its own per-position sum)
+            self._sums[key] = [
+                (w.sum(dim=[e for e in dims if e != d]) if w.dim() > 1 else w).double().cpu() for d in dims
+            ]
+        return self._sums[key][dim]
+
+
 class PerGroup(ABC):
     """Base for criteria that score each group on its own from the weights."""
 
@@ -77,7 +99,7 @@ class PerGroup(ABC):
     def __call__(
         self, model: nn.Module, groups: Sequence[Group], ctx: Context
     ) -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = ParamIndex(model)
         return {g.name: self.score(model, g, params) for g in groups}
 
 

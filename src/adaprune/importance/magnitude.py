@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..graph import Group
-from . import IMPORTANCE, Params, PerGroup
+from . import IMPORTANCE, ParamIndex, Params, PerGroup
 
 
 def slot_rows(
@@ -49,14 +49,12 @@ def per_channel(group: Group, values: list[tuple[torch.Tensor, torch.Tensor]]) -
 
 def group_sums(model: nn.Module, group: Group, power: float, params: Params | None = None) -> torch.Tensor:
     """Per channel: the sum of |w|^power over the group's parameter slices."""
-    params = params if params is not None else dict(model.named_parameters(remove_duplicate=False))
-    values = []
-    for slot, owner in zip(group.slots, group.channel_of):
-        if slot.is_param and slot.tensor in params:
-            w = params[slot.tensor].detach()
-            others = [d for d in range(w.dim()) if d != slot.dim]
-            v = (w.abs() if power == 1.0 else w.abs().pow(power)).sum(dim=others) if others else w.abs().pow(power)
-            values.append((v.double().cpu(), owner))
+    index = params if isinstance(params, ParamIndex) else ParamIndex(model)
+    values = [
+        (index.sums(slot.tensor, power, slot.dim), owner)
+        for slot, owner in zip(group.slots, group.channel_of)
+        if slot.is_param and slot.tensor in index
+    ]
     return per_channel(group, values)
 
 
