@@ -45,13 +45,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of adaprune, torch, Python and the optional libraries that are installed."""
     from . import __version__
 
     out = {"adaprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("torchvision", "transformers", "safetensors"):
+    for name in ("torchvision", "transformers", "safetensors", "onnxruntime"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -111,7 +112,7 @@ def save(
     meta = {
         "format": "adaprune",
         "format_version": FORMAT_VERSION,
-        "versions": _versions(),
+        "versions": versions(),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "base_model": base or getattr(config, "_name_or_path", None) or None,
         "params": sum(p.numel() for p in model.parameters()),

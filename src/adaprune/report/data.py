@@ -11,7 +11,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,16 +107,9 @@ def latency_pairs(before: Iterable[dict[str, Any]], after: Iterable[dict[str, An
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from ..io import versions
 
-    out = {"adaprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import onnxruntime
-
-        out["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return out
+    return versions()
 
 
 def _layers(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
