@@ -25,7 +25,8 @@ test: $(STAMP)
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "chromium could not be installed: the browser test will be skipped"; \
 	fi
-	$(BIN)/python -m pytest -q -n 2 --durations=10
+	$(BIN)/python -m pytest -q -n 2 -m "not timing" --durations=10
+	$(BIN)/python -m pytest -q -m timing
 
 # Benchmarks (CPU, single thread; tens of minutes): results in benchmarks/results/*.json, then
 # docs/benchmarks.md regenerated from them. Narrow the grids with e.g. ACC_ARGS="--fresh --budgets 8 16 --recovery 2".

@@ -58,7 +58,7 @@ class AdaptConfig:
     max_group_ratio: float = 0.6
     finetune_steps: int = 50
     max_iterations: int = 40
-    latency_repeats: int = 15
+    latency_repeats: int = 25
     seed: int = 0
     min_channels: int = 1
     round_to: int = 1
