@@ -64,34 +64,33 @@ def norm_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]
     return out
 
 
+def _role(mod: nn.Module, dim: int) -> str | None:
+    """Whether weight dim ``dim`` of ``mod`` indexes its outputs ("out"), its inputs ("in"), or neither."""
+    if isinstance(mod, nn.Linear):
+        return "out" if dim == 0 else "in"
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return "out" if dim == (1 if mod.transposed else 0) else "in"
+    if isinstance(mod, nn.Embedding) and dim == 1:
+        return "out"
+    return None
+
+
+def _weight_slots(model: nn.Module, group: Group, role: str) -> list[tuple[str, str, int, torch.Tensor]]:
+    return [
+        (slot.module, slot.tensor, slot.dim, owner)
+        for slot, owner in zip(group.slots, group.channel_of)
+        if slot.tensor.endswith(".weight") and _role(model.get_submodule(slot.module), slot.dim) == role
+    ]
+
+
 def producer_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]:
     """(module name, channel map) for layers whose *outputs* are the group's channels."""
-    out = []
-    for slot, owner in zip(group.slots, group.channel_of):
-        if not slot.tensor.endswith(".weight"):
-            continue
-        mod = model.get_submodule(slot.module)
-        conv = isinstance(mod, nn.modules.conv._ConvNd)
-        if (isinstance(mod, nn.Linear) and slot.dim == 0) or (
-            conv and slot.dim == (1 if mod.transposed else 0)
-        ) or (isinstance(mod, nn.Embedding) and slot.dim == 1):
-            out.append((slot.module, owner))
-    return out
+    return [(m, owner) for m, _, _, owner in _weight_slots(model, group, "out")]
 
 
 def consumer_slots(model: nn.Module, group: Group) -> list[tuple[str, str, int, torch.Tensor]]:
     """(module name, tensor name, dim, channel map) for layers that *consume* the group's channels."""
-    out = []
-    for slot, owner in zip(group.slots, group.channel_of):
-        if not slot.tensor.endswith(".weight"):
-            continue
-        mod = model.get_submodule(slot.module)
-        conv = isinstance(mod, nn.modules.conv._ConvNd)
-        if (isinstance(mod, nn.Linear) and slot.dim == 1) or (
-            conv and slot.dim == (0 if mod.transposed else 1)
-        ):
-            out.append((slot.module, slot.tensor, slot.dim, owner))
-    return out
+    return _weight_slots(model, group, "in")
 
 
 def observe(
