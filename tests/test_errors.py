@@ -541,3 +541,42 @@ def test_failed_prune_with_tied_weights_restores_ties():
     assert_unchanged(net, snap, ids, y0)
     assert net.out.weight is net.emb.weight  # the tie survives the roll back
     assert dict(net.named_parameters(remove_duplicate=False))["out.weight"] is net.emb.weight
+
+
+def _mlp_and_plan() -> tuple[nn.Module, ap.Plan]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    plan = ap.Plan({"0.weight": {0: (1, 3)}, "0.bias": {0: (1, 3)},
+                    "2.weight": {0: (0, 5, 7), 1: (1, 3)}, "2.bias": {0: (0, 5, 7)}, "4.weight": {1: (0, 5, 7)}})
+    return net, plan
+
+
+def test_surgery_releases_old_weights_while_checking_and_rolls_back_exactly():
+    import weakref
+
+    net, plan = _mlp_and_plan()
+    x = torch.randn(2, 8)
+    snap, y0 = snapshot(net), eval_out(net, x)
+    old = weakref.ref(net[2].weight)  # not a strong reference: the old storage may be released
+    seen = []
+
+    def check():
+        seen.append(old().numel())  # the model is never held twice in memory
+        raise RuntimeError("boom")
+
+    with pytest.raises(SurgeryError, match="boom"):
+        ap.remove(net, plan, check=check)
+    assert seen == [0]
+    assert_unchanged(net, snap, x, y0)
+
+
+def test_committed_surgery_keeps_the_values_of_old_weights_held_elsewhere():
+    net, plan = _mlp_and_plan()
+    held = net[2].weight
+    before = held.detach().clone()
+    ap.remove(net, plan)
+    assert net[2].weight.shape == (13, 14)
+    assert torch.equal(held, before)  # what the caller kept still reads the old values
+    rows = [i for i in range(16) if i not in (0, 5, 7)]
+    cols = [i for i in range(16) if i not in (1, 3)]
+    assert torch.equal(net[2].weight, before[rows][:, cols])

@@ -68,25 +68,42 @@ Params = dict[str, nn.Parameter]
 
 
 class ParamIndex(dict):  # type: ignore[type-arg]
-    """A model's named parameters, with per-dim sums of |w|^p computed once per tensor and power."""
+    """A model's named parameters, with per-dim sums of |w|^p computed once per tensor and power.
 
-    def __init__(self, model: nn.Module) -> None:
+    Given the groups to score, only the dims that are slots of some group are summed (a token
+    embedding's rows, for instance, are never prunable: no sums along them).
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[Group] | None = None) -> None:
         super().__init__(model.named_parameters(remove_duplicate=False))
-        self._sums: dict[tuple[str, float], list[torch.Tensor]] = {}
+        self._sums: dict[tuple[str, float, int], torch.Tensor] = {}
+        self._dims: dict[str, set[int]] | None = None
+        if groups is not None:
+            self._dims = {}
+            for g in groups:
+                for slot in g.slots:
+                    self._dims.setdefault(slot.tensor, set()).add(slot.dim)
 
     def sums(self, name: str, power: float, dim: int) -> torch.Tensor:
         """sum over every dim but ``dim`` of |w|^power, float64 on the CPU."""
-        key = (name, power)
+        key = (name, power, dim)
         if key not in self._sums:
-            w = self[name].detach().float().abs()
-            if power != 1.0:
-                w = w.pow(power)
+            w = self[name].detach()
+            copied = w.dtype != torch.float32  # .float() made a copy: it may be changed in place
+            w = w.float()
+            if power == 2.0:  # |w|^2 is w*w exactly: no abs pass
+                w = w.square_() if copied else w.square()
+            else:
+                w = w.abs_() if copied else w.abs()
+                if power != 1.0:
+                    w = w.pow_(power)
             dims = range(w.dim())
-            # (an empty dim list would reduce everything: a 1-D tensor is its own per-position sum)
-            self._sums[key] = [
-                (w.sum(dim=[e for e in dims if e != d]) if w.dim() > 1 else w).double().cpu() for d in dims
-            ]
-        return self._sums[key][dim]
+            wanted = set(dims) if self._dims is None else (self._dims.get(name, set()) | {dim})
+            for d in wanted:
+                # (an empty dim list would reduce everything: a 1-D tensor is its own per-position sum)
+                total = w.sum(dim=[e for e in dims if e != d]) if w.dim() > 1 else w
+                self._sums[(name, power, d)] = total.double().cpu()
+        return self._sums[key]
 
 
 class PerGroup(ABC):
@@ -99,7 +116,7 @@ class PerGroup(ABC):
     def __call__(
         self, model: nn.Module, groups: Sequence[Group], ctx: Context
     ) -> dict[str, torch.Tensor]:
-        params = ParamIndex(model)
+        params = ParamIndex(model, groups)
         return {g.name: self.score(model, g, params) for g in groups}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import weakref
 from typing import Any
 
 import torch
@@ -27,15 +28,38 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     return out
 
 
-def _sliced(t: torch.Tensor, dims: dict[int, tuple[int, ...]]) -> torch.Tensor:
-    out = t.detach()
-    for d, idx in dims.items():
-        if not idx:
-            continue
-        keep = torch.ones(t.shape[d], dtype=torch.bool)
-        keep[list(idx)] = False
-        out = out.index_select(d, keep.nonzero().flatten().to(t.device))
-    return out.clone()
+class _Cut:
+    """One planned tensor cut in two: the kept part (the new tensor) and what rebuilds the old one.
+
+    For each sliced dim: the kept and removed positions, and the removed slice. Together with the kept
+    part they restore the old tensor bit-exactly, at the memory cost of the removed part only, so a
+    parameter's old storage can be released while the rollback stays possible.
+    """
+
+    def __init__(self, t: torch.Tensor, dims: dict[int, tuple[int, ...]], rebuildable: bool) -> None:
+        out = t.detach()
+        self.steps: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        for d, idx in dims.items():
+            if not idx:
+                continue
+            kept = torch.ones(out.shape[d], dtype=torch.bool)
+            kept[list(idx)] = False
+            keep, gone = kept.nonzero().flatten().to(t.device), (~kept).nonzero().flatten().to(t.device)
+            self.steps.append((d, keep, gone, out.index_select(d, gone) if rebuildable else None))
+            out = out.index_select(d, keep)
+        self.kept = out if self.steps else out.clone()  # index_select already copied
+
+    def joined(self, kept: torch.Tensor) -> torch.Tensor:
+        """The old tensor, from its kept part and the removed slices."""
+        out = kept.detach()
+        for d, keep, gone, removed in reversed(self.steps):
+            shape = list(out.shape)
+            shape[d] = keep.numel() + gone.numel()
+            full = out.new_empty(shape)
+            full.index_copy_(d, keep, out)
+            full.index_copy_(d, gone, removed)  # type: ignore[arg-type]
+            out = full
+        return out
 
 
 def output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -75,15 +99,31 @@ def remove(
         k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
         for k, m in [*touched.items(), *((id(p), p) for p in parents)]
     }
+    # Parameters whose old storage was released: (old Parameter, new Parameter, what rebuilds the old
+    # values). The old objects stay (the rollback puts the very same objects back); only their data
+    # goes, so the model is never held twice in memory. Buffers keep their old tensors (a forward
+    # pass may update buffers in place, so the old values are kept whole).
+    released: list[tuple[nn.Parameter, nn.Parameter, _Cut]] = []
+    done: dict[int, dict[int, tuple[int, ...]]] = {}
     try:
         for name, dims in plan.removals.items():
             old = tensors[name]
-            new = _sliced(old, dict(dims))
+            if id(old) in done:  # the same (tied) tensor under another name
+                if done[id(old)] != dict(dims):
+                    raise SurgeryError(f"the plan cuts the tied tensor {name!r} differently under its names")
+                continue
+            done[id(old)] = dict(dims)
+            cut = _Cut(old, dict(dims), rebuildable=isinstance(old, nn.Parameter))
+            new: torch.Tensor = cut.kept
             if isinstance(old, nn.Parameter):  # one new Parameter shared by all owners keeps ties
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
+                if cut.steps:
+                    old.data = old.data.new_empty(0)
+                    released.append((old, new, cut))
             for mod, attr, is_param in owners[id(old)]:
                 store: dict[str, Any] = mod._parameters if is_param else mod._buffers
                 store[attr] = new
+        del old, new, cut
         for k, mod in touched.items():
             fix_module(mod, saved[k][0])
         for mod in parents:  # containers whose attributes mirror their children's sizes
@@ -96,8 +136,7 @@ def remove(
                     f"after surgery the output shapes are {got}, expected {expected_shapes}"
                 )
     except Exception as exc:
-        _restore(touched, saved)
-        _restore({id(p): p for p in parents}, saved)
+        _restore(touched, saved, parents, released)
         if isinstance(exc, SurgeryError):
             raise SurgeryError(f"{exc}; the model was restored unchanged") from exc
         raise SurgeryError(
@@ -107,8 +146,16 @@ def remove(
             "adaprune.surgery.register_fixer"
         ) from exc
     if not commit:
-        _restore(touched, saved)
-        _restore({id(p): p for p in parents}, saved)
+        _restore(touched, saved, parents, released)
+        return
+    # Committed: the old parameters left the model. One that something else still holds (an
+    # optimizer, the caller) gets its values back, as if its storage had never been released.
+    refs = [(weakref.ref(old), new, cut) for old, new, cut in released]
+    del released, saved, tensors
+    for ref, new, cut in refs:
+        still_held = ref()
+        if still_held is not None:
+            still_held.data = cut.joined(new)
 
 
 def _ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
@@ -125,10 +172,19 @@ def _ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Modul
     return [m for _, m in mods]
 
 
-def _restore(touched: dict[int, nn.Module], saved: dict[int, tuple[dict, dict, dict]]) -> None:
-    for k, mod in touched.items():
-        d, params, bufs = saved[k]
+def _restore(
+    touched: dict[int, nn.Module],
+    saved: dict[int, tuple[dict, dict, dict]],
+    parents: list[nn.Module],
+    released: list[tuple[nn.Parameter, nn.Parameter, _Cut]],
+) -> None:
+    """Put back every module's attributes, parameters and buffers, and the released parameters' values."""
+    for mod in [*touched.values(), *parents]:
+        d, params, bufs = saved[id(mod)]
         mod.__dict__.clear()
         mod.__dict__.update(d)
         mod._parameters = params
         mod._buffers = bufs
+    while released:  # one parameter at a time: the new one and the removed slices go as it is rebuilt
+        old, new, cut = released.pop()
+        old.data = cut.joined(new)
