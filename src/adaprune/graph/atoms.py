@@ -9,6 +9,11 @@ zeroing it (mask) and removing it (remove) give different outputs.
 
 ``-1`` stands for "no atom": a position whose size is fixed and which nothing may remove. A union of
 an atom with ``-1`` pins the atom.
+
+The union-find lives in tensors (parent pointers, and a pinned / spanned flag kept at each root), so
+that rules work on whole label tensors at once: a layer of width 4096 is one call, not 4096. The
+root of a class is always its smallest atom id (a union hooks the larger root under the smaller).
+Pin reasons are kept as (atoms, reason) records and gathered only when asked for.
 """
 
 from __future__ import annotations
@@ -17,50 +22,60 @@ import torch
 
 NO_ATOM = -1
 
+_FIXED = "its size is fixed by a tensor that cannot shrink"
+
 
 class Atoms:
     """Union-find over integer atom ids, with pin reasons and a 'spanned' flag per class."""
 
     def __init__(self) -> None:
-        self._parent: list[int] = []
-        self._pins: dict[int, list[str]] = {}
-        self._spanned: set[int] = set()
+        self._n = 0
+        self._parent = torch.empty(0, dtype=torch.long)
+        self._pinned = torch.empty(0, dtype=torch.bool)  # valid at roots
+        self._spanned = torch.empty(0, dtype=torch.bool)  # valid at roots
+        self._reasons: list[tuple[torch.Tensor, str]] = []
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._n
 
     def new(self, n: int) -> torch.Tensor:
         """Create ``n`` fresh atoms; return their ids."""
-        start = len(self._parent)
-        self._parent.extend(range(start, start + n))
-        return torch.arange(start, start + n, dtype=torch.long)
+        start, end = self._n, self._n + n
+        if end > self._parent.numel():
+            cap = max(2 * self._parent.numel(), end, 1024)
+            grow = cap - self._parent.numel()
+            self._parent = torch.cat([self._parent, torch.empty(grow, dtype=torch.long)])
+            self._pinned = torch.cat([self._pinned, torch.zeros(grow, dtype=torch.bool)])
+            self._spanned = torch.cat([self._spanned, torch.zeros(grow, dtype=torch.bool)])
+        ids = torch.arange(start, end, dtype=torch.long)
+        self._parent[start:end] = ids
+        self._n = end
+        return ids
 
-    def find(self, a: int) -> int:
+    def _find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Roots of ``ids`` (a 1-D tensor of valid atoms); the paths walked are compressed."""
         parent = self._parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+        roots = parent[ids]
+        while True:
+            up = parent[roots]
+            if torch.equal(up, roots):
+                break
+            roots = up
+        parent[ids] = roots
+        return roots
 
-    def union(self, a: int, b: int) -> int:
-        if a == NO_ATOM and b == NO_ATOM:
-            return NO_ATOM
-        if a == NO_ATOM or b == NO_ATOM:
-            root = self.find(b if a == NO_ATOM else a)
-            self._pins.setdefault(root, []).append("its size is fixed by a tensor that cannot shrink")
-            return root
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        if ra > rb:
-            ra, rb = rb, ra
-        self._parent[rb] = ra
-        if rb in self._pins:
-            self._pins.setdefault(ra, []).extend(self._pins.pop(rb))
-        if rb in self._spanned:
-            self._spanned.discard(rb)
-            self._spanned.add(ra)
-        return ra
+    def roots(self, labels: torch.Tensor) -> torch.Tensor:
+        """Map every atom id in ``labels`` to its class root (``-1`` stays ``-1``)."""
+        if labels.numel() == 0:
+            return labels
+        flat = labels.reshape(-1)
+        valid = flat >= 0
+        if bool(valid.all()):
+            out = self._find(flat)
+        else:
+            out = flat.clone()
+            out[valid] = self._find(flat[valid])
+        return out.reshape(labels.shape)
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ``a[i]`` with ``b[i]`` for every element of the (broadcast) label tensors."""
@@ -69,40 +84,83 @@ class Atoms:
         keep = a != b
         if not bool(keep.any()):
             return
-        n = len(self._parent) + 2  # encode each pair as one integer (ids are >= -1)
-        keys = torch.unique((a[keep] + 1) * n + (b[keep] + 1))
-        for x, y in zip(((keys // n) - 1).tolist(), ((keys % n) - 1).tolist()):
-            self.union(x, y)
+        a, b = a[keep], b[keep]
+        fixed_a, fixed_b = a < 0, b < 0
+        if bool((fixed_a | fixed_b).any()):  # with -1: pinned (both -1 cannot occur here: a != b)
+            self.pin(torch.where(fixed_a, b, a)[fixed_a | fixed_b], _FIXED)
+            both = ~(fixed_a | fixed_b)
+            a, b = a[both], b[both]
+            if a.numel() == 0:
+                return
+        ra, rb = self._find(a), self._find(b)
+        before = torch.cat([ra, rb])  # the roots of the classes being merged
+        while True:
+            differ = ra != rb
+            if not bool(differ.any()):
+                break
+            ra, rb = ra[differ], rb[differ]
+            self._parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+            a, b = a[differ], b[differ]
+            ra, rb = self._find(a), self._find(b)
+        after = self._find(before)
+        for flags in (self._pinned, self._spanned):  # a merged class keeps the flags of its parts
+            hit = flags[before]
+            if bool(hit.any()):
+                flags[after[hit]] = True
+
+    def union(self, a: int, b: int) -> int:
+        self.union_pairs(torch.tensor([a]), torch.tensor([b]))
+        return NO_ATOM if a == NO_ATOM and b == NO_ATOM else self.find(b if a == NO_ATOM else a)
+
+    def find(self, a: int) -> int:
+        return int(self._find(torch.tensor([a]))[0])
 
     def union_all(self, labels: torch.Tensor) -> None:
         """Union every atom in ``labels`` into one class (a ``-1`` among them pins it)."""
-        values = torch.unique(labels).tolist()
-        for v in values[1:]:
-            self.union(values[0], v)
+        values = torch.unique(labels)
+        if values.numel() > 1:
+            self.union_pairs(values[:1], values[1:])
 
-    def roots(self, labels: torch.Tensor) -> torch.Tensor:
-        """Map every atom id in ``labels`` to its class root (``-1`` stays ``-1``)."""
-        if labels.numel() == 0:
-            return labels
-        uniq, inverse = torch.unique(labels, return_inverse=True)
-        mapped = torch.tensor(
-            [self.find(u) if u != NO_ATOM else NO_ATOM for u in uniq.tolist()], dtype=torch.long
-        )
-        return mapped[inverse]
+    def _valid(self, labels: torch.Tensor) -> torch.Tensor:
+        ids = labels.reshape(-1)
+        return torch.unique(ids[ids >= 0])
 
     def pin(self, labels: torch.Tensor, reason: str) -> None:
-        for u in torch.unique(labels).tolist():
-            if u != NO_ATOM:
-                self._pins.setdefault(self.find(u), []).append(reason)
+        ids = self._valid(labels)
+        if ids.numel():
+            self._pinned[self._find(ids)] = True
+            self._reasons.append((ids, reason))
 
     def span(self, labels: torch.Tensor) -> None:
-        for u in torch.unique(labels).tolist():
-            if u != NO_ATOM:
-                self._spanned.add(self.find(u))
+        ids = self._valid(labels)
+        if ids.numel():
+            self._spanned[self._find(ids)] = True
+
+    def is_pinned(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per element of ``labels`` (valid atoms): whether its class is pinned."""
+        return self._pinned[self._find(labels.reshape(-1))].reshape(labels.shape)
+
+    def is_spanned(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per element of ``labels`` (valid atoms): whether its class is spanned."""
+        return self._spanned[self._find(labels.reshape(-1))].reshape(labels.shape)
+
+    def reasons(self, roots: list[int]) -> dict[int, list[str]]:
+        """Why each class in ``roots`` is pinned (empty lists for free classes)."""
+        out: dict[int, list[str]] = {r: [] for r in roots}
+        if not roots:
+            return out
+        wanted = torch.tensor(sorted(set(roots)), dtype=torch.long)
+        for ids, reason in self._reasons:
+            hit = self._find(ids)
+            hit = torch.unique(hit[torch.isin(hit, wanted)])
+            for r in hit.tolist():
+                out[r].append(reason)
+        return out
 
     def pinned(self, root: int) -> list[str]:
         """Reasons the class of ``root`` is pinned (empty when it is free)."""
-        return self._pins.get(self.find(root), [])
+        r = self.find(root)
+        return self.reasons([r])[r] if bool(self._pinned[r]) else []
 
     def spanned(self, root: int) -> bool:
-        return self.find(root) in self._spanned
+        return bool(self._spanned[self.find(root)])

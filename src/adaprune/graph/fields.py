@@ -25,6 +25,9 @@ def varying(field: Field) -> set[int]:
 
 def compact(atoms: Atoms, field: Field) -> Field:
     """Canonical form: labels replaced by their class roots, constant dims shrunk to size 1."""
+    for d in range(field.dim()):  # broadcast dims (stride 0) are constant: shrunk before the lookup
+        if field.shape[d] > 1 and field.stride(d) == 0:
+            field = field.narrow(d, 0, 1)
     field = atoms.roots(field)
     for d in range(field.dim()):
         if field.shape[d] > 1 and bool((field == field.narrow(d, 0, 1)).all()):

@@ -75,51 +75,65 @@ class Graph:
 
 
 def build_groups(state: TraceState, param_names: set[str]) -> Graph:
+    """Gather the free classes of atoms by the set of slots they cover (whole tensors at a time)."""
     atoms = state.atoms
-    slot_list: list[Slot] = []
-    slot_roots: list[torch.Tensor] = []
-    members: dict[int, dict[int, int]] = {}  # root -> slot index -> first position
-    frozen_slots: dict[str, list[str]] = {}
-    pinned: dict[int, list[str]] = {}
-    for (name, dim), ids in state.slots.items():
-        slot_root = atoms.roots(ids)
-        idx = len(slot_list)
-        slot_list.append(Slot(name, dim, ids.numel(), name in param_names))
-        slot_roots.append(slot_root)
-        order = torch.argsort(slot_root, stable=True)
-        uniq, counts = torch.unique_consecutive(slot_root[order], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        first_pos = order[starts].tolist()
-        for r, start in zip(uniq.tolist(), first_pos):
-            if r not in pinned:
-                pinned[r] = atoms.pinned(r)
-            if pinned[r]:
-                frozen_slots.setdefault(f"{name}:{dim}", sorted(set(pinned[r]))[:3])
-                continue
-            members.setdefault(r, {})[idx] = start
+    slot_list = [Slot(name, dim, ids.numel(), name in param_names) for (name, dim), ids in state.slots.items()]
+    slot_roots = [atoms.roots(ids) for ids in state.slots.values()]
+    if not slot_list:
+        return Graph([], list(state.frozen), {})
+    sizes = torch.tensor([r.numel() for r in slot_roots])
+    roots = torch.cat(slot_roots)
+    slot = torch.repeat_interleave(torch.arange(len(slot_list)), sizes)
+    pos = torch.arange(roots.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    pinned = atoms.is_pinned(roots)
+    frozen_slots = _frozen_slots(state, slot_list, roots[pinned], slot[pinned])
+    # one entry per (class, slot) it covers, with its first position there; sorted by class, then slot
+    free = ~pinned
+    roots, slot, pos = roots[free], slot[free], pos[free]
+    key, inverse = torch.unique(roots * len(slot_list) + slot, return_inverse=True)
+    first = torch.full((key.numel(),), roots.numel(), dtype=torch.long).scatter_reduce_(0, inverse, pos, "amin")
+    pair_root, pair_slot = key // len(slot_list), key % len(slot_list)
+    class_roots, counts = torch.unique_consecutive(pair_root, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    # a class's signature is the tuple of its slots; its channel order is its position in its first slot
     by_signature: dict[tuple[int, ...], list[int]] = {}
-    for r, where in members.items():
-        by_signature.setdefault(tuple(sorted(where)), []).append(r)
+    slots_flat = pair_slot.tolist()
+    for k, (s0, c) in enumerate(zip(starts.tolist(), counts.tolist())):
+        by_signature.setdefault(tuple(slots_flat[s0 : s0 + c]), []).append(k)
+    order_key = first[starts].tolist()
+    class_list = class_roots.tolist()
+    spanned = atoms.is_spanned(class_roots).tolist() if class_roots.numel() else []
+    # classes are met in the order (first slot, root): groups are named and listed in that order
+    signatures = sorted(by_signature, key=lambda sig: (sig[0], class_list[by_signature[sig][0]]))
+    n = len(atoms)
+    group_of, rank_of = torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)
     groups: list[Group] = []
-    first: list[int] = []
     used: set[str] = set()
-    for sig, roots in by_signature.items():
-        roots.sort(key=lambda r: members[r][sig[0]])
-        keys = torch.tensor(sorted(roots), dtype=torch.long)
-        rank = {r: c for c, r in enumerate(roots)}
-        values = torch.tensor([rank[int(k)] for k in keys], dtype=torch.long)
+    for gid, sig in enumerate(signatures):
+        members = sorted(by_signature[sig], key=order_key.__getitem__)
+        member_roots = torch.tensor([class_list[k] for k in members], dtype=torch.long)
+        group_of[member_roots] = gid
+        rank_of[member_roots] = torch.arange(len(members))
         channel_of = []
         for i in sig:
             rr = slot_roots[i]
-            pos = torch.searchsorted(keys, rr).clamp(max=keys.numel() - 1)
-            channel_of.append(torch.where(keys[pos] == rr, values[pos], torch.full_like(rr, -1)))
+            channel_of.append(torch.where(group_of[rr] == gid, rank_of[rr], torch.full_like(rr, -1)))
         slots = tuple(slot_list[i] for i in sig)
-        name = _group_name(slots, used)
-        exact = not any(atoms.spanned(r) for r in roots)
-        groups.append(Group(name, slots, tuple(channel_of), len(roots), exact))
-        first.append(min(sig))
-    groups = [g for _, g in sorted(zip(first, groups), key=lambda t: t[0])]
+        exact = not any(spanned[k] for k in members)
+        groups.append(Group(_group_name(slots, used), slots, tuple(channel_of), len(members), exact))
     return Graph(groups, list(state.frozen), frozen_slots)
+
+
+def _frozen_slots(
+    state: TraceState, slot_list: list[Slot], roots: torch.Tensor, slot: torch.Tensor
+) -> dict[str, list[str]]:
+    """For each slot with pinned positions: up to three reasons, those of its smallest pinned class."""
+    if roots.numel() == 0:
+        return {}
+    least = torch.full((len(slot_list),), len(state.atoms), dtype=torch.long).scatter_reduce_(0, slot, roots, "amin")
+    hit = [(i, r) for i, r in enumerate(least.tolist()) if r < len(state.atoms)]
+    reasons = state.atoms.reasons([r for _, r in hit])
+    return {f"{slot_list[i].tensor}:{slot_list[i].dim}": sorted(set(reasons[r]))[:3] for i, r in hit}
 
 
 def _group_name(slots: tuple[Slot, ...], used: set[str]) -> str:

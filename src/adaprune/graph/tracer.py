@@ -212,7 +212,42 @@ class TraceState:
             self.unknown(call, f"the graph rule for {call.name!r} failed ({exc})")
 
 
+# On meta tensors only shapes matter, and many ops' meta kernels run as slow Python decompositions
+# (a ReLU ~0.5 ms, a linear ~2 ms): ops whose result is known are answered directly.
 _SAME_SHAPE = frozenset({"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"})
+# activations (same shape and dtype): the position of their `inplace` argument, None when they have none
+_ACTIVATIONS: dict[str, int | None] = {
+    "relu": 1, "relu6": 1, "hardswish": 1, "hardsigmoid": 1, "silu": 1, "mish": 1, "selu": 1,
+    "elu": 2, "celu": 2, "leaky_relu": 2, "hardtanh": 3, "gelu": None, "softplus": None,
+    "sigmoid": None, "tanh": None,
+}
+_IN_PLACE = frozenset(n + "_" for n in _ACTIVATIONS)
+_SAME_OPERANDS = frozenset({"add", "sub", "mul", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__"})
+
+
+def _meta_result(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The result of op ``name`` on meta tensors when it is known without running the op, else None."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not x.is_meta or "out" in kwargs:
+        return None
+    if name in _SAME_SHAPE:
+        return torch.empty_like(x)
+    if name in _IN_PLACE:
+        return x
+    if name in _ACTIVATIONS:
+        at = _ACTIVATIONS[name]
+        inplace = kwargs.get("inplace", at is not None and len(args) > at and args[at])
+        return x if bool(inplace) else torch.empty_like(x)
+    if name in _SAME_OPERANDS and len(args) == 2:  # e.g. a residual sum of two same-shaped tensors
+        y = args[1]
+        if isinstance(y, torch.Tensor) and y.is_meta and y.shape == x.shape and y.dtype == x.dtype:
+            return torch.empty_like(x)
+    if name == "linear":
+        w, b = args[1] if len(args) > 1 else kwargs.get("weight"), args[2] if len(args) > 2 else kwargs.get("bias")
+        if isinstance(w, torch.Tensor) and w.is_meta and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1]:
+            if b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]):
+                return x.new_empty((*x.shape[:-1], w.shape[0]))
+    return None
 
 
 class _Mode(TorchFunctionMode):
@@ -223,9 +258,8 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = op_name(func)
-        if name in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            out = torch.empty_like(args[0])  # on meta only the shape matters; norms decompose slowly
-        else:
+        out = _meta_result(name, args, kwargs)
+        if out is None:
             out = func(*args, **kwargs)
         if name in ("size", "shape.__get__") and args and isinstance(args[0], torch.Tensor):
             return self.state.sized(args[0], out, args[1] if len(args) > 1 else kwargs.get("dim"))

@@ -121,8 +121,9 @@ def reshape(state: TraceState, call: Call) -> None:
 
 
 def _all_pinned(state: TraceState, field: Field) -> bool:
-    roots = [r for r in set(state.atoms.roots(field).reshape(-1).tolist()) if r >= 0]
-    return bool(roots) and all(state.atoms.pinned(r) for r in roots)
+    labels = field.reshape(-1)
+    labels = labels[labels >= 0]
+    return labels.numel() > 0 and bool(state.atoms.is_pinned(labels).all())
 
 
 def _follow(state: TraceState, field: Field, k: int, size: SizeInt) -> Field:
