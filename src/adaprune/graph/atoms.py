@@ -56,11 +56,11 @@ class Atoms:
         """Roots of ``ids`` (a 1-D tensor of valid atoms); the paths walked are compressed."""
         parent = self._parent
         roots = parent[ids]
-        while True:
-            up = parent[roots]
-            if torch.equal(up, roots):
-                break
-            roots = up
+        up = parent[roots]
+        if torch.equal(up, roots):  # the common case: every id is a root or a root's child
+            return roots
+        while not torch.equal(up, roots):
+            roots, up = up, parent[up]
         parent[ids] = roots
         return roots
 
@@ -79,34 +79,35 @@ class Atoms:
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ``a[i]`` with ``b[i]`` for every element of the (broadcast) label tensors."""
-        a, b = torch.broadcast_tensors(a, b)
+        if a.shape != b.shape:
+            a, b = torch.broadcast_tensors(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
-        keep = a != b
-        if not bool(keep.any()):
+        if a.numel() == 0:
             return
-        a, b = a[keep], b[keep]
-        fixed_a, fixed_b = a < 0, b < 0
-        if bool((fixed_a | fixed_b).any()):  # with -1: pinned (both -1 cannot occur here: a != b)
-            self.pin(torch.where(fixed_a, b, a)[fixed_a | fixed_b], _FIXED)
+        if bool((torch.minimum(a, b) < 0).any()):  # with -1: pinned (a pair of two -1 is nothing)
+            fixed_a, fixed_b = a < 0, b < 0
+            self.pin(torch.where(fixed_a, b, a)[fixed_a ^ fixed_b], _FIXED)
             both = ~(fixed_a | fixed_b)
             a, b = a[both], b[both]
             if a.numel() == 0:
                 return
-        ra, rb = self._find(a), self._find(b)
-        before = torch.cat([ra, rb])  # the roots of the classes being merged
-        while True:
-            differ = ra != rb
-            if not bool(differ.any()):
+        n = a.numel()
+        ends = torch.cat([a, b])
+        r = self._find(ends)
+        before = r
+        while True:  # hook the larger root of each pair under the smaller, until every pair agrees
+            ra, rb = r[:n], r[n:]
+            if torch.equal(ra, rb):
                 break
-            ra, rb = ra[differ], rb[differ]
             self._parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
-            a, b = a[differ], b[differ]
-            ra, rb = self._find(a), self._find(b)
-        after = self._find(before)
-        for flags in (self._pinned, self._spanned):  # a merged class keeps the flags of its parts
-            hit = flags[before]
-            if bool(hit.any()):
-                flags[after[hit]] = True
+            r = self._find(ends)
+        flags = self._pinned[before] | self._spanned[before]
+        if bool(flags.any()):  # a merged class keeps the flags of its parts
+            hit = before[flags]
+            after = self._find(hit)
+            for flag in (self._pinned, self._spanned):
+                on = flag[hit]
+                flag[after[on]] = True
 
     def union(self, a: int, b: int) -> int:
         self.union_pairs(torch.tensor([a]), torch.tensor([b]))

@@ -60,8 +60,7 @@ def merge(atoms: Atoms, fields: Sequence[Field]) -> Field:
     result = fields[0]
     for other in fields[1:]:
         atoms.union_pairs(result, other)
-        a, b = torch.broadcast_tensors(result, other)
-        result = torch.where(a != NO_ATOM, a, b)
+        result = torch.where(result != NO_ATOM, result, other)  # (broadcasts)
     return compact(atoms, result)
 
 

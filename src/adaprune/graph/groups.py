@@ -82,7 +82,7 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     if not slot_list:
         return Graph([], list(state.frozen), {})
     sizes = torch.tensor([r.numel() for r in slot_roots])
-    roots = torch.cat(slot_roots)
+    roots = all_roots = torch.cat(slot_roots)
     slot = torch.repeat_interleave(torch.arange(len(slot_list)), sizes)
     pos = torch.arange(roots.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     pinned = atoms.is_pinned(roots)
@@ -105,22 +105,33 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     spanned = atoms.is_spanned(class_roots).tolist() if class_roots.numel() else []
     # classes are met in the order (first slot, root): groups are named and listed in that order
     signatures = sorted(by_signature, key=lambda sig: (sig[0], class_list[by_signature[sig][0]]))
+    members = [sorted(by_signature[sig], key=order_key.__getitem__) for sig in signatures]
+    # every class's group and rank, then each (group, slot) pair's channel map cut from one tensor
     n = len(atoms)
     group_of, rank_of = torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)
+    flat = [k for m in members for k in m]
+    member_roots = class_roots[torch.tensor(flat, dtype=torch.long)] if flat else class_roots
+    group_of[member_roots] = torch.repeat_interleave(
+        torch.arange(len(members)), torch.tensor([len(m) for m in members], dtype=torch.long)
+    )
+    rank_of[member_roots] = torch.cat([torch.arange(len(m)) for m in members]) if members else member_roots
+    pair_group = [g for g, sig in enumerate(signatures) for _ in sig]
+    pair_slot = torch.tensor([i for sig in signatures for i in sig], dtype=torch.long)
+    pair_sizes = sizes[pair_slot]
+    offsets = torch.cumsum(sizes, 0) - sizes
+    shift = torch.repeat_interleave(offsets[pair_slot] - (torch.cumsum(pair_sizes, 0) - pair_sizes), pair_sizes)
+    at = shift + torch.arange(int(pair_sizes.sum()))  # positions of every pair's slot in all_roots
+    rr = all_roots[at]
+    mine = group_of[rr] == torch.repeat_interleave(torch.tensor(pair_group, dtype=torch.long), pair_sizes)
+    maps = torch.where(mine, rank_of[rr], torch.full_like(rr, -1)).split(pair_sizes.tolist())
     groups: list[Group] = []
     used: set[str] = set()
+    k = 0
     for gid, sig in enumerate(signatures):
-        members = sorted(by_signature[sig], key=order_key.__getitem__)
-        member_roots = torch.tensor([class_list[k] for k in members], dtype=torch.long)
-        group_of[member_roots] = gid
-        rank_of[member_roots] = torch.arange(len(members))
-        channel_of = []
-        for i in sig:
-            rr = slot_roots[i]
-            channel_of.append(torch.where(group_of[rr] == gid, rank_of[rr], torch.full_like(rr, -1)))
         slots = tuple(slot_list[i] for i in sig)
-        exact = not any(spanned[k] for k in members)
-        groups.append(Group(_group_name(slots, used), slots, tuple(channel_of), len(members), exact))
+        exact = not any(spanned[c] for c in members[gid])
+        groups.append(Group(_group_name(slots, used), slots, maps[k : k + len(sig)], len(members[gid]), exact))
+        k += len(sig)
     return Graph(groups, list(state.frozen), frozen_slots)
 
 

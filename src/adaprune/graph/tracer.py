@@ -85,8 +85,24 @@ _PREFIXES = (
 )
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def op_name(func: Callable[..., Any]) -> str:
-    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_``."""
+    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_`` (cached per function)."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):  # not seen yet, or not hashable
+        pass
+    name = _op_name(func)
+    try:
+        _NAMES[func] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _op_name(func: Callable[..., Any]) -> str:
     try:
         name = str(resolve_name(func) or "")
     except Exception:  # noqa: BLE001  (resolve_name is best-effort on exotic callables)
@@ -194,11 +210,9 @@ class TraceState:
 
     # -- recording -----------------------------------------------------------------------------
     def record(self, call: Call) -> None:
-        flat_in = tree_flatten((call.args, call.kwargs))[0]
-        if not any(self.is_tracked(t) for t in flat_in):
+        if not (_any_tensor(call.args, self.is_tracked) or _any_tensor(call.kwargs, self.is_tracked)):
             return
-        flat_out = tree_flatten(call.out)[0]
-        if not any(isinstance(t, torch.Tensor) for t in flat_out) and call.out is not None:
+        if call.out is not None and not _any_tensor(call.out, _true):
             return
         fn = RULES.get(call.name)
         if fn is None:
@@ -214,6 +228,21 @@ class TraceState:
 
 # On meta tensors only shapes matter, and many ops' meta kernels run as slow Python decompositions
 # (a ReLU ~0.5 ms, a linear ~2 ms): ops whose result is known are answered directly.
+def _true(t: torch.Tensor) -> bool:
+    return True
+
+
+def _any_tensor(obj: Any, pred: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether a tensor satisfying ``pred`` sits in ``obj`` or in its tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return pred(obj)
+    if isinstance(obj, (tuple, list)):
+        return any(_any_tensor(o, pred) for o in obj)
+    if isinstance(obj, dict):
+        return any(_any_tensor(o, pred) for o in obj.values())
+    return False
+
+
 _SAME_SHAPE = frozenset({"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"})
 # activations (same shape and dtype): the position of their `inplace` argument, None when they have none
 _ACTIVATIONS: dict[str, int | None] = {
@@ -225,23 +254,28 @@ _IN_PLACE = frozenset(n + "_" for n in _ACTIVATIONS)
 _SAME_OPERANDS = frozenset({"add", "sub", "mul", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__"})
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    # torch.empty_like on meta runs a Python implementation; new_empty is the same for a contiguous x
+    return x.new_empty(x.shape) if x.is_contiguous() else torch.empty_like(x)
+
+
 def _meta_result(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The result of op ``name`` on meta tensors when it is known without running the op, else None."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_meta or "out" in kwargs:
         return None
     if name in _SAME_SHAPE:
-        return torch.empty_like(x)
+        return _like(x)
     if name in _IN_PLACE:
         return x
     if name in _ACTIVATIONS:
         at = _ACTIVATIONS[name]
         inplace = kwargs.get("inplace", at is not None and len(args) > at and args[at])
-        return x if bool(inplace) else torch.empty_like(x)
+        return x if bool(inplace) else _like(x)
     if name in _SAME_OPERANDS and len(args) == 2:  # e.g. a residual sum of two same-shaped tensors
         y = args[1]
         if isinstance(y, torch.Tensor) and y.is_meta and y.shape == x.shape and y.dtype == x.dtype:
-            return torch.empty_like(x)
+            return _like(x)
     if name == "linear":
         w, b = args[1] if len(args) > 1 else kwargs.get("weight"), args[2] if len(args) > 2 else kwargs.get("bias")
         if isinstance(w, torch.Tensor) and w.is_meta and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1]:

@@ -28,6 +28,22 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     return out
 
 
+class _Positions:
+    """Kept and removed positions as index tensors, made once per (size, removed, device): the tensors of
+    one channel group (a filter, its norm's scale, shift and statistics ...) share them."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, size: int, removed: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (size, tuple(removed), device)
+        if key not in self._cache:
+            kept = torch.ones(size, dtype=torch.bool)
+            kept[list(removed)] = False
+            self._cache[key] = (kept.nonzero().flatten().to(device), (~kept).nonzero().flatten().to(device))
+        return self._cache[key]
+
+
 class _Cut:
     """One planned tensor cut in two: the kept part (the new tensor) and what rebuilds the old one.
 
@@ -36,15 +52,15 @@ class _Cut:
     parameter's old storage can be released while the rollback stays possible.
     """
 
-    def __init__(self, t: torch.Tensor, dims: dict[int, tuple[int, ...]], rebuildable: bool) -> None:
+    def __init__(
+        self, t: torch.Tensor, dims: dict[int, tuple[int, ...]], rebuildable: bool, positions: _Positions
+    ) -> None:
         out = t.detach()
         self.steps: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         for d, idx in dims.items():
             if not idx:
                 continue
-            kept = torch.ones(out.shape[d], dtype=torch.bool)
-            kept[list(idx)] = False
-            keep, gone = kept.nonzero().flatten().to(t.device), (~kept).nonzero().flatten().to(t.device)
+            keep, gone = positions(out.shape[d], idx, t.device)
             self.steps.append((d, keep, gone, out.index_select(d, gone) if rebuildable else None))
             out = out.index_select(d, keep)
         self.kept = out if self.steps else out.clone()  # index_select already copied
@@ -105,6 +121,7 @@ def remove(
     # pass may update buffers in place, so the old values are kept whole).
     released: list[tuple[nn.Parameter, nn.Parameter, _Cut]] = []
     done: dict[int, dict[int, tuple[int, ...]]] = {}
+    positions = _Positions()
     try:
         for name, dims in plan.removals.items():
             old = tensors[name]
@@ -113,7 +130,7 @@ def remove(
                     raise SurgeryError(f"the plan cuts the tied tensor {name!r} differently under its names")
                 continue
             done[id(old)] = dict(dims)
-            cut = _Cut(old, dict(dims), rebuildable=isinstance(old, nn.Parameter))
+            cut = _Cut(old, dict(dims), isinstance(old, nn.Parameter), positions)
             new: torch.Tensor = cut.kept
             if isinstance(old, nn.Parameter):  # one new Parameter shared by all owners keeps ties
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
