@@ -37,7 +37,7 @@ from ..graph import Graph, Group, trace
 from ..importance import Context, get_importance
 from ..plan import Plan
 from ..sensitivity import clusters
-from ..surgery import mask, remove
+from ..surgery import mask, reconstruct, remove
 from ..task import recalibrate_bn
 from .latency_table import LatencyTable
 from .state import ControllerState, RunDir, StepRecord
@@ -45,7 +45,14 @@ from .state import ControllerState, RunDir, StepRecord
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """Knobs of the controller (all have working defaults)."""
+    """Knobs of the controller (all have working defaults).
+
+    ``min_width``: no group is cut below this fraction of its original width (a thin layer is the one
+    that short fine-tuning recovers worst). ``reconstruct``: after each removal, refit the layers that
+    lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`,
+    ridge ``reconstruct_ridge``) before fine-tuning; it recovers most of the step's damage without
+    optimizer steps.
+    """
 
     tolerance: float = 0.01
     importance: str = "l2"
@@ -62,12 +69,19 @@ class AdaptConfig:
     seed: int = 0
     min_channels: int = 1
     round_to: int = 1
+    min_width: float = 0.15
+    reconstruct: bool = True
+    reconstruct_ridge: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, bool) or not 0.0 <= self.tolerance < 1.0:
             raise ConfigError(
                 f"tolerance={self.tolerance!r} must be in [0, 1): the largest acceptable drop of the metric"
             )
+        if not 0.0 <= self.min_width < 1.0:
+            raise ConfigError(f"min_width={self.min_width!r} must be a fraction in [0, 1) of a group's original width")
+        if self.reconstruct_ridge < 0:
+            raise ConfigError(f"reconstruct_ridge={self.reconstruct_ridge!r} must be >= 0")
         for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:
@@ -194,6 +208,7 @@ class Controller:
             chosen, ratios = {}, {}
             for c, p in probes.items():
                 cap = self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)
+                cap = min([cap] + [self.floor_cap(g) for g in p.groups])
                 r = min(cap, lam * eff[c] / top) if top > 0 else 0.0
                 ratios[c] = r
                 for g in p.groups:
@@ -218,6 +233,14 @@ class Controller:
             else:
                 lo = mid
         return best[0], best[1]
+
+    def floor_cap(self, group: Group) -> float:
+        """The most of ``group`` a step may cut and still keep ``min_width`` of its original width."""
+        if self.cfg.min_width <= 0:
+            return 1.0
+        slot = next((s for s in group.slots if s.is_param), group.slots[0])
+        original = group.size * self.shapes[slot.tensor][slot.dim] / max(slot.size, 1)
+        return max(0.0, 1.0 - self.cfg.min_width * original / group.size)
 
     def recover(self, work: nn.Module, step: int) -> None:
         torch.manual_seed(self.cfg.seed * 100_003 + step)
@@ -250,6 +273,8 @@ class Controller:
                                     {g.name: list(g.removed) for g in plan.groups})
         snapshot = copy.deepcopy(work)
         remove(work, plan)
+        if self.cfg.reconstruct and hasattr(self.task, "calibration"):
+            reconstruct(work, snapshot, self.task.calibration(), plan.removals, ridge=self.cfg.reconstruct_ridge)
         self.recover(work, state.step)
         metrics = self.metrics(work)
         new_values = self.costs(work)
