@@ -78,11 +78,10 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     """Gather the free classes of atoms by the set of slots they cover (whole tensors at a time)."""
     atoms = state.atoms
     slot_list = [Slot(name, dim, ids.numel(), name in param_names) for (name, dim), ids in state.slots.items()]
-    slot_roots = [atoms.roots(ids) for ids in state.slots.values()]
     if not slot_list:
         return Graph([], list(state.frozen), {})
-    sizes = torch.tensor([r.numel() for r in slot_roots])
-    roots = all_roots = torch.cat(slot_roots)
+    sizes = torch.tensor([s.size for s in slot_list], dtype=torch.long)
+    roots = all_roots = atoms.roots(torch.cat([ids.reshape(-1) for ids in state.slots.values()]))
     slot = torch.repeat_interleave(torch.arange(len(slot_list)), sizes)
     pos = torch.arange(roots.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     pinned = atoms.is_pinned(roots)
