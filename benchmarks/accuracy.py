@@ -7,9 +7,13 @@ same base model, prunes to the budget and gets the same total number of fine-tun
     total_steps = recovery_epochs * steps_per_epoch        (steps_per_epoch = batches in the train set)
 
 * static / Torch-Pruning methods: prune once, then ``total_steps`` steps of fine-tuning.
-* adapt: ``finetune_steps = total_steps // adapt_iters`` inside every step it tries (accepted or rolled
-  back, both count), at most ``adapt_iters`` steps; whatever it did not spend (``total_steps -
-  finetune_steps * len(history)``) is given as fine-tuning after it returns.
+* adapt: ``--adapt-inner-steps`` optimizer steps inside every step it tries (accepted or rolled back,
+  both count; default 0: inside the loop, recovery is least-squares reconstruction of the layers that
+  lost inputs plus BatchNorm recalibration, forward passes on 4 calibration batches of training data,
+  no optimizer step), at most ``adapt_iters`` steps; whatever it did not spend is given as fine-tuning
+  after it returns. ``adapt`` distils from the dense model while fine-tuning (adaprune's
+  ``ClassificationTask(distill=True)``: same optimizer, same steps, loss blended with the teacher's
+  soft targets); ``adapt_ce`` is the same without distillation (plain cross-entropy, like the others).
 
 All fine-tuning is the same loop (``ClassificationTask.finetune``: Adam, same lr, same batches).
 Torch-Pruning's ``pruning_ratio`` is found by bisection so that the pruned model's MACs (counted with
@@ -37,7 +41,7 @@ from common import environment, load, log, save
 
 import adaprune as ap
 
-METHODS = ("adapt", "static", "tp_l2", "tp_taylor", "tp_lamp")
+METHODS = ("adapt", "adapt_ce", "static", "tp_l2", "tp_taylor", "tp_lamp")
 FT_LR = 1e-3
 BATCH = 64
 
@@ -186,15 +190,15 @@ def tp_to_budget(base: nn.Module, x: torch.Tensor, kind: str, budget: float, cal
 def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch.Tensor], budget: float,
                total_steps: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000),
-                                 loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
+                                 loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR, distill=method == "adapt")
     calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 4 * BATCH, BATCH)]
     model = copy.deepcopy(base)
     rec: dict[str, Any] = {}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     inner = 0
-    if method == "adapt":
-        fs = total_steps // args.adapt_iters
+    if method in ("adapt", "adapt_ce"):
+        fs = args.adapt_inner_steps
         res = ap.adapt(model, x, task, ap.Budget(macs=budget), tolerance=args.tolerance, ignore=[model.fc],
                        finetune_steps=fs, max_iterations=args.adapt_iters, seed=seed)
         inner = fs * len(res.history)
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--tolerance", type=float, default=0.5, help="adapt's tolerance (accuracy drop)")
     p.add_argument("--adapt-iters", type=int, default=10, help="adapt's max_iterations")
+    p.add_argument("--adapt-inner-steps", type=int, default=0,
+                   help="fine-tuning steps inside each adapt step (counted in the total)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="accuracy")
     p.add_argument("--cache", default="", help="keep trained base models in this directory and reuse them "
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["environment"] = environment(args.threads)
     payload["config"] = {"finetune_lr": FT_LR, "batch_size": BATCH, "adapt_tolerance": args.tolerance,
                          "adapt_max_iterations": args.adapt_iters,
+                         "adapt_inner_finetune_steps": args.adapt_inner_steps,
                          "datasets": {k: {"model": v["model_desc"], "base_epochs": v["epochs"], "base_lr": v["lr"]}
                                       for k, v in DATASETS.items()}}
     grids = payload.setdefault("grids_run", [])

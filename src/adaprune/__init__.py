@@ -19,7 +19,7 @@ from .graph import Graph, Group, trace
 from .io import export_onnx, load, save
 from .plan import GroupCut, Plan
 from .sensitivity import Sensitivity, sensitivity
-from .surgery import NM, mask, remove, sparsify
+from .surgery import NM, mask, reconstruct, remove, sparsify
 from .task import ClassificationTask, Task
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "load",
     "mask",
     "prune",
+    "reconstruct",
     "remove",
     "save",
     "sensitivity",

@@ -71,7 +71,7 @@ class AdaptConfig:
     round_to: int = 1
     min_width: float = 0.15
     reconstruct: bool = True
-    reconstruct_ridge: float = 0.1
+    reconstruct_ridge: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, bool) or not 0.0 <= self.tolerance < 1.0:

@@ -119,7 +119,7 @@ def reconstruct(
     batches: Iterable[Any],
     removals: Mapping[str, Mapping[int, Iterable[int]]] | None = None,
     *,
-    ridge: float = 0.1,
+    ridge: float = 0.01,
     max_features: int = 8192,
 ) -> Reconstruction:
     """Refit, in place, every layer of ``pruned`` whose input width shrank, to match ``original``.
