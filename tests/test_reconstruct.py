@@ -139,3 +139,17 @@ def test_adapt_keeps_the_width_floor(digits):
 def test_adapt_rejects_bad_floor_and_ridge(opt):
     with pytest.raises(ConfigError, match=next(iter(opt))):
         ap.adapt(nn.Linear(2, 2), torch.zeros(1, 2), ap.ClassificationTask([], []), ap.Budget(macs=0.5), **opt)
+
+
+def test_prune_refit(digits):
+    data, base = digits
+    calib = [(data.x_train[i:i + 64], data.y_train[i:i + 64]) for i in range(0, 512, 64)]
+    plain, refit = copy.deepcopy(base), copy.deepcopy(base)
+    ap.prune(plain, data.x_val[:1], budget=ap.Budget(macs=0.25), ignore=[plain.fc])
+    res = ap.prune(refit, data.x_val[:1], budget=ap.Budget(macs=0.25), ignore=[refit.fc], calibration=calib,
+                   refit=True)
+    assert res.reconstruction is not None and res.reconstruction.refit
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in refit.parameters()]
+    assert _acc(refit, data) > _acc(plain, data) + 0.2
+    with pytest.raises(ConfigError, match="calibration"):
+        ap.prune(copy.deepcopy(base), data.x_val[:1], ratio=0.5, refit=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from .errors import BudgetUnreachableError, ConfigError, SurgeryError
 from .graph import Frozen, Graph, call_model, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
-from .surgery import remove
+from .surgery import Reconstruction, reconstruct, remove
 from .surgery.remove import output_shapes
 
 
@@ -32,6 +33,7 @@ class PruneResult:
     graph: Graph
     frozen: list[Frozen] = field(default_factory=list)
     ratio: float = 0.0
+    reconstruction: Reconstruction | None = None
 
     def summary(self) -> str:
         r = self.after.ratio_to(self.before)
@@ -183,6 +185,7 @@ def prune(
     max_ratio: float = 1.0,
     min_channels: int = 1,
     round_to: int = 1,
+    refit: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place, once: the static baseline.
 
@@ -202,7 +205,12 @@ def prune(
         max_ratio: the largest fraction of any group that may be removed.
         min_channels: channels every group keeps at least.
         round_to: kept widths are rounded up to a multiple of this (hardware-friendly sizes).
+        refit: after removal, refit the layers that lost inputs to the original outputs on the
+            ``calibration`` batches (:func:`adaprune.surgery.reconstruct`); keeps a copy of the model
+            while it runs. The report is ``result.reconstruction``.
     """
+    if refit and calibration is None:
+        raise ConfigError("refit=True needs calibration= batches: the layers are refit on their outputs there")
     if ratio is not None and budget is not None:
         raise ConfigError("pass ratio= or budget=, not both: a budget chooses the ratio itself")
     if budget is not None and not isinstance(budget, Budget):
@@ -220,6 +228,7 @@ def prune(
     if calibration is not None:
         ctx.calibration = ctx.batches(str(importance))
     before = count(model, example_inputs)
+    original = copy.deepcopy(model) if refit else None
     graph = trace(model, example_inputs, ignore=ignore)
     scores = criterion(model, graph.groups, ctx)
     if budget is None:
@@ -237,8 +246,11 @@ def prune(
             lambda r: choose(usable, scores, allocation, limits, r), predictor, budget, before
         )
         apply_plan(model, plan, example_inputs)
+    report = None
+    if original is not None and calibration is not None:
+        report = reconstruct(model, original, ctx.calibration or calibration, plan.removals)
     after = count(model, example_inputs)
-    return PruneResult(model, plan, before, after, graph, list(graph.frozen) + broken, ratio)
+    return PruneResult(model, plan, before, after, graph, list(graph.frozen) + broken, ratio, report)
 
 
 def eval_call(model: nn.Module, example_inputs: Any) -> Any:
