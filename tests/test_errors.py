@@ -565,7 +565,7 @@ def test_surgery_releases_old_weights_while_checking_and_rolls_back_exactly():
         raise RuntimeError("boom")
 
     with pytest.raises(SurgeryError, match="boom"):
-        ap.remove(net, plan, check=check)
+        ap.remove(net, plan, check=check, release=True)
     assert seen == [0]
     assert_unchanged(net, snap, x, y0)
 
@@ -574,9 +574,33 @@ def test_committed_surgery_keeps_the_values_of_old_weights_held_elsewhere():
     net, plan = _mlp_and_plan()
     held = net[2].weight
     before = held.detach().clone()
-    ap.remove(net, plan)
+    ap.remove(net, plan, release=True)
     assert net[2].weight.shape == (13, 14)
     assert torch.equal(held, before)  # what the caller kept still reads the old values
     rows = [i for i in range(16) if i not in (0, 5, 7)]
     cols = [i for i in range(16) if i not in (1, 3)]
     assert torch.equal(net[2].weight, before[rows][:, cols])
+
+
+def test_small_plans_keep_old_weights_whole_unless_asked():
+    net, plan = _mlp_and_plan()
+    old = net[2].weight
+    seen = []
+    ap.remove(net, plan, check=lambda: seen.append(old.numel()))
+    assert seen == [256]  # below RELEASE_BYTES nothing is released (no slices to copy: faster)
+
+
+def test_committed_release_drops_every_reference_to_the_old_weights(monkeypatch):
+    import sys
+    import weakref
+
+    surgery = sys.modules["adaprune.surgery.remove"]
+    monkeypatch.setattr(surgery, "RELEASE_BYTES", 0)  # the automatic choice releases even a tiny model
+    rebuilt = []
+    joined = surgery._Cut.joined
+    monkeypatch.setattr(surgery._Cut, "joined", lambda self, kept: rebuilt.append(1) or joined(self, kept))
+    net, plan = _mlp_and_plan()
+    old = weakref.ref(net[2].weight)
+    ap.remove(net, plan, check=lambda: rebuilt.append(old().numel()))
+    assert rebuilt == [0]  # released while checking, and not rebuilt: nothing of ours still held it
+    assert old() is None

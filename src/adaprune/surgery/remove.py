@@ -78,6 +78,17 @@ class _Cut:
         return out
 
 
+RELEASE_BYTES = 1 << 30
+"""Planned parameters of at least this many bytes in all are released as they are cut (``remove``)."""
+
+
+def _planned_bytes(tensors: dict[str, torch.Tensor], plan: Plan) -> int:
+    """Bytes of the (distinct, non-meta) parameters the plan cuts. (A helper, so that no reference to
+    the old parameters outlives it: they must be free to go once cut.)"""
+    planned = {id(t): t for n, t in tensors.items() if n in plan.removals and isinstance(t, nn.Parameter)}
+    return sum(t.numel() * t.element_size() for t in planned.values() if not t.is_meta)
+
+
 def output_shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
@@ -88,6 +99,7 @@ def remove(
     check: Callable[[], Any] | None = None,
     expected_shapes: list[tuple[int, ...]] | None = None,
     commit: bool = True,
+    release: bool | None = None,
 ) -> None:
     """Apply ``plan`` physically to ``model`` in place.
 
@@ -99,12 +111,19 @@ def remove(
             :class:`SurgeryError` is raised.
         expected_shapes: output shapes the model must keep.
         commit: with ``False`` the model is restored after a successful check (a dry run).
+        release: free each old parameter's storage as soon as it is cut, keeping only the removed
+            slices for the rollback: the model is never held twice in memory (peak: the model plus
+            its largest tensor), at the cost of copying the removed slices. ``False`` keeps the old
+            tensors whole until the end (faster; peak: the model plus the pruned model). ``None``
+            (default): release when the planned parameters total at least :data:`RELEASE_BYTES`.
     """
     plan.check(model)
     if plan.is_empty:
         return
     tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    if release is None:
+        release = _planned_bytes(tensors, plan) >= RELEASE_BYTES
     owners = _owners(model)
     touched: dict[int, nn.Module] = {}
     for name in plan.removals:
@@ -115,10 +134,10 @@ def remove(
         k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
         for k, m in [*touched.items(), *((id(p), p) for p in parents)]
     }
-    # Parameters whose old storage was released: (old Parameter, new Parameter, what rebuilds the old
-    # values). The old objects stay (the rollback puts the very same objects back); only their data
-    # goes, so the model is never held twice in memory. Buffers keep their old tensors (a forward
-    # pass may update buffers in place, so the old values are kept whole).
+    # With `release`, parameters whose old storage was released: (old Parameter, new Parameter, what
+    # rebuilds the old values). The old objects stay (the rollback puts the very same objects back);
+    # only their data goes, so the model is never held twice in memory. Buffers always keep their old
+    # tensors (a forward pass may update buffers in place, so the old values are kept whole).
     released: list[tuple[nn.Parameter, nn.Parameter, _Cut]] = []
     done: dict[int, dict[int, tuple[int, ...]]] = {}
     positions = _Positions()
@@ -130,11 +149,12 @@ def remove(
                     raise SurgeryError(f"the plan cuts the tied tensor {name!r} differently under its names")
                 continue
             done[id(old)] = dict(dims)
-            cut = _Cut(old, dict(dims), isinstance(old, nn.Parameter), positions)
+            freed = release and isinstance(old, nn.Parameter)
+            cut = _Cut(old, dict(dims), freed, positions)
             new: torch.Tensor = cut.kept
             if isinstance(old, nn.Parameter):  # one new Parameter shared by all owners keeps ties
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
-                if cut.steps:
+                if freed and cut.steps:
                     old.data = old.data.new_empty(0)
                     released.append((old, new, cut))
             for mod, attr, is_param in owners[id(old)]:
