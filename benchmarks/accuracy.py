@@ -6,7 +6,8 @@ same base model, prunes to the budget and gets the same total number of fine-tun
 
     total_steps = recovery_epochs * steps_per_epoch        (steps_per_epoch = batches in the train set)
 
-* static / Torch-Pruning methods: prune once, then ``total_steps`` steps of fine-tuning.
+* static / Torch-Pruning methods: prune once, then ``total_steps`` steps of fine-tuning. ``static_refit``
+  is ``static`` followed by ``ap.reconstruct`` (``prune(refit=True)``) on the task's 4 calibration batches.
 * adapt: ``--adapt-inner-steps`` optimizer steps inside every step it tries (accepted or rolled back,
   both count; default 0: inside the loop, recovery is least-squares reconstruction of the layers that
   lost inputs plus BatchNorm recalibration, forward passes on 4 calibration batches of training data,
@@ -41,7 +42,7 @@ from common import environment, load, log, save
 
 import adaprune as ap
 
-METHODS = ("adapt", "adapt_ce", "static", "tp_l2", "tp_taylor", "tp_lamp")
+METHODS = ("adapt", "adapt_ce", "static", "static_refit", "tp_l2", "tp_taylor", "tp_lamp")
 FT_LR = 1e-3
 BATCH = 64
 
@@ -206,6 +207,9 @@ def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch
                    adapt_finetune_steps_per_step=fs, adapt_message=res.message)
     elif method == "static":
         ap.prune(model, x, budget=ap.Budget(macs=budget), allocation="uniform", ignore=[model.fc])
+    elif method == "static_refit":  # the same prune, then least-squares reconstruction on the calibration batches
+        ap.prune(model, x, budget=ap.Budget(macs=budget), allocation="uniform", ignore=[model.fc],
+                 calibration=task.calibration(), refit=True)
     else:
         model, ratio, tries = tp_to_budget(base, x, method, budget, calib)
         rec.update(tp_pruning_ratio=ratio, tp_bisection_tries=tries)
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=sorted(DATASETS))
     p.add_argument("--budgets", nargs="+", type=int, default=[2, 4, 8, 16],
                    help="denominators: 8 means 1/8 of the base model's MACs")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--recovery", nargs="+", type=int, default=[2, 10], help="fine-tuning epochs")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--tolerance", type=float, default=0.5, help="adapt's tolerance (accuracy drop)")

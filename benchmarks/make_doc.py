@@ -17,6 +17,7 @@ METHOD_NAMES = {
     "adapt": "adaprune adapt",
     "adapt_ce": "adaprune adapt, no distillation",
     "static": "adaprune static (uniform L2)",
+    "static_refit": "adaprune static + refit",
     "tp_l2": "Torch-Pruning uniform L2",
     "tp_taylor": "Torch-Pruning global Taylor",
     "tp_lamp": "Torch-Pruning global LAMP",
