@@ -153,3 +153,26 @@ def test_prune_refit(digits):
     assert _acc(refit, data) > _acc(plain, data) + 0.2
     with pytest.raises(ConfigError, match="calibration"):
         ap.prune(copy.deepcopy(base), data.x_val[:1], ratio=0.5, refit=True)
+
+
+def test_cross_validated_ridge_does_not_overfit_few_samples():
+    """A consumer with more inputs than calibration samples: a plain least-squares fit matches the
+    calibration samples and fails on new ones; the cross-validated ridge does not do worse than the
+    sliced weights on new samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 60), nn.ReLU(), nn.Linear(60, 5)).eval()
+    original = copy.deepcopy(model)
+    plan = _plan_cutting(model, torch.randn(1, 30), {"0": list(range(40))})
+    ap.remove(model, plan)
+    calib, fresh = torch.randn(24, 30), torch.randn(512, 30)
+
+    def fresh_error(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(fresh) - original(fresh)).pow(2).mean())
+
+    sliced = fresh_error(model)
+    exact, cv = copy.deepcopy(model), copy.deepcopy(model)
+    reconstruct(exact, original, [calib], plan.removals, ridge=0.0)
+    reconstruct(cv, original, [calib], plan.removals)
+    assert fresh_error(exact) > fresh_error(cv)
+    assert fresh_error(cv) <= sliced * 1.001

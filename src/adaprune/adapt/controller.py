@@ -49,9 +49,9 @@ class AdaptConfig:
 
     ``min_width``: no group is cut below this fraction of its original width (a thin layer is the one
     that short fine-tuning recovers worst). ``reconstruct``: after each removal, refit the layers that
-    lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`,
-    ridge ``reconstruct_ridge``) before fine-tuning; it recovers most of the step's damage without
-    optimizer steps.
+    lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`;
+    ridge ``reconstruct_ridge``, by default chosen per layer by cross-validation) before fine-tuning;
+    it recovers most of the step's damage without optimizer steps.
     """
 
     tolerance: float = 0.01
@@ -71,7 +71,7 @@ class AdaptConfig:
     round_to: int = 1
     min_width: float = 0.15
     reconstruct: bool = True
-    reconstruct_ridge: float = 0.01
+    reconstruct_ridge: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, bool) or not 0.0 <= self.tolerance < 1.0:
@@ -80,7 +80,7 @@ class AdaptConfig:
             )
         if not 0.0 <= self.min_width < 1.0:
             raise ConfigError(f"min_width={self.min_width!r} must be a fraction in [0, 1) of a group's original width")
-        if self.reconstruct_ridge < 0:
+        if self.reconstruct_ridge is not None and self.reconstruct_ridge < 0:
             raise ConfigError(f"reconstruct_ridge={self.reconstruct_ridge!r} must be >= 0")
         for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):
             v = getattr(self, name)

@@ -119,7 +119,7 @@ def reconstruct(
     batches: Iterable[Any],
     removals: Mapping[str, Mapping[int, Iterable[int]]] | None = None,
     *,
-    ridge: float = 0.01,
+    ridge: float | None = None,
     max_features: int = 8192,
 ) -> Reconstruction:
     """Refit, in place, every layer of ``pruned`` whose input width shrank, to match ``original``.
@@ -131,13 +131,15 @@ def reconstruct(
         removals: the plan's removals (``plan.removals``), to know which output channels of a refit
             layer were removed; without it, a layer whose output width also changed is skipped.
         ridge: Tikhonov weight, relative to the mean diagonal of ``X^T X`` (keeps the solution small
-            where the calibration data does not pin it down).
+            where the calibration data does not pin it down). ``None`` (default): chosen per layer
+            from 1e-4 ... 10 by two-fold cross-validation over the calibration samples, and a fit
+            is applied only if it beats the sliced weights on held-out samples.
         max_features: layers with a larger fan-in (``in * kernel``) are skipped (the normal equations
             take ``max_features^2`` floats).
 
     Both models are run in eval mode (BatchNorm uses its running statistics); their modes are restored.
     """
-    if ridge < 0:
+    if ridge is not None and ridge < 0:
         raise ConfigError(f"ridge={ridge} must be >= 0")
     inputs = [b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in batches]
     if not inputs:
@@ -173,43 +175,82 @@ def reconstruct(
     return report
 
 
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class _Normal:
+    """Normal equations ``XᵀX``, ``XᵀY``, ``YᵀY`` of one fold of calibration rows."""
+
+    def __init__(self, d: int, k: int, dev: torch.device) -> None:
+        self.xtx = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        self.xty = torch.zeros(d, k, dtype=torch.float64, device=dev)
+        self.yty = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def add(self, rows: torch.Tensor, target: torch.Tensor) -> None:
+        self.xtx += rows.T @ rows
+        self.xty += rows.T @ target
+        self.yty += (target * target).sum()
+
+    def __add__(self, other: _Normal) -> _Normal:
+        out = _Normal(0, 0, self.xtx.device)
+        out.xtx, out.xty, out.yty = self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty
+        return out
+
+    def solve(self, ridge: float, bias: bool) -> torch.Tensor:
+        n = self.xtx.shape[0] - int(bias)
+        scale = self.xtx.diagonal()[:n].mean().clamp_min(1e-12)
+        reg = torch.zeros_like(self.xtx)
+        reg.diagonal()[:n] = ridge * scale  # the bias is not shrunk
+        return torch.linalg.lstsq(self.xtx + reg, self.xty).solution
+
+    def sq_error(self, w: torch.Tensor) -> torch.Tensor:  # || X W - Y ||^2
+        return ((w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty).clamp_min(0)
+
+
 def _refit(layer: nn.Module, old: nn.Module, name: str, pruned: nn.Module, original: nn.Module,
            inputs: list[Any], removals: Mapping[str, Mapping[int, Iterable[int]]] | None,
-           ridge: float) -> tuple[float, float]:
+           ridge: float | None) -> tuple[float, float]:
+    """Refit one layer; returns its relative output error on the calibration data before and after.
+
+    With ``ridge=None`` the ridge is chosen by two-fold cross-validation (each batch's samples split in
+    halves): a layer with more inputs than calibration rows (a wide ``Linear`` after a flatten) gets the
+    strong shrinkage it needs, a well-determined one a light one; and the fit is applied only if its
+    held-out error beats the sliced weights'."""
     xs = _capture(pruned, layer, inputs, output=False)
     ys = _capture(original, old, inputs, output=True)
     gone = set(removals.get(f"{name}.weight", {}).get(0, ())) if removals else set()
     keep = torch.tensor([i for i in range(old.weight.shape[0]) if i not in gone], dtype=torch.long)
-    d = layer.weight[0].numel()
+    bias = layer.bias is not None
+    d = layer.weight[0].numel() + int(bias)
     dev = layer.weight.device
-    xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
-    xty = torch.zeros(d + 1, len(keep), dtype=torch.float64, device=dev)
-    yty = torch.zeros((), dtype=torch.float64, device=dev)
-    for x, y in zip(xs, ys, strict=True):
-        rows = _rows(layer, x.to(torch.float64))
-        rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-        target = _out_rows(old, y)[:, keep.to(y.device)].to(torch.float64)
-        xtx += rows.T @ rows
-        xty += rows.T @ target
-        yty += (target * target).sum()
-    w_now = torch.cat([layer.weight.detach().reshape(len(keep), d).T.to(torch.float64),
-                       (layer.bias.detach() if layer.bias is not None else torch.zeros(len(keep), device=dev))
-                       .to(torch.float64)[None]], 0)
-    reg = ridge * xtx.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(d + 1, dtype=torch.float64, device=dev)
-    reg[-1, -1] = 0.0
-    if layer.bias is None:  # no bias to fit: pin its row to zero
-        xtx, xty, reg, w_now = xtx[:-1, :-1], xty[:-1], reg[:-1, :-1], w_now[:-1]
-    w = torch.linalg.lstsq(xtx + reg, xty).solution
+    folds = [_Normal(d, len(keep), dev), _Normal(d, len(keep), dev)]
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        halves = [(x, y)] if len(x) < 2 else [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2:], y[len(y) // 2:])]
+        for j, (xh, yh) in enumerate(halves):
+            rows = _rows(layer, xh.to(torch.float64))
+            if bias:
+                rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+            folds[(i + j) % 2].add(rows, _out_rows(old, yh)[:, keep.to(yh.device)].to(torch.float64))
+    both = folds[0] + folds[1]
+    w_now = layer.weight.detach().reshape(len(keep), -1).T.to(torch.float64)
+    if bias:
+        w_now = torch.cat([w_now, layer.bias.detach().to(torch.float64)[None]], 0)
 
-    def error(wm: torch.Tensor) -> float:  # || X W - Y ||^2 / || Y ||^2 from the normal equations
-        sq = (wm * (xtx @ wm)).sum() - 2 * (wm * xty).sum() + yty
-        return float((sq.clamp_min(0) / yty.clamp_min(1e-30)).sqrt())
+    def rel(err: torch.Tensor, total: torch.Tensor) -> float:
+        return float((err / total.clamp_min(1e-30)).sqrt())
 
-    err_before, err_after = error(w_now), error(w)
+    err_before = rel(both.sq_error(w_now), both.yty)
+    if ridge is None and all(f.yty > 0 for f in folds):
+        held = {r: sum(float(folds[1 - k].sq_error(folds[k].solve(r, bias))) for k in (0, 1)) for r in RIDGES}
+        ridge = min(held, key=held.__getitem__)
+        if not held[ridge] < float(both.sq_error(w_now)):
+            return err_before, err_before  # on held-out rows no fit beats the sliced weights
+    w = both.solve(0.01 if ridge is None else ridge, bias)
+    err_after = rel(both.sq_error(w), both.yty)
     if not err_after < err_before or not torch.isfinite(w).all():
         return err_before, err_before  # keep the sliced weights: the fit is no better
     with torch.no_grad():
-        layer.weight.copy_(w[:d].T.reshape(layer.weight.shape).to(layer.weight.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(w[d].to(layer.bias.dtype))
+        layer.weight.copy_(w[: d - int(bias)].T.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if bias:
+            layer.bias.copy_(w[-1].to(layer.bias.dtype))
     return err_before, err_after
