@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -1206,3 +1207,32 @@ def test_statistic_over_channels_does_not_merge_them(kind):
     res = prune_and_check(model, x, model.head, compare_mask=False)
     assert model.c1.out_channels == model.c2.in_channels == 4
     assert len(removed(res, "c1.weight")) == 4
+
+
+class _LookupBias(nn.Module):
+    """A per-channel table read through an index buffer (like Swin's relative position bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.table = nn.Parameter(torch.randn(5, 8))
+        self.register_buffer("idx", torch.tensor([[0, 1], [2, 4]]))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table[self.idx.view(-1)].view(2, 2, -1).permute(2, 0, 1)
+        return self.head((self.conv(x) + bias).mean((2, 3)))
+
+
+def test_lookup_table_channels_prune_with_the_conv_they_are_added_to():
+    """A table read through an index buffer shares its channel dim with the conv output it is added
+    to: both are cut together and nothing is frozen."""
+    model = _LookupBias().eval()
+    x = torch.randn(1, 3, 2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        graph = ap.trace(model, x)
+    assert not graph.frozen
+    res = ap.prune(model, x, ratio=0.5)
+    assert model.table.shape == (5, 4) and model.conv.out_channels == 4
+    assert res.after.macs < res.before.macs and model(x).shape == (1, 2)

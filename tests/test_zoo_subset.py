@@ -249,3 +249,19 @@ def test_swin_prunes_its_attention_with_the_residual_width():
     attn = model.features[1][0].attn
     assert attn.qkv.out_features == 3 * attn.proj.in_features
     assert attn.proj.in_features == model.features[1][0].norm1.normalized_shape[0]
+
+
+def test_hf_swin_position_bias_traced_with_real_index_values(monkeypatch):
+    """HF Swin reads its relative position bias table through an index buffer. The meta-device run has
+    no index values, so the trace must fall back to the real model (it once read garbage indices on
+    meta and froze the attention heads of every stage)."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    monkeypatch.delenv("ADAPRUNE_STRICT_TRACE")  # strict mode would hide the failure by raising on meta
+    torch.manual_seed(0)
+    model = SwinForImageClassification(SwinConfig(
+        image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+        window_size=4, num_labels=5)).eval()
+    x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    graph = ap.trace(model, x, ignore=[model.classifier])
+    assert not graph.frozen, graph.frozen

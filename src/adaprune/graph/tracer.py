@@ -31,6 +31,11 @@ class UnsupportedOpWarning(UserWarning):
     """An op the graph does not understand touched prunable channels; they were frozen."""
 
 
+class NeedsValues(Exception):
+    """A rule needs the values of a tensor (an index) that the meta-device run does not have: the
+    meta trace is abandoned and the real model is traced instead."""
+
+
 @dataclass(frozen=True)
 class Frozen:
     """Channels that cannot be pruned, and why."""
@@ -220,6 +225,8 @@ class TraceState:
             return
         try:
             fn(self, call)
+        except NeedsValues:
+            raise
         except Exception as exc:
             if self.strict:
                 raise

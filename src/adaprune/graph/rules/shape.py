@@ -16,7 +16,7 @@ import torch
 from ..atoms import NO_ATOM
 from ..fields import Field, collapse, compact, full, merge
 from ..sizes import SizeInt
-from ..tracer import Call, TraceState, rule
+from ..tracer import Call, NeedsValues, TraceState, rule
 
 
 def _apply(call: Call, x: torch.Tensor, label: Field) -> Any:
@@ -205,6 +205,8 @@ def getitem(state: TraceState, call: Call) -> None:
         state.unknown(call)
         return
     ints, fixed = hit
+    if any(isinstance(i, torch.Tensor) and i.is_meta for i in (index if isinstance(index, tuple) else (index,))):
+        raise NeedsValues(f"{call.name} with a tensor index in {state.module}")
     results = []
     lookup = id(x) in state.tensor_names  # a table indexed by position (e.g. relative position bias)
     for f in state.fields_of(x):
