@@ -257,9 +257,17 @@ def targets(summary: dict[str, Any] | None, speed: list[dict[str, Any]] | None,
                 out.append(f"- CPU speed-up / MACs reduction >= {thr} ({'issue 7' if thr == 0.8 else 'DESIGN'}): "
                            f"{len(eff) - len(low)} of {len(eff)} structured cells "
                            f"(range {min(r['efficiency'] for r in eff):.2f} to {max(r['efficiency'] for r in eff):.2f})"
-                           + (" -> **met**." if not low else " -> **not met** in " + "; ".join(
-                               f"{r['model']} {r.get('size', '')}px b{r['batch']} {r['backend']} {r['variant']} "
-                               f"{r['efficiency']:.2f}" for r in low) + "."))
+                           + (" -> **met**." if not low else " -> **not met**. By model, backend and widths:"))
+                if not low:
+                    continue
+                by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+                for r in eff:
+                    by[(r["model"], r["backend"], "round_to 8" if "round_to 8" in r["variant"] else "exact widths")].append(
+                        r["efficiency"])
+                for (model, backend, widths), v in sorted(by.items()):
+                    ok = sum(e >= thr for e in v)
+                    out.append(f"  - {model}, {backend}, {widths}: {ok} of {len(v)} cells (min {min(v):.2f})"
+                               + (" -> met" if ok == len(v) else ""))
             un = [r for r in speed if r["variant"].startswith("unstructured") and "speedup" in r]
             if un:
                 out.append(f"- unstructured 50% masks: speed-up {min(r['speedup'] for r in un):.2f} to "
