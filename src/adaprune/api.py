@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .allocate import Limits, get_allocator
-from .cost import Cost, count
+from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
 from .errors import BudgetUnreachableError, ConfigError, SurgeryError
@@ -81,7 +81,8 @@ def choose(
 
 
 def find_broken(
-    model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any, commit: bool = False
+    model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any, commit: bool = False,
+    expected: list[tuple[int, ...]] | None = None,
 ) -> list[Frozen]:
     """Groups whose cut in ``plan`` breaks the model when applied (dry runs; the model is unchanged).
 
@@ -89,9 +90,10 @@ def find_broken(
     ``view(B, 512, -1)``): tracing cannot see them, a forward pass after surgery can. The whole plan
     is tried first; if it fails, each group with a cut is tried alone, and the ones that break the
     model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
-    whole stays applied.
+    whole stays applied. ``expected``: the model's output shapes, when the caller already has them.
     """
-    expected = output_shapes(eval_call(model, example_inputs))
+    if expected is None:
+        expected = output_shapes(eval_call(model, example_inputs))
 
     def run() -> Any:
         return eval_call(model, example_inputs)
@@ -227,19 +229,21 @@ def prune(
     ctx = Context(calibration, loss or default_loss)
     if calibration is not None:
         ctx.calibration = ctx.batches(str(importance))
-    before = count(model, example_inputs)
+    before, output = count_with_output(model, example_inputs)
+    expected = output_shapes(output)
+    del output
     original = copy.deepcopy(model) if refit else None
     graph = trace(model, example_inputs, ignore=ignore)
     scores = criterion(model, graph.groups, ctx)
     if budget is None:
         plan = choose(graph, scores, allocation, limits, ratio)
-        broken = find_broken(model, plan, graph, example_inputs, commit=True)  # applied when it passes
+        broken = find_broken(model, plan, graph, example_inputs, commit=True, expected=expected)  # applied if it passes
         if broken:
             plan = choose(without(graph, {f.module for f in broken}), scores, allocation, limits, ratio)
             apply_plan(model, plan, example_inputs)
     else:
         hi = choose(graph, scores, allocation, limits, 1.0 - 1e-9)
-        broken = find_broken(model, hi, graph, example_inputs)
+        broken = find_broken(model, hi, graph, example_inputs, expected=expected)
         usable = without(graph, {f.module for f in broken})
         predictor = CostPredictor(model, example_inputs)
         ratio, plan = search_budget(

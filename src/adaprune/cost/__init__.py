@@ -55,6 +55,11 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
 
     Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
     """
+    return count_with_output(model, example_inputs)[0]
+
+
+def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:
+    """:func:`count`, and the model's output from the same (eval-mode, no-grad) forward pass."""
     from ..graph import call_model
 
     was_training = {m: m.training for m in model.modules()}
@@ -65,7 +70,7 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
         # (scaled dot-product attention's math backend, nn.MultiheadAttention's regular path).
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            call_model(model, example_inputs)
+            output = call_model(model, example_inputs)
     except Warning:
         raise
     except Exception as exc:
@@ -84,4 +89,4 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
         macs=int(counter.get_total_flops()) // 2,
         params=sum(p.numel() for p in params),
         bytes=sum(t.numel() * t.element_size() for t in params + buffers),
-    )
+    ), output

@@ -38,7 +38,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return _copy_module(model, memo)
 
 
-def _plain(cls: type) -> bool:
+def _plain(cls: type[nn.Module]) -> bool:
     """Whether instances of ``cls`` deep-copy as nn.Module's own state (no custom copy or pickling)."""
     return (
         cls.__getstate__ is nn.Module.__getstate__

@@ -285,9 +285,10 @@ def _meta_result(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
             return _like(x)
     if name == "linear":
         w, b = args[1] if len(args) > 1 else kwargs.get("weight"), args[2] if len(args) > 2 else kwargs.get("bias")
-        if isinstance(w, torch.Tensor) and w.is_meta and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1]:
-            if b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]):
-                return x.new_empty((*x.shape[:-1], w.shape[0]))
+        if not (isinstance(w, torch.Tensor) and w.is_meta and w.dim() == 2 and x.dim() >= 1):
+            return None
+        if x.shape[-1] == w.shape[1] and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1])):
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
     return None
 
 

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..graph import call_model
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 @dataclass
@@ -43,32 +44,30 @@ class Reconstruction:
         return "\n".join(lines) or "nothing to reconstruct"
 
 
-def _inputs(layer: nn.Module) -> int:
+def _inputs(layer: Layer) -> int:
     return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)
 
 
-def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows (one per output position) of its receptive field, flattened."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    args: list[tuple[int, ...]] = [tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.stride),
+                                   tuple(int(p) for p in layer.padding)]  # padding is explicit (see _why_not)
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(-2)
-        args = [(1, a[0]) for a in (layer.kernel_size, layer.dilation, layer.stride)]
-        pad = (0, layer.padding[0])
-    else:
-        args = [layer.kernel_size, layer.dilation, layer.stride]
-        pad = layer.padding
-    cols = nn.functional.unfold(x, args[0], dilation=args[1], padding=pad, stride=args[2])
+        args = [*((1, a[0]) for a in args[:3]), (0, args[3][0])]
+    cols = nn.functional.unfold(x, args[0], dilation=args[1], padding=args[3], stride=args[2])
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _out_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _out_rows(layer: Layer, y: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return y.reshape(-1, y.shape[-1])
     return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
 
 
-def _why_not(name: str, layer: nn.Module, before: nn.Module | None, max_features: int) -> str | None:
+def _why_not(name: str, layer: Layer, before: nn.Module | None, max_features: int) -> str | None:
     if before is None or not isinstance(before, type(layer)):
         return "no layer of the same kind under this name in the original model"
     if parametrize.is_parametrized(layer) or parametrize.is_parametrized(before):
@@ -207,7 +206,7 @@ class _Normal:
         return ((w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty).clamp_min(0)
 
 
-def _refit(layer: nn.Module, old: nn.Module, name: str, pruned: nn.Module, original: nn.Module,
+def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.Module,
            inputs: list[Any], removals: Mapping[str, Mapping[int, Iterable[int]]] | None,
            ridge: float | None) -> tuple[float, float]:
     """Refit one layer; returns its relative output error on the calibration data before and after.
@@ -233,7 +232,7 @@ def _refit(layer: nn.Module, old: nn.Module, name: str, pruned: nn.Module, origi
             folds[(i + j) % 2].add(rows, _out_rows(old, yh)[:, keep.to(yh.device)].to(torch.float64))
     both = folds[0] + folds[1]
     w_now = layer.weight.detach().reshape(len(keep), -1).T.to(torch.float64)
-    if bias:
+    if layer.bias is not None:
         w_now = torch.cat([w_now, layer.bias.detach().to(torch.float64)[None]], 0)
 
     def rel(err: torch.Tensor, total: torch.Tensor) -> float:
@@ -251,6 +250,6 @@ def _refit(layer: nn.Module, old: nn.Module, name: str, pruned: nn.Module, origi
         return err_before, err_before  # keep the sliced weights: the fit is no better
     with torch.no_grad():
         layer.weight.copy_(w[: d - int(bias)].T.reshape(layer.weight.shape).to(layer.weight.dtype))
-        if bias:
+        if layer.bias is not None:
             layer.bias.copy_(w[-1].to(layer.bias.dtype))
     return err_before, err_after
