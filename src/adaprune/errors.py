@@ -35,6 +35,15 @@ class UnknownNameError(AdapruneError, KeyError):
 class TraceError(AdapruneError, RuntimeError):
     """The model could not be run on the example inputs while building the graph."""
 
+    @classmethod
+    def model_failed(cls, exc: BaseException) -> TraceError:
+        """The error for a model that raised ``exc`` when called on the example inputs."""
+        return cls(
+            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
+            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
+            "positional arguments)"
+        )
+
 
 class SurgeryError(AdapruneError, RuntimeError):
     """Applying a plan failed; the model was restored to exactly what it was before."""

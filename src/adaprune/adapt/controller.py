@@ -204,12 +204,14 @@ class Controller:
         limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
         default_rate = values.get("latency", 0.0) / max(values["macs"], 1.0)
 
+        # the most of each cluster this step may cut: its (halved) cap, and its groups' width floor
+        cut_cap = {c: min([self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)]
+                          + [self.floor_cap(g) for g in p.groups]) for c, p in probes.items()}
+
         def plan_at(lam: float) -> tuple[Plan, dict[str, float], float]:
             chosen, ratios = {}, {}
             for c, p in probes.items():
-                cap = self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)
-                cap = min([cap] + [self.floor_cap(g) for g in p.groups])
-                r = min(cap, lam * eff[c] / top) if top > 0 else 0.0
+                r = min(cut_cap[c], lam * eff[c] / top) if top > 0 else 0.0
                 ratios[c] = r
                 for g in p.groups:
                     chosen[g.name] = lowest(scores[g.name], g.size - limits.kept(g.size, int(r * g.size)))

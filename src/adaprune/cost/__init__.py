@@ -74,11 +74,7 @@ def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]
     except Warning:
         raise
     except Exception as exc:
-        raise TraceError(
-            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
-            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
-            "positional arguments)"
-        ) from exc
+        raise TraceError.model_failed(exc) from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, flag in was_training.items():

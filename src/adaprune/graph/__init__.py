@@ -111,11 +111,7 @@ def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bo
     except (TraceError, Warning):
         raise
     except Exception as exc:
-        raise TraceError(
-            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
-            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
-            "positional arguments)"
-        ) from exc
+        raise TraceError.model_failed(exc) from exc
     finally:
         for m, flag in was_training.items():
             m.training = flag

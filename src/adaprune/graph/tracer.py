@@ -97,14 +97,11 @@ def op_name(func: Callable[..., Any]) -> str:
     """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_`` (cached per function)."""
     try:
         return _NAMES[func]
-    except (KeyError, TypeError):  # not seen yet, or not hashable
-        pass
-    name = _op_name(func)
-    try:
-        _NAMES[func] = name
-    except TypeError:
-        pass
-    return name
+    except KeyError:
+        name = _NAMES[func] = _op_name(func)
+        return name
+    except TypeError:  # not hashable: not cached
+        return _op_name(func)
 
 
 def _op_name(func: Callable[..., Any]) -> str:

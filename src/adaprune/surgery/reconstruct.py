@@ -177,13 +177,19 @@ def reconstruct(
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
+@dataclass
 class _Normal:
     """Normal equations ``XᵀX``, ``XᵀY``, ``YᵀY`` of one fold of calibration rows."""
 
-    def __init__(self, d: int, k: int, dev: torch.device) -> None:
-        self.xtx = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        self.xty = torch.zeros(d, k, dtype=torch.float64, device=dev)
-        self.yty = torch.zeros((), dtype=torch.float64, device=dev)
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    yty: torch.Tensor
+
+    @classmethod
+    def zeros(cls, d: int, k: int, dev: torch.device) -> _Normal:
+        f64 = torch.float64
+        return cls(torch.zeros(d, d, dtype=f64, device=dev), torch.zeros(d, k, dtype=f64, device=dev),
+                   torch.zeros((), dtype=f64, device=dev))
 
     def add(self, rows: torch.Tensor, target: torch.Tensor) -> None:
         self.xtx += rows.T @ rows
@@ -191,9 +197,7 @@ class _Normal:
         self.yty += (target * target).sum()
 
     def __add__(self, other: _Normal) -> _Normal:
-        out = _Normal(0, 0, self.xtx.device)
-        out.xtx, out.xty, out.yty = self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty
-        return out
+        return _Normal(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty)
 
     def solve(self, ridge: float, bias: bool) -> torch.Tensor:
         n = self.xtx.shape[0] - int(bias)
@@ -222,7 +226,7 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
     bias = layer.bias is not None
     d = layer.weight[0].numel() + int(bias)
     dev = layer.weight.device
-    folds = [_Normal(d, len(keep), dev), _Normal(d, len(keep), dev)]
+    folds = [_Normal.zeros(d, len(keep), dev), _Normal.zeros(d, len(keep), dev)]
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         halves = [(x, y)] if len(x) < 2 else [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2:], y[len(y) // 2:])]
         for j, (xh, yh) in enumerate(halves):
@@ -244,7 +248,7 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
         ridge = min(held, key=held.__getitem__)
         if not held[ridge] < float(both.sq_error(w_now)):
             return err_before, err_before  # on held-out rows no fit beats the sliced weights
-    w = both.solve(0.01 if ridge is None else ridge, bias)
+    w = both.solve(0.01 if ridge is None else ridge, bias)  # no cross-validation when a fold has no signal
     err_after = rel(both.sq_error(w), both.yty)
     if not err_after < err_before or not torch.isfinite(w).all():
         return err_before, err_before  # keep the sliced weights: the fit is no better
