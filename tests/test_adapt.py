@@ -40,12 +40,7 @@ def _val_accuracy(model, data):
         return float((model(data.x_val).argmax(1) == data.y_val).float().mean())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_meets_macs_budget_within_tolerance(digits):

@@ -24,12 +24,7 @@ from adaprune.examples.digits import DigitsCNN, load_digits_data, train
 IMG = re.compile(r'<img\b[^>]*\bsrc="([^"]*)"')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
