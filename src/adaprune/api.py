@@ -19,7 +19,7 @@ from .graph import Frozen, Graph, call_model, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
 from .surgery import Reconstruction, reconstruct, remove
-from .surgery.remove import output_shapes
+from .surgery.remove import output_shapes, removal
 
 
 @dataclass
@@ -82,7 +82,7 @@ def choose(
 
 def find_broken(
     model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any, commit: bool = False,
-    expected: list[tuple[int, ...]] | None = None,
+    expected: list[tuple[int, ...]] | None = None, then: Callable[[], None] | None = None,
 ) -> list[Frozen]:
     """Groups whose cut in ``plan`` breaks the model when applied (dry runs; the model is unchanged).
 
@@ -90,7 +90,9 @@ def find_broken(
     ``view(B, 512, -1)``): tracing cannot see them, a forward pass after surgery can. The whole plan
     is tried first; if it fails, each group with a cut is tried alone, and the ones that break the
     model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
-    whole stays applied. ``expected``: the model's output shapes, when the caller already has them.
+    whole stays applied, after ``then()`` ran on the cut model inside the same transaction (if it
+    raises, the model is restored and the exception propagates). ``expected``: the model's output
+    shapes, when the caller already has them.
     """
     if expected is None:
         expected = output_shapes(eval_call(model, example_inputs))
@@ -99,7 +101,11 @@ def find_broken(
         return eval_call(model, example_inputs)
 
     try:
-        remove(model, plan, check=run, expected_shapes=expected, commit=commit)
+        with removal(model, plan, check=run, expected_shapes=expected) as cut:
+            if not commit:
+                cut.rollback()
+            elif then is not None:
+                then()
         return []
     except SurgeryError as first:
         cut = [g for g in plan.groups if g.removed]
@@ -235,12 +241,24 @@ def prune(
     original = copy.deepcopy(model) if refit else None
     graph = trace(model, example_inputs, ignore=ignore)
     scores = criterion(model, graph.groups, ctx)
+    finished: list[tuple[Reconstruction | None, Cost]] = []
+
+    def finish() -> None:  # on the cut model, inside the removal's transaction: a failure restores the model
+        report = None
+        if original is not None and calibration is not None:
+            report = reconstruct(model, original, ctx.calibration or calibration, plan.removals)
+        finished.append((report, count(model, example_inputs)))
+
+    def check() -> Any:
+        return eval_call(model, example_inputs)
+
     if budget is None:
         plan = choose(graph, scores, allocation, limits, ratio)
-        broken = find_broken(model, plan, graph, example_inputs, commit=True, expected=expected)  # applied if it passes
-        if broken:
+        broken = find_broken(model, plan, graph, example_inputs, commit=True, expected=expected, then=finish)
+        if broken:  # the whole plan failed the check: without the groups that broke it
             plan = choose(without(graph, {f.module for f in broken}), scores, allocation, limits, ratio)
-            apply_plan(model, plan, example_inputs)
+            with removal(model, plan, check, expected):
+                finish()
     else:
         hi = choose(graph, scores, allocation, limits, 1.0 - 1e-9)
         broken = find_broken(model, hi, graph, example_inputs, expected=expected)
@@ -249,11 +267,9 @@ def prune(
         ratio, plan = search_budget(
             lambda r: choose(usable, scores, allocation, limits, r), predictor, budget, before
         )
-        apply_plan(model, plan, example_inputs)
-    report = None
-    if original is not None and calibration is not None:
-        report = reconstruct(model, original, ctx.calibration or calibration, plan.removals)
-    after = count(model, example_inputs)
+        with removal(model, plan, check, expected):
+            finish()
+    report, after = finished[-1]
     return PruneResult(model, plan, before, after, graph, list(graph.frozen) + broken, ratio, report)
 
 

@@ -1,20 +1,51 @@
-"""Typed exceptions. Each names what was wrong (argument, module, op) and how to fix it.
+"""Typed exceptions. Each names what was wrong (argument, field, file, module or op) and how to fix it.
 
-Error classes that describe bad input also subclass the matching builtin (``ValueError``,
-``TypeError``, ``KeyError``) so callers can catch either.
+Every exception adaprune raises on purpose is an :class:`AdapruneError`. Classes that describe bad
+input also subclass the matching builtin (``ValueError``, ``TypeError``, ``KeyError``, ``OSError``)
+so callers can catch either. Values quoted in messages go through :func:`shown`, which bounds them
+to about 80 characters whatever their size (a config value can be a YAML alias bomb).
 """
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 __all__ = [
     "AdapruneError",
+    "ArgumentTypeError",
+    "BudgetUnreachableError",
     "ConfigError",
+    "FileFormatError",
+    "NonFiniteError",
     "PlanError",
     "PlanMismatchError",
+    "RunDirError",
+    "RunDirLockedError",
+    "StorageError",
     "SurgeryError",
     "TraceError",
     "UnknownNameError",
+    "UntrustedCodeError",
+    "shown",
 ]
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+for _attr in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+    setattr(_REPR, _attr, 4)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` bounded in time and length (nested containers and long strings are elided)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001  (a broken __repr__ must not hide the real error)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class AdapruneError(Exception):
@@ -23,6 +54,10 @@ class AdapruneError(Exception):
 
 class ConfigError(AdapruneError, ValueError):
     """An argument has a value outside what is allowed (the message names it and the allowed range)."""
+
+
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument or field has the wrong type (the message names it, the type given and the type wanted)."""
 
 
 class UnknownNameError(AdapruneError, KeyError):
@@ -39,9 +74,9 @@ class TraceError(AdapruneError, RuntimeError):
     def model_failed(cls, exc: BaseException) -> TraceError:
         """The error for a model that raised ``exc`` when called on the example inputs."""
         return cls(
-            f"the model failed to run on example_inputs ({type(exc).__name__}: {exc}); check that "
-            "example_inputs is what model(...) accepts (a dict is passed as keywords, a tuple as "
-            "positional arguments)"
+            f"the model failed to run on example_inputs ({type(exc).__name__}: {shown(str(exc), 300)}); "
+            "check that example_inputs is what model(...) accepts (a dict is passed as keywords, a "
+            "tuple as positional arguments)"
         )
 
 
@@ -59,3 +94,31 @@ class PlanMismatchError(PlanError):
 
 class BudgetUnreachableError(AdapruneError, ValueError):
     """No plan allowed by the per-group limits meets the budget; the message says how close it got."""
+
+
+class NonFiniteError(AdapruneError, ValueError):
+    """A metric, a loss or a weight is NaN or infinite; the message names which."""
+
+
+class FileFormatError(AdapruneError, ValueError):
+    """A file adaprune reads is missing, not a regular file, too large, not UTF-8, or not of its schema.
+
+    The message names the file and, for a schema error, the field."""
+
+
+class StorageError(AdapruneError, OSError):
+    """Writing a file failed (disk full, permissions ...); the file's previous version is unchanged."""
+
+
+class RunDirError(AdapruneError, ValueError):
+    """A run directory cannot be used as asked: it is not adaprune's, it holds another run, or a
+    resume does not fit it. Nothing in it was changed."""
+
+
+class RunDirLockedError(RunDirError):
+    """Another process is running in this run directory; the message names the holder."""
+
+
+class UntrustedCodeError(ConfigError):
+    """A file received from elsewhere (a run directory's config) names code to import; adaprune does
+    not run it unless the caller passes the factory or trusts the file explicitly."""

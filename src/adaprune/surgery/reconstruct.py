@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 from ..graph import call_model
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -91,11 +91,22 @@ def _capture(model: nn.Module, layer: nn.Module, batches: list[Any], output: boo
     handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            for x in batches:
-                call_model(model, x)
+            for i, x in enumerate(batches):
+                _run(model, x, i)
     finally:
         handle.remove()
     return got
+
+
+def _run(model: nn.Module, x: Any, index: int) -> None:
+    try:
+        call_model(model, x)
+    except Exception as exc:  # noqa: BLE001  (the user's batch does not fit the model: say which)
+        raise ConfigError(
+            f"calibration batch {index}: the model failed to run on its inputs ({type(exc).__name__}: "
+            f"{shown(str(exc), 200)}); calibration batches must be (inputs, targets) pairs, or bare "
+            "inputs, that the model accepts"
+        ) from exc
 
 
 def _execution_order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
@@ -105,7 +116,7 @@ def _execution_order(model: nn.Module, names: list[str], batch: Any) -> list[str
                for n in names]
     try:
         with torch.no_grad():
-            call_model(model, batch)
+            _run(model, batch, 0)
     finally:
         for h in handles:
             h.remove()
@@ -252,8 +263,8 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
     err_after = rel(both.sq_error(w), both.yty)
     if not err_after < err_before or not torch.isfinite(w).all():
         return err_before, err_before  # keep the sliced weights: the fit is no better
-    with torch.no_grad():
-        layer.weight.copy_(w[: d - int(bias)].T.reshape(layer.weight.shape).to(layer.weight.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(w[-1].to(layer.bias.dtype))
+    # new storage, not an in-place copy: a removal's rollback rebuilds the old tensors from the kept parts
+    layer.weight.data = w[: d - int(bias)].T.reshape(layer.weight.shape).to(layer.weight.dtype).contiguous()
+    if layer.bias is not None:
+        layer.bias.data = w[-1].to(layer.bias.dtype).clone()
     return err_before, err_after

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, shown
 from ..plan import Plan
 from .fixers import fix_module
 
@@ -65,9 +66,9 @@ class _Cut:
             out = out.index_select(d, keep)
         self.kept = out if self.steps else out.clone()  # index_select already copied
 
-    def joined(self, kept: torch.Tensor) -> torch.Tensor:
+    def joined(self) -> torch.Tensor:
         """The old tensor, from its kept part and the removed slices."""
-        out = kept.detach()
+        out = self.kept.detach()
         for d, keep, gone, removed in reversed(self.steps):
             shape = list(out.shape)
             shape[d] = keep.numel() + gone.numel()
@@ -108,7 +109,8 @@ def remove(
         plan: what to remove.
         check: optional ``() -> output``; run after surgery, its output shapes must equal
             ``expected_shapes``. On any failure the model is restored exactly and
-            :class:`SurgeryError` is raised.
+            :class:`SurgeryError` is raised (an interrupt, ``KeyboardInterrupt``, restores it too
+            and propagates as it is).
         expected_shapes: output shapes the model must keep.
         commit: with ``False`` the model is restored after a successful check (a dry run).
         release: free each old parameter's storage as soon as it is cut, keeping only the removed
@@ -117,8 +119,42 @@ def remove(
             tensors whole until the end (faster; peak: the model plus the pruned model). ``None``
             (default): release when the planned parameters total at least :data:`RELEASE_BYTES`.
     """
+    with removal(model, plan, check, expected_shapes, release) as cut:
+        if not commit:
+            cut.rollback()
+
+
+class Removal:
+    """A removal in progress (see :func:`removal`): :meth:`rollback` puts the model back as it was."""
+
+    def __init__(self, undo: Callable[[], None] | None) -> None:
+        self._undo = undo
+
+    def rollback(self) -> None:
+        """Restore the model exactly (same parameter objects, same values); a second call does nothing."""
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+
+
+@contextmanager
+def removal(
+    model: nn.Module,
+    plan: Plan,
+    check: Callable[[], Any] | None = None,
+    expected_shapes: list[tuple[int, ...]] | None = None,
+    release: bool | None = None,
+) -> Iterator[Removal]:
+    """Apply ``plan`` (as :func:`remove` does) and run the ``with`` body on the cut model as part of the
+    same transaction: if the body raises anything (``KeyboardInterrupt`` included), the model is
+    restored exactly before the exception propagates; if it returns, the cut is committed.
+
+    The body must not change the cut tensors in place (assign ``param.data = ...`` instead of
+    ``param.copy_``): with ``release`` the rollback rebuilds the old tensors from the kept parts.
+    """
     plan.check(model)
     if plan.is_empty:
+        yield Removal(None)
         return
     tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -134,11 +170,12 @@ def remove(
         k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
         for k, m in [*touched.items(), *((id(p), p) for p in parents)]
     }
-    # With `release`, parameters whose old storage was released: (old Parameter, new Parameter, what
-    # rebuilds the old values). The old objects stay (the rollback puts the very same objects back);
-    # only their data goes, so the model is never held twice in memory. Buffers always keep their old
-    # tensors (a forward pass may update buffers in place, so the old values are kept whole).
-    released: list[tuple[nn.Parameter, nn.Parameter, _Cut]] = []
+    # With `release`, parameters whose old storage was released: (old Parameter, what rebuilds the
+    # old values). The old objects stay (the rollback puts the very same objects back); only their
+    # data goes, so the model is never held twice in memory. Buffers always keep their old tensors
+    # (a forward pass may update buffers in place, so the old values are kept whole).
+    released: list[tuple[nn.Parameter, _Cut]] = []
+    state = Removal(lambda: _restore(touched, saved, parents, released))
     done: dict[int, dict[int, tuple[int, ...]]] = {}
     positions = _Positions()
     try:
@@ -156,7 +193,7 @@ def remove(
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
                 if freed and cut.steps:
                     old.data = old.data.new_empty(0)
-                    released.append((old, new, cut))
+                    released.append((old, cut))
             for mod, attr, is_param in owners[id(old)]:
                 store: dict[str, Any] = mod._parameters if is_param else mod._buffers
                 store[attr] = new
@@ -172,27 +209,34 @@ def remove(
                 raise SurgeryError(
                     f"after surgery the output shapes are {got}, expected {expected_shapes}"
                 )
-    except Exception as exc:
-        _restore(touched, saved, parents, released)
+    except BaseException as exc:
+        state.rollback()
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: restored, then as they are
+            raise
         if isinstance(exc, SurgeryError):
             raise SurgeryError(f"{exc}; the model was restored unchanged") from exc
         raise SurgeryError(
-            f"applying the plan failed ({type(exc).__name__}: {exc}); the model was restored "
-            "unchanged. If the model computes sizes from constants (e.g. view(B, 512, -1)), add the "
-            "module that does so to `ignore`, or register a fixer for its class with "
+            f"applying the plan failed ({type(exc).__name__}: {shown(str(exc), 300)}); the model was "
+            "restored unchanged. If the model computes sizes from constants (e.g. view(B, 512, -1)), "
+            "add the module that does so to `ignore`, or register a fixer for its class with "
             "adaprune.surgery.register_fixer"
         ) from exc
-    if not commit:
-        _restore(touched, saved, parents, released)
+    try:
+        yield state
+    except BaseException:
+        state.rollback()
+        raise
+    if state._undo is None:  # rolled back by the body (a dry run)
         return
     # Committed: the old parameters left the model. One that something else still holds (an
     # optimizer, the caller) gets its values back, as if its storage had never been released.
-    refs = [(weakref.ref(old), new, cut) for old, new, cut in released]
-    del released, saved, tensors
-    for ref, new, cut in refs:
+    state._undo = None
+    refs = [(weakref.ref(old), cut) for old, cut in released]
+    del released, saved, tensors, state
+    for ref, cut in refs:
         still_held = ref()
         if still_held is not None:
-            still_held.data = cut.joined(new)
+            still_held.data = cut.joined()
 
 
 def _ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
@@ -213,7 +257,7 @@ def _restore(
     touched: dict[int, nn.Module],
     saved: dict[int, tuple[dict, dict, dict]],
     parents: list[nn.Module],
-    released: list[tuple[nn.Parameter, nn.Parameter, _Cut]],
+    released: list[tuple[nn.Parameter, _Cut]],
 ) -> None:
     """Put back every module's attributes, parameters and buffers, and the released parameters' values."""
     for mod in [*touched.values(), *parents]:
@@ -223,5 +267,5 @@ def _restore(
         mod._parameters = params
         mod._buffers = bufs
     while released:  # one parameter at a time: the new one and the removed slices go as it is rebuilt
-        old, new, cut = released.pop()
-        old.data = cut.joined(new)
+        old, cut = released.pop()
+        old.data = cut.joined()
