@@ -4,45 +4,68 @@
 
 - ``model.safetensors``: the pruned model's state dict (tied tensors stored once);
 - ``plan.json``: the plan from the original architecture, replayable on a fresh copy;
-- ``adaprune.json``: versions, the model's class, a reference to the base model, the SHA-256 of
-  the weights file and, for transformers, the per-layer sizes (heads, KV heads, FFN width).
+- ``adaprune.json``: versions, the model's class, a reference to the base model, the names and
+  SHA-256 of the weights and plan files and, for transformers, the per-layer sizes (heads, KV heads,
+  FFN width).
 
 ``load("out/", model_factory)`` builds a fresh model with ``model_factory()``, replays the plan
-(so every module gets its pruned shape and attributes), checks the weights file's hash and loads
-the weights strictly. A corrupted, truncated or mismatched directory raises a clear error.
+(so every module gets its pruned shape and attributes), checks the files' hashes and loads the
+weights strictly. A corrupted, truncated or mismatched directory raises a clear error; nothing read
+is executed (the factory is the caller's).
+
+Replacing a save is atomic as a whole: ``adaprune.json`` is the commit point. The new weights and
+plan are first written beside the old ones (``model.next.safetensors``, ``plan.next.json``), then
+``adaprune.json`` is replaced by one naming them, then they are renamed to their usual names and
+``adaprune.json`` is rewritten once more. A load looks for each file under the name the metadata
+gives, then under its usual name, and takes it only if its hash matches, so a disk that fills up
+or a kill at any point leaves either the previous save or the new one loadable.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import PlanError, PlanMismatchError
+from . import fs
+from .errors import ArgumentTypeError, FileFormatError, PlanError, PlanMismatchError, StorageError, shown
 from .plan import Plan
 
 FORMAT_VERSION = 1
 WEIGHTS, PLAN, META = "model.safetensors", "plan.json", "adaprune.json"
+NEXT_WEIGHTS, NEXT_PLAN = "model.next.safetensors", "plan.next.json"
 
 
-class LoadError(PlanError):
+class LoadError(FileFormatError, PlanError):
     """A saved directory is missing a file, is corrupted, or does not fit the model factory."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_SHA = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class SaveMeta(BaseModel):
+    """The schema of ``adaprune.json``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    format: Literal["adaprune"]
+    format_version: Literal[1]
+    versions: dict[str, str] = Field(default_factory=dict)
+    model_class: str
+    base_model: str | None = None
+    params: int = Field(ge=0)
+    weights_sha256: str = _SHA
+    weights_file: Literal["model.safetensors", "model.next.safetensors"] = WEIGHTS
+    plan_file: Literal["plan.json", "plan.next.json"] = PLAN
+    plan_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    layers: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 def versions() -> dict[str, str]:
@@ -93,87 +116,164 @@ def save(
     Args:
         result_or_model: a :class:`~adaprune.api.PruneResult` / :class:`~adaprune.adapt.AdaptResult`,
             or a model together with ``plan=``.
-        directory: created if needed; existing adaprune files in it are replaced.
+        directory: created if needed; a previous save in it is replaced atomically (other files in
+            it are left alone).
         plan: the plan, when a bare model is given (default: an empty plan, i.e. unpruned).
         base: a reference to the base model (a hub name, a torchvision name, a factory path).
+
+    Raises:
+        ArgumentTypeError: not a model or a result; ``plan`` not a Plan.
+        StorageError: the disk is full or the directory is not writable; the previous save in
+            ``directory`` is still loadable.
     """
     from safetensors.torch import save_model
 
     model = getattr(result_or_model, "model", result_or_model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save expects a model or a prune/adapt result, got {type(result_or_model).__name__}")
-    plan = getattr(result_or_model, "plan", None) or plan or Plan()
+        raise ArgumentTypeError(
+            f"save: expected a model (nn.Module) or a prune/adapt result, got {type(result_or_model).__name__}"
+        )
+    result_plan = getattr(result_or_model, "plan", None)
+    plan = result_plan if result_plan is not None else plan if plan is not None else Plan()
+    if not isinstance(plan, Plan):
+        raise ArgumentTypeError(f"save: plan= must be an adaprune.Plan, got {type(plan).__name__}")
+    if base is not None and not isinstance(base, str):
+        raise ArgumentTypeError(f"save: base= must be a str (a reference to the base model), got {shown(base)}")
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS
-    save_model(model, str(weights))
-    (out / PLAN).write_text(plan.to_json(indent=1))
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"save: {out} is a file, not a directory; pass a directory to save into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"save: cannot create the directory {out} ({exc.strerror})") from None
+    _settle(out)
+    weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: save_model(model, tmp), what="the weights")
+    plan_file = fs.write_text(out / NEXT_PLAN, plan.to_json(indent=1), what="the plan")
     config = getattr(model, "config", None)
-    meta = {
-        "format": "adaprune",
-        "format_version": FORMAT_VERSION,
-        "versions": versions(),
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "base_model": base or getattr(config, "_name_or_path", None) or None,
-        "params": sum(p.numel() for p in model.parameters()),
-        "weights_sha256": _sha256(weights),
-        "layers": layer_sizes(model),
-    }
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / META)
+    name_or_path = getattr(config, "_name_or_path", None)
+    meta = SaveMeta(
+        format="adaprune",
+        format_version=FORMAT_VERSION,
+        versions=versions(),
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        base_model=base or (name_or_path if isinstance(name_or_path, str) and name_or_path else None),
+        params=sum(p.numel() for p in model.parameters()),
+        weights_sha256=fs.sha256(weights),
+        weights_file=NEXT_WEIGHTS,
+        plan_file=NEXT_PLAN,
+        plan_sha256=fs.sha256(plan_file),
+        layers=layer_sizes(model),
+    )
+    fs.write_json(out / META, meta.model_dump(), what="the save's metadata")  # the commit point
+    _settle(out)
     return out
 
 
-def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / META
+def _settle(out: Path) -> None:
+    """Give the files of a committed save their usual names (finishing a save that was interrupted
+    after its commit point), so the next save can write its new files beside them."""
+    if not (out / META).is_file():
+        return
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path} is missing: {directory} was not written by adaprune.save") from None
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"{path} is not valid JSON ({exc}); the directory is corrupted") from None
-    if meta.get("format") != "adaprune" or meta.get("format_version") != FORMAT_VERSION:
-        raise LoadError(f"{path} is not an adaprune format-{FORMAT_VERSION} file")
-    return dict(meta)
+        meta = read_meta(out)
+    except LoadError:
+        return  # nothing loadable to protect; the next commit replaces it
+    update: dict[str, str] = {}
+    for key, usual in (("weights_file", WEIGHTS), ("plan_file", PLAN)):
+        name = getattr(meta, key)
+        if name != usual and (out / name).is_file():
+            fs._replace(out / name, out / usual)
+        if name != usual:
+            update[key] = usual
+    if update:
+        fs.write_json(out / META, meta.model_copy(update=update).model_dump(), what="the save's metadata")
+
+
+def read_meta(directory: str | os.PathLike[str]) -> SaveMeta:
+    """The validated ``adaprune.json`` of a save directory."""
+    path = Path(directory) / META
+    if not path.exists() and not path.is_symlink():
+        raise LoadError(f"{path} is missing: {directory} was not written by adaprune.save")
+    try:
+        return fs.read_model(SaveMeta, path, what="adaprune.json")
+    except LoadError:
+        raise
+    except FileFormatError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def _find(root: Path, named: str, usual: str, digest: str | None, what: str) -> Path:
+    """The file of a save: under the name the metadata gives, else its usual name; it must match ``digest``."""
+    candidates = [root / named] + ([root / usual] if usual != named else [])
+    present = [p for p in candidates if p.exists() or p.is_symlink()]
+    if not present:
+        raise LoadError(f"{root / usual} is missing ({what})")
+    for path in present:
+        try:
+            if digest is None or fs.sha256(path, what=what) == digest:
+                return path
+        except FileFormatError as exc:
+            raise LoadError(str(exc)) from None
+    raise LoadError(
+        f"{present[0]} does not match the hash recorded when it was saved: the file is truncated or corrupted"
+    )
 
 
 def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Module]) -> nn.Module:
-    """Rebuild a saved pruned model: ``model_factory()`` gives the unpruned architecture."""
+    """Rebuild a saved pruned model: ``model_factory()`` gives the unpruned architecture.
+
+    Nothing in the directory is executed or unpickled: the architecture comes from the caller's
+    factory, the weights from safetensors, the plan from JSON.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    if not callable(model_factory):
+        raise ArgumentTypeError(
+            f"load: model_factory must be a callable returning the unpruned model, got {type(model_factory).__name__}"
+        )
     root = Path(directory)
+    if not root.is_dir():
+        raise LoadError(f"{root} is not a directory written by adaprune.save")
     meta = read_meta(root)
+    plan_path = _find(root, meta.plan_file, PLAN, meta.plan_sha256, "the plan")
     try:
-        plan = Plan.from_json((root / PLAN).read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{root / PLAN} is missing") from None
-    weights = root / WEIGHTS
-    if not weights.exists():
-        raise LoadError(f"{weights} is missing")
-    if _sha256(weights) != meta.get("weights_sha256"):
-        raise LoadError(
-            f"{weights} does not match the hash recorded when it was saved: the file is truncated or corrupted"
-        )
+        plan = Plan.from_json(fs.read_text(plan_path, what="plan.json"))
+    except FileFormatError as exc:
+        raise LoadError(str(exc)) from None
+    weights = _find(root, meta.weights_file, WEIGHTS, meta.weights_sha256, "the weights")
     model = model_factory()
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"load: model_factory() returned a {type(model).__name__}, not an nn.Module")
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
-    if kind != meta.get("model_class"):
-        raise PlanMismatchError(
-            f"model_factory() built a {kind}, but {directory} holds a {meta.get('model_class')}"
-        )
+    if kind != meta.model_class:
+        raise PlanMismatchError(f"model_factory() built a {kind}, but {directory} holds a {shown(meta.model_class)}")
     from .api import apply_plan
 
     apply_plan(model, plan)
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError) as exc:
-        raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {exc}") from exc
+        raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {shown(str(exc), 300)}") from exc
     return model
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], opset: int = 17) -> Path:
-    """Export ``model`` to ONNX (TorchScript-based exporter, constant folding on)."""
+    """Export ``model`` to ONNX (TorchScript-based exporter, constant folding on), written atomically.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
+        StorageError: the file's directory does not exist or cannot be written.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise StorageError(
+            f"export_onnx: the directory of {target} does not exist; create {target.parent} first"
+        )
+    if target.is_dir():
+        raise StorageError(f"export_onnx: {target} is a directory; give the path of the .onnx file to write")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = example_inputs if isinstance(example_inputs, dict) else None
     if kwargs is not None:
@@ -188,9 +288,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             # the TorchScript exporter is deprecated upstream but needs no extra dependency (the
             # torch.export-based one needs onnxscript); it exports every model the tests cover
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=False, opset_version=opset)
+            fs.write_atomic(
+                target,
+                lambda tmp: torch.onnx.export(model, args, tmp, kwargs=kwargs, dynamo=False, opset_version=opset),
+                what="the ONNX model",
+            )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, f in flags.items():
             m.training = f
-    return Path(path)
+    return target

@@ -7,15 +7,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..api import apply_plan
+from ..api import eval_call
 from ..cost.budget import Budget
-from ..errors import ConfigError
+from ..errors import ArgumentTypeError, ConfigError, SurgeryError
 from ..graph import resolve_ignore
 from ..plan import Plan
+from ..surgery.remove import output_shapes, removal
 from .controller import AdaptConfig, Controller, as_plan
-from .state import ControllerState, RunDir, StepRecord
+from .rundir import RunDir
+from .state import ControllerState, StepRecord
 
 
 @dataclass
@@ -65,6 +68,7 @@ def adapt(
     ignore: Iterable[nn.Module | str] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    force: bool = False,
     **options: Any,
 ) -> AdaptResult:
     """Prune ``model`` in place, in measured steps, until ``budget`` is met or ``tolerance`` binds.
@@ -77,8 +81,13 @@ def adapt(
         budget: a :class:`Budget` over MACs, params, bytes, energy and/or latency.
         tolerance: the largest acceptable drop of the task's metric below the original model's.
         ignore: modules (or names) whose output width must not change (classifiers).
-        run_dir: directory for the run's state, written atomically after every step.
-        resume: continue the run in ``run_dir`` (a killed run ends with the same plan).
+        run_dir: directory for the run's state, written atomically after every step (a path, or an
+            open :class:`RunDir`). It must be new, empty or an adaprune run directory, and is locked
+            while the run holds it (see :mod:`adaprune.adapt.rundir`).
+        resume: continue the run in ``run_dir`` (a killed run ends with the same plan). The settings
+            and the model must be those the run started with (checked before anything is changed).
+        force: start over in a ``run_dir`` that holds a run (deleting only the files adaprune wrote
+            there), or use a directory that is not a run directory (writing only names that are free).
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:
@@ -98,14 +107,22 @@ def adapt(
     names = [n for n, m in model.named_modules() if id(m) in ids]
     if resume and run_dir is None:
         raise ConfigError("resume=True needs run_dir= (the directory of the run to continue)")
-    rd = RunDir(run_dir) if run_dir is not None else None
-    controller = Controller(model, example_inputs, task, budget, config, names, rd)
-    work, state = controller.run(resume)
-    plan = as_plan(state.removals)
-    apply_plan(model, plan, example_inputs)
-    model.load_state_dict(work.state_dict())
-    after = controller.metrics(model)
-    costs_after = controller.costs(model)
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
+        raise ArgumentTypeError(f"run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
+    opened = rd is not None and not rd.is_open
+    if rd is not None and opened:
+        rd.open(resume=resume, force=force)
+    try:
+        controller = Controller(model, example_inputs, task, budget, config, names, rd)
+        work, state = controller.run(resume)
+        plan = as_plan(state.removals)
+        after = controller.metrics(work)  # measured before the user's model is touched
+        costs_after = _final_costs(state)
+        _apply(model, plan, work, example_inputs)
+    finally:
+        if rd is not None and opened:
+            rd.close()
     met = budget.met(costs_after, state.original_costs)
     return AdaptResult(
         model=model,
@@ -119,6 +136,35 @@ def adapt(
         costs_after=costs_after,
         protected=list(state.protected),
     )
+
+
+def _final_costs(state: ControllerState) -> dict[str, float]:
+    """The pruned model's costs as the controller measured them when it accepted its last step (the
+    static costs are exact counts; a fresh latency timing would differ by noise and could contradict
+    the run's own verdict)."""
+    accepted = [h for h in state.history if h.accepted]
+    return dict(accepted[-1].costs) if accepted else dict(state.original_costs)
+
+
+def _apply(model: nn.Module, plan: Plan, work: nn.Module, example_inputs: Any) -> None:
+    """Make ``model`` the pruned ``work`` model, as one transaction: the plan is cut and the values are
+    swapped in (``.data``, so parameter objects that stay keep their identity); if anything fails or
+    the process is interrupted, ``model`` is restored exactly."""
+    values = dict(work.state_dict(keep_vars=True))
+    expected = output_shapes(eval_call(work, example_inputs))
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with removal(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected):
+        try:
+            for name, t in model.state_dict(keep_vars=True).items():
+                new = values[name]
+                if tuple(new.shape) != tuple(t.shape):
+                    raise SurgeryError(f"the pruned {name!r} has shape {tuple(new.shape)}, the model {tuple(t.shape)}")
+                swapped.append((t, t.data))
+                t.data = new.detach()
+        except BaseException:
+            for t, old in reversed(swapped):
+                t.data = old
+            raise
 
 
 __all__ = ["AdaptConfig", "AdaptResult", "ControllerState", "RunDir", "StepRecord", "adapt"]

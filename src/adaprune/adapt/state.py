@@ -1,25 +1,27 @@
-"""The controller's state and its run directory: written atomically after every step, resumable.
+"""The controller's state: plain data, written to the run directory after every step, resumable.
 
-A run directory holds ``state.json`` (controller state, history, the removals so far relative to
-the original model) and ``weights-<step>.safetensors`` (the working model's weights after the last
-accepted step). ``state.json`` is replaced atomically after the weights file it names is complete,
-so a run killed at any instant leaves a consistent directory. Loading never unpickles.
+``state.json`` holds the controller state, the history, the removals so far relative to the original
+model, and the name of the weights file of the working model after the last accepted step. Reading it
+back validates it against a schema (:class:`_StateFile`): a file of the wrong shape is one
+:class:`~adaprune.errors.FileFormatError` naming the field, and the weights file it names must be a
+plain name in the run directory (``weights-0003.safetensors``), never a path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..errors import ConfigError
+from .. import fs
+from ..errors import FileFormatError, shown
 
 STATE_VERSION = 1
+WEIGHTS_PATTERN = r"^weights-[0-9]{4,9}\.safetensors$"
 
 
 @dataclass
@@ -37,7 +39,11 @@ class StepRecord:
 
 @dataclass
 class ControllerState:
-    """Everything needed to continue a run: plain data, JSON-serialisable."""
+    """Everything needed to continue a run: plain data, JSON-serialisable.
+
+    ``signature`` identifies the original model's architecture (tensor names, shapes and dtypes), so a
+    resume on another model is refused before anything is touched.
+    """
 
     step: int = 0
     step_size: float = 0.2
@@ -52,6 +58,7 @@ class ControllerState:
     message: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     weights: str = ""
+    signature: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -59,60 +66,91 @@ class ControllerState:
         return json.dumps(data, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> ControllerState:
-        data = json.loads(text)
-        if data.pop("version", None) != STATE_VERSION:
-            raise ConfigError("the run directory was written by another adaprune version; start a new run")
-        data["history"] = [StepRecord(**h) for h in data.get("history", [])]
+    def from_json(cls, text: str, what: str = "state.json") -> ControllerState:
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise FileFormatError(f"{what}: not valid JSON ({type(exc).__name__})") from None
+        return cls.from_data(raw, what)
+
+    @classmethod
+    def from_data(cls, raw: Any, what: str = "state.json") -> ControllerState:
+        """Validated state from parsed JSON (:class:`~adaprune.errors.FileFormatError` if malformed)."""
+        data = fs.parse(_StateFile, raw, what=what).model_dump()
+        data.pop("version")
+        data["history"] = [StepRecord(**h) for h in data["history"]]
         return cls(**data)
 
 
-class RunDir:
-    """Atomic writes and reads of a run directory."""
+def model_signature(model: nn.Module) -> str:
+    """A short hash of the model's tensor names, shapes and dtypes (its architecture, not its values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:32]
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
 
-    @property
-    def state_file(self) -> Path:
-        return self.path / "state.json"
+# -- the schema of state.json ---------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    def exists(self) -> bool:
-        return self.state_file.exists()
 
-    def save(self, state: ControllerState, model: nn.Module) -> None:
-        from safetensors.torch import save_file
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        name = f"weights-{state.step:04d}.safetensors"
-        tmp = self.path / (name + ".tmp")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path / name)
-        previous = state.weights
-        state.weights = name
-        tmp_state = self.path / "state.json.tmp"
-        tmp_state.write_text(state.to_json())
-        os.replace(tmp_state, self.state_file)
-        if previous and previous != name:
-            (self.path / previous).unlink(missing_ok=True)
+class _StepFile(_Strict):
+    step: int = Field(ge=0)
+    step_size: float
+    cuts: dict[str, int]
+    metrics: dict[str, float]
+    costs: dict[str, float]
+    accepted: bool
+    reason: str
 
-    def load(self) -> ControllerState:
-        try:
-            return ControllerState.from_json(self.state_file.read_text())
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"cannot resume from {self.path}: state.json is unreadable ({exc})") from exc
 
-    def load_weights(self, state: ControllerState, model: nn.Module) -> None:
-        from safetensors.torch import load_file
+class _StateFile(_Strict):
+    version: Literal[1]
+    step: int = Field(ge=0)
+    step_size: float = Field(ge=0)
+    protected: list[str] = Field(default_factory=list)
+    caps: dict[str, float] = Field(default_factory=dict)
+    removals: dict[str, dict[str, list[int]]] = Field(default_factory=dict)
+    history: list[_StepFile] = Field(default_factory=list)
+    baseline: dict[str, float] = Field(default_factory=dict)
+    original_costs: dict[str, float] = Field(default_factory=dict)
+    latency_table: dict[str, float] = Field(default_factory=dict)
+    done: bool = False
+    message: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    weights: str = Field("", pattern=WEIGHTS_PATTERN + "|^$")
+    signature: str = ""
 
-        path = self.path / state.weights
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise ConfigError(f"cannot resume: weights file {path} is missing or corrupt ({exc})") from exc
-        missing = set(model.state_dict()) - set(tensors)
-        if missing:
-            raise ConfigError(f"cannot resume: {path} lacks {sorted(missing)[:3]} ...; was the model changed?")
-        with torch.no_grad():
-            model.load_state_dict(tensors, strict=True)
+    @model_validator(mode="after")
+    def _removals(self) -> _StateFile:
+        for tensor, dims in self.removals.items():
+            for d, idx in dims.items():
+                if not d.isdigit() or any(i < 0 for i in idx):
+                    raise ValueError(
+                        f"removals[{shown(tensor)}][{shown(d)}] must map a dim to non-negative indices"
+                    )
+        return self
+
+
+def run_settings(config: Any, budget: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the controller's options and the budget."""
+    return json.loads(json.dumps({**asdict(config), "budget": repr(budget)}))
+
+
+def check_resumable(state: ControllerState, settings: dict[str, Any], signature: str, where: str) -> None:
+    """Refuse (before anything is changed) to resume ``state`` with other settings or on another model."""
+    from ..errors import RunDirError
+
+    if state.config != settings:
+        changed = sorted(k for k in set(state.config) | set(settings) if state.config.get(k) != settings.get(k))
+        raise RunDirError(
+            f"cannot resume {where}: it was started with other settings ({', '.join(changed[:4])} differ); pass "
+            "the same budget and options, or start over with --force / force=True, or use a new run directory"
+        )
+    if state.signature and state.signature != signature:
+        raise RunDirError(
+            f"cannot resume {where}: it was started on another model (the tensor names, shapes or dtypes "
+            "differ); resume with the model the run started with, or use a new run directory"
+        )

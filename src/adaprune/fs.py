@@ -1,0 +1,287 @@
+"""Files adaprune writes and reads: atomic replacement, regular files only, bounded reads, plain names.
+
+Writing: every file goes to a new temporary file in the same directory (created exclusively, so it
+never follows a symlink planted under its name), is flushed to disk, and is swapped in with
+``os.replace``, which replaces a symlink at the destination instead of writing through it. A failure
+at any point (a full disk, a kill) leaves the previous version of the file as it was; the temporary
+file is removed when the process can still do so. ``OSError`` becomes :class:`StorageError` naming the
+file.
+
+Reading: only regular files are read (a FIFO or a link to ``/dev/zero`` would block or never end);
+reads are bounded in size; text must be UTF-8; JSON is parsed with nesting errors caught; the result is
+validated against a pydantic schema, so malformed content is one :class:`FileFormatError` naming the
+file and the field. Names taken from files (a weights file named in ``state.json``) must be plain
+names: no separators, no ``..``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import FileFormatError, StorageError, shown
+
+__all__ = [
+    "MAX_JSON_BYTES",
+    "check_name",
+    "check_regular",
+    "parse",
+    "read_bytes",
+    "read_json",
+    "read_model",
+    "read_text",
+    "remove_file",
+    "sha256",
+    "write_atomic",
+    "write_json",
+    "write_text",
+]
+
+MAX_JSON_BYTES = 256 << 20
+"""The largest JSON or YAML file adaprune reads (a plan of a 7B-parameter model is a few MB)."""
+
+M = TypeVar("M", bound=BaseModel)
+Writer = Callable[[str], None]
+
+# Indirections the fault-injection tests replace (a disk that fills up, a kill between two steps).
+_replace = os.replace
+_fsync = os.fsync
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: str = "") -> Path:
+    """Write ``data`` (bytes, or ``writer(tmp_path)`` that writes the file) to ``path`` atomically.
+
+    Raises:
+        StorageError: the write failed (disk full, permissions, missing directory); ``path`` holds
+            what it held before.
+    """
+    target = Path(path)
+    label = what or target.name
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _storage(exc, target, label) from None
+    try:
+        if callable(data):
+            os.close(fd)
+            fd = -1
+            data(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+        else:
+            _write_all(fd, data)
+        _fsync(fd)
+        os.close(fd)
+        fd = -1
+        _replace(tmp, target)
+    except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise _storage(exc, target, label) from None
+        raise
+    _sync_dir(target.parent)
+    return target
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort: some file systems cannot open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _storage(exc: OSError, target: Path, label: str) -> StorageError:
+    reason = exc.strerror or type(exc).__name__
+    fix = {
+        errno.ENOSPC: "free some disk space and run again",
+        errno.EDQUOT: "free some disk space and run again",
+        errno.ENOENT: "create the directory first",
+        errno.EACCES: "check the directory's permissions",
+        errno.EROFS: "write somewhere writable",
+    }.get(exc.errno or 0, "check the path and the disk")
+    err = StorageError(f"writing {label} ({target}) failed: {reason}; its previous version is unchanged; {fix}")
+    err.errno = exc.errno
+    return err
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, what: str = "") -> Path:
+    """:func:`write_atomic` of UTF-8 text."""
+    return write_atomic(path, text.encode("utf-8"), what=what)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "", indent: int | None = 1) -> Path:
+    """:func:`write_atomic` of ``obj`` as JSON (NaN and infinity are refused: they are not JSON)."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError as exc:
+        raise FileFormatError(f"{what or Path(path).name}: cannot be written as JSON ({exc})") from None
+    return write_text(path, text, what=what)
+
+
+def remove_file(path: str | os.PathLike[str]) -> None:
+    """Remove a file or a symlink (never what it points to); a missing file is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise StorageError(f"{path} is a directory where adaprune expects one of its files; move it away") from None
+    except OSError as exc:
+        raise _storage(exc, Path(path), Path(path).name) from None
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _open_regular(path: Path, label: str) -> int:
+    """A read-only descriptor of ``path`` after checking, on the open file, that it is a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileFormatError(f"{label}: {path} is missing") from None
+    except IsADirectoryError:
+        raise FileFormatError(f"{label}: {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise FileFormatError(f"{label}: {path} cannot be opened ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise FileFormatError(f"{label}: {path} is {kind}; adaprune reads only regular files")
+    return fd
+
+
+def check_regular(path: str | os.PathLike[str], *, what: str = "") -> Path:
+    """``path`` if it is (or links to) a regular file, else :class:`FileFormatError`: call before handing
+    a path to a library that opens it itself (safetensors)."""
+    p = Path(path)
+    os.close(_open_regular(p, what or p.name))
+    return p
+
+
+def read_bytes(path: str | os.PathLike[str], *, what: str = "", limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes."""
+    p = Path(path)
+    label = what or p.name
+    fd = _open_regular(p, label)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise FileFormatError(f"{label}: {p} is {size:,} bytes, more than the {limit:,} adaprune reads")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FileFormatError(f"{label}: {p} is more than the {limit:,} bytes adaprune reads")
+    return data
+
+
+def read_text(path: str | os.PathLike[str], *, what: str = "", limit: int = MAX_JSON_BYTES) -> str:
+    """A regular file's text, which must be UTF-8."""
+    p = Path(path)
+    data = read_bytes(p, what=what, limit=limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(
+            f"{what or p.name}: {p} is not UTF-8 text (byte {exc.start}); the file is corrupted or not "
+            "the one adaprune wrote"
+        ) from None
+
+
+def read_json(path: str | os.PathLike[str], *, what: str = "", limit: int = MAX_JSON_BYTES) -> Any:
+    """A regular file's JSON content (any shape; validate it with :func:`parse`)."""
+    p = Path(path)
+    text = read_text(p, what=what, limit=limit)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{what or p.name}: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise FileFormatError(f"{what or p.name}: {p} is nested too deeply to be a file adaprune wrote") from None
+
+
+def parse(schema: type[M], data: Any, *, what: str) -> M:
+    """``data`` validated against ``schema``; the first problem becomes one :class:`FileFormatError`
+    line naming the field (``history[3].accepted``), what is wrong and the value (bounded)."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        value = "" if first["type"] == "missing" else f", got {shown(first.get('input'))}"
+        raise FileFormatError(
+            f"{what}: field {where or '(top level)'}: {first['msg'].lower()}{value}{more}; the file is "
+            "corrupted or was not written by this version of adaprune"
+        ) from None
+    except RecursionError:
+        raise FileFormatError(f"{what}: nested too deeply to be a file adaprune wrote") from None
+
+
+def read_model(schema: type[M], path: str | os.PathLike[str], *, what: str = "", limit: int = MAX_JSON_BYTES) -> M:
+    """:func:`read_json` then :func:`parse`."""
+    p = Path(path)
+    label = what or p.name
+    return parse(schema, read_json(p, what=label, limit=limit), what=f"{label} ({p})")
+
+
+def sha256(path: str | os.PathLike[str], *, what: str = "") -> str:
+    """SHA-256 of a regular file (read in chunks, any size)."""
+    p = Path(path)
+    fd = _open_regular(p, what or p.name)
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_name(name: Any, *, what: str) -> str:
+    """``name`` if it is a plain file name (no directory part, no ``..``), else :class:`FileFormatError`."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or (os.altsep is not None and os.altsep in name)
+    ):
+        raise FileFormatError(
+            f"{what}: {shown(name)} is not a plain file name; a file adaprune wrote names files in its "
+            "own directory only"
+        )
+    return name
