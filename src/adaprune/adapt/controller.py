@@ -40,7 +40,8 @@ from ..sensitivity import clusters
 from ..surgery import mask, reconstruct, remove
 from ..task import recalibrate_bn
 from .latency_table import LatencyTable
-from .state import ControllerState, RunDir, StepRecord
+from .rundir import RunDir
+from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 
 
 @dataclass(frozen=True)
@@ -325,19 +326,17 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
-        work = copy.deepcopy(self.model)
-        config = {**asdict(self.cfg), "budget": repr(self.budget)}
+        config = run_settings(self.cfg, self.budget)
+        signature = model_signature(self.model)
         if resume and self.run_dir is not None and self.run_dir.exists():
             state = self.run_dir.load()
-            if state.config != config:
-                raise ConfigError(
-                    f"cannot resume {self.run_dir.path}: it was started with other settings; "
-                    "pass the same budget and options, or use a new run directory"
-                )
+            check_resumable(state, config, signature, str(self.run_dir.path))
+            work = copy.deepcopy(self.model)
             remove(work, as_plan(state.removals))
             self.run_dir.load_weights(state, work)
         else:
-            state = ControllerState(step_size=self.cfg.step, config=config)
+            work = copy.deepcopy(self.model)
+            state = ControllerState(step_size=self.cfg.step, config=config, signature=signature)
             state.baseline = self.metrics(work)
             state.original_costs = self.costs(work)
             if self.run_dir is not None:
