@@ -102,8 +102,8 @@ def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bo
         param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         return build_groups(state, param_names)
     was_training = {m: m.training for m in model.modules()}
-    model.eval()
     try:
+        model.eval()
         with torch.no_grad():
             state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored)
             if unused_parameters(model, state):

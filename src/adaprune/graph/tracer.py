@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import TraceError, shown
 from .atoms import Atoms
 from .fields import Field, along
 from .sizes import SizeInt
@@ -210,6 +211,29 @@ class TraceState:
                 stacklevel=4,
             )
 
+    def opaque(self, module: str, kind: str, inputs: Any, params: Iterator[torch.Tensor]) -> None:
+        """A TorchScript submodule runs: freeze what goes in and its own parameters, and warn once."""
+        op = "torchscript"
+        reason = (
+            f"module {module!r} is TorchScript ({kind}) and its ops cannot be traced; to prune inside "
+            "it, pass the eager module instead of a torch.jit.script / torch.jit.trace one"
+        )
+        for t in tree_flatten(inputs)[0]:
+            self.freeze(t, op, reason)
+        for p in params:
+            if id(p) in self.tensor_names:
+                for d in range(p.dim()):
+                    self.atoms.pin(self.slot(p, d), reason)
+        note = Frozen(module, op, reason)
+        if note not in self.frozen:
+            self.frozen.append(note)
+            warnings.warn(
+                f"adaprune froze the channels going into {module!r}: {reason}. Pruning continues on "
+                "the rest of the model.",
+                UnsupportedOpWarning,
+                stacklevel=4,
+            )
+
     # -- recording -----------------------------------------------------------------------------
     def record(self, call: Call) -> None:
         if not (_any_tensor(call.args, self.is_tracked) or _any_tensor(call.kwargs, self.is_tracked)):
@@ -306,28 +330,75 @@ class _Mode(TorchFunctionMode):
         return out
 
 
+def _scripted(mod: nn.Module) -> bool:
+    return isinstance(mod, torch.jit.ScriptModule)
+
+
+class _Opaque(nn.Module):
+    """Stands in for a TorchScript submodule while tracing: its ops run inside the TorchScript
+    interpreter, where no tracing mode sees them, so everything it touches is frozen."""
+
+    def __init__(self, inner: nn.Module, name: str, state: TraceState) -> None:
+        super().__init__()
+        self._call = (inner,)  # a tuple, so the module is not registered (and not hooked) twice
+        self._name, self._state = name, state
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        (inner,) = self._call
+        self._state.opaque(self._name, type(inner).__name__, (args, kwargs), inner.parameters())
+        return inner(*args, **kwargs)
+
+
+@contextmanager
+def _scripted_stand_ins(model: nn.Module, state: TraceState) -> Iterator[None]:
+    """Each TorchScript submodule replaced by an :class:`_Opaque` for the run, and put back after it
+    (on every path, interrupts included)."""
+    names = {id(m): n for n, m in model.named_modules() if _scripted(m)}
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        if names:
+            for parent in list(model.modules()):
+                if _scripted(parent):
+                    continue
+                for key, child in list(parent._modules.items()):
+                    if child is not None and _scripted(child):
+                        swapped.append((parent, key, child))
+                        parent._modules[key] = _Opaque(child, names[id(child)], state)
+        yield
+    finally:
+        for parent, key, child in reversed(swapped):
+            parent._modules[key] = child
+
+
 @contextmanager
 def _module_hooks(
     model: nn.Module, state: TraceState, ignore: set[int]
 ) -> Iterator[None]:
+    """Forward hooks that keep the stack of running modules; all removed on every path."""
     handles = []
-    for name, mod in model.named_modules():
-
-        def pre(m: nn.Module, a: Any, n: str = name) -> None:
-            state.module_stack.append(n or "<model>")
-            state.module_objects.append(m)
-
-        def post(m: nn.Module, a: Any, out: Any, n: str = name) -> None:
-            if id(m) in ignore:
-                for t in tree_flatten(out)[0]:
-                    state.freeze(t, "output", f"module {n!r} is in `ignore`")
-            if state.module_stack:
-                state.module_stack.pop()
-                state.module_objects.pop()
-
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post, always_call=True))
     try:
+        for name, mod in model.named_modules():
+
+            def pre(m: nn.Module, a: Any, n: str = name) -> None:
+                state.module_stack.append(n or "<model>")
+                state.module_objects.append(m)
+
+            def post(m: nn.Module, a: Any, out: Any, n: str = name) -> None:
+                if id(m) in ignore:
+                    for t in tree_flatten(out)[0]:
+                        state.freeze(t, "output", f"module {n!r} is in `ignore`")
+                if state.module_stack:
+                    state.module_stack.pop()
+                    state.module_objects.pop()
+
+            try:
+                handles.append(mod.register_forward_pre_hook(pre))
+                handles.append(mod.register_forward_hook(post, always_call=True))
+            except (RuntimeError, TypeError, AttributeError) as exc:
+                raise TraceError(
+                    f"cannot put a forward hook on module {name or '<model>'!r} ({type(mod).__name__}): "
+                    f"{shown(str(exc), 200)}; adaprune traces eager nn.Modules that accept hooks"
+                ) from exc
         yield
     finally:
         for h in handles:
@@ -357,7 +428,13 @@ def run_traced(
             if b.is_floating_point():  # integer buffers (position ids, counters) index: no channels
                 names.setdefault(id(b), n)
         state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
-    with _module_hooks(model, state, ignore), _Mode(state):
+    if _scripted(model):
+        raise TraceError(
+            f"the model is a TorchScript module ({type(model).__name__}): its ops run inside the "
+            "TorchScript interpreter, which tracing cannot see; pass the eager nn.Module (before "
+            "torch.jit.script / torch.jit.trace) and script the pruned model afterwards"
+        )
+    with _scripted_stand_ins(model, state), _module_hooks(model, state, ignore), _Mode(state):
         out = call_model()
     for t in tree_flatten(out)[0]:
         state.freeze(t, "output", "the model's output keeps its shape")
