@@ -20,7 +20,9 @@ how far the budget remains). State goes to the run directory after every step.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError, shown
 from ..graph import Graph, Group, trace
 from ..importance import Context, get_importance
 from ..plan import Plan
@@ -107,11 +109,41 @@ def as_plan(removals: dict[str, dict[str, list[int]]]) -> Plan:
     return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()})
 
 
+def non_finite_weights(model: nn.Module) -> str:
+    """Which parameter or floating-point buffer of ``model`` holds NaN or inf values, and how many
+    (the first one found, e.g. ``"'fc.weight' (3 NaN, 0 inf of 80)"``); ``""`` when all are finite."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            return f"{name!r} ({nan} NaN, {inf} inf of {t.numel()})"
+    return ""
+
+
+def non_finite_metrics(metrics: dict[str, float]) -> str:
+    """The metrics that are NaN or inf, e.g. ``"'loss' = nan"``; ``""`` when all are finite."""
+    return ", ".join(f"{k!r} = {v}" for k, v in metrics.items() if not math.isfinite(v))
+
+
+def as_number(key: str, value: Any) -> float:
+    """One value of ``task.evaluate``'s dict as a float (a Python or NumPy number, a one-element tensor)."""
+    if not isinstance(value, (bool, str, bytes)) and hasattr(type(value), "__float__"):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise ConfigError(
+        f"task.evaluate returned {key!r}: {shown(value)} ({type(value).__name__}), which is not a number; "
+        "every value of its dict must be a number (a float, an int or a one-element tensor)"
+    )
+
+
 @dataclass
 class _Probe:
     groups: list[Group]
     drop: float
     saved: dict[str, float]
+    channels: int = 1  # how many channels the probe masked (what ``saved`` is the saving of)
 
 
 class Controller:
@@ -130,15 +162,41 @@ class Controller:
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
         self.sign = 1.0 if task.higher_is_better else -1.0
+        bad = non_finite_weights(model)
+        if bad:
+            raise NonFiniteError(
+                f"the model to adapt has non-finite weights: {bad}; adapt measures every step against the "
+                "original model, so it must be finite (check how it was trained or loaded)"
+            )
 
     # -- measuring ---------------------------------------------------------------------------
     def metrics(self, model: nn.Module) -> dict[str, float]:
+        """``task.evaluate(model)`` checked: a dict of numbers that holds the task's metric (which may
+        be NaN or inf: the caller decides what that means)."""
         out = self.task.evaluate(model)
+        if not isinstance(out, Mapping):
+            raise ConfigError(
+                f"task.evaluate returned {shown(out)} ({type(out).__name__}); it must return a dict of "
+                f"metric name -> number that includes the task's metric {self.task.metric!r}"
+            )
         if self.task.metric not in out:
             raise ConfigError(
-                f"task.evaluate returned {sorted(out)}, without the task's metric {self.task.metric!r}"
+                f"task.evaluate returned {shown(sorted(map(str, out)))}, without the task's metric "
+                f"{self.task.metric!r}"
             )
-        return {k: float(v) for k, v in out.items()}
+        return {str(k): as_number(str(k), v) for k, v in out.items()}
+
+    def baseline(self, model: nn.Module) -> dict[str, float]:
+        """The original model's metrics, which every step is measured against: they must be finite."""
+        metrics = self.metrics(model)
+        bad = non_finite_metrics(metrics)
+        if bad:
+            raise NonFiniteError(
+                f"task.evaluate on the original model gave {bad}; adapt measures every step against the "
+                "original model's metrics, so they must be finite (check the model, and the task's "
+                "evaluation data and loss)"
+            )
+        return metrics
 
     def drop(self, state: ControllerState, metrics: dict[str, float]) -> float:
         return self.sign * (state.baseline[self.task.metric] - metrics[self.task.metric])
@@ -161,10 +219,13 @@ class Controller:
     # -- one step ----------------------------------------------------------------------------
     def harm(self, now: dict[str, float], masked: dict[str, float]) -> float:
         """How much masking hurt: the rise of the task's ``loss`` when it reports one (smooth, so small
-        differences between clusters are seen), else the drop of its metric."""
+        differences between clusters are seen), else the drop of its metric. A NaN or inf result is the
+        most harm there is (``inf``): that cluster is not cut."""
         if "loss" in now and "loss" in masked:
-            return max(masked["loss"] - now["loss"], 0.0)
-        return max(self.sign * (now[self.task.metric] - masked[self.task.metric]), 0.0)
+            lost = masked["loss"] - now["loss"]
+        else:
+            lost = self.sign * (now[self.task.metric] - masked[self.task.metric])
+        return max(lost, 0.0) if math.isfinite(lost) else math.inf
 
     def probes(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor],
                predictor: CostPredictor, metrics_now: dict[str, float]) -> dict[str, _Probe]:
@@ -180,22 +241,44 @@ class Controller:
             handle = mask(work, plan)
             try:
                 with torch.no_grad():
-                    masked = self.metrics(work)
+                    drop = self.harm(metrics_now, self.metrics(work))
+            except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
+                drop = math.inf
             finally:
                 handle.undo()
             after = static_values(predictor(plan))
-            out[name] = _Probe(members, self.harm(metrics_now, masked), {k: now[k] - after[k] for k in now})
+            channels = sum(len(c) for c in chosen.values())
+            out[name] = _Probe(members, drop, {k: now[k] - after[k] for k in now}, channels)
         return out
+
+    def macs_by_cluster(self, plan: Plan, probes: dict[str, _Probe], predictor: CostPredictor) -> dict[str, float]:
+        """The MACs ``plan`` saves (exact: counted on the cut model by the predictor), split over the
+        clusters it cuts in proportion to their channels removed times their probe's MACs per channel."""
+        removed = {g.name: len(g.removed) for g in plan.groups}
+        cut = {c: sum(removed.get(g.name, 0) for g in p.groups) for c, p in probes.items()}
+        weight = {c: n * max(probes[c].saved["macs"], 0.0) / max(probes[c].channels, 1) for c, n in cut.items() if n}
+        if not sum(weight.values()):
+            weight = {c: float(n) for c, n in cut.items() if n}
+        total = sum(weight.values())
+        if not total:
+            return {}
+        saved = static_values(predictor(Plan()))["macs"] - static_values(predictor(plan))["macs"]
+        return {c: saved * w / total for c, w in weight.items()}
 
     def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, _Probe],
                  predictor: CostPredictor, field: str, target: float, values: dict[str, float],
                  table: LatencyTable, caps: dict[str, float]) -> tuple[Plan, dict[str, float]]:
-        """Per-cluster ratios ∝ cost saved per metric lost, scaled (bisection) to reach ``target``."""
+        """Per-cluster ratios ∝ cost saved per metric lost, scaled (bisection) to reach ``target``.
+
+        The bisection judges each candidate by the channels its plan actually removes (ratios round
+        down to whole channels): its exact MACs/params/bytes, or for latency the latency table applied
+        to the exact MACs it saves, so a latency budget cuts whenever a MACs budget would."""
         key = field if field != "latency" else "macs"
         # Cost saved per metric lost, relative to the clusters' geometric mean and softened (square
         # root): clusters that are cheap to cut lose more, but no cluster takes the whole step, which
-        # would leave it too thin for later steps to recover.
-        drops = sorted(p.drop for p in probes.values())
+        # would leave it too thin for later steps to recover. A non-finite drop (the probe made the
+        # metric NaN) gets no share and does not count in the noise floor.
+        drops = sorted(p.drop for p in probes.values() if math.isfinite(p.drop))
         floor = 0.05 * drops[len(drops) // 2] + 1e-6 if drops else 1e-6  # measurement noise
         raw = {c: max(p.saved[key], 0.0) / (p.drop + floor) for c, p in probes.items()}
         positive = [v for v in raw.values() if v > 0]
@@ -218,7 +301,7 @@ class Controller:
                     chosen[g.name] = lowest(scores[g.name], g.size - limits.kept(g.size, int(r * g.size)))
             plan = plan_from_choice(graph, chosen)
             if field == "latency":
-                saved = {c: probes[c].saved["macs"] * ratios[c] / self.cfg.probe_ratio for c in probes}
+                saved = self.macs_by_cluster(plan, probes, predictor)
                 value = values["latency"] - table.predict_saving(saved, default_rate)
             else:
                 value = static_values(predictor(plan))[field]
@@ -252,6 +335,26 @@ class Controller:
         if hasattr(self.task, "calibration"):  # adaptive BN: statistics of the pruned model
             recalibrate_bn(work, self.task.calibration())
 
+    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int) -> tuple[dict[str, float], str]:
+        """Reconstruct, recover and evaluate the cut model. Returns its (finite) metrics and, when
+        something came out NaN or inf (fine-tuning diverged), what it was; else ``""``."""
+        if self.cfg.reconstruct and hasattr(self.task, "calibration"):
+            reconstruct(work, snapshot, self.task.calibration(), plan.removals, ridge=self.cfg.reconstruct_ridge)
+        try:
+            self.recover(work, step)
+        except NonFiniteError as exc:
+            return {}, f"recovery failed ({type(exc).__name__}: {shown(str(exc), 200)})"
+        bad = non_finite_weights(work)
+        if bad:
+            return {}, f"non-finite weights after recovery: {bad}"
+        try:
+            metrics = self.metrics(work)
+        except NonFiniteError as exc:
+            return {}, f"task.evaluate failed ({type(exc).__name__}: {shown(str(exc), 200)})"
+        bad = non_finite_metrics(metrics)
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return finite, f"non-finite metrics after the step: {bad}" if bad else ""
+
     def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
         torch.manual_seed(self.cfg.seed * 100_003 + state.step)  # every step replays identically on resume
@@ -267,7 +370,7 @@ class Controller:
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if plan.is_empty:
             state.done = True
-            state.message = self.unmet(state, values, "no prunable channels are left outside protected groups")
+            state.message = self.unmet(state, values, self.why_empty(probes))
             return work
         broken = find_broken(work, plan, graph, self.x)
         if broken:
@@ -276,38 +379,37 @@ class Controller:
                                     {g.name: list(g.removed) for g in plan.groups})
         snapshot = copy.deepcopy(work)
         remove(work, plan)
-        if self.cfg.reconstruct and hasattr(self.task, "calibration"):
-            reconstruct(work, snapshot, self.task.calibration(), plan.removals, ridge=self.cfg.reconstruct_ridge)
-        self.recover(work, state.step)
-        metrics = self.metrics(work)
+        metrics, failure = self.measure(work, snapshot, plan, state.step)
         new_values = self.costs(work)
-        drop = self.drop(state, metrics)
+        drop = math.inf if failure else self.drop(state, metrics)
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
         record = StepRecord(state.step, size, cuts, metrics, new_values, False, "")
+        state.history.append(record)
         if drop <= self.cfg.tolerance + 1e-12:
             record.accepted = True
             record.reason = f"metric drop {drop:.4f} within tolerance {self.cfg.tolerance}"
             compose(state.removals, self.shapes, plan)
             if "latency" in values:
-                saved = {c: probes[c].saved["macs"] * ratios[c] / self.cfg.probe_ratio for c in probes if ratios[c] > 0}
-                table.calibrate(saved, values["latency"] - new_values["latency"],
-                                values["latency"] / max(values["macs"], 1.0))
+                table.calibrate(self.macs_by_cluster(plan, probes, predictor),
+                                values["latency"] - new_values["latency"], values["latency"] / max(values["macs"], 1.0))
                 state.latency_table = table.table
             if drop < self.cfg.tolerance / 2:
                 state.step_size = min(self.cfg.max_step, state.step_size * self.cfg.grow)
                 record.reason += "; slack left, step grows"
-            state.history.append(record)
             return work
         hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
-        note = ""
-        if hurt is not None:
-            note = self.protect(state, probes[hurt].groups, hurt)
+        note = self.protect(state, probes[hurt].groups, hurt) if hurt is not None else ""
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
-        record.reason = (
-            f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}: rolled back, step halved" + note
-        )
-        state.history.append(record)
+        why = failure or f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}"
+        record.reason = f"{why}: rolled back, step halved{note}"
         return snapshot
+
+    def why_empty(self, probes: dict[str, _Probe]) -> str:
+        """Why a step found nothing to cut."""
+        if probes and all(math.isinf(p.drop) for p in probes.values()):
+            return ("masking any cluster's lowest-importance channels made the metric NaN or inf, "
+                    "so none can be cut")
+        return "no prunable channels are left outside protected groups"
 
     def protect(self, state: ControllerState, groups: list[Group], name: str) -> str:
         """Halve how much the groups that hurt may lose per step; protect them fully after a few halvings."""
@@ -337,7 +439,7 @@ class Controller:
         else:
             work = copy.deepcopy(self.model)
             state = ControllerState(step_size=self.cfg.step, config=config, signature=signature)
-            state.baseline = self.metrics(work)
+            state.baseline = self.baseline(work)  # finite, or NonFiniteError
             state.original_costs = self.costs(work)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)

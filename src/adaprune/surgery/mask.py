@@ -29,8 +29,12 @@ class ChannelMask(nn.Module):
         return w * self.mask
 
 
-def mask_tensor(shape: torch.Size, dims: dict[int, tuple[int, ...]], device: torch.device) -> torch.Tensor:
-    mask = torch.ones(shape, device=device)
+def mask_tensor(
+    shape: torch.Size, dims: dict[int, tuple[int, ...]], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A 0/1 mask of ``shape`` with the positions ``dims`` lists zeroed; in the masked tensor's ``dtype``
+    (a parametrization may not change it: a bfloat16 weight needs a bfloat16 mask)."""
+    mask = torch.ones(shape, device=device, dtype=dtype)
     for d, idx in dims.items():
         if idx:
             mask.index_fill_(d, torch.tensor(list(idx), device=device), 0.0)
@@ -50,7 +54,7 @@ class Masking:
                 self._order.setdefault(id(mod), list(mod._parameters))
                 parametrize.register_parametrization(mod, attr, ChannelMask(m))
                 self._entries.append((mod, attr))
-        except Exception:
+        except BaseException:  # an interrupt too: no mask may stay on the model
             self.undo()
             raise
 
@@ -79,7 +83,7 @@ def mask(model: nn.Module, plan: Plan) -> Masking:
     plan.check(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     masks = {
-        name: mask_tensor(params[name].shape, dict(dims), params[name].device)
+        name: mask_tensor(params[name].shape, dict(dims), params[name].device, params[name].dtype)
         for name, dims in plan.removals.items()
         if name in params
     }
