@@ -4,6 +4,11 @@ Each entry is the latency saved per MAC saved in one group (cluster), on the bud
 starts at the model's average (current latency / current MACs) and, after every measured step,
 the entries of the groups that step cut are scaled by measured saving / predicted saving, so
 groups whose channels are cheap in MACs but expensive in time (or the reverse) are learnt.
+
+The MACs a group saves are always those of a concrete plan (whole channels): the controller counts
+the plan's exact MACs saving on the cut model and splits it over the groups the plan cuts
+(``Controller.macs_by_cluster``). The allocator predicts with it and the calibration after a step
+uses it for the plan that was applied, so a rate learnt from one step predicts the next consistently.
 """
 
 from __future__ import annotations
