@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._check import as_bool, as_float, check_inputs, check_instance, check_module, check_plan, check_selection
 from .allocate import Limits, get_allocator
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
 from .errors import BudgetUnreachableError, ConfigError, SurgeryError
-from .graph import Frozen, Graph, call_model, trace
+from .graph import Frozen, Graph, call_model, resolve_ignore, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
 from .surgery import Reconstruction, reconstruct, remove
@@ -143,6 +144,12 @@ def plan_for(
     round_to: int = 1,
 ) -> Plan:
     """The plan :func:`prune` would apply at ``ratio`` on an already traced model (nothing is changed)."""
+    check_module(model)
+    check_instance(graph, Graph, "graph", "an adaprune.Graph", "trace the model first: graph = ap.trace(model, x)")
+    ratio = as_float(ratio, "ratio", low=0.0, high=1.0, high_open=True,
+                     hint="the fraction of channels removed from each group, e.g. 0.3")
+    check_selection(model, importance=importance, allocation=allocation, calibration=calibration, loss=loss,
+                    max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
     scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
     limits = Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
     return choose(graph, scores, allocation, limits, check_ratio(ratio))
@@ -217,6 +224,17 @@ def prune(
             ``calibration`` batches (:func:`adaprune.surgery.reconstruct`); keeps a copy of the model
             while it runs. The report is ``result.reconstruction``.
     """
+    check_module(model)
+    check_inputs(example_inputs)
+    if ratio is not None:
+        ratio = as_float(ratio, "ratio", low=0.0, high=1.0, high_open=True,
+                         hint="the fraction of channels removed from each group, e.g. 0.3")
+    if budget is not None:
+        check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
+    check_selection(model, importance=importance, allocation=allocation, calibration=calibration, loss=loss,
+                    max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    resolve_ignore(model, ignore)
+    refit = as_bool(refit, "refit")
     if refit and calibration is None:
         raise ConfigError("refit=True needs calibration= batches: the layers are refit on their outputs there")
     if ratio is not None and budget is not None:
@@ -287,6 +305,10 @@ def eval_call(model: nn.Module, example_inputs: Any) -> Any:
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
     """Replay ``plan`` on ``model`` (e.g. a fresh copy): physical removal, checked when inputs are given."""
+    check_module(model)
+    check_plan(plan)
+    if example_inputs is not None:
+        check_inputs(example_inputs)
     if example_inputs is None:
         remove(model, plan)
     else:

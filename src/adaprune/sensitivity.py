@@ -14,19 +14,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ._check import (
+    a_type,
+    as_bool,
+    as_float,
+    check_batches,
+    check_callable,
+    check_inputs,
+    check_instance,
+    check_module,
+    check_path,
+    describe,
+)
 from .allocate import Limits
-from .api import check_ratio, choose
-from .errors import ConfigError
-from .graph import Graph, Group, trace
+from .api import choose
+from .errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
+from .graph import Graph, Group, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
 from .surgery import mask
@@ -139,11 +154,21 @@ def sensitivity(
     """Measure ``evaluate(model)`` with each group (or cluster) alone masked at each ratio.
 
     The model is left exactly as it was. ``evaluate`` should be quick: it runs
-    ``len(clusters) * len(ratios) + 1`` times.
+    ``len(clusters) * len(ratios) + 1`` times, and must return one finite number each time.
     """
-    ratios = [check_ratio(r, "ratios") for r in ratios]
-    if not ratios:
-        raise ConfigError("ratios must hold at least one fraction in (0, 1)")
+    check_module(model)
+    if graph is None:
+        check_inputs(example_inputs)
+    else:
+        check_instance(graph, Graph, "graph", "an adaprune.Graph (from adaprune.trace) or None")
+    check_callable(evaluate, "evaluate", "a callable evaluate(model) -> float (the metric)")
+    ratios = _fractions(ratios)
+    get_importance(importance)
+    resolve_ignore(model, ignore)
+    if calibration is not None:
+        check_batches(calibration, "calibration")
+    cluster = as_bool(cluster, "cluster")
+    check_path(cache, "cache")
     graph = graph or trace(model, example_inputs, ignore=ignore)
     scores = get_importance(importance)(model, graph.groups, Context(calibration))
     parts = clusters(model, graph.groups) if cluster else {g.name: [g] for g in graph.groups}
@@ -156,7 +181,7 @@ def sensitivity(
             stored = {k: float(v) for k, v in data.get("results", {}).items()}
     baseline = stored.get("baseline")
     if baseline is None:
-        baseline = float(evaluate(model))
+        baseline = _metric(evaluate, model)
         stored["baseline"] = baseline
     result = Sensitivity(baseline)
     for name, members in parts.items():
@@ -174,12 +199,43 @@ def sensitivity(
     return result
 
 
+def _fractions(ratios: Any) -> list[float]:
+    """``ratios`` as a non-empty list of fractions in [0, 1)."""
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise ArgumentTypeError(
+            f"ratios={shown(ratios)} is {a_type(ratios)}; expected a list of fractions in [0, 1), "
+            "e.g. ratios=[0.25, 0.5]"
+        )
+    out = [as_float(r, f"ratios[{i}]", low=0.0, high=1.0, high_open=True, hint="a fraction of a group's channels")
+           for i, r in enumerate(ratios)]
+    if not out:
+        raise ConfigError("ratios=[]: ratios must hold at least one fraction in [0, 1), e.g. [0.25, 0.5]")
+    return out
+
+
+def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
+    """``evaluate(model)`` as a float: a non-number or NaN/inf names ``evaluate``."""
+    value = evaluate(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"evaluate returned {describe(value)}; it must return one number, the metric"
+        )
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"evaluate returned {float(value)}; the metric must be finite (check the model and the data "
+            "evaluate uses for NaN/inf)"
+        )
+    return float(value)
+
+
 def _masked_metric(model: nn.Module, plan: Plan, evaluate: Callable[[nn.Module], float]) -> float:
     if plan.is_empty:
-        return float(evaluate(model))
+        return _metric(evaluate, model)
     handle = mask(model, plan)
     try:
         with torch.no_grad():
-            return float(evaluate(model))
+            return _metric(evaluate, model)
     finally:
         handle.undo()

@@ -17,7 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ._check import a_type, as_bool, as_float, as_int, check_batches, check_module, clip, describe
+from .errors import ConfigError, NonFiniteError, shown
 from .graph import call_model
 
 
@@ -68,17 +69,66 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Any, Any]], max_bat
     return True
 
 
+def _pair(batch: Any, loader: str, index: int) -> tuple[Any, Any]:
+    """``batch`` as ``(inputs, targets)``, else a ConfigError naming the loader and the batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(f"{loader} batch {index} is {describe(batch)}; each batch must be an (inputs, targets) pair")
+
+
+def _run(model: nn.Module, x: Any, where: str) -> torch.Tensor:
+    """The model's logits on a batch's inputs; a model that cannot run them names the batch (``where``)."""
+    try:
+        return logits_of(call_model(model, x))
+    except (ConfigError, Warning, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the model failed on {where} ({type(exc).__name__}: {clip(str(exc))}); "
+            "check that the batch's inputs are what model(...) accepts"
+        ) from exc
+
+
+def check_targets(logits: torch.Tensor, y: Any, where: str) -> torch.Tensor:
+    """``y`` when it holds one class index in ``[0, classes)`` per row of ``logits``, else a ConfigError."""
+    classes = logits.shape[-1] if logits.dim() else 0
+    fits = (
+        isinstance(y, torch.Tensor) and not y.dtype.is_floating_point and not y.dtype.is_complex
+        and y.dtype != torch.bool and tuple(y.shape) == tuple(logits.shape[:-1])
+    )
+    if fits and y.numel():
+        fits = 0 <= int(y.min()) and int(y.max()) < classes
+    if not fits:
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else f"({a_type(y)})"
+        raise ConfigError(
+            f"{where}: targets {got} do not fit logits {tuple(logits.shape)}; targets must be integer class "
+            f"indices in [0, {classes}), one per row of logits, shape {tuple(logits.shape[:-1])}"
+        )
+    return y
+
+
+_EMPTY_TRAIN = (
+    "train_loader yielded no batches: fine-tuning and calibration read (inputs, targets) batches from it; "
+    "pass a non-empty list or DataLoader"
+)
+
+
 class ClassificationTask:
     """Supervised classification: accuracy on ``val_loader``, fine-tuning on ``train_loader``.
 
     Args:
-        train_loader: iterable of ``(inputs, targets)`` batches used to fine-tune and calibrate.
-        val_loader: iterable of ``(inputs, targets)`` batches the metric is measured on.
-        lr: learning rate of the fine-tune optimizer (Adam).
+        train_loader: iterable of ``(inputs, targets)`` batches used to fine-tune and calibrate
+            (read many times: a list or a DataLoader, not a generator).
+        val_loader: iterable of ``(inputs, targets)`` batches the metric is measured on; targets
+            are class indices.
+        lr: learning rate of the fine-tune optimizer (Adam), > 0.
+        weight_decay: Adam's weight decay, >= 0.
         distill: blend the loss with distillation from the unpruned model (set by the controller
             through :meth:`set_teacher`).
-        temperature, alpha: distillation temperature and weight of the distillation term.
-        calibration_batches: how many training batches :meth:`calibration` hands out.
+        temperature, alpha: distillation temperature (> 0) and weight of the distillation term (in [0, 1]).
+        calibration_batches: how many training batches :meth:`calibration` hands out (>= 1).
+
+    Every argument is checked on construction (NumPy scalars are converted to Python numbers).
     """
 
     metric = "accuracy"
@@ -96,41 +146,47 @@ class ClassificationTask:
         alpha: float = 0.5,
         calibration_batches: int = 4,
     ) -> None:
-        if lr <= 0:
-            raise ConfigError(f"lr={lr} must be positive")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha={alpha} must be in [0, 1] (weight of the distillation loss)")
-        if temperature <= 0:
-            raise ConfigError(f"temperature={temperature} must be positive")
-        self.train_loader = train_loader
-        self.val_loader = val_loader
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.distill = distill
-        self.temperature = temperature
-        self.alpha = alpha
-        self.calibration_batches = calibration_batches
+        self.train_loader = check_batches(train_loader, "train_loader", reusable=True)
+        self.val_loader = check_batches(val_loader, "val_loader", reusable=True)
+        self.lr = as_float(lr, "lr", low=0.0, low_open=True, hint="the fine-tune learning rate, e.g. 3e-4")
+        self.weight_decay = as_float(weight_decay, "weight_decay", low=0.0, hint="Adam's weight decay, e.g. 0")
+        self.distill = as_bool(distill, "distill")
+        self.temperature = as_float(temperature, "temperature", low=0.0, low_open=True,
+                                    hint="the distillation temperature, e.g. 4")
+        self.alpha = as_float(alpha, "alpha", low=0.0, high=1.0, hint="the weight of the distillation loss")
+        self.calibration_batches = as_int(calibration_batches, "calibration_batches", low=1)
         self.teacher: nn.Module | None = None
 
     def set_teacher(self, model: nn.Module) -> None:
         """Keep a frozen copy of ``model`` (the unpruned one) to distil from, if ``distill``."""
+        check_module(model)
         if self.distill:
             self.teacher = copy.deepcopy(model).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
     def calibration(self) -> list[tuple[Any, Any]]:
-        return list(itertools.islice(iter(self.train_loader), self.calibration_batches))
+        """The first ``calibration_batches`` training batches (an empty ``train_loader`` raises)."""
+        batches = [
+            _pair(b, "train_loader", i)
+            for i, b in enumerate(itertools.islice(iter(self.train_loader), self.calibration_batches))
+        ]
+        if not batches:
+            raise ConfigError(_EMPTY_TRAIN)
+        return batches
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        check_module(model)
         flags = {m: m.training for m in model.modules()}
         model.eval()
         correct = total = 0
         loss = 0.0
         try:
             with torch.no_grad():
-                for x, y in self.val_loader:
-                    logits = logits_of(call_model(model, x))
+                for i, batch in enumerate(self.val_loader):
+                    x, y = _pair(batch, "val_loader", i)
+                    logits = _run(model, x, f"val_loader batch {i}")
+                    check_targets(logits, y, f"val_loader batch {i}")
                     loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                     correct += int((logits.argmax(-1) == y).sum())
                     total += int(y.numel())
@@ -141,18 +197,23 @@ class ClassificationTask:
             raise ConfigError("val_loader yielded no examples")
         return {"accuracy": correct / total, "loss": loss / total}
 
-    def _batches(self) -> Iterator[tuple[Any, Any]]:
+    def _batches(self) -> Iterator[tuple[int, tuple[Any, Any]]]:
+        """(index within the pass, (inputs, targets)) over the training batches, cycling."""
         while True:
             empty = True
-            for batch in self.train_loader:
+            for i, batch in enumerate(self.train_loader):
                 empty = False
-                yield batch
+                yield i, _pair(batch, "train_loader", i)
             if empty:
-                raise ConfigError("train_loader yielded no batches")
+                raise ConfigError(_EMPTY_TRAIN)
 
     def loss(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
-        logits = logits_of(call_model(model, x))
-        ce = nn.functional.cross_entropy(logits, y)
+        """The fine-tune loss on one batch (cross-entropy, blended with distillation when a teacher is set)."""
+        return self._loss(model, x, y, "the batch given to loss()")
+
+    def _loss(self, model: nn.Module, x: Any, y: Any, where: str) -> torch.Tensor:
+        logits = _run(model, x, where)
+        ce = nn.functional.cross_entropy(logits, check_targets(logits, y, where))
         if self.teacher is None:
             return ce
         with torch.no_grad():
@@ -164,20 +225,46 @@ class ClassificationTask:
         return self.alpha * kd * t * t + (1 - self.alpha) * ce
 
     def finetune(self, model: nn.Module, steps: int) -> None:
-        """``steps`` optimizer steps of Adam on the training batches (cycling), in train mode."""
-        if steps <= 0:
+        """``steps`` optimizer steps of Adam on the training batches (cycling), in train mode.
+
+        A step that fails changes nothing (the buffers its forward pass updated are put back), so an
+        error at step 0 leaves the model as it was; the steps before a failing one stay applied (the
+        controller rolls the whole step back). A NaN or infinite loss raises
+        :class:`~adaprune.errors.NonFiniteError` naming the step.
+        """
+        check_module(model)
+        steps = as_int(steps, "steps", low=0, hint="the number of optimizer steps")
+        if steps == 0:
             return
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         flags = {m: m.training for m in model.modules()}
         model.train()
         try:
-            for x, y in itertools.islice(self._batches(), steps):
-                opt.zero_grad(set_to_none=True)
-                self.loss(model, x, y).backward()
-                opt.step()
+            for step, (i, (x, y)) in enumerate(itertools.islice(self._batches(), steps)):
+                self._step(model, opt, step, x, y, f"train_loader batch {i}")
         finally:
             for m, f in flags.items():
                 m.training = f
             for p in params:
                 p.grad = None
+
+    def _step(self, model: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any, y: Any, where: str) -> None:
+        """One optimizer step; if it fails, the buffers its forward pass changed are restored."""
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        try:
+            opt.zero_grad(set_to_none=True)
+            value = self._loss(model, x, y, where)
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise NonFiniteError(
+                    f"finetune step {step} ({where}): the loss is {shown(value.detach().tolist())}; "
+                    f"use a lower lr (now {self.lr:g}) or check the batch for NaN/inf"
+                )
+            value.backward()
+        except BaseException:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+            raise
+        opt.step()

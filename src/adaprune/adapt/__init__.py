@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -10,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._check import a_type, as_bool, check_inputs, check_instance, check_module
 from ..api import eval_call
 from ..cost.budget import Budget
-from ..errors import ArgumentTypeError, ConfigError, SurgeryError
+from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import resolve_ignore
 from ..plan import Plan
 from ..surgery.remove import output_shapes, removal
@@ -50,12 +52,20 @@ class AdaptResult:
 
 
 def _check_task(task: Any) -> None:
+    """A task has evaluate(model) -> dict, a ``metric`` name and ``higher_is_better``; its methods are callable."""
     for attr in ("evaluate", "metric", "higher_is_better"):
         if not hasattr(task, attr):
-            raise ConfigError(
-                f"task has no {attr!r}: a task needs evaluate(model) -> dict, a primary `metric` name and "
-                "`higher_is_better`; adaprune.ClassificationTask is a ready one"
+            raise ArgumentTypeError(
+                f"task ({a_type(task)}) has no {attr!r}: a task needs evaluate(model) -> dict, a primary "
+                "`metric` name and `higher_is_better`; adaprune.ClassificationTask is a ready one"
             )
+    for attr in ("evaluate", "finetune", "calibration", "set_teacher"):
+        if hasattr(task, attr) and not callable(getattr(task, attr)):
+            raise ArgumentTypeError(
+                f"task.{attr} is {a_type(getattr(task, attr))}; expected a method (see adaprune.Task)"
+            )
+    check_instance(task.metric, str, "task.metric", "the name of the metric in evaluate()'s dict")
+    as_bool(task.higher_is_better, "task.higher_is_better")
 
 
 def adapt(
@@ -94,14 +104,19 @@ def adapt(
         An :class:`AdaptResult`. An unreachable budget is not an error: ``budget_met`` is False and
         the model is the most pruned one that kept the tolerance.
     """
-    if not isinstance(budget, Budget):
-        raise ConfigError(f"budget must be an adaprune.Budget, got {type(budget).__name__}")
+    check_module(model)
+    check_inputs(example_inputs)
     _check_task(task)
-    unknown = set(options) - set(AdaptConfig.__dataclass_fields__)
+    check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
+    resume, force = as_bool(resume, "resume"), as_bool(force, "force")
+    unknown = sorted(set(options) - set(AdaptConfig.__dataclass_fields__))
     if unknown:
+        close = difflib.get_close_matches(unknown[0][:100], list(AdaptConfig.__dataclass_fields__), 1)
         raise ConfigError(
-            f"adapt got unknown options {sorted(unknown)}; known: {sorted(AdaptConfig.__dataclass_fields__)}"
+            f"adapt got unknown options {shown(unknown, 40)}; "
+            + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(AdaptConfig.__dataclass_fields__)}")
         )
+    resolve_ignore(model, ignore)
     config = AdaptConfig(tolerance=tolerance, **options)
     ids = resolve_ignore(model, ignore)
     names = [n for n, m in model.named_modules() if id(m) in ids]

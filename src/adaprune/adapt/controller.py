@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._check import as_bool, as_float, as_int, check_callable, check_name
 from ..allocate import Limits, lowest
 from ..api import eval_call, find_broken, plan_from_choice, without
 from ..cost import count
@@ -36,7 +37,7 @@ from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, shown
 from ..graph import Graph, Group, trace
-from ..importance import Context, get_importance
+from ..importance import IMPORTANCE, Context, get_importance
 from ..plan import Plan
 from ..sensitivity import clusters
 from ..surgery import mask, reconstruct, remove
@@ -55,10 +56,14 @@ class AdaptConfig:
     lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`;
     ridge ``reconstruct_ridge``, by default chosen per layer by cross-validation) before fine-tuning;
     it recovers most of the step's damage without optimizer steps.
+
+    Every field is checked for type and range on construction (NumPy scalars are converted to Python
+    numbers); a bad one raises :class:`~adaprune.errors.ArgumentTypeError`, ``ConfigError`` or, for
+    NaN/inf, a ``NonFiniteError``, naming the field.
     """
 
     tolerance: float = 0.01
-    importance: str = "l2"
+    importance: str | Callable[..., Any] = "l2"
     step: float = 0.25
     min_step: float = 0.01
     max_step: float = 0.6
@@ -77,22 +82,35 @@ class AdaptConfig:
     reconstruct_ridge: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.tolerance, bool) or not 0.0 <= self.tolerance < 1.0:
-            raise ConfigError(
-                f"tolerance={self.tolerance!r} must be in [0, 1): the largest acceptable drop of the metric"
-            )
-        if not 0.0 <= self.min_width < 1.0:
-            raise ConfigError(f"min_width={self.min_width!r} must be a fraction in [0, 1) of a group's original width")
-        if self.reconstruct_ridge is not None and self.reconstruct_ridge < 0:
-            raise ConfigError(f"reconstruct_ridge={self.reconstruct_ridge!r} must be >= 0")
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)  # frozen: the checked, converted value
+
+        put("tolerance", as_float(self.tolerance, "tolerance", low=0.0, high=1.0, high_open=True,
+                                  hint="the largest acceptable drop of the metric, e.g. 0.01"))
         for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):
-            v = getattr(self, name)
-            if not 0.0 < v < 1.0:
-                raise ConfigError(f"{name}={v!r} must be a fraction in (0, 1)")
-        if self.min_step > self.step or self.step > self.max_step:
-            raise ConfigError("need min_step <= step <= max_step")
-        if self.finetune_steps < 0 or self.max_iterations < 1:
-            raise ConfigError("finetune_steps must be >= 0 and max_iterations >= 1")
+            put(name, as_float(getattr(self, name), name, low=0.0, high=1.0, low_open=True, high_open=True,
+                               hint="a fraction of the binding cost or of a group's channels"))
+        put("grow", as_float(self.grow, "grow", low=1.0, hint="the factor the step grows by after an easy step"))
+        put("shrink", as_float(self.shrink, "shrink", low=0.0, high=1.0, low_open=True, high_open=True,
+                               hint="the factor the step shrinks by after a roll back"))
+        put("min_width", as_float(self.min_width, "min_width", low=0.0, high=1.0, high_open=True,
+                                  hint="a fraction of a group's original width"))
+        if self.reconstruct_ridge is not None:
+            put("reconstruct_ridge", as_float(self.reconstruct_ridge, "reconstruct_ridge", low=0.0,
+                                              hint="None chooses the ridge per layer"))
+        for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1), ("seed", 0),
+                          ("min_channels", 1), ("round_to", 1)):
+            put(name, as_int(getattr(self, name), name, low=low))
+        put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
+        if isinstance(self.importance, str):
+            check_name(self.importance, IMPORTANCE.names(), "importance", "importance criterion")
+        elif not callable(self.importance):
+            check_callable(self.importance, "importance", "a criterion name such as 'l2', or a callable")
+        if not self.min_step <= self.step <= self.max_step:
+            raise ConfigError(
+                f"min_step={self.min_step}, step={self.step}, max_step={self.max_step}: "
+                "need min_step <= step <= max_step"
+            )
 
 
 def compose(removals: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]], plan: Plan) -> None:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from .._check import as_float, as_int
 from .._registry import Registry
 from ..errors import ConfigError
 from ..graph import Group
@@ -31,12 +32,13 @@ class Limits:
     round_to: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.max_ratio <= 1.0:
-            raise ConfigError(f"max_ratio={self.max_ratio} must be in (0, 1]: the largest fraction a group may lose")
-        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise ConfigError(f"min_channels={self.min_channels!r} must be an integer >= 1")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ConfigError(f"round_to={self.round_to!r} must be an integer >= 1 (1 = no rounding)")
+        object.__setattr__(self, "max_ratio", as_float(  # frozen: store the checked, converted value
+            self.max_ratio, "max_ratio", low=0.0, high=1.0, low_open=True,
+            hint="the largest fraction of its channels a group may lose (1 = no cap)"))
+        object.__setattr__(self, "min_channels", as_int(
+            self.min_channels, "min_channels", low=1, hint="the channels every group keeps at least"))
+        object.__setattr__(self, "round_to", as_int(
+            self.round_to, "round_to", low=1, hint="kept widths are multiples of it (1 = no rounding)"))
 
     def min_kept(self, size: int) -> int:
         """The fewest channels a group of ``size`` may keep."""

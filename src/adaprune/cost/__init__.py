@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._check import check_inputs, check_module
 from ..errors import TraceError
 
 __all__ = ["Cost", "count"]
@@ -55,6 +56,8 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
 
     Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
     """
+    check_module(model)
+    check_inputs(example_inputs)
     return count_with_output(model, example_inputs)[0]
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass
 
+from .._check import as_float, as_int, check_choice
 from ..errors import ConfigError
 from . import Cost
 
@@ -32,25 +33,21 @@ class Budget:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        bounds = {k: getattr(self, k) for k in (*STATIC, "latency", "latency_ms")}
-        for name, v in bounds.items():
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(
-                    f"Budget({name}={v!r}): a bound must be a positive number (a fraction in (0, 1] of "
-                    "the original cost, or an absolute amount above 1)"
-                )
-        if all(v is None for v in bounds.values()):
+        bounds = (*STATIC, "latency", "latency_ms")
+        for name in bounds:
+            v = getattr(self, name)
+            if v is not None:  # frozen: store the checked value as a plain int or float
+                f = as_float(v, name, low=0.0, low_open=True, where="Budget",
+                             hint="a fraction in (0, 1] of the original cost, or an absolute amount above 1")
+                object.__setattr__(self, name, int(v) if isinstance(v, numbers.Integral) else f)
+        if all(getattr(self, k) is None for k in bounds):
             raise ConfigError("Budget() sets no bound: give at least one of macs=, params=, bytes=, energy=, latency=")
         if self.latency is not None and self.latency_ms is not None:
             raise ConfigError("Budget: give latency= (relative) or latency_ms= (absolute), not both")
         from .latency import BACKENDS
 
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"Budget(backend={self.backend!r}): use one of {', '.join(BACKENDS)}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigError(f"Budget(threads={self.threads!r}) must be an integer >= 1")
+        check_choice(self.backend, "backend", BACKENDS, where="Budget")
+        object.__setattr__(self, "threads", as_int(self.threads, "threads", low=1, where="Budget"))
 
     @property
     def needs_latency(self) -> bool:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TraceError
+from .._check import a_type, as_bool, check_inputs, check_module, describe
+from ..errors import ArgumentTypeError, ConfigError, TraceError, shown
 from .groups import Graph, Group, Slot, build_groups
 from .tracer import Frozen, UnsupportedOpWarning, run_traced, unused_parameters
 
@@ -27,16 +28,30 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | None) -> set[int]:
-    """Module ids for ``ignore`` (modules or their names); anything not in ``model`` raises."""
+def _ignore_items(ignore: Any) -> Iterable[Any]:
+    """``ignore`` as items: ``None`` is none, a str one name, a module that module, else its items."""
+    if ignore is None:
+        return ()
+    if isinstance(ignore, (str, nn.Module)):
+        return (ignore,)
+    if isinstance(ignore, (bytes, bytearray, Mapping)) or not isinstance(ignore, Iterable):
+        raise ArgumentTypeError(
+            f"ignore={shown(ignore)} is {a_type(ignore)}; expected a module of the model, a module "
+            "name, or a list of them (e.g. ignore=[model.fc] or ignore='fc')"
+        )
+    return ignore
+
+
+def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | nn.Module | str | None) -> set[int]:
+    """Module ids for ``ignore`` (a module or name, or an iterable of them); anything not in ``model`` raises."""
     ids: set[int] = set()
     names = dict(model.named_modules())
     by_id = {id(m) for m in names.values()}
-    for item in ignore or ():
+    for item in _ignore_items(ignore):
         if isinstance(item, str):
             if item not in names:
                 raise ConfigError(
-                    f"ignore: no module named {item!r} in the model; pass a module of the model "
+                    f"ignore: no module named {shown(item)} in the model; pass a module of the model "
                     "or one of the names from model.named_modules()"
                 )
             ids.add(id(names[item]))
@@ -48,8 +63,9 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | None) -
                 )
             ids.add(id(item))
         else:
-            raise ConfigError(
-                f"ignore: expected modules or module names, got {type(item).__name__}"
+            raise ArgumentTypeError(
+                f"ignore: an item is {describe(item)}; expected modules of the model "
+                "or module names"
             )
     return ids
 
@@ -57,7 +73,7 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | None) -
 def trace(
     model: nn.Module,
     example_inputs: Any,
-    ignore: Iterable[nn.Module | str] | None = None,
+    ignore: Iterable[nn.Module | str] | nn.Module | str | None = None,
     *,
     on_meta: bool = True,
 ) -> Graph:
@@ -70,12 +86,16 @@ def trace(
     Args:
         model: any ``nn.Module`` that runs eagerly; Python control flow is fine.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        ignore: modules (or names) whose outputs must keep their width, e.g. the classifier.
+        ignore: modules (or names) whose outputs must keep their width, e.g. the classifier: a
+            module, a name, or an iterable of them.
         on_meta: try the meta-device run first (set False to always run the real model).
 
     Returns:
         The :class:`Graph`: prunable groups, plus what was frozen and why.
     """
+    check_module(model)
+    check_inputs(example_inputs)
+    on_meta = as_bool(on_meta, "on_meta")
     ignored = resolve_ignore(model, ignore)
     with _collector_paused():
         return _trace(model, example_inputs, ignored, on_meta)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._check import clip, describe
+from ..errors import ConfigError, NonFiniteError, shown
 from ..graph import Group, call_model
 from . import IMPORTANCE, Context
 from .magnitude import group_sums, per_channel, slot_rows
@@ -93,14 +95,38 @@ def consumer_slots(model: nn.Module, group: Group) -> list[tuple[str, str, int, 
     return _weight_slots(model, group, "in")
 
 
+def batch_error(criterion: str, index: int, what: str, exc: BaseException) -> ConfigError:
+    """The error for calibration batch ``index`` that ``criterion`` could not use (``what`` went wrong)."""
+    return ConfigError(
+        f"importance={shown(criterion, 30)}: calibration batch {index}: {what} "
+        f"({type(exc).__name__}: {clip(str(exc), 150)})"
+    )
+
+
+_PASS_THROUGH = (ConfigError, Warning, torch.cuda.OutOfMemoryError)
+
+
+def run_batch(model: nn.Module, x: Any, criterion: str, index: int) -> Any:
+    """``model`` called on a calibration batch's inputs; a failure names the batch and the criterion."""
+    try:
+        return call_model(model, x)
+    except _PASS_THROUGH:
+        raise
+    except Exception as exc:
+        raise batch_error(criterion, index, "the model cannot run its inputs", exc) from exc
+
+
 def observe(
     model: nn.Module,
     names: set[str],
     batches: Sequence[tuple[Any, Any]],
     fn: Callable[[str, nn.Module, torch.Tensor], None],
     inputs: bool,
+    criterion: str = "activation",
 ) -> None:
-    """Run the batches; call ``fn(name, module, tensor)`` on each named module's input or output."""
+    """Run the batches; call ``fn(name, module, tensor)`` on each named module's input or output.
+
+    A batch the model cannot run raises :class:`ConfigError` naming it and ``criterion``."""
     handles = []
     for name in sorted(names):
         mod = model.get_submodule(name)
@@ -110,8 +136,8 @@ def observe(
             handles.append(mod.register_forward_hook(lambda m, a, o, n=name: fn(n, m, o)))
     try:
         with _eval(model), torch.no_grad():
-            for x, _ in batches:
-                call_model(model, x)
+            for i, (x, _) in enumerate(batches):
+                run_batch(model, x, criterion, i)
     finally:
         for h in handles:
             h.remove()
@@ -144,7 +170,7 @@ class _OutputStat:
         store: dict[str, list[torch.Tensor]] = {}
         collect = _per_position(self.stat)
         names = {n for ps in producers.values() for n, _ in ps}
-        observe(model, names, batches, lambda n, m, t: collect(store, n, m, t), inputs=False)
+        observe(model, names, batches, lambda n, m, t: collect(store, n, m, t), inputs=False, criterion=self.name)
         out = {}
         for g in groups:
             seen = [(store[n][0] / store[n][1], owner) for n, owner in producers[g.name] if n in store]
@@ -173,12 +199,12 @@ class APoZ(_OutputStat):
 
 
 def input_sq_norms(
-    model: nn.Module, names: set[str], batches: Sequence[tuple[Any, Any]]
+    model: nn.Module, names: set[str], batches: Sequence[tuple[Any, Any]], criterion: str = "wanda"
 ) -> dict[str, torch.Tensor]:
     """Sum over batches of the squared input per input channel, for each named layer."""
     store: dict[str, list[torch.Tensor]] = {}
     collect = _per_position(lambda f: f * f)
-    observe(model, names, batches, lambda n, m, t: collect(store, n, m, t), inputs=True)
+    observe(model, names, batches, lambda n, m, t: collect(store, n, m, t), inputs=True, criterion=criterion)
     return {n: v[0] for n, v in store.items()}
 
 
@@ -206,8 +232,33 @@ class Wanda:
         return out
 
 
+def batch_loss(
+    model: nn.Module, x: Any, y: Any, loss: Callable[[Any, Any], torch.Tensor], criterion: str, index: int
+) -> torch.Tensor:
+    """The loss of calibration batch ``index``: a finite scalar tensor, or an error naming the batch."""
+    out = run_batch(model, x, criterion, index)
+    try:
+        value = loss(out, y)
+    except _PASS_THROUGH:
+        raise
+    except Exception as exc:
+        raise batch_error(criterion, index, "the loss cannot take its targets", exc) from exc
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+        raise ConfigError(
+            f"importance={shown(criterion, 30)}: calibration batch {index}: the loss returned {describe(value)}; "
+            "expected a scalar tensor computed from the model's output (differentiable)"
+        )
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise NonFiniteError(
+            f"importance={shown(criterion, 30)}: calibration batch {index}: the loss is {float(value)}; "
+            "check the batch and the model's weights for NaN/inf"
+        )
+    return value.reshape(())
+
+
 def taylor_elements(
-    model: nn.Module, batches: Sequence[tuple[Any, Any]], loss: Callable[[Any, Any], torch.Tensor]
+    model: nn.Module, batches: Sequence[tuple[Any, Any]], loss: Callable[[Any, Any], torch.Tensor],
+    criterion: str = "taylor",
 ) -> dict[str, torch.Tensor]:
     """|w * dL/dw| per weight, summed over batches, for every parameter (by name)."""
     named = [(n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point]
@@ -217,8 +268,8 @@ def taylor_elements(
         for _, p in named:
             p.requires_grad_(True)
         with _eval(model), torch.enable_grad():
-            for x, y in batches:
-                value = loss(call_model(model, x), y)
+            for i, (x, y) in enumerate(batches):
+                value = batch_loss(model, x, y, loss, criterion, i)
                 grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
                 for (n, p), g in zip(named, grads):
                     if g is not None:

@@ -80,6 +80,10 @@ class Masking:
 
 def mask(model: nn.Module, plan: Plan) -> Masking:
     """Zero what ``plan`` removes, reversibly; returns the :class:`Masking` handle."""
+    from .._check import check_module, check_plan
+
+    check_module(model)
+    check_plan(plan)
     plan.check(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     masks = {

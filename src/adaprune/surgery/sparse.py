@@ -13,6 +13,7 @@ pruning (``adaprune.prune``) or, for 2:4, a GPU with sparse tensor cores (:func:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from .._check import as_float, check_batches, check_callable, check_choice, check_instance, check_module
+from ..errors import ConfigError, shown
 from ..graph import resolve_ignore
 from ..importance import Context, default_loss
 from .mask import Masking
@@ -154,6 +156,21 @@ def sparsify(
     Give ``sparsity`` (fraction of weights zeroed, per layer or with ``scope="global"`` over all
     layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both.
     """
+    check_module(model)
+    if sparsity is not None:
+        sparsity = as_float(sparsity, "sparsity", low=0.0, high=1.0, high_open=True,
+                            hint="the fraction of each layer's weights zeroed, e.g. 0.5")
+    if isinstance(pattern, str) and not re.fullmatch(r"\d{1,6}:\d{1,6}", pattern):
+        raise ConfigError(f"pattern={shown(pattern)} is not N:M; write e.g. pattern='2:4' or NM(2, 4)")
+    if pattern is not None and not isinstance(pattern, str):
+        check_instance(pattern, NM, "pattern", "an N:M pattern", "write e.g. pattern='2:4' or NM(2, 4)")
+    check_choice(importance, "importance", ("magnitude", "wanda", "taylor"))
+    check_choice(scope, "scope", ("layer", "global"))
+    resolve_ignore(model, ignore)
+    if calibration is not None:
+        check_batches(calibration, "calibration")
+    if loss is not None:
+        check_callable(loss, "loss", "a callable loss(output, targets) -> scalar tensor")
     if (sparsity is None) == (pattern is None):
         raise ConfigError("give exactly one of sparsity= (e.g. 0.5) or pattern= (e.g. '2:4')")
     if isinstance(pattern, str):
