@@ -94,7 +94,7 @@ CONFIG_CASES = [
     ("tolerance", INF, NONFINITE), ("tolerance", 1.5, VALUE), ("tolerance", HUGE_LIST, TYPE),
     ("finetune_steps", 2.5, TYPE), ("finetune_steps", True, TYPE), ("finetune_steps", -1, VALUE),
     ("seed", "a", TYPE), ("seed", NAN, TYPE), ("reconstruct", "yes", TYPE), ("reconstruct", 1, TYPE),
-    ("importance", 3, TYPE), ("importance", HUGE_STR, UNKNOWN),
+    ("importance", 3, TYPE), ("importance", HUGE_STR, UNKNOWN), ("importance", lambda m, g, c: {}, TYPE),
     ("step", NAN, NONFINITE), ("min_step", INF, NONFINITE), ("max_step", NAN, NONFINITE),
     ("grow", NAN, NONFINITE), ("grow", 0.5, VALUE), ("shrink", INF, NONFINITE), ("shrink", 1.0, VALUE),
     ("probe_ratio", NAN, NONFINITE), ("max_group_ratio", -INF, NONFINITE), ("min_width", NAN, NONFINITE),

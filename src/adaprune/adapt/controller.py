@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._check import as_bool, as_float, as_int, check_callable, check_name
+from .._check import as_bool, as_float, as_int, check_instance, check_name
 from ..allocate import Limits, lowest
 from ..api import eval_call, find_broken, plan_from_choice, without
 from ..cost import count
@@ -63,7 +63,7 @@ class AdaptConfig:
     """
 
     tolerance: float = 0.01
-    importance: str | Callable[..., Any] = "l2"
+    importance: str = "l2"
     step: float = 0.25
     min_step: float = 0.01
     max_step: float = 0.6
@@ -102,10 +102,10 @@ class AdaptConfig:
                           ("min_channels", 1), ("round_to", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
         put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
-        if isinstance(self.importance, str):
-            check_name(self.importance, IMPORTANCE.names(), "importance", "importance criterion")
-        elif not callable(self.importance):
-            check_callable(self.importance, "importance", "a criterion name such as 'l2', or a callable")
+        check_instance(self.importance, str, "importance", "the name of a registered criterion such as 'l2'",
+                       "the run's settings are saved as JSON: register a custom criterion with "
+                       "adaprune.importance.IMPORTANCE.register(name)")
+        check_name(self.importance, IMPORTANCE.names(), "importance", "importance criterion")
         if not self.min_step <= self.step <= self.max_step:
             raise ConfigError(
                 f"min_step={self.min_step}, step={self.step}, max_step={self.max_step}: "
