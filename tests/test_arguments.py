@@ -100,7 +100,8 @@ CONFIG_CASES = [
     ("probe_ratio", NAN, NONFINITE), ("max_group_ratio", -INF, NONFINITE), ("min_width", NAN, NONFINITE),
     ("reconstruct_ridge", NAN, NONFINITE), ("reconstruct_ridge", "0.1", TYPE),
     ("max_iterations", 0, VALUE), ("max_iterations", 3.0, TYPE), ("latency_repeats", 0, VALUE),
-    ("min_channels", 0, VALUE), ("round_to", HUGE_STR, TYPE), ("step", HUGE_STR, TYPE),
+    ("min_channels", 0, VALUE), ("round_to", HUGE_STR, TYPE), ("step", HUGE_STR, TYPE), ("seed", 2**40, VALUE),
+    ("tolerance", 10**400, VALUE),
 ]
 
 
@@ -208,6 +209,15 @@ def test_classification_task_arguments(kw, cls, name):
     expect(cls, lambda net: task(**kw), name)
 
 
+def test_classification_task_accepts_a_map_style_dataset():
+    class Batches:  # indexable, without __iter__ (iterated by index until IndexError)
+        def __getitem__(self, i):
+            return BATCHES[i]
+
+    t = task(train=Batches(), val=Batches())
+    assert len(t.calibration()) == 2 and 0.0 <= t.evaluate(make_net())["accuracy"] <= 1.0
+
+
 def test_classification_task_accepts_numpy():
     t = task(lr=np.float32(1e-3), alpha=np.float64(0.25), temperature=np.int64(2), calibration_batches=np.int64(1),
              distill=np.bool_(True))
@@ -256,10 +266,11 @@ def test_bad_ignore(ignore, cls):
     expect(cls, lambda net: ap.trace(net, X, ignore=ignore), "ignore")
 
 
-@pytest.mark.parametrize("which", ["name", "module"])
+@pytest.mark.parametrize("which", ["name", "module", "generator"])
 def test_ignore_one_name_or_one_module(which):
     net = make_net()
-    res = ap.prune(net, X, ratio=0.5, ignore="head" if which == "name" else net.head)
+    ignore = {"name": "head", "module": net.head, "generator": (m for m in [net.head])}[which]
+    res = ap.prune(net, X, ratio=0.5, ignore=ignore)
     assert net.head.out_features == 4 and not res.plan.is_empty
 
 
@@ -298,6 +309,7 @@ PRUNE_CASES = {
     "apply_plan-model": (TYPE, "model", lambda net: ap.apply_plan(3, ap.Plan())),
     "apply_plan-plan": (TYPE, "plan", lambda net: ap.apply_plan(net, {"removals": {}})),
     "apply_plan-plan-huge": (TYPE, "plan", lambda net: ap.apply_plan(net, HUGE_STR)),
+    "apply_plan-result": (TYPE, "result.plan", lambda net: ap.apply_plan(net, ap.prune(make_net(), X))),
     "trace-model": (TYPE, "model", lambda net: ap.trace(3, X)),
     "trace-inputs": (TYPE, "example_inputs", lambda net: ap.trace(net, None)),
     "trace-swapped": (TYPE, "example_inputs", lambda net: ap.trace(net, net)),

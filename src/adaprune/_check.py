@@ -27,6 +27,7 @@ __all__ = [
     "as_bool",
     "as_float",
     "as_int",
+    "brief",
     "check_batches",
     "check_callable",
     "check_choice",
@@ -53,6 +54,11 @@ def type_name(value: Any) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
+def brief(value: Any, limit: int = 80) -> str:
+    """:func:`~adaprune.errors.shown` on one line (a module's or a tensor's repr spans several)."""
+    return " ".join(shown(value, limit).split())
+
+
 def a_type(value: Any) -> str:
     """'a str', 'an int', 'a torch.Tensor' ..."""
     name = type_name(value)
@@ -66,7 +72,7 @@ def describe(value: Any) -> str:
         return f"{a_type(value)} of shape {tuple(shape)}"
     if isinstance(value, (tuple, list)):
         return f"{a_type(value)} of {len(value)}"
-    return f"{a_type(value)} ({shown(value, 40)})"
+    return f"{a_type(value)} ({brief(value, 40)})"
 
 
 def clip(text: str, limit: int = 120) -> str:
@@ -77,7 +83,7 @@ def clip(text: str, limit: int = 120) -> str:
 
 def given(name: str, value: Any, where: str = "") -> str:
     """``name=<value>`` (or ``Where(name=<value>)``), the value bounded."""
-    text = f"{name}={shown(value)}"
+    text = f"{name}={brief(value)}"
     return f"{where}({text})" if where else text
 
 
@@ -115,7 +121,10 @@ def as_float(
     allowed = f"a number {bounds}"
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{given(name, value, where)} is {a_type(value)}; expected {allowed}{_tail(hint)}")
-    out = float(value)
+    try:
+        out = float(value)
+    except (OverflowError, ValueError):  # an int too large for a float
+        raise ConfigError(f"{given(name, value, where)} is too large; expected {allowed}{_tail(hint)}") from None
     if not math.isfinite(out):
         raise NonFiniteArgumentError(f"{given(name, value, where)} is not finite; expected {allowed}{_tail(hint)}")
     too_low = low is not None and (out <= low if low_open else out < low)
@@ -162,7 +171,7 @@ def check_module(value: Any, name: str = "model") -> nn.Module:
         fix = "pass the model itself, not its state_dict"
     else:
         fix = "pass the torch.nn.Module to work on"
-    raise ArgumentTypeError(f"{name} is {a_type(value)} ({shown(value, 40)}); expected an nn.Module: {fix}")
+    raise ArgumentTypeError(f"{name} is {describe(value)}; expected an nn.Module: {fix}")
 
 
 def check_inputs(value: Any, name: str = "example_inputs") -> Any:
@@ -198,7 +207,8 @@ def check_batches(value: Any, name: str, expected: str = "(inputs, targets) batc
 
     ``reusable``: refuse generators too (they are empty after one pass, and the value is read again).
     """
-    bad = isinstance(value, (str, bytes, bytearray, Mapping)) or not isinstance(value, Iterable)
+    iterable = isinstance(value, Iterable) or hasattr(type(value), "__getitem__")  # (a Dataset iterates by index)
+    bad = isinstance(value, (str, bytes, bytearray, Mapping)) or not iterable
     if bad or (reusable and isinstance(value, types.GeneratorType)):
         fix = "a list or a DataLoader (read more than once)" if reusable else "a list or a DataLoader"
         raise ArgumentTypeError(
@@ -220,7 +230,7 @@ def check_choice(value: Any, name: str, choices: Collection[str], *, where: str 
 def check_name(value: str, names: Collection[str], name: str, kind: str) -> str:
     """A registered name: else :class:`UnknownNameError` listing ``names`` (the value bounded)."""
     if value not in names:
-        raise UnknownNameError(f"{name}={shown(value)}: unknown {kind}; registered: {', '.join(sorted(names))}")
+        raise UnknownNameError(f"{name}={brief(value)}: unknown {kind}; registered: {', '.join(sorted(names))}")
     return value
 
 
@@ -235,7 +245,8 @@ def check_plan(value: Any, name: str = "plan") -> Any:
     """An :class:`adaprune.Plan` (a dict or JSON text is not one: ``Plan.from_dict``/``from_json`` reads them)."""
     from .plan import Plan
 
-    return check_instance(value, Plan, name, "an adaprune.Plan", "read a saved plan with Plan.from_json(text)")
+    fix = "pass result.plan" if isinstance(getattr(value, "plan", None), Plan) else "read a saved plan with Plan.from_json(text)"
+    return check_instance(value, Plan, name, "an adaprune.Plan", fix)
 
 
 def check_selection(

@@ -16,7 +16,7 @@ from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
 from .errors import BudgetUnreachableError, ConfigError, SurgeryError
-from .graph import Frozen, Graph, call_model, resolve_ignore, trace
+from .graph import Frozen, Graph, call_model, ignore_items, resolve_ignore, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
 from .surgery import Reconstruction, reconstruct, remove
@@ -233,6 +233,7 @@ def prune(
         check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
     check_selection(model, importance=importance, allocation=allocation, calibration=calibration, loss=loss,
                     max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
     refit = as_bool(refit, "refit")
     if refit and calibration is None:

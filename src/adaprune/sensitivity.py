@@ -30,6 +30,7 @@ from ._check import (
     a_type,
     as_bool,
     as_float,
+    brief,
     check_batches,
     check_callable,
     check_inputs,
@@ -40,8 +41,8 @@ from ._check import (
 )
 from .allocate import Limits
 from .api import choose
-from .errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
-from .graph import Graph, Group, resolve_ignore, trace
+from .errors import ArgumentTypeError, ConfigError, NonFiniteError
+from .graph import Graph, Group, ignore_items, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
 from .surgery import mask
@@ -164,6 +165,7 @@ def sensitivity(
     check_callable(evaluate, "evaluate", "a callable evaluate(model) -> float (the metric)")
     ratios = _fractions(ratios)
     get_importance(importance)
+    ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
     if calibration is not None:
         check_batches(calibration, "calibration")
@@ -203,7 +205,7 @@ def _fractions(ratios: Any) -> list[float]:
     """``ratios`` as a non-empty list of fractions in [0, 1)."""
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise ArgumentTypeError(
-            f"ratios={shown(ratios)} is {a_type(ratios)}; expected a list of fractions in [0, 1), "
+            f"ratios={brief(ratios)} is {a_type(ratios)}; expected a list of fractions in [0, 1), "
             "e.g. ratios=[0.25, 0.5]"
         )
     out = [as_float(r, f"ratios[{i}]", low=0.0, high=1.0, high_open=True, hint="a fraction of a group's channels")

@@ -264,7 +264,7 @@ class ClassificationTask:
         except BaseException:
             with torch.no_grad():
                 for n, b in model.named_buffers():
-                    if n in buffers:
+                    if n in buffers and b.shape == buffers[n].shape:
                         b.copy_(buffers[n])
             raise
         opt.step()

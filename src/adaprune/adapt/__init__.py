@@ -15,7 +15,7 @@ from .._check import a_type, as_bool, check_inputs, check_instance, check_module
 from ..api import eval_call
 from ..cost.budget import Budget
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
-from ..graph import resolve_ignore
+from ..graph import ignore_items, resolve_ignore
 from ..plan import Plan
 from ..surgery.remove import output_shapes, removal
 from .controller import AdaptConfig, Controller, as_plan
@@ -116,6 +116,7 @@ def adapt(
             f"adapt got unknown options {shown(unknown, 40)}; "
             + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(AdaptConfig.__dataclass_fields__)}")
         )
+    ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
     config = AdaptConfig(tolerance=tolerance, **options)
     ids = resolve_ignore(model, ignore)

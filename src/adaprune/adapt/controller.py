@@ -98,9 +98,10 @@ class AdaptConfig:
         if self.reconstruct_ridge is not None:
             put("reconstruct_ridge", as_float(self.reconstruct_ridge, "reconstruct_ridge", low=0.0,
                                               hint="None chooses the ridge per layer"))
-        for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1), ("seed", 0),
+        for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1),
                           ("min_channels", 1), ("round_to", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
+        put("seed", as_int(self.seed, "seed", low=0, high=2**32 - 1))
         put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
         check_instance(self.importance, str, "importance", "the name of a registered criterion such as 'l2'",
                        "the run's settings are saved as JSON: register a custom criterion with "

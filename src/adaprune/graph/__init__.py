@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._check import a_type, as_bool, check_inputs, check_module, describe
+from .._check import a_type, as_bool, brief, check_inputs, check_module, describe
 from ..errors import ArgumentTypeError, ConfigError, TraceError, shown
 from .groups import Graph, Group, Slot, build_groups
 from .tracer import Frozen, UnsupportedOpWarning, run_traced, unused_parameters
@@ -28,18 +28,19 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def _ignore_items(ignore: Any) -> Iterable[Any]:
-    """``ignore`` as items: ``None`` is none, a str one name, a module that module, else its items."""
+def ignore_items(ignore: Any) -> list[Any]:
+    """``ignore`` as a list of items: ``None`` is none, a str one name, a module that module, else its
+    items (read once: a generator can be passed on as the list)."""
     if ignore is None:
-        return ()
+        return []
     if isinstance(ignore, (str, nn.Module)):
-        return (ignore,)
+        return [ignore]
     if isinstance(ignore, (bytes, bytearray, Mapping)) or not isinstance(ignore, Iterable):
         raise ArgumentTypeError(
-            f"ignore={shown(ignore)} is {a_type(ignore)}; expected a module of the model, a module "
+            f"ignore={brief(ignore)} is {a_type(ignore)}; expected a module of the model, a module "
             "name, or a list of them (e.g. ignore=[model.fc] or ignore='fc')"
         )
-    return ignore
+    return list(ignore)
 
 
 def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | nn.Module | str | None) -> set[int]:
@@ -47,7 +48,7 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | nn.Modu
     ids: set[int] = set()
     names = dict(model.named_modules())
     by_id = {id(m) for m in names.values()}
-    for item in _ignore_items(ignore):
+    for item in ignore_items(ignore):
         if isinstance(item, str):
             if item not in names:
                 raise ConfigError(
@@ -96,7 +97,7 @@ def trace(
     check_module(model)
     check_inputs(example_inputs)
     on_meta = as_bool(on_meta, "on_meta")
-    ignored = resolve_ignore(model, ignore)
+    ignored = resolve_ignore(model, ignore)  # (reads ignore once)
     with _collector_paused():
         return _trace(model, example_inputs, ignored, on_meta)
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .._check import a_type, check_batches, check_name, describe
+from .._check import a_type, brief, check_batches, check_name, describe
 from .._registry import Registry
 from ..errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
 from ..graph import Group
@@ -215,7 +215,7 @@ def get_importance(name: str | Importance) -> CheckedImportance:
         label = getattr(name, "__qualname__", None) or type(name).__qualname__
         return CheckedImportance(name, shown(label, 60) if isinstance(label, str) else type(name).__name__)
     raise ArgumentTypeError(
-        f"importance={shown(name)} is {a_type(name)}; expected a criterion name "
+        f"importance={brief(name)} is {a_type(name)}; expected a criterion name "
         f"({', '.join(IMPORTANCE.names())}) or a callable criterion(model, groups, ctx)"
     )
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._check import as_float, check_batches, check_callable, check_choice, check_instance, check_module
 from ..errors import ConfigError, shown
-from ..graph import resolve_ignore
+from ..graph import ignore_items, resolve_ignore
 from ..importance import Context, default_loss
 from .mask import Masking
 
@@ -166,6 +166,7 @@ def sparsify(
         check_instance(pattern, NM, "pattern", "an N:M pattern", "write e.g. pattern='2:4' or NM(2, 4)")
     check_choice(importance, "importance", ("magnitude", "wanda", "taylor"))
     check_choice(scope, "scope", ("layer", "global"))
+    ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
     if calibration is not None:
         check_batches(calibration, "calibration")
