@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import SurgeryError, shown
 from ..plan import Plan
 from .fixers import fix_module
+from .hf_config import update_configs
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
@@ -231,6 +232,7 @@ def removal(
     # Committed: the old parameters left the model. One that something else still holds (an
     # optimizer, the caller) gets its values back, as if its storage had never been released.
     state._undo = None
+    update_configs(model, plan)  # transformers configs state the new sizes (or refuse save_pretrained)
     refs = [(weakref.ref(old), cut) for old, cut in released]
     del released, saved, tensors, state
     for ref, cut in refs:
