@@ -530,11 +530,13 @@ def configs(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     """``(owner name, owner, config)`` for every transformers config held as ``.config`` by a module of
     ``model``, deepest owner first (sub-configs before the composite configs that hold them). The owner is
     the outermost ``PreTrainedModel`` holding the config, else the outermost module holding it."""
-    tf = sys.modules.get("transformers")
-    if tf is None:
+    # only what is already imported: no config instance can exist before its module is, and looking an
+    # attribute up on the lazy ``transformers`` module would import it
+    loaded = sys.modules.get("transformers.configuration_utils")
+    config_cls = getattr(loaded, "PreTrainedConfig", None) or getattr(loaded, "PretrainedConfig", None)
+    if config_cls is None:
         return []
-    config_cls = getattr(tf, "PreTrainedConfig", None) or tf.PretrainedConfig
-    model_cls = tf.PreTrainedModel
+    model_cls = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", ())
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     found: dict[int, Any] = {}
     for name, mod in model.named_modules():
