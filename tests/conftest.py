@@ -15,3 +15,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """For the command-line tests: a trained tiny digits CNN, a slowed task, an npz file, a loaders module."""
+    from cli_helpers import make_workdir
+
+    return make_workdir(tmp_path_factory)

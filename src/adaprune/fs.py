@@ -32,8 +32,10 @@ from .errors import FileFormatError, StorageError, shown
 
 __all__ = [
     "MAX_JSON_BYTES",
+    "TMP_MARK",
     "check_name",
     "check_regular",
+    "is_temporary",
     "parse",
     "read_bytes",
     "read_json",
@@ -48,6 +50,9 @@ __all__ = [
 
 MAX_JSON_BYTES = 256 << 20
 """The largest JSON or YAML file adaprune reads (a plan of a 7B-parameter model is a few MB)."""
+
+TMP_MARK = ".tmp-"
+"""Temporary files are named ``.<name>.tmp-<random><suffix>``: a killed write leaves only such a file."""
 
 M = TypeVar("M", bound=BaseModel)
 Writer = Callable[[str], None]
@@ -68,7 +73,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
     target = Path(path)
     label = what or target.name
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # the same suffix as the target: writers that pick the format from it (matplotlib) still can
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=target.suffix)
     except OSError as exc:
         raise _storage(exc, target, label) from None
     try:
@@ -146,6 +152,11 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "", indent
     return write_text(path, text, what=what)
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of :func:`write_atomic`'s temporary files."""
+    return name.startswith(".") and TMP_MARK in name
+
+
 def remove_file(path: str | os.PathLike[str]) -> None:
     """Remove a file or a symlink (never what it points to); a missing file is fine."""
     try:
@@ -168,7 +179,7 @@ def _open_regular(path: Path, label: str) -> int:
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise FileFormatError(f"{label}: {path} is missing") from None
+        raise FileFormatError(f"{label}: {path} does not exist") from None
     except IsADirectoryError:
         raise FileFormatError(f"{label}: {path} is a directory, not a file") from None
     except OSError as exc:

@@ -35,7 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from . import fs
-from .errors import ArgumentTypeError, FileFormatError, PlanError, PlanMismatchError, StorageError, shown
+from .errors import (
+    ArgumentTypeError,
+    ConfigError,
+    FileFormatError,
+    PlanError,
+    PlanMismatchError,
+    StorageError,
+    shown,
+)
 from .plan import Plan
 
 FORMAT_VERSION = 1
@@ -128,12 +136,16 @@ def save(
     """
     from safetensors.torch import save_model
 
-    model = getattr(result_or_model, "model", result_or_model)
+    if isinstance(result_or_model, nn.Module):  # a model (an HF model has a .model attribute of its own)
+        model, result_plan = result_or_model, None
+    else:
+        model, result_plan = getattr(result_or_model, "model", None), getattr(result_or_model, "plan", None)
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(
             f"save: expected a model (nn.Module) or a prune/adapt result, got {type(result_or_model).__name__}"
         )
-    result_plan = getattr(result_or_model, "plan", None)
+    if result_plan is not None and plan is not None:
+        raise ConfigError("save: a prune/adapt result carries its plan; pass plan= only with a bare model")
     plan = result_plan if result_plan is not None else plan if plan is not None else Plan()
     if not isinstance(plan, Plan):
         raise ArgumentTypeError(f"save: plan= must be an adaprune.Plan, got {type(plan).__name__}")
@@ -146,6 +158,12 @@ def save(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"save: cannot create the directory {out} ({exc.strerror})") from None
+    foreign = [n for n in (WEIGHTS, PLAN) if (out / n).exists() or (out / n).is_symlink()]
+    if foreign and not ((out / META).exists() or (out / META).is_symlink()):
+        raise ConfigError(
+            f"save: {out} holds {', '.join(foreign)} that adaprune.save did not write (there is no {META}); "
+            "adaprune does not overwrite it: choose another directory or move the file away"
+        )
     _settle(out)
     weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: save_model(model, tmp), what="the weights")
     plan_file = fs.write_text(out / NEXT_PLAN, plan.to_json(indent=1), what="the plan")

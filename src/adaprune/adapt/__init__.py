@@ -20,7 +20,7 @@ from ..plan import Plan
 from ..surgery.remove import output_shapes, removal
 from .controller import AdaptConfig, Controller, as_plan
 from .rundir import RunDir
-from .state import ControllerState, StepRecord
+from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 
 
 @dataclass
@@ -126,11 +126,11 @@ def adapt(
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
+    controller = Controller(model, example_inputs, task, budget, config, names, rd)  # checks the weights
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
         rd.open(resume=resume, force=force)
     try:
-        controller = Controller(model, example_inputs, task, budget, config, names, rd)
         work, state = controller.run(resume)
         plan = as_plan(state.removals)
         after = controller.metrics(work)  # measured before the user's model is touched
@@ -154,6 +154,16 @@ def adapt(
     )
 
 
+def check_resume(
+    run_dir: RunDir, model: nn.Module, budget: Budget, tolerance: float = 0.01, **options: Any
+) -> None:
+    """Raise :class:`~adaprune.errors.RunDirError` if the run in ``run_dir`` cannot be resumed with these
+    settings on this model. Reads only: call it before writing anything into the run directory."""
+    config = AdaptConfig(tolerance=tolerance, **options)
+    state = run_dir.load()
+    check_resumable(state, run_settings(config, budget), model_signature(model), str(run_dir.path))
+
+
 def _final_costs(state: ControllerState) -> dict[str, float]:
     """The pruned model's costs as the controller measured them when it accepted its last step (the
     static costs are exact counts; a fresh latency timing would differ by noise and could contradict
@@ -169,18 +179,18 @@ def _apply(model: nn.Module, plan: Plan, work: nn.Module, example_inputs: Any) -
     values = dict(work.state_dict(keep_vars=True))
     expected = output_shapes(eval_call(work, example_inputs))
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with removal(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected):
-        try:
+    try:
+        with removal(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected):
             for name, t in model.state_dict(keep_vars=True).items():
                 new = values[name]
                 if tuple(new.shape) != tuple(t.shape):
                     raise SurgeryError(f"the pruned {name!r} has shape {tuple(new.shape)}, the model {tuple(t.shape)}")
                 swapped.append((t, t.data))
                 t.data = new.detach()
-        except BaseException:
-            for t, old in reversed(swapped):
-                t.data = old
-            raise
+    except BaseException:  # the removal restored the cut tensors; the values swapped in go back too
+        for t, old in reversed(swapped):
+            t.data = old
+        raise
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "ControllerState", "RunDir", "StepRecord", "adapt"]
+__all__ = ["AdaptConfig", "AdaptResult", "ControllerState", "RunDir", "StepRecord", "adapt", "check_resume"]

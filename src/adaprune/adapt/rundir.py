@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .. import fs
-from ..errors import FileFormatError, RunDirError, RunDirLockedError, shown
+from ..errors import AdapruneError, FileFormatError, RunDirError, RunDirLockedError, shown
 from .state import WEIGHTS_PATTERN, ControllerState
 
 try:  # POSIX; elsewhere runs are not locked (the mark and atomic writes still hold)
@@ -45,7 +45,7 @@ MARK, LOCK, STATE = ".adaprune-run", ".adaprune-lock", "state.json"
 RUN_FILES = (STATE, "weights-*.safetensors")
 """Names the controller writes in a run directory (patterns); other writers add theirs."""
 # files adaprune writes inside the directories it creates (deleted on a restart; anything else stays)
-_OWN_INSIDE = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.md", "*.html", ".*.tmp")
+_OWN_INSIDE = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.md", "*.html")
 
 
 class _Mark(BaseModel):
@@ -78,6 +78,29 @@ class RunDir:
     def is_open(self) -> bool:
         return self._lock_fd is not None
 
+    def check(self, *, resume: bool = False, force: bool = False, restart: bool = False) -> None:
+        """The checks of :meth:`open` that need no lock and write nothing (run them before slow work)."""
+        exists = self.path.exists() or self.path.is_symlink()
+        if not exists:
+            return
+        if not self.path.is_dir():
+            raise RunDirError(f"run_dir: {self.path} is a file, not a directory; choose a directory for the run")
+        ours = self._read_mark() is not None or self._legacy()
+        if not ours:
+            foreign = [e for e in _entries(self.path) if e != LOCK]
+            if foreign and not force:
+                raise RunDirError(
+                    f"run_dir: {self.path} is not an adaprune run directory (no {MARK}) and is not empty "
+                    f"(it holds {_listing(foreign)}); choose a new or empty directory, or pass --force / "
+                    "force=True to use it anyway (adaprune then writes only names that are free and deletes "
+                    "nothing)"
+                )
+        elif self.exists() and not (resume or force or restart):
+            raise RunDirError(
+                f"run_dir: {self.path} already holds a run ({STATE}); continue it with --resume / "
+                "resume=True, or start over with --force / force=True"
+            )
+
     def open(
         self,
         *,
@@ -87,10 +110,10 @@ class RunDir:
         names: Iterable[str] = RUN_FILES,
         protect: Iterable[str | os.PathLike[str]] = (),
     ) -> RunDir:
-        """Claim the directory for a run (checks first, then the lock; nothing is written before both pass).
+        """Claim the directory for a run: checks, then the lock; nothing is written before both pass.
 
         Args:
-            resume: a run found here is to be continued.
+            resume: a run found here is to be continued (it is neither refused nor reset).
             force: use a directory that is not a run directory (adopting it: only free names are
                 written) and start over in one that holds a run (its files are deleted first).
             restart: start over in one of adaprune's run directories without asking (the demo's
@@ -102,45 +125,35 @@ class RunDir:
         if self.is_open:
             return self
         self._protected = [Path(p) for p in protect]
-        names = list(names)
-        exists = self.path.exists() or self.path.is_symlink()
-        if exists and not self.path.is_dir():
-            raise RunDirError(f"run_dir: {self.path} is a file, not a directory; choose a directory for the run")
-        mark = self._read_mark() if exists else None
-        if exists and mark is None:
-            foreign = [e for e in _entries(self.path) if e != LOCK]
-            if foreign and not force:
-                raise RunDirError(
-                    f"run_dir: {self.path} is not an adaprune run directory (no {MARK}) and is not empty "
-                    f"(it holds {_listing(foreign)}); choose a new or empty directory, or pass --force / "
-                    "force=True to use it anyway (adaprune then writes only names that are free and deletes "
-                    "nothing)"
-                )
+        self.check(resume=resume, force=force, restart=restart)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirError(f"run_dir: cannot create {self.path} ({exc.strerror})") from None
         self._lock()
         try:
-            mark = self._read_mark()  # again, under the lock
-            has_run = (self.path / STATE).is_file()
-            if mark is not None and has_run and not (resume or force or restart):
-                raise RunDirError(
-                    f"run_dir: {self.path} already holds a run ({STATE}); continue it with --resume / "
-                    "resume=True, or start over with --force / force=True"
-                )
-            if mark is None:
-                self._mark = _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
-                                   created=_now(), names=[])
-            else:
-                self._mark = mark
-                if (force or restart) and not (resume and has_run):
-                    self._reset()
+            self.check(resume=resume, force=force, restart=restart)  # again, under the lock
+            mark = self._read_mark()
+            legacy = mark is None and self._legacy()
+            self._mark = mark or _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
+                                       created=_now(), names=list(names) if legacy else [])
+            if (force or restart) and (mark is not None or legacy) and not (resume and self.exists()):
+                self._reset()
             self.own(*names)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _legacy(self) -> bool:
+        """A run directory written before run directories were marked: a valid ``state.json``, no mark."""
+        if not self.exists():
+            return False
+        try:
+            self.load()
+        except AdapruneError:
+            return False
+        return True
 
     def close(self) -> None:
         """Release the lock (the mark and the files stay)."""
@@ -150,7 +163,7 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def __enter__(self) -> RunDir:
+    def __enter__(self) -> RunDir:  # noqa: PYI034  (Self needs Python 3.11)
         if not self.is_open:
             self.open()
         return self
@@ -247,7 +260,8 @@ class RunDir:
             path = self.path / name
             if path.is_dir() and not path.is_symlink():
                 for child in path.iterdir():
-                    if any(fnmatch.fnmatchcase(child.name, p) for p in _OWN_INSIDE) and not child.is_dir():
+                    own = fs.is_temporary(child.name) or any(fnmatch.fnmatchcase(child.name, p) for p in _OWN_INSIDE)
+                    if own and not child.is_dir():
                         fs.remove_file(child)
                 try:
                     path.rmdir()
@@ -256,7 +270,7 @@ class RunDir:
             else:
                 fs.remove_file(path)
         for child in self.path.iterdir():  # temporary files of writes that were killed
-            if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
+            if fs.is_temporary(child.name) and child.is_file():
                 fs.remove_file(child)
         self._mark = self._mark.model_copy(update={"run_id": uuid.uuid4().hex, "created": _now(), "names": []})
         self._write_mark()

@@ -47,7 +47,7 @@ def _errors(source: Path | None = None) -> Iterator[None]:
 
     Messages about a config file start with its name (``source``).
     """
-    from ..errors import AdapruneError, ConfigError
+    from ..errors import AdapruneError, ConfigError, FileFormatError, RunDirError
 
     def named(message: str) -> str:
         return message if source is None or message.startswith(str(source)) else f"{source}: {message}"
@@ -56,8 +56,10 @@ def _errors(source: Path | None = None) -> Iterator[None]:
         yield
     except CliError as exc:
         raise _fail(named(str(exc)), exc.code) from None
-    except ConfigError as exc:
+    except (ConfigError, RunDirError) as exc:
         raise _fail(named(str(exc)), 2) from None
+    except FileFormatError as exc:  # a file given or found is damaged or of the wrong kind
+        raise _fail(str(exc), 2) from None
     except AdapruneError as exc:
         raise _fail(f"{type(exc).__name__}: {exc}", 1) from None
 
@@ -129,7 +131,14 @@ def demo(
 def adapt(
     config: ConfigArg,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in run_dir")] = False,
-    force: Annotated[bool, typer.Option("--force", help="start over even if run_dir holds a run")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="start over in a run_dir that holds a run (deleting only files adaprune wrote there), or "
+            "use a directory that is not a run directory (writing only names that are free)",
+        ),
+    ] = False,
     run_dir: RunDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -149,7 +158,7 @@ def adapt(
         cfg = prepare(config, run_dir)
         try:
             with _interruptible():
-                data = run_adapt(cfg, resume=resume, force=force, console=_err_console())
+                data = run_adapt(cfg, resume=resume, force=force, console=_err_console(), source=config)
         except KeyboardInterrupt:
             if (Path(str(cfg.run_dir)) / "state.json").is_file():
                 note = (
@@ -219,9 +228,30 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="export to ONNX (run_dir/model.onnx)")] = False,
     threads: Annotated[int, typer.Option(min=1, help="threads for the latency measurements")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="timed repeats per measurement")] = 50,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--factory",
+            help="'module:function' or 'file.py:function' building the unpruned model (called with the "
+            "config's model.kwargs); default: the run's config, if it names no code",
+        ),
+    ] = None,
+    trust_config: Annotated[
+        bool,
+        typer.Option(
+            "--trust-config",
+            help="build the model with the code the run directory's config.yaml names (only for run "
+            "directories you made or trust: importing it runs it)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export the pruned model of a run and compare ONNX Runtime and PyTorch latency."""
+    """Export the pruned model of a run and compare ONNX Runtime and PyTorch latency.
+
+    The model is rebuilt from the run directory's data. Code named in its config.yaml (a model
+    factory other than a torchvision name or a transformers config class) is not imported unless you
+    pass --trust-config, or pass your own --factory.
+    """
     from .jobs import run_export
 
     with _errors():
@@ -229,7 +259,7 @@ def export(
             raise CliError("choose a format: pass --onnx (the only export format so far)")
         if not run_dir.is_dir():
             raise CliError(f"{run_dir}: no such directory; pass the run_dir of an adapt run")
-        result = run_export(run_dir, threads, repeats, _err_console())
+        result = run_export(run_dir, threads, repeats, _err_console(), factory=factory, trust=trust_config)
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 import adaprune as ap
 
+from ..errors import UntrustedCodeError, shown
 from .config import CallableData, CliError, DigitsData, ImageFolderData, NpzData, RunConfig
 
 Loaders = tuple[Iterable[tuple[Any, Any]], Iterable[tuple[Any, Any]]]
@@ -52,7 +53,9 @@ def import_ref(ref: str, field: str) -> Any:
             "the package is installed"
         ) from None
     except Exception as exc:  # noqa: BLE001  (the user's module failed to import: one line, not a traceback)
-        raise CliError(f"{field}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise CliError(
+            f"{field}: importing {module_name!r} failed: {type(exc).__name__}: {shown(str(exc), 200)}"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -75,11 +78,37 @@ def _is_hf_config(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, PretrainedConfig)
 
 
-def model_factory(cfg: RunConfig) -> Callable[[], nn.Module]:
-    """A zero-argument function building the (unpruned, untrained) architecture the config names."""
+def names_code(cfg: RunConfig) -> bool:
+    """Whether building the config's model would import or call code named in the config.
+
+    A torchvision model name (checked against ``torchvision.models.list_models()``) and a transformers
+    config class built through an Auto class name no code of their own: everything else does (a
+    module path, a ``.py`` file)."""
+    module, _, name = cfg.model.factory.rpartition(":")
+    if module == "torchvision" or module.startswith(f"{EXAMPLES}."):
+        return False  # (an example is built only if it is an nn.Module class: see model_factory)
+    return not (module == "transformers" and name.endswith("Config") and "." not in name)
+
+
+EXAMPLES = "adaprune.examples"
+
+
+def model_factory(cfg: RunConfig, *, trusted: bool = True) -> Callable[[], nn.Module]:
+    """A zero-argument function building the (unpruned, untrained) architecture the config names.
+
+    With ``trusted=False`` (a config read from a run directory received from elsewhere) only
+    factories that name no code are built (:func:`names_code`); anything else raises
+    :class:`UntrustedCodeError`.
+    """
     spec = cfg.model
     module, _, name = spec.factory.rpartition(":")
     kwargs = dict(spec.kwargs)
+    if not trusted and names_code(cfg):
+        raise UntrustedCodeError(
+            f"model.factory: the run directory's config names code ({shown(spec.factory)}); adaprune does "
+            "not import code named in a run directory: pass --factory 'module:function' (your own "
+            "factory of the unpruned model), or --trust-config if you trust this run directory"
+        )
     if module == "torchvision":
         try:
             import torchvision
@@ -96,10 +125,18 @@ def model_factory(cfg: RunConfig) -> Callable[[], nn.Module]:
             raise CliError(f"model.factory: torchvision has no model {name!r}{hint}")
         return lambda: torchvision.models.get_model(name, **kwargs)
     obj = import_ref(spec.factory, "model.factory")
+    example_model = isinstance(obj, type) and issubclass(obj, nn.Module) and module.startswith(f"{EXAMPLES}.")
+    if not trusted and not (_is_hf_config(obj) or example_model):
+        raise UntrustedCodeError(
+            f"model.factory: {shown(spec.factory)} is neither a transformers config class nor an adaprune "
+            "example model; pass --factory or --trust-config"
+        )
     if _is_hf_config(obj):
         import transformers
 
         auto = getattr(transformers, spec.hf_auto, None)
+        if not trusted and not spec.hf_auto.startswith("Auto"):
+            auto = None
         if auto is None or not hasattr(auto, "from_config"):
             raise CliError(
                 f"model.hf_auto: transformers has no Auto class {spec.hf_auto!r}; "
@@ -119,8 +156,8 @@ def build_model(cfg: RunConfig, factory: Callable[[], nn.Module], weights: bool 
         model = factory()
     except Exception as exc:  # noqa: BLE001  (the user's factory or its kwargs are wrong)
         raise CliError(
-            f"model: {cfg.model.factory}(**{cfg.model.kwargs}) failed: "
-            f"{type(exc).__name__}: {exc}; check model.kwargs"
+            f"model: {cfg.model.factory}(**{shown(cfg.model.kwargs)}) failed: "
+            f"{type(exc).__name__}: {shown(str(exc), 200)}; check model.kwargs"
         ) from None
     if not isinstance(model, nn.Module):
         raise CliError(
@@ -231,7 +268,8 @@ def loaders(cfg: RunConfig) -> Loaders:
         out = fn(**spec.kwargs)
     except Exception as exc:  # noqa: BLE001  (the user's data function failed)
         raise CliError(
-            f"data.factory: {spec.factory}(**{spec.kwargs}) failed: {type(exc).__name__}: {exc}"
+            f"data.factory: {spec.factory}(**{shown(spec.kwargs)}) failed: {type(exc).__name__}: "
+            f"{shown(str(exc), 200)}"
         ) from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise CliError(
@@ -250,7 +288,7 @@ def make_task(cfg: RunConfig, train: Iterable[Any], val: Iterable[Any]) -> Any:
     try:
         return fn(train, val, **t.kwargs)
     except Exception as exc:  # noqa: BLE001  (the user's task factory failed)
-        raise CliError(f"task.factory: {t.factory}(...) failed: {type(exc).__name__}: {exc}") from None
+        raise CliError(f"task.factory: {t.factory}(...) failed: {type(exc).__name__}: {shown(str(exc), 200)}") from None
 
 
 def example_inputs(val: Iterable[tuple[Any, Any]], batch_size: int) -> Any:
@@ -280,10 +318,6 @@ def check_options(cfg: RunConfig) -> None:
     from ..importance import get_importance
 
     opts = cfg.adapt_options()
-    try:
-        AdaptConfig(tolerance=cfg.tolerance, **opts)
-    except ap.errors.AdapruneError as exc:
-        raise CliError(f"options: {exc}") from None
     for field, name in (
         ("options.importance", opts.get("importance")),
         ("sensitivity.importance", cfg.sensitivity.importance),
@@ -293,6 +327,13 @@ def check_options(cfg: RunConfig) -> None:
                 get_importance(name)
             except ap.errors.AdapruneError as exc:
                 raise CliError(f"{field}: {exc}") from None
+    try:
+        AdaptConfig(tolerance=cfg.tolerance, **opts)
+    except ap.errors.AdapruneError as exc:
+        message = str(exc)
+        named = next((f for f in AdaptConfig.__dataclass_fields__ if message.startswith(f"{f}=")), None)
+        where = "tolerance" if named == "tolerance" else f"options.{named}" if named else "options"
+        raise CliError(f"{where}: {message}") from None
 
 
 @dataclass

@@ -27,12 +27,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from .. import fs
 from ..adapt import AdaptConfig
+from ..errors import AdapruneError, FileFormatError, shown
 
 __all__ = ["CliError", "RunConfig", "load_config", "parse_config"]
 
 
-class CliError(Exception):
+class CliError(AdapruneError):
     """A problem the user can fix (config, paths, names); printed as one line, exit status 2."""
 
     def __init__(self, message: str, code: int = 2) -> None:
@@ -249,11 +251,11 @@ def _format(err: dict[str, Any]) -> str:
     if kind == "value_error":
         return f"{field}: {msg.removeprefix('Value error, ')}"
     got = err.get("input")
-    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    value = shown(got) if not isinstance(got, dict) else "a mapping"
     tail = f" ({help_})" if help_ else ""
     if kind == "string_pattern_mismatch":
-        return f"{field}: {shown} is not of the form 'module:name'{tail}"
-    return f"{field}: {msg[0].lower() + msg[1:]}, got {shown}{tail}"
+        return f"{field}: {value} is not of the form 'module:name'{tail}"
+    return f"{field}: {msg[0].lower() + msg[1:]}, got {value}{tail}"
 
 
 def _allowed(loc: tuple[Any, ...]) -> list[str]:
@@ -325,20 +327,65 @@ def load_config(path: str | Path) -> RunConfig:
     import yaml
 
     p = Path(path)
+    if not p.exists():
+        raise CliError(f"{p}: no such file; pass the path of a YAML run configuration")
     try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise CliError(f"{p}: no such file; pass the path of a YAML run configuration") from None
-    except OSError as exc:
-        raise CliError(f"{p}: cannot be read ({exc.strerror})") from None
+        text = fs.read_text(p, what="config", limit=MAX_CONFIG_BYTES)
+    except FileFormatError as exc:
+        raise CliError(f"{p}: {str(exc).split(': ', 1)[-1]}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise CliError(f"{p}: not valid YAML{where}: {problem}; fix the syntax") from None
+        raise CliError(f"{p}: not valid YAML{where}: {shown(problem)}; fix the syntax") from None
+    except RecursionError:
+        raise CliError(f"{p}: the YAML is nested too deeply to be a run configuration") from None
+    size = expanded_size(raw, MAX_CONFIG_VALUES)
+    if size > MAX_CONFIG_VALUES:
+        raise CliError(
+            f"{p}: the configuration expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+            "repeating other values?); a run configuration is a few dozen values"
+        )
     return parse_config(raw, p.resolve().parent, str(p))
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def expanded_size(node: Any, limit: int) -> int:
+    """How many values ``node`` holds once YAML aliases are expanded (counting stops past ``limit``).
+
+    Aliases make a small file a huge tree (the "billion laughs"); sizes are memoised per object, so
+    this takes time proportional to the file, not to the expansion."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(n: Any) -> int:
+        if not isinstance(n, (dict, list)):
+            return 1
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:  # a recursive alias: infinitely large
+            return limit + 1
+        on_path.add(key)
+        children = list(n.keys()) + list(n.values()) if isinstance(n, dict) else n
+        total = 1
+        for c in children:
+            total += size(c)
+            if total > limit:
+                break
+        on_path.discard(key)
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    try:
+        return size(node)
+    except RecursionError:
+        return limit + 1
 
 
 def dump_config(cfg: RunConfig) -> str:

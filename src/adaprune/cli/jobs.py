@@ -15,6 +15,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from rich.progress import (
 
 import adaprune as ap
 
-from .. import report
-from ..adapt import AdaptConfig
-from .build import Job, budget, build_job, build_model, model_factory
+from .. import fs, report
+from ..adapt import AdaptConfig, check_resume
+from ..adapt.rundir import MARK, RUN_FILES, STATE, RunDir
+from ..errors import AdapruneError, FileFormatError, shown
+from .build import Job, budget, build_job, build_model, import_ref, model_factory
 from .config import CliError, RunConfig, dump_config, load_config
 
 CONFIG, INPUTS, MODEL, ONNX, SENS = "config.yaml", "inputs.safetensors", "model", "model.onnx", "sensitivity"
@@ -57,18 +60,25 @@ def save_inputs(x: Any, path: Path) -> None:
 
 
 def load_inputs(path: Path) -> Any:
-    from safetensors import safe_open
+    """The example inputs saved by :func:`save_inputs` (a regular file; its layout is checked)."""
+    from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"{path} is missing: the run directory was not written by `adaprune adapt`")
-    with safe_open(str(path), "pt") as f:
-        kind = (f.metadata() or {}).get("kind", "tensor")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    if kind == "tensor":
+    try:
+        fs.check_regular(path, what=INPUTS)
+        with safe_open(str(path), "pt") as f:
+            kind = (f.metadata() or {}).get("kind", "tensor")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, FileFormatError) as exc:
+        raise CliError(f"{path}: not a readable safetensors file ({shown(str(exc), 200)})") from None
+    if kind == "tensor" and set(tensors) == {"input"}:
         return tensors["input"]
-    if kind == "tuple":
+    if kind == "tuple" and set(tensors) == {str(i) for i in range(len(tensors))}:
         return tuple(tensors[str(i)] for i in range(len(tensors)))
-    return tensors
+    if kind == "dict":
+        return tensors
+    raise CliError(f"{path}: its layout ({shown(kind)}, keys {shown(sorted(tensors))}) is not one adaprune writes")
 
 
 # -- progress --------------------------------------------------------------------------------------
@@ -102,8 +112,10 @@ def watch(state_file: Path, total: int, metric: str, console: Console) -> Iterat
         def poll() -> None:
             while not stop.wait(0.3):
                 try:
-                    state = json.loads(state_file.read_text())
-                except (OSError, ValueError):
+                    state = fs.read_json(state_file, what="state.json")
+                except AdapruneError:
+                    continue
+                if not isinstance(state, dict):
                     continue
                 progress.update(
                     task,
@@ -126,7 +138,13 @@ def spinner(console: Console, text: str) -> Iterator[None]:
         yield
 
 
-# -- adapt -----------------------------------------------------------------------------------------
+# -- adapt ---------------------------------------------------------------------------------------
+SENS_NAMES = (f"{SENS}.json", f"{SENS}.md", f"{SENS}.png", f"{SENS}-cache.json")
+REPORT_NAMES = (report.JSON, report.HTML, report.MD, report.PLOTS)
+ADAPT_NAMES = (*RUN_FILES, CONFIG, INPUTS, MODEL, ONNX, *REPORT_NAMES, *SENS_NAMES)
+"""Every name an ``adaprune adapt`` run writes in its run directory."""
+
+
 def prepare(config: Path, run_dir: Path | None) -> RunConfig:
     cfg = load_config(config)
     if run_dir is not None:
@@ -134,55 +152,58 @@ def prepare(config: Path, run_dir: Path | None) -> RunConfig:
     return cfg
 
 
-def _sensitivity(job: Job, console: Console) -> Any:
+def _sensitivity(job: Job, console: Console, rd: RunDir) -> Any:
     """Sensitivity of the original model: computed if asked, else read from the run directory."""
     saved = job.run_dir / f"{SENS}.json"
     if job.cfg.report.sensitivity:
-        return run_sensitivity(job, console)[0]
-    if saved.is_file():
-        return json.loads(saved.read_text())
+        return run_sensitivity(job, console, rd)[0]
+    if saved.exists():
+        return report.load_sensitivity(saved)
     return None
 
 
-def run_adapt(cfg: RunConfig, *, resume: bool, force: bool, console: Console) -> dict[str, Any]:
-    """Build, measure the original, adapt (resumable), save, export and report. Returns the report data."""
-    run_dir = Path(str(cfg.run_dir))
-    state = run_dir / "state.json"
-    if state.exists() and not (resume or force):
-        raise CliError(
-            f"run_dir: {run_dir} already holds a run (state.json); pass --resume to continue it "
-            "or --force to start over"
-        )
+def run_adapt(
+    cfg: RunConfig, *, resume: bool, force: bool, console: Console, source: Path | None = None
+) -> dict[str, Any]:
+    """Build, measure the original, adapt (resumable), save, export and report. Returns the report data.
+
+    The run directory is checked before anything is built, claimed (marked and locked) before
+    anything is written, and a resume is checked against the run's settings and model before
+    anything in it changes. ``source`` (the config file) is never written.
+    """
+    rd = RunDir(Path(str(cfg.run_dir)))
+    rd.check(resume=resume, force=force)
     with spinner(console, "building the model, the data and the task"):
         job = build_job(cfg)
         the_budget = budget(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / report.JSON).unlink(missing_ok=True)  # stale until this run writes its own
-    (run_dir / CONFIG).write_text(dump_config(cfg))
-    save_inputs(job.x, run_dir / INPUTS)
+    options = cfg.adapt_options()
+    with rd.open(resume=resume, force=force, names=ADAPT_NAMES, protect=[source] if source else []):
+        if resume and rd.exists():
+            check_resume(rd, job.model, the_budget, cfg.tolerance, **options)
+        if source is None or not (rd.path / CONFIG).exists() or not (rd.path / CONFIG).samefile(source):
+            rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
+        rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")
+        return _adapt_in(rd, job, the_budget, options, resume, console)
+
+
+def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, Any], resume: bool,
+              console: Console) -> dict[str, Any]:
+    cfg, run_dir = job.cfg, rd.path
     spec = cfg.report
     threads = the_budget.threads
     backends = ["torch"] + (["onnxruntime"] if spec.onnx else [])
-    sens = _sensitivity(job, console)
+    sens = _sensitivity(job, console, rd)
     widths_before = report.layer_widths(job.model)
     before: list[dict[str, Any]] = []
     if spec.latency:
         with spinner(console, "measuring the original model's latency"):
             before = report.measure(job.model, job.x, backends, threads, spec.repeats)
-    options = cfg.adapt_options()
     total = int(options.get("max_iterations", AdaptConfig().max_iterations))
     metric = str(getattr(job.task, "metric", "metric"))
-    with watch(state, total, metric, console):
+    with watch(run_dir / STATE, total, metric, console):
         res = ap.adapt(
-            job.model,
-            job.x,
-            job.task,
-            the_budget,
-            cfg.tolerance,
-            ignore=cfg.ignore,
-            run_dir=run_dir,
-            resume=resume,
-            **options,
+            job.model, job.x, job.task, the_budget, cfg.tolerance,
+            ignore=cfg.ignore, run_dir=rd, resume=resume, **options,
         )
     with spinner(console, "saving, exporting and measuring the pruned model"):
         ap.save(res, run_dir / MODEL, base=cfg.model.factory)
@@ -229,11 +250,15 @@ def summary(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 # -- sensitivity -----------------------------------------------------------------------------------
-def run_sensitivity(job: Job, console: Console) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Sensitivity of ``job.model``; writes ``sensitivity.{json,md,png}`` into the run directory."""
+def run_sensitivity(job: Job, console: Console, rd: RunDir | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Sensitivity of ``job.model``; writes ``sensitivity.{json,md,png}`` into the run directory (claimed
+    and locked here unless the caller holds it)."""
+    if rd is None or not rd.is_open:
+        # resume=True: a run already here is neither refused nor reset; only the sensitivity files are written
+        with RunDir(job.run_dir).open(resume=True, names=SENS_NAMES) as own:
+            return run_sensitivity(job, console, own)
     spec = job.cfg.sensitivity
     metric = str(getattr(job.task, "metric", "metric"))
-    job.run_dir.mkdir(parents=True, exist_ok=True)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -259,7 +284,7 @@ def run_sensitivity(job: Job, console: Console) -> tuple[dict[str, Any], dict[st
             ignore=job.cfg.ignore,
             calibration=calibration,
             cluster=spec.cluster,
-            cache=job.run_dir / f"{SENS}-cache.json",
+            cache=rd.path / f"{SENS}-cache.json",
         )
     data = {
         "metric": metric,
@@ -270,78 +295,101 @@ def run_sensitivity(job: Job, console: Console) -> tuple[dict[str, Any], dict[st
         ],
     }
     paths = {
-        "json": job.run_dir / f"{SENS}.json",
-        "md": job.run_dir / f"{SENS}.md",
-        "png": job.run_dir / f"{SENS}.png",
+        "json": rd.write(f"{SENS}.json", json.dumps(data, indent=1).encode("utf-8")),
+        "md": rd.write(f"{SENS}.md", f"# Sensitivity ({metric})\n\n{sens.to_markdown()}\n".encode()),
+        "png": rd.write(f"{SENS}.png", lambda tmp: sens.plot(tmp)),
     }
-    paths["json"].write_text(json.dumps(data, indent=1))
-    paths["md"].write_text(f"# Sensitivity ({metric})\n\n{sens.to_markdown()}\n")
-    sens.plot(paths["png"])
     return data, paths
 
 
 def sensitivity_job(cfg: RunConfig) -> Job:
+    RunDir(Path(str(cfg.run_dir))).check(resume=True)
     return build_job(cfg, need_budget=False)
 
 
 # -- report / export -------------------------------------------------------------------------------
+def _open_existing(run_dir: Path, names: tuple[str, ...]) -> RunDir:
+    """Claim an existing run directory to add files to it (a run in it is neither refused nor reset)."""
+    if not (run_dir / MARK).exists() and not (run_dir / STATE).exists():
+        raise CliError(
+            f"{run_dir}: neither {MARK} nor {STATE} is there; pass the run_dir of an `adaprune adapt` run"
+        )
+    return RunDir(run_dir).open(resume=True, names=names)
+
+
 def rerender(run_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Re-render the reports from ``report.json``, or from ``state.json`` for an unfinished run."""
-    if (run_dir / report.JSON).is_file():
-        try:
-            data = report.load(run_dir)
-        except report.ReportError as exc:
-            raise CliError(str(exc)) from None
-        sens = run_dir / f"{SENS}.json"
-        if data.get("sensitivity") is None and sens.is_file():  # analysed after the run
-            data["sensitivity"] = json.loads(sens.read_text())
-            return data, report.write(data, run_dir)
-        return data, report.render(data, run_dir)
-    state = run_dir / "state.json"
-    if not state.is_file():
+    """Re-render the reports from ``report.json``, or from ``state.json`` for an unfinished run.
+
+    Only data is read (validated against its schema); nothing named in the directory is imported."""
+    if not (run_dir / report.JSON).exists() and not (run_dir / STATE).exists():
         raise CliError(
             f"{run_dir}: neither report.json nor state.json is there; pass the run_dir of an adapt run"
         )
-    raw = json.loads(state.read_text())
-    cfg_file = run_dir / CONFIG
-    extra: dict[str, Any] = {}
-    if cfg_file.is_file():
-        cfg = load_config(cfg_file)
-        extra = {
-            "tolerance": cfg.tolerance,
-            "model_name": cfg.model.factory,
-            "budget": cfg.budget.model_dump(exclude_none=True) if cfg.budget else None,
-        }
-    if (run_dir / f"{SENS}.json").is_file():
-        extra["sensitivity"] = json.loads((run_dir / f"{SENS}.json").read_text())
-    data = report.from_state(raw, title=f"adaprune run {run_dir.name}", **extra)
-    return data, report.write(data, run_dir)
+    with _open_existing(run_dir, REPORT_NAMES) as rd:
+        sens_file = run_dir / f"{SENS}.json"
+        if (run_dir / report.JSON).exists():
+            data = report.load(run_dir)
+            if data.get("sensitivity") is None and sens_file.exists():  # analysed after the run
+                data["sensitivity"] = report.load_sensitivity(sens_file)
+                return data, report.write(data, run_dir)
+            return data, report.render(data, run_dir)
+        state = rd.load()
+        cfg_file = run_dir / CONFIG
+        extra: dict[str, Any] = {}
+        if cfg_file.exists():
+            cfg = load_config(cfg_file)
+            extra = {
+                "tolerance": cfg.tolerance,
+                "model_name": cfg.model.factory,
+                "budget": cfg.budget.model_dump(exclude_none=True) if cfg.budget else None,
+            }
+        if sens_file.exists():
+            extra["sensitivity"] = report.load_sensitivity(sens_file)
+        data = report.from_state(asdict(state), title=f"adaprune run {run_dir.name}", **extra)
+        return data, report.write(data, run_dir)
 
 
-def run_export(run_dir: Path, threads: int, repeats: int, console: Console) -> dict[str, Any]:
+def export_factory(cfg: RunConfig, factory: str | None, trust: bool) -> Any:
+    """The model factory for ``export``: the caller's (``--factory``, called with the config's
+    ``model.kwargs``), else the config's own only if it names no code or the caller trusts it."""
+    if factory is None:
+        return model_factory(cfg, trusted=trust)
+    fn = import_ref(factory, "--factory")
+    if not callable(fn):
+        raise CliError(f"--factory: {shown(factory)} is a {type(fn).__name__}, not a function or class")
+    kwargs = dict(cfg.model.kwargs)
+    return lambda: fn(**kwargs)
+
+
+def run_export(
+    run_dir: Path, threads: int, repeats: int, console: Console, *, factory: str | None = None,
+    trust: bool = False,
+) -> dict[str, Any]:
     """Rebuild the pruned model from the run directory, export it to ONNX and time both runtimes."""
     cfg_file = run_dir / CONFIG
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise CliError(f"{run_dir}: {CONFIG} is missing; pass the run_dir of a finished `adaprune adapt` run")
-    cfg = load_config(cfg_file)
-    factory = model_factory(cfg)
-    if not (run_dir / MODEL).is_dir():
-        raise CliError(f"{run_dir}: {MODEL}/ is missing; the adapt run did not finish (resume it first)")
-    x = load_inputs(run_dir / INPUTS)
-    with spinner(console, "loading the pruned model"):
-        try:
-            model = ap.load(run_dir / MODEL, lambda: build_model(cfg, factory, weights=False))
-        except ap.errors.AdapruneError as exc:
-            raise CliError(f"{run_dir / MODEL}: {exc}") from None
-    with spinner(console, "exporting to ONNX and measuring latency"):
-        onnx = report.export(model, x, run_dir / ONNX)
-        if onnx.get("error"):
-            raise CliError(f"ONNX export failed: {onnx['error']}", code=1)
-        rows = report.measure(model, x, ("torch", "onnxruntime"), threads, repeats)
-    result = {"onnx": str(run_dir / ONNX), "bytes": onnx["bytes"], "latency": rows}
-    if (run_dir / report.JSON).is_file():
-        data = report.load(run_dir)
-        data["onnx"] = onnx
-        data["exported_latency"] = rows
-        report.write(data, run_dir)
+    with _open_existing(run_dir, (ONNX, *REPORT_NAMES)) as rd:
+        state = rd.load() if rd.exists() else None
+        if state is None or not state.done or not (run_dir / MODEL).is_dir():
+            raise CliError(f"{run_dir}: the adapt run did not finish (no {MODEL}/); resume it first")
+        cfg = load_config(cfg_file)
+        make = export_factory(cfg, factory, trust)
+        x = load_inputs(run_dir / INPUTS)
+        with spinner(console, "loading the pruned model"):
+            try:
+                model = ap.load(run_dir / MODEL, lambda: build_model(cfg, make, weights=False))
+            except ap.errors.AdapruneError as exc:
+                raise CliError(f"{run_dir / MODEL}: {exc}") from None
+        with spinner(console, "exporting to ONNX and measuring latency"):
+            onnx = report.export(model, x, run_dir / ONNX)
+            if onnx.get("error"):
+                raise CliError(f"ONNX export failed: {onnx['error']}", code=1)
+            rows = report.measure(model, x, ("torch", "onnxruntime"), threads, repeats)
+        result = {"onnx": str(run_dir / ONNX), "bytes": onnx["bytes"], "latency": rows}
+        if (run_dir / report.JSON).exists():
+            data = report.load(run_dir)
+            data["onnx"] = onnx
+            data["exported_latency"] = rows
+            report.write(data, run_dir)
     return result

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import fs
 from . import plots
 from .data import (
     FORMAT,
@@ -31,6 +32,7 @@ from .data import (
     latency_pairs,
     layer_widths,
     load_json,
+    load_sensitivity,
     measure,
     save_json,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "latency_pairs",
     "layer_widths",
     "load",
+    "load_sensitivity",
     "measure",
     "render",
     "write",
@@ -62,13 +65,11 @@ def render(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, P
     figures = plots.render_all(data)
     files: dict[str, tuple[str, str]] = {}
     for name, (caption, png) in figures.items():
-        (out / PLOTS / f"{name}.png").write_bytes(png)
+        fs.write_atomic(out / PLOTS / f"{name}.png", png, what=f"the plot {name}.png")
         files[name] = (caption, f"{PLOTS}/{name}.png")
     paths = {"html": out / HTML, "md": out / MD}
     for key, text in (("html", to_html(data, figures)), ("md", to_markdown(data, files))):
-        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, paths[key])
+        fs.write_text(paths[key], text, what=paths[key].name)
     return paths
 
 

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fs
 from ..cost.latency import measure_latency
+from ..errors import FileFormatError, shown
+from . import schema
 
 FORMAT = "adaprune-report"
 VERSION = 1
@@ -37,8 +40,8 @@ __all__ = [
 ]
 
 
-class ReportError(ValueError):
-    """A report file is missing, unreadable, or of another format version."""
+class ReportError(FileFormatError):
+    """A report file is missing, unreadable, of another format version or of the wrong shape."""
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -264,24 +267,30 @@ def from_state(state: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
 
 
 def save_json(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` atomically."""
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, p)
-    return p
+    """Write ``data`` atomically (temporary file + ``os.replace``)."""
+    return fs.write_atomic(path, json.dumps(data, indent=1, default=float).encode("utf-8"), what="report.json")
 
 
 def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A report read back and validated (:class:`ReportError` naming the field if malformed)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{p} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{p} is unreadable ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ReportError(f"{p} is not an adaprune report")
-    if data.get("version") != VERSION:
-        raise ReportError(f"{p} is report format {data.get('version')}, this adaprune reads {VERSION}")
-    return data
+        raw = fs.read_json(p, what="report.json")
+        if isinstance(raw, dict) and raw.get("format") != FORMAT:
+            raise ReportError(f"{p} is not an adaprune report (its format is {shown(raw.get('format'))})")
+        if isinstance(raw, dict) and raw.get("version") != VERSION:
+            raise ReportError(f"{p} is report format {shown(raw.get('version'))}, this adaprune reads {VERSION}")
+        return schema.as_data(fs.parse(schema.ReportFile, raw, what=f"report.json ({p})"))
+    except ReportError:
+        raise
+    except FileFormatError as exc:
+        raise ReportError(str(exc)) from None
+
+
+def load_sensitivity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``sensitivity.json`` read back and validated."""
+    p = Path(path)
+    try:
+        return schema.as_data(fs.read_model(schema.SensitivityFile, p, what="sensitivity.json"))
+    except FileFormatError as exc:
+        raise ReportError(str(exc)) from None

@@ -606,6 +606,8 @@ def update_configs(model: nn.Module, plan: Plan) -> None:
     """
     if "transformers" not in sys.modules or not plan.removals:
         return
+    if all(p.is_meta for p in model.parameters()):  # a cost predictor's weightless copy: nothing to save
+        return
     for prefix, owner, config in configs(model):
         cut = {t[len(prefix) + 1:] if prefix else t for t in plan.removals if not prefix or t.startswith(prefix + ".")}
         if cut:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -176,7 +177,7 @@ def removal(
     # data goes, so the model is never held twice in memory. Buffers always keep their old tensors
     # (a forward pass may update buffers in place, so the old values are kept whole).
     released: list[tuple[nn.Parameter, _Cut]] = []
-    state = Removal(lambda: _restore(touched, saved, parents, released))
+    state = Removal(functools.partial(_restore, touched, saved, parents, released))
     done: dict[int, dict[int, tuple[int, ...]]] = {}
     positions = _Positions()
     try:
