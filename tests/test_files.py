@@ -224,3 +224,16 @@ def test_unreadable_configs_are_one_typed_line(tmp_path, content):
     with within(10), pytest.raises(AdapruneError) as err:
         load_config(path)
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_damaged_sensitivity_cache_is_recomputed_and_rewritten(tmp_path):
+    model = net()
+    cache = tmp_path / "cache.json"
+    cache.write_bytes(b"\xff not json")
+    evaluate = lambda m: float(-m(X).abs().mean())  # noqa: E731
+    with pytest.warns(UserWarning, match="ignoring the sensitivity cache"):
+        first = ap.sensitivity(model, X, evaluate, [0.5], ignore=[model[2]], cache=cache)
+    data = json.loads(cache.read_text())
+    assert set(data) == {"fingerprint", "results"}
+    again = ap.sensitivity(model, X, evaluate, [0.5], ignore=[model[2]], cache=cache)
+    assert again.rows == first.rows

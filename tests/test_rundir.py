@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import config, invoke
 from torch import nn
 
 import adaprune as ap
 from adaprune.adapt.rundir import LOCK, MARK, RunDir
 from adaprune.errors import FileFormatError, RunDirError, RunDirLockedError
+from cli_helpers import config, invoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -82,7 +82,7 @@ def test_an_interrupt_during_the_surgery_check_restores_the_model():
 
 
 def test_an_interrupt_after_the_cut_inside_prune_restores_the_model(monkeypatch):
-    import adaprune.api as api
+    from adaprune import api
 
     model = make()
     before = fingerprint(model)
@@ -164,4 +164,21 @@ def test_an_interrupt_while_adapt_applies_its_result_restores_the_model(monkeypa
     with pytest.raises(KeyboardInterrupt):
         ap.adapt(model, X, Task(), ap.Budget(macs=0.7), tolerance=0.9, ignore=["head"], max_iterations=2,
                  reconstruct=False)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"model": "net"}, "model"), ({"plan": {"removals": {}}}, "plan"), ({"check": 3}, "check"),
+     ({"expected_shapes": "(1, 4)"}, "expected_shapes"), ({"commit": "no"}, "commit"), ({"release": 2}, "release")],
+)
+def test_remove_checks_its_arguments_before_cutting(kwargs, field):
+    from adaprune.errors import ArgumentTypeError
+
+    model = make()
+    before = fingerprint(model)
+    plan = ap.prune(make(), X, ratio=0.5, ignore=["head"]).plan
+    args = {"model": model, "plan": plan, **kwargs}
+    with pytest.raises(ArgumentTypeError, match=field):
+        ap.remove(args.pop("model"), args.pop("plan"), **args)
     assert_unchanged(model, before)

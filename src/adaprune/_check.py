@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .errors import ArgumentTypeError, ConfigError, NonFiniteError, UnknownNameError, shown
+from .errors import ArgumentTypeError, ConfigError, NonFiniteArgumentError, UnknownNameError, shown
 
 __all__ = [
     "NonFiniteArgumentError",
@@ -43,10 +43,6 @@ __all__ = [
     "given",
     "type_name",
 ]
-
-
-class NonFiniteArgumentError(NonFiniteError, ConfigError):
-    """An argument is NaN or infinite: both a non-finite value and a bad argument (catch either)."""
 
 
 def type_name(value: Any) -> str:

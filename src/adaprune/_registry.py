@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, shown
 
 T = TypeVar("T")
 
@@ -33,9 +33,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             options = ", ".join(sorted(self._items))
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; registered: {options}"
-            ) from None
+            raise UnknownNameError(f"unknown {self.kind} {shown(name)}; registered: {options}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -15,7 +15,7 @@ from .allocate import Limits, get_allocator
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
-from .errors import BudgetUnreachableError, ConfigError, SurgeryError
+from .errors import ArgumentTypeError, BudgetUnreachableError, ConfigError, SurgeryError, shown
 from .graph import Frozen, Graph, call_model, ignore_items, resolve_ignore, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
@@ -46,10 +46,10 @@ class PruneResult:
 
 def check_ratio(ratio: Any, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise ConfigError(f"{name} must be a number in [0, 1), got {type(ratio).__name__}")
+        raise ArgumentTypeError(f"{name} must be a number in [0, 1), got {type(ratio).__name__}")
     if not 0.0 <= float(ratio) < 1.0:
         raise ConfigError(
-            f"{name}={ratio} is outside [0, 1): {name} is the fraction of channels removed from each "
+            f"{name}={shown(ratio)} is outside [0, 1): {name} is the fraction of channels removed from each "
             "group (0.5 removes half); use a value such as 0.3"
         )
     return float(ratio)
@@ -102,9 +102,9 @@ def find_broken(
         return eval_call(model, example_inputs)
 
     try:
-        with removal(model, plan, check=run, expected_shapes=expected) as cut:
+        with removal(model, plan, check=run, expected_shapes=expected) as applied:
             if not commit:
-                cut.rollback()
+                applied.rollback()
             elif then is not None:
                 then()
         return []

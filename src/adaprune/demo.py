@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import AdaptResult, Budget, ClassificationTask, adapt, count, prune
+from .adapt.rundir import RunDir
 from .cost.latency import measure_latency
 from .examples.digits import DigitsCNN, DigitsData, load_digits_data, train
 from .task import recalibrate_bn
@@ -46,6 +47,9 @@ def run(
 
     With ``run_dir``, the adapt run's report (``report.html``, ``.md``, ``.json``) is written there.
     """
+    out = RunDir(run_dir) if run_dir is not None else None
+    if out is not None:
+        out.check(restart=True)  # a directory that is not adaprune's is refused before any work
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     data = load_digits_data(seed)
@@ -68,17 +72,19 @@ def run(
     task.finetune(static, steps)
     recalibrate_bn(static, task.calibration())
     rows.append(_row("static prune (uniform)", static, data, x, time.perf_counter() - t0))
-    if run_dir is not None:
+    if out is not None:
         from . import report, sensitivity
 
         sens = sensitivity(base, x, lambda m: task.evaluate(m)["accuracy"], ignore=[base.fc])
-        data_ = report.collect(res, base, x, latency_inputs=data.x_test[:32],
-                               onnx_path=os.path.join(run_dir, "model.onnx"), metric=task.metric,
-                               tolerance=tolerance, budget=Budget(macs=budget), sensitivity=sens,
-                               title="adaprune demo: digits CNN, 50% of MACs",
-                               model_name="adaprune.examples.digits:DigitsCNN",
-                               comparison={"title": TITLE, "columns": list(COLUMNS), "rows": rows})
-        report.write(data_, run_dir)
+        # the demo's previous outputs are replaced; files adaprune did not write are never touched
+        with out.open(restart=True, names=("model.onnx", report.JSON, report.HTML, report.MD, report.PLOTS)):
+            data_ = report.collect(res, base, x, latency_inputs=data.x_test[:32],
+                                   onnx_path=out.path / "model.onnx", metric=task.metric,
+                                   tolerance=tolerance, budget=Budget(macs=budget), sensitivity=sens,
+                                   title="adaprune demo: digits CNN, 50% of MACs",
+                                   model_name="adaprune.examples.digits:DigitsCNN",
+                                   comparison={"title": TITLE, "columns": list(COLUMNS), "rows": rows})
+            report.write(data_, out.path)
     return rows, res
 
 

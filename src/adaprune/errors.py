@@ -17,6 +17,7 @@ __all__ = [
     "BudgetUnreachableError",
     "ConfigError",
     "FileFormatError",
+    "NonFiniteArgumentError",
     "NonFiniteError",
     "PlanError",
     "PlanMismatchError",
@@ -40,11 +41,13 @@ for _attr in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxde
 
 
 def shown(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` bounded in time and length (nested containers and long strings are elided)."""
+    """``repr(value)`` on one line, bounded in time and length (nested containers and long strings are
+    elided; a module's or a tensor's multi-line repr is joined)."""
     try:
         text = _REPR.repr(value)
     except Exception:  # noqa: BLE001  (a broken __repr__ must not hide the real error)
         text = f"<{type(value).__name__}>"
+    text = " ".join(text[: 4 * limit].split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -98,6 +101,10 @@ class BudgetUnreachableError(AdapruneError, ValueError):
 
 class NonFiniteError(AdapruneError, ValueError):
     """A metric, a loss or a weight is NaN or infinite; the message names which."""
+
+
+class NonFiniteArgumentError(NonFiniteError, ConfigError):
+    """An argument is NaN or infinite: both a non-finite value and a bad argument (catch either)."""
 
 
 class FileFormatError(AdapruneError, ValueError):

@@ -55,7 +55,8 @@ TMP_MARK = ".tmp-"
 """Temporary files are named ``.<name>.tmp-<random><suffix>``: a killed write leaves only such a file."""
 
 M = TypeVar("M", bound=BaseModel)
-Writer = Callable[[str], None]
+Writer = Callable[[str], object]
+"""Writes the file at the path it is given (its return value is ignored)."""
 
 # Indirections the fault-injection tests replace (a disk that fills up, a kill between two steps).
 _replace = os.replace

@@ -28,7 +28,7 @@ import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,9 +46,12 @@ from .errors import (
 )
 from .plan import Plan
 
-FORMAT_VERSION = 1
-WEIGHTS, PLAN, META = "model.safetensors", "plan.json", "adaprune.json"
-NEXT_WEIGHTS, NEXT_PLAN = "model.next.safetensors", "plan.next.json"
+FORMAT_VERSION: Final = 1
+WEIGHTS: Final = "model.safetensors"
+PLAN: Final = "plan.json"
+META: Final = "adaprune.json"
+NEXT_WEIGHTS: Final = "model.next.safetensors"
+NEXT_PLAN: Final = "plan.next.json"
 
 
 class LoadError(FileFormatError, PlanError):
@@ -136,6 +139,7 @@ def save(
     """
     from safetensors.torch import save_model
 
+    model: Any
     if isinstance(result_or_model, nn.Module):  # a model (an HF model has a .model attribute of its own)
         model, result_plan = result_or_model, None
     else:

@@ -13,10 +13,10 @@ weights, so re-running an analysis on the same model costs nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from . import fs
 from ._check import (
     a_type,
     as_bool,
@@ -41,7 +43,7 @@ from ._check import (
 )
 from .allocate import Limits
 from .api import choose
-from .errors import ArgumentTypeError, ConfigError, NonFiniteError
+from .errors import ArgumentTypeError, ConfigError, FileFormatError, NonFiniteError
 from .graph import Graph, Group, ignore_items, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
@@ -177,10 +179,8 @@ def sensitivity(
     path = Path(cache) if cache is not None else None
     stored: dict[str, float] = {}
     fp = fingerprint(model)
-    if path is not None and path.exists():
-        data = json.loads(path.read_text())
-        if data.get("fingerprint") == fp:
-            stored = {k: float(v) for k, v in data.get("results", {}).items()}
+    if path is not None and (path.exists() or path.is_symlink()):
+        stored = _read_cache(path, fp)
     baseline = stored.get("baseline")
     if baseline is None:
         baseline = _metric(evaluate, model)
@@ -195,10 +195,26 @@ def sensitivity(
                 stored[key] = _masked_metric(model, plan, evaluate)
             result.rows.append(Row(name, tuple(g.name for g in members), r, stored[key]))
     if path is not None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "results": stored}, indent=1))
-        os.replace(tmp, path)
+        fs.write_json(path, {"fingerprint": fp, "results": stored}, what="the sensitivity cache")
     return result
+
+
+class _Cache(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    fingerprint: str
+    results: dict[str, float]
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, float]:
+    """The cached results for this model (``{}`` for another model); a damaged cache is a warning and is
+    recomputed (and rewritten), since nothing in it is needed."""
+    try:
+        cache = fs.read_model(_Cache, path, what="the sensitivity cache")
+    except FileFormatError as exc:
+        warnings.warn(f"ignoring the sensitivity cache: {exc}", stacklevel=3)
+        return {}
+    return dict(cache.results) if cache.fingerprint == fingerprint else {}
 
 
 def _fractions(ratios: Any) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from ..cost.budget import Budget
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import ignore_items, resolve_ignore
 from ..plan import Plan
+from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
 from .controller import AdaptConfig, Controller, as_plan
 from .rundir import RunDir
@@ -76,7 +78,7 @@ def adapt(
     tolerance: float = 0.01,
     *,
     ignore: Iterable[nn.Module | str] | None = None,
-    run_dir: str | os.PathLike[str] | None = None,
+    run_dir: str | os.PathLike[str] | RunDir | None = None,
     resume: bool = False,
     force: bool = False,
     **options: Any,
@@ -131,7 +133,9 @@ def adapt(
     if rd is not None and opened:
         rd.open(resume=resume, force=force)
     try:
-        work, state = controller.run(resume)
+        with warnings.catch_warnings():  # the working copy's config: said once, for the result, below
+            warnings.simplefilter("ignore", UnsaveableConfigWarning)
+            work, state = controller.run(resume)
         plan = as_plan(state.removals)
         after = controller.metrics(work)  # measured before the user's model is touched
         costs_after = _final_costs(state)

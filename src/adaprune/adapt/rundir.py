@@ -146,14 +146,19 @@ class RunDir:
         return self
 
     def _legacy(self) -> bool:
-        """A run directory written before run directories were marked: a valid ``state.json``, no mark."""
-        if not self.exists():
-            return False
+        """A run directory written before run directories were marked: no mark, but a valid ``state.json``
+        or an adaprune ``report.json`` (the demo's output directory)."""
         try:
-            self.load()
+            if self.exists():
+                self.load()
+                return True
+            report = self.path / "report.json"
+            if report.is_file():
+                data = fs.read_json(report, what="report.json")
+                return isinstance(data, dict) and data.get("format") == "adaprune-report"
         except AdapruneError:
             return False
-        return True
+        return False
 
     def close(self) -> None:
         """Release the lock (the mark and the files stay)."""

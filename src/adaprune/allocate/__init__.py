@@ -19,7 +19,7 @@ import torch
 
 from .._check import as_float, as_int
 from .._registry import Registry
-from ..errors import ConfigError
+from ..errors import ArgumentTypeError
 from ..graph import Group
 
 
@@ -71,7 +71,7 @@ def get_allocator(name: str | Allocator) -> Allocator:
     if callable(name) and not isinstance(name, str):
         return name
     if not isinstance(name, str):
-        raise ConfigError(f"allocation must be a name or a callable, got {type(name).__name__}")
+        raise ArgumentTypeError(f"allocation must be a name or a callable, got {type(name).__name__}")
     return ALLOCATORS.get(name)()  # type: ignore[no-any-return]
 
 

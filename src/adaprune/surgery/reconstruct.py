@@ -101,7 +101,7 @@ def _capture(model: nn.Module, layer: nn.Module, batches: list[Any], output: boo
 def _run(model: nn.Module, x: Any, index: int) -> None:
     try:
         call_model(model, x)
-    except Exception as exc:  # noqa: BLE001  (the user's batch does not fit the model: say which)
+    except Exception as exc:
         raise ConfigError(
             f"calibration batch {index}: the model failed to run on its inputs ({type(exc).__name__}: "
             f"{shown(str(exc), 200)}); calibration batches must be (inputs, targets) pairs, or bare "

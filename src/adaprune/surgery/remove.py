@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import SurgeryError, shown
+from .._check import as_bool, check_callable, check_module, check_plan
+from ..errors import ArgumentTypeError, SurgeryError, shown
 from ..plan import Plan
 from .fixers import fix_module
 from .hf_config import update_configs
@@ -121,6 +122,7 @@ def remove(
             tensors whole until the end (faster; peak: the model plus the pruned model). ``None``
             (default): release when the planned parameters total at least :data:`RELEASE_BYTES`.
     """
+    commit = as_bool(commit, "commit")
     with removal(model, plan, check, expected_shapes, release) as cut:
         if not commit:
             cut.rollback()
@@ -154,6 +156,18 @@ def removal(
     The body must not change the cut tensors in place (assign ``param.data = ...`` instead of
     ``param.copy_``): with ``release`` the rollback rebuilds the old tensors from the kept parts.
     """
+    check_module(model)
+    check_plan(plan)
+    if check is not None:
+        check_callable(check, "check", "a callable () -> output (the model's forward on example inputs)")
+    if expected_shapes is not None and not (
+        isinstance(expected_shapes, list) and all(isinstance(s, tuple) for s in expected_shapes)
+    ):
+        raise ArgumentTypeError(
+            f"expected_shapes={shown(expected_shapes)}: expected a list of shape tuples (or None)"
+        )
+    if release is not None:
+        release = as_bool(release, "release")
     plan.check(model)
     if plan.is_empty:
         yield Removal(None)
