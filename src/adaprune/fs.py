@@ -240,6 +240,8 @@ def read_json(path: str | os.PathLike[str], *, what: str = "", limit: int = MAX_
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"{what or p.name}: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise FileFormatError(f"{what or p.name}: {p} is not valid JSON ({shown(str(exc), 100)})") from None
     except RecursionError:
         raise FileFormatError(f"{what or p.name}: {p} is nested too deeply to be a file adaprune wrote") from None
 

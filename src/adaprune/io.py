@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from . import fs
+from ._check import check_path
 from .errors import (
     ArgumentTypeError,
     ConfigError,
@@ -153,6 +154,9 @@ def save(
     plan = result_plan if result_plan is not None else plan if plan is not None else Plan()
     if not isinstance(plan, Plan):
         raise ArgumentTypeError(f"save: plan= must be an adaprune.Plan, got {type(plan).__name__}")
+    check_path(directory, "directory")
+    if directory is None:
+        raise ArgumentTypeError("save: directory is None; pass the directory to save into")
     if base is not None and not isinstance(base, str):
         raise ArgumentTypeError(f"save: base= must be a str (a reference to the base model), got {shown(base)}")
     out = Path(directory)
@@ -254,6 +258,9 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
         raise ArgumentTypeError(
             f"load: model_factory must be a callable returning the unpruned model, got {type(model_factory).__name__}"
         )
+    check_path(directory, "directory")
+    if directory is None:
+        raise ArgumentTypeError("load: directory is None; pass the directory adaprune.save wrote")
     root = Path(directory)
     if not root.is_dir():
         raise LoadError(f"{root} is not a directory written by adaprune.save")
@@ -270,11 +277,11 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     if kind != meta.model_class:
         raise PlanMismatchError(f"model_factory() built a {kind}, but {directory} holds a {shown(meta.model_class)}")
-    from .api import apply_plan
+    from .surgery.remove import removal
 
-    apply_plan(model, plan)
     try:
-        load_model(model, str(weights), strict=True)
+        with removal(model, plan):  # a failure restores the factory's model as it was built
+            load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError) as exc:
         raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {shown(str(exc), 300)}") from exc
     return model

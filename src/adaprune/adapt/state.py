@@ -69,7 +69,7 @@ class ControllerState:
     def from_json(cls, text: str, what: str = "state.json") -> ControllerState:
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # (JSONDecodeError is a ValueError)
             raise FileFormatError(f"{what}: not valid JSON ({type(exc).__name__})") from None
         return cls.from_data(raw, what)
 

@@ -17,9 +17,9 @@ from typing import Protocol
 
 import torch
 
-from .._check import as_float, as_int
+from .._check import a_type, as_float, as_int, clip
 from .._registry import Registry
-from ..errors import ArgumentTypeError
+from ..errors import AdapruneError, ArgumentTypeError, ConfigError, shown
 from ..graph import Group
 
 
@@ -67,9 +67,47 @@ class Allocator(Protocol):
 ALLOCATORS: Registry[type] = Registry("allocator")
 
 
+class _UserAllocator:
+    """A caller's allocator: its exceptions and its output are checked (one line naming ``allocation``)."""
+
+    def __init__(self, fn: Allocator) -> None:
+        self.__wrapped__ = fn
+        self.label = shown(getattr(fn, "__qualname__", type(fn).__qualname__), 60)
+
+    def __call__(
+        self, groups: Sequence[Group], scores: Mapping[str, torch.Tensor], limits: Limits, *, ratio: float
+    ) -> dict[str, list[int]]:
+        try:
+            chosen = self.__wrapped__(groups, scores, limits, ratio=ratio)
+        except AdapruneError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"allocation: the allocator {self.label} raised {type(exc).__name__}: {clip(str(exc))}; an "
+                "allocator is called as allocator(groups, scores, limits, ratio=...) -> {group.name: [channels]}"
+            ) from exc
+        if not isinstance(chosen, Mapping):
+            raise ConfigError(f"allocation: the allocator {self.label} returned {a_type(chosen)}, not a dict")
+        sizes = {g.name: g.size for g in groups}
+        out: dict[str, list[int]] = {}
+        for key, channels in chosen.items():
+            if key not in sizes:
+                raise ConfigError(f"allocation: the allocator {self.label} chose channels of an unknown group {shown(key)}")
+            idx = list(channels) if isinstance(channels, (list, tuple)) else None
+            size = sizes[key]
+            if idx is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size for i in idx) \
+                    or len(set(idx)) != len(idx) or len(idx) >= size:
+                raise ConfigError(
+                    f"allocation: the allocator {self.label} chose {shown(channels)} for group {shown(key)} of "
+                    f"{size} channels; expected distinct indices in [0, {size}), fewer than {size}"
+                )
+            out[key] = sorted(idx)
+        return out
+
+
 def get_allocator(name: str | Allocator) -> Allocator:
     if callable(name) and not isinstance(name, str):
-        return name
+        return name if isinstance(name, _UserAllocator) else _UserAllocator(name)
     if not isinstance(name, str):
         raise ArgumentTypeError(f"allocation must be a name or a callable, got {type(name).__name__}")
     return ALLOCATORS.get(name)()  # type: ignore[no-any-return]

@@ -216,10 +216,10 @@ def _field_info(loc: tuple[Any, ...]) -> tuple[str, str]:
             continue
         fields = getattr(model, "model_fields", {}) if isinstance(model, type) else {}
         if part not in fields:
-            names.append(str(part))
+            names.append(_name(part))
             model = None
             continue
-        names.append(str(part))
+        names.append(_name(part))
         info = fields[part]
         description = info.description or ""
         model = info.annotation
@@ -239,13 +239,13 @@ def _format(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent, _ = _field_info(loc[:-1])
         allowed = _allowed(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        close = difflib.get_close_matches(str(loc[-1])[:100], allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         where = "" if parent == "config" else f" in {parent}"
         return f"{field}: unknown field{where}; {hint}allowed: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = (err.get("ctx") or {}).get("tag")
-        return f"{field}.kind: unknown kind {tag!r}; use one of {', '.join(DATA_KINDS)}"
+        return f"{field}.kind: unknown kind {shown(tag)}; use one of {', '.join(DATA_KINDS)}"
     if kind == "union_tag_not_found":
         return f"{field}.kind: missing; use one of {', '.join(DATA_KINDS)}"
     if kind == "value_error":
@@ -283,13 +283,26 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> RunConfig:
         raise CliError(
             f"{source}: the file must hold a mapping (model:, data:, budget: ...), got {type(raw).__name__}"
         )
+    if expanded_size(raw, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise CliError(
+            f"{source}: the configuration expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+            "repeating other values?); a run configuration is a few dozen values"
+        )
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise CliError(f"{source}: {_format(dict(errors[0]))}{more}") from None
+        raise CliError(f"{source}: {' '.join(_format(dict(errors[0])).split())}{more}") from None
+    except RecursionError:
+        raise CliError(f"{source}: the configuration is nested too deeply to be a run configuration") from None
     return _resolve_paths(cfg, base_dir, source)
+
+
+def _name(part: Any) -> str:
+    """A field name from an error location, safe to print (a key can be any YAML value)."""
+    text = str(part) if isinstance(part, str) else shown(part)
+    return text if text.isidentifier() and len(text) <= 40 else shown(text, 40)
 
 
 def _abs(path: str, base: Path) -> str:
@@ -342,12 +355,6 @@ def load_config(path: str | Path) -> RunConfig:
         raise CliError(f"{p}: not valid YAML{where}: {shown(problem)}; fix the syntax") from None
     except RecursionError:
         raise CliError(f"{p}: the YAML is nested too deeply to be a run configuration") from None
-    size = expanded_size(raw, MAX_CONFIG_VALUES)
-    if size > MAX_CONFIG_VALUES:
-        raise CliError(
-            f"{p}: the configuration expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
-            "repeating other values?); a run configuration is a few dozen values"
-        )
     return parse_config(raw, p.resolve().parent, str(p))
 
 

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .._check import a_type, brief, check_batches, check_name, describe
+from .._check import a_type, brief, check_batches, check_name, clip, describe
 from .._registry import Registry
-from ..errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
+from ..errors import AdapruneError, ArgumentTypeError, ConfigError, NonFiniteError, shown
 from ..graph import Group
 
 
@@ -190,12 +190,24 @@ class CheckedImportance:
     The criterion itself is ``__wrapped__``; its other attributes are reachable through the wrapper.
     """
 
-    def __init__(self, criterion: Importance, label: str) -> None:
+    def __init__(self, criterion: Importance, label: str, user: bool = False) -> None:
         self.__wrapped__ = criterion
         self.label = label
+        self.user = user
 
     def __call__(self, model: nn.Module, groups: Sequence[Group], ctx: Context) -> dict[str, torch.Tensor]:
-        return check_scores(self.__wrapped__(model, groups, ctx), groups, self.label)
+        try:
+            scores = self.__wrapped__(model, groups, ctx)
+        except AdapruneError:
+            raise
+        except Exception as exc:
+            if not self.user:
+                raise
+            raise ConfigError(  # the caller's own criterion failed: say so in one line, keep the cause
+                f"importance: the criterion {self.label} raised {type(exc).__name__}: {clip(str(exc))}; "
+                "a criterion is called as criterion(model, groups, ctx) -> {group.name: scores}"
+            ) from exc
+        return check_scores(scores, groups, self.label)
 
     def __getattr__(self, name: str) -> Any:  # only for attributes the wrapper lacks (score, seed ...)
         wrapped = self.__dict__.get("__wrapped__")
@@ -213,7 +225,7 @@ def get_importance(name: str | Importance) -> CheckedImportance:
         return CheckedImportance(IMPORTANCE.get(name)(), repr(name))
     if callable(name):
         label = getattr(name, "__qualname__", None) or type(name).__qualname__
-        return CheckedImportance(name, shown(label, 60) if isinstance(label, str) else type(name).__name__)
+        return CheckedImportance(name, shown(label, 60) if isinstance(label, str) else type(name).__name__, user=True)
     raise ArgumentTypeError(
         f"importance={brief(name)} is {a_type(name)}; expected a criterion name "
         f"({', '.join(IMPORTANCE.names())}) or a callable criterion(model, groups, ctx)"
