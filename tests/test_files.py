@@ -237,3 +237,17 @@ def test_a_damaged_sensitivity_cache_is_recomputed_and_rewritten(tmp_path):
     assert set(data) == {"fingerprint", "results"}
     again = ap.sensitivity(model, X, evaluate, [0.5], ignore=[model[2]], cache=cache)
     assert again.rows == first.rows
+
+
+def test_written_files_get_the_usual_permissions_and_keep_their_own(tmp_path):
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    new = fs.write_text(tmp_path / "new.json", "{}")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    kept.chmod(0o640)
+    fs.write_text(kept, "[]")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640

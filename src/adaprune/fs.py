@@ -78,6 +78,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=target.suffix)
     except OSError as exc:
         raise _storage(exc, target, label) from None
+    try:  # mkstemp makes the file private (0600): give it the mode a plain open() would
+        os.fchmod(fd, _mode(target))
+    except (OSError, AttributeError):
+        pass
     try:
         if callable(data):
             os.close(fd)
@@ -102,6 +106,23 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
         raise
     _sync_dir(target.parent)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import (changing the umask is process-wide and not thread-safe)
+
+
+def _mode(target: Path) -> int:
+    """The mode of the file being replaced (its permissions are kept), else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def _write_all(fd: int, data: bytes) -> None:

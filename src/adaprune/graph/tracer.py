@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import TraceError, shown
+from ..errors import AdapruneError, TraceError, shown
 from .atoms import Atoms
 from .fields import Field, along
 from .sizes import SizeInt
@@ -32,7 +32,7 @@ class UnsupportedOpWarning(UserWarning):
     """An op the graph does not understand touched prunable channels; they were frozen."""
 
 
-class NeedsValues(Exception):
+class NeedsValues(AdapruneError):
     """A rule needs the values of a tensor (an index) that the meta-device run does not have: the
     meta trace is abandoned and the real model is traced instead."""
 
