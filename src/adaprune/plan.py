@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError, PlanMismatchError
+from .errors import ArgumentTypeError, PlanError, PlanMismatchError, shown
 
 PLAN_VERSION = 1
 
@@ -60,49 +61,48 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
+        """A plan from its JSON object; anything else is one :class:`PlanError` naming the field."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if type(version) is not int or version != PLAN_VERSION:
             raise PlanError(
-                f"plan version {version!r} is not supported (this adaprune reads version {PLAN_VERSION})"
+                f"plan version {shown(version)} is not supported (this adaprune reads version {PLAN_VERSION})"
             )
         raw = data.get("removals")
         if not isinstance(raw, dict):
             raise PlanError("plan field 'removals' must be an object {tensor: {dim: [indices]}}")
         removals: dict[str, dict[int, tuple[int, ...]]] = {}
         for name, dims in raw.items():
+            if not isinstance(name, str):
+                raise PlanError(f"plan removals: tensor name {shown(name)} is not a string")
             if not isinstance(dims, dict):
-                raise PlanError(f"plan removals[{name!r}] must be an object {{dim: [indices]}}")
+                raise PlanError(f"plan removals[{shown(name)}] must be an object {{dim: [indices]}}")
             removals[name] = {}
             for d, idx in dims.items():
-                try:
-                    dim = int(d)
-                except ValueError:
-                    raise PlanError(f"plan removals[{name!r}] has a non-integer dim {d!r}") from None
-                if not isinstance(idx, list) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx
-                ):
+                dim = _dim(d)
+                if dim is None or dim in removals[name]:
                     raise PlanError(
-                        f"plan removals[{name!r}][{d}] must be a list of non-negative integers"
+                        f"plan removals[{shown(name)}] has a dim {shown(d)} that is not a non-negative "
+                        "integer (written once, without signs or leading zeros)"
                     )
-                if len(set(idx)) != len(idx):
-                    raise PlanError(f"plan removals[{name!r}][{d}] repeats an index")
-                removals[name][dim] = tuple(sorted(idx))
-        groups = []
-        for g in data.get("groups", []):
-            try:
-                groups.append(GroupCut(str(g["name"]), int(g["size"]), tuple(int(i) for i in g["removed"])))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PlanError(f"plan group entry {g!r} is malformed ({exc})") from None
-        return cls(removals, tuple(groups))
+                removals[name][dim] = _indices(idx, f"plan removals[{shown(name)}][{shown(d)}]")
+        groups = data.get("groups", [])
+        if not isinstance(groups, list):
+            raise PlanError(f"plan field 'groups' must be a list of {{name, size, removed}}, got {shown(groups)}")
+        return cls(removals, tuple(_group(g) for g in groups))
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str | bytes) -> Plan:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ArgumentTypeError(
+                f"Plan.from_json reads JSON text (str or bytes), got a {type(text).__name__}; for a dict use "
+                "Plan.from_dict"
+            )
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"the plan is not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8
+            raise PlanError(f"the plan is not valid JSON ({shown(str(exc), 120)})") from None
         return cls.from_dict(data)
 
     # -- checks and predictions ----------------------------------------------------------------
@@ -151,3 +151,46 @@ class Plan:
         named: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
         named += list(model.named_buffers(remove_duplicate=False))
         return self._sizes(named)[1]
+
+
+# -- reading -------------------------------------------------------------------------------------
+_DIM = re.compile(r"0|[1-9][0-9]{0,5}")
+
+
+def _dim(d: Any) -> int | None:
+    """A dim key: an int, or its decimal string as JSON writes it; None if it is neither."""
+    if type(d) is int:
+        return d if d >= 0 else None
+    if isinstance(d, str) and _DIM.fullmatch(d):
+        return int(d)
+    return None
+
+
+def _is_index(i: Any) -> bool:
+    return type(i) is int and i >= 0
+
+
+def _indices(idx: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(idx, list) or not all(_is_index(i) for i in idx):
+        raise PlanError(f"{where} must be a list of non-negative integers, got {shown(idx)}")
+    out = tuple(sorted(idx))
+    if len(set(out)) != len(out):
+        raise PlanError(f"{where} repeats an index")
+    return out
+
+
+def _group(g: Any) -> GroupCut:
+    """A ``groups`` entry: ``{name: str, size: int >= 0, removed: [indices below size]}``."""
+    ok = (
+        isinstance(g, dict)
+        and isinstance(g.get("name"), str)
+        and _is_index(g.get("size"))
+        and isinstance(g.get("removed"), list)
+        and all(_is_index(i) and i < g["size"] for i in g["removed"])
+    )
+    if not ok:
+        raise PlanError(
+            f"plan group entry {shown(g)} is malformed: it needs name (a string), size (an integer >= 0) "
+            "and removed (a list of indices below size)"
+        )
+    return GroupCut(g["name"], g["size"], tuple(g["removed"]))

@@ -1,9 +1,15 @@
 """Plots of a report dict, as PNG bytes (matplotlib's object API and the Agg canvas; pyplot's global
-state is never touched). Each function returns ``None`` when the report has nothing to draw."""
+state is never touched). Each function returns ``None`` when the report has nothing to draw.
+
+Only values that can be placed on an axis are drawn: NaN, infinities and magnitudes beyond
+:data:`AXIS_LIMIT` (a diverged step, a corrupted but well-typed report.json) are left out of the
+plots; the report's tables still show them.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from matplotlib.ticker import MaxNLocator
@@ -11,6 +17,19 @@ from matplotlib.ticker import MaxNLocator
 ACCEPTED = {"marker": "o", "color": "#1a7f37", "label": "accepted"}
 ROLLED_BACK = {"marker": "x", "color": "#cf222e", "label": "rolled back"}
 ORIGINAL = {"marker": "s", "color": "#444444", "label": "original"}
+AXIS_LIMIT = 1e300
+"""Larger magnitudes make matplotlib's tick and layout arithmetic overflow (float max is 1.8e308)."""
+
+
+def _value(v: Any) -> float | None:
+    """``v`` as a float that can be drawn, or None (not a number, NaN, infinite, beyond AXIS_LIMIT)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return f if math.isfinite(f) and abs(f) <= AXIS_LIMIT else None
 
 
 def _figure(width: float, height: float) -> Any:
@@ -29,11 +48,21 @@ def _png(fig: Any) -> bytes:
 
 
 def _fraction(data: dict[str, Any], costs: dict[str, float], key: str) -> float | None:
-    base = data["costs_before"].get(key)
-    value = costs.get(key)
+    base = _value(data["costs_before"].get(key))
+    value = _value(costs.get(key))
     if not base or value is None:
         return None
-    return float(value) / float(base)
+    return _value(value / base)
+
+
+def _points(pairs: Any) -> list[tuple[float, float]]:
+    """The pairs whose both coordinates can be drawn, as floats."""
+    out = []
+    for x, y in pairs:
+        fx, fy = _value(x), _value(y)
+        if fx is not None and fy is not None:
+            out.append((fx, fy))
+    return out
 
 
 def _cost_keys(data: dict[str, Any]) -> list[str]:
@@ -55,16 +84,15 @@ def steps(data: dict[str, Any]) -> bytes | None:
     metric = data["metric"]
     fig = _figure(8, 5.5)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    base = data["before"].get(metric)
+    base = _value(data["before"].get(metric))
     if base is not None:
         top.axhline(base, color="#888888", linewidth=1, linestyle="--", label="original")
-        tol = data.get("tolerance")
-        if tol is not None:
-            floor = base - tol if data.get("higher_is_better", True) else base + tol
+        tol = _value(data.get("tolerance"))
+        floor = None if tol is None else _value(base - tol if data.get("higher_is_better", True) else base + tol)
+        if floor is not None:
             top.axhline(floor, color="#cf222e", linewidth=1, linestyle=":", label="tolerance limit")
     for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
-        pts = [(h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted]
-        pts = [(s, m) for s, m in pts if m is not None]
+        pts = _points((h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted)
         if pts:
             xs, ys = zip(*pts)
             top.scatter(xs, ys, s=40, **style)
@@ -73,10 +101,7 @@ def steps(data: dict[str, Any]) -> bytes | None:
     top.set_title("metric and cost after every step")
     for key in _cost_keys(data):
         for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
-            pts = [
-                (h["step"], _fraction(data, h["costs"], key)) for h in history if h["accepted"] == accepted
-            ]
-            pts = [(s, f) for s, f in pts if f is not None]
+            pts = _points((h["step"], _fraction(data, h["costs"], key)) for h in history if h["accepted"] == accepted)
             if pts:
                 xs, ys = zip(*pts)
                 bottom.scatter(
@@ -112,31 +137,29 @@ def _frontier(points: list[tuple[float, float]], higher_is_better: bool) -> list
 def pareto(data: dict[str, Any]) -> bytes | None:
     """Accepted steps on cost (MACs, and latency if measured) vs metric, with their Pareto front."""
     metric = data["metric"]
-    base = data["before"].get(metric)
+    base = _value(data["before"].get(metric))
     if base is None:
         return None
     keys = ["macs"] + (["latency"] if "latency" in data["costs_before"] else [])
     fig = _figure(5.5 * len(keys), 4.2)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
-        points = [(1.0, float(base))]
+        steps = []  # (step, cost fraction, metric) of the accepted steps that can be drawn
         for h in data["history"]:
-            f = _fraction(data, h["costs"], key)
-            if h["accepted"] and f is not None and metric in h["metrics"]:
-                points.append((f, float(h["metrics"][metric])))
-        rolled = [
-            (_fraction(data, h["costs"], key), h["metrics"].get(metric))
-            for h in data["history"]
-            if not h["accepted"]
-        ]
-        rolled = [(f, m) for f, m in rolled if f is not None and m is not None]
+            if h["accepted"]:
+                steps += [(h["step"], f, m) for f, m in _points([(_fraction(data, h["costs"], key),
+                                                                  h["metrics"].get(metric))])]
+        points = [(1.0, base)] + [(f, m) for _, f, m in steps]
+        rolled = _points(
+            (_fraction(data, h["costs"], key), h["metrics"].get(metric)) for h in data["history"] if not h["accepted"]
+        )
         front = _frontier(points, data.get("higher_is_better", True))
         ax.plot(*zip(*front), color="#1a7f37", linewidth=1, alpha=0.6, label="Pareto front")
         ax.scatter([1.0], [base], s=50, **ORIGINAL)
-        if len(points) > 1:
+        if steps:
             ax.scatter(*zip(*points[1:]), s=40, **ACCEPTED)
-            for (f, m), h in zip(points[1:], [h for h in data["history"] if h["accepted"]]):
-                ax.annotate(str(h["step"]), (f, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for step, f, m in steps:
+                ax.annotate(str(step), (f, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if rolled:
             ax.scatter(*zip(*rolled), s=40, alpha=0.5, **ROLLED_BACK)
         ax.set_xlabel(f"{key} (fraction of original)")
@@ -149,7 +172,9 @@ def pareto(data: dict[str, Any]) -> bytes | None:
 
 def widths(data: dict[str, Any], top: int = 60) -> bytes | None:
     """Per-layer output widths before and after (horizontal bars), at most ``top`` layers."""
-    layers = data["layers"][:top]
+    # a width beyond what an axis can show is left out of the chart (the table shows it)
+    drawable = [lay for lay in data["layers"] if _value(lay["before"]) is not None and _value(lay["after"]) is not None]
+    layers = drawable[:top]
     if not layers:
         return None
     fig = _figure(8, max(2.5, 0.26 * len(layers) + 1.2))
@@ -180,15 +205,21 @@ def sensitivity(data: dict[str, Any], top: int = 12) -> bytes | None:
         return None
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in sens["rows"]:
-        curves.setdefault(r["cluster"], []).append((float(r["ratio"]), float(r["metric"])))
+        for point in _points([(r["ratio"], r["metric"])]):
+            curves.setdefault(r["cluster"], []).append(point)
+    if not curves:
+        return None
     sign = 1.0 if data.get("higher_is_better", True) else -1.0
     names = sorted(curves, key=lambda n: min(sign * m for _, m in curves[n]))[:top]
+    baseline = _value(sens["baseline"])
+    origin = [] if baseline is None else [(0.0, baseline)]
     fig = _figure(8, 4.5)
     ax = fig.subplots()
     for n in names:
-        xs, ys = zip(*([(0.0, sens["baseline"])] + sorted(curves[n])))
+        xs, ys = zip(*(origin + sorted(curves[n])))
         ax.plot(xs, ys, marker="o", label=n)
-    ax.axhline(sens["baseline"], color="#888888", linestyle="--", linewidth=1, label="unpruned")
+    if baseline is not None:
+        ax.axhline(baseline, color="#888888", linestyle="--", linewidth=1, label="unpruned")
     ax.set_xlabel("fraction of the cluster's channels masked (no fine-tuning)")
     ax.set_ylabel(sens.get("metric") or data["metric"])
     ax.set_title("sensitivity per cluster of groups")

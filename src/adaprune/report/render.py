@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,11 +26,19 @@ figcaption{color:#656d76;font-size:.85rem}
 """
 
 
+def number(value: Any) -> float:
+    """A JSON number as a float (an integer beyond the float range becomes ±inf, shown as such)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def fmt(key: str, value: Any) -> str:
     """A cost or metric value, with its unit."""
     if value is None:
         return "–"
-    v = float(value)
+    v = number(value)
     if key == "bytes":
         for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if v >= size:
@@ -50,7 +59,7 @@ def fmt(key: str, value: Any) -> str:
 def _ratio(before: Any, after: Any) -> str:
     if before in (None, 0) or after is None:
         return "–"
-    return f"{float(after) / float(before):.1%}"
+    return f"{number(after) / number(before):.1%}"
 
 
 def summary_table(data: dict[str, Any]) -> Table:
@@ -62,7 +71,7 @@ def summary_table(data: dict[str, Any]) -> Table:
                 k,
                 fmt(k, data["before"][k]),
                 fmt(k, data["after"][k]),
-                f"{data['after'][k] - data['before'][k]:+.4f}",
+                f"{number(data['after'][k]) - number(data['before'][k]):+.4f}",
             ]
         )
     budget = data.get("budget", {})
@@ -89,9 +98,9 @@ def summary_table(data: dict[str, Any]) -> Table:
             rows.append(
                 [
                     label,
-                    fmt("latency", r["before_ms"]),
-                    fmt("latency", r["after_ms"]),
-                    _ratio(r["before_ms"], r["after_ms"]),
+                    fmt("latency", r.get("before_ms")),
+                    fmt("latency", r.get("after_ms")),
+                    _ratio(r.get("before_ms"), r.get("after_ms")),
                 ]
             )
     return ["quantity", "before", "after", "change / after÷before"], rows
@@ -106,7 +115,7 @@ def steps_table(data: dict[str, Any]) -> Table:
         rows.append(
             [
                 str(h["step"]),
-                f"{h['step_size']:.3f}",
+                f"{number(h['step_size']):.3f}",
                 "accepted" if h["accepted"] else "rolled back",
                 fmt(metric, h["metrics"].get(metric)),
                 macs,
@@ -129,11 +138,11 @@ def sensitivity_table(data: dict[str, Any]) -> Table | None:
     sens = data.get("sensitivity")
     if not sens or not sens.get("rows"):
         return None
-    ratios = sorted({float(r["ratio"]) for r in sens["rows"]})
+    ratios = sorted({number(r["ratio"]) for r in sens["rows"]}, key=lambda x: (math.isnan(x), x))
     values: dict[str, dict[float, float]] = {}
     sizes: dict[str, int] = {}
     for r in sens["rows"]:
-        values.setdefault(r["cluster"], {})[float(r["ratio"])] = float(r["metric"])
+        values.setdefault(r["cluster"], {})[number(r["ratio"])] = number(r["metric"])
         sizes[r["cluster"]] = len(r.get("groups", []))
     rows = [[c, str(sizes[c])] + [f"{v[x]:.4f}" if x in v else "" for x in ratios] for c, v in values.items()]
     return ["cluster", "groups"] + [f"{x:.0%} masked" for x in ratios], rows
@@ -144,7 +153,9 @@ def budget_text(data: dict[str, Any]) -> str:
     parts = []
     for k in ("macs", "params", "bytes", "energy", "latency"):
         v = b.get(k)
-        if v is not None:
+        if isinstance(v, str):  # the schema allows a string (a bound written by a newer version)
+            parts.append(f"{k} ≤ {v}")
+        elif v is not None:
             parts.append(f"{k} ≤ {v:.0%} of original" if v <= 1 else f"{k} ≤ {fmt(k, v)}")
     if b.get("latency_ms") is not None:
         parts.append(f"latency ≤ {b['latency_ms']} ms")
@@ -159,7 +170,7 @@ def onnx_text(data: dict[str, Any]) -> str:
     if onnx.get("error"):
         return f"ONNX export failed: {onnx['error']}"
     if onnx.get("path"):
-        return f"pruned model exported to {onnx['path']} ({onnx.get('bytes', 0) / 1e6:.2f} MB)"
+        return f"pruned model exported to {onnx['path']} ({number(onnx.get('bytes') or 0) / 1e6:.2f} MB)"
     return "no ONNX export in this run (adaprune export RUN_DIR --onnx)"
 
 
@@ -176,10 +187,10 @@ def exported_table(data: dict[str, Any]) -> Table | None:
             out.append(
                 [
                     r["backend"],
-                    str(r["threads"]),
-                    str(r["batch_size"]),
-                    fmt("latency", r["median_ms"]),
-                    fmt("latency", r["p90_ms"]),
+                    str(r.get("threads", "")),
+                    str(r.get("batch_size", "")),
+                    fmt("latency", r.get("median_ms")),
+                    fmt("latency", r.get("p90_ms")),
                 ]
             )
     return ["runtime", "threads", "batch", "median", "p90"], out
