@@ -195,11 +195,11 @@ def test_disk_full_at_every_point_of_a_save_keeps_the_previous_save(tmp_path):
         with disk_full_at(k):
             try:
                 ap.save(new, d)
-            except OSError as exc:  # StorageError; see KNOWN_SETTLE for the one raw OSError
+            except OSError as exc:  # a StorageError (an OSError too): checked below
                 failed = exc
         if failed is not None:
             failures += 1
-            assert isinstance(failed, StorageError) or (k > commit and label.startswith("replace ")), (label, failed)
+            assert isinstance(failed, StorageError), (label, failed)
             assert failed.errno == errno.ENOSPC and "\n" not in str(failed), (label, failed)
         committed = failed is None or k > commit
         got = outputs(ap.load(d, tiny))
@@ -210,8 +210,6 @@ def test_disk_full_at_every_point_of_a_save_keeps_the_previous_save(tmp_path):
     assert failures == len(points) - points.count("fsync probe")  # only a directory's fsync is best effort
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_SETTLE (io.py, reported): io._settle renames with fs._replace "
-                   "outside fs.write_atomic, so a failed rename after the commit point escapes as a raw OSError")
 def test_a_failed_rename_after_the_commit_point_is_a_storage_error(tmp_path):
     old, new = old_and_new()
     ap.save(old, tmp_path)
@@ -323,21 +321,13 @@ def big() -> nn.Module:
 
 
 def test_a_real_full_disk_keeps_the_previous_save(small_disk):
-    with pytest.raises(Exception):  # noqa: B017  (its type: the xfail test below)
+    with pytest.raises(StorageError) as info:  # safetensors' own error for a full disk, too
         ap.save(big(), small_disk)
+    assert info.value.errno == errno.ENOSPC and "disk space" in str(info.value) and "\n" not in str(info.value)
     assert torch.equal(outputs(ap.load(small_disk, tiny)), outputs(tiny(1)))
     assert not [n for n in os.listdir(small_disk) if fs.is_temporary(n)]
     ap.save(tiny(2), small_disk)  # space is free again: the next save fits
     assert torch.equal(outputs(ap.load(small_disk, tiny)), outputs(tiny(2)))
-
-
-@pytest.mark.xfail(strict=True, reason="KNOWN_SAFETENSORS (fs.py / io.py, reported): safetensors raises its own "
-                   "SafetensorError ('I/O error: No space left on device (os error 28)'), which fs.write_atomic "
-                   "does not turn into StorageError")
-def test_a_real_full_disk_is_a_storage_error(small_disk):
-    with pytest.raises(StorageError) as info:
-        ap.save(big(), small_disk)
-    assert info.value.errno == errno.ENOSPC and "disk space" in str(info.value)
 
 
 # -- a kill at every write point ------------------------------------------------------------------------
@@ -443,8 +433,6 @@ def test_an_adapt_run_killed_at_any_write_point_resumes_to_the_same_plan(kills, 
             if seen in checked:  # the same files as a directory already resumed: the same outcome
                 continue
             checked[seen] = d.name
-            if _only_temporary(d):  # KNOWN_MARK: see the xfail test below
-                continue
             if (d / "state.json").exists():
                 RunDir(d).load()  # whole and valid
             resumed = adapt(d, resume=True)
@@ -453,14 +441,6 @@ def test_an_adapt_run_killed_at_any_write_point_resumes_to_the_same_plan(kills, 
     assert len(checked) >= len(labels) // 2  # most kills leave a different directory
 
 
-def _only_temporary(d: Path) -> bool:
-    """A run directory killed while its mark was first written: nothing in it but temporary files."""
-    return all(fs.is_temporary(n) or n == ".adaprune-lock" for n in os.listdir(d))
-
-
-@pytest.mark.xfail(strict=True, reason="KNOWN_MARK (adapt/rundir.py, reported): RunDir.check counts the temporary "
-                   "file of a killed first write of .adaprune-run as a foreign file, so the run cannot resume "
-                   "without --force")
 def test_a_run_killed_while_writing_its_mark_resumes(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -481,9 +461,6 @@ def test_a_second_open_in_the_same_process_is_refused(tmp_path):
     RunDir(run).open().close()  # free once the holder closes it
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUSY (adapt/rundir.py, reported): RunDir.check, run before the lock, "
-                   "refuses a directory holding a run with 'already holds a run; continue it with --resume' even "
-                   "while another process holds it; following that advice then fails on the lock")
 def test_a_busy_run_dir_is_refused_as_busy_even_when_it_holds_a_run(tmp_path):
     first = RunDir(tmp_path / "run").open()
     try:
@@ -568,8 +545,6 @@ def test_a_second_cli_run_on_a_busy_run_dir_exits_2_naming_the_holder(tmp_path):
             _, err = second.communicate(timeout=240)
             lines = err.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, err)
-            if not flags and "already holds a run" in lines[0]:
-                continue  # KNOWN_BUSY: the plain run is refused before the lock is tried (xfail test above)
             assert f"process {first.pid} " in lines[0] and "in use by another run" in lines[0], (flags, err)
         assert _fingerprint(tmp_path / "run") == held  # the refused runs wrote and deleted nothing
         gate.touch()
