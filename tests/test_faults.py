@@ -376,15 +376,20 @@ def drive(name: str, root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def kills(tmp_path_factory) -> Iterator[dict[str, Callable[[], tuple[Path, list[str], dict[str, int]]]]]:
-    """Both drivers, started at once (each in its own process); ``kills[name]()`` waits for one."""
-    procs = {}
-    for name in SCENARIOS:
-        root = tmp_path_factory.mktemp(f"kill-{name}")
-        procs[name] = (root, subprocess.Popen([sys.executable, __file__, name, str(root)], env=ENV,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    """The drivers, each in its own process; ``kills[name]()`` waits for one. Both start at once, so
+    they overlap, except under pytest-xdist, where the two kill tests may run on different workers
+    and each starts only its own."""
+    procs: dict[str, tuple[Path, subprocess.Popen[str]]] = {}
+
+    def start(name: str) -> None:
+        if name not in procs:
+            root = tmp_path_factory.mktemp(f"kill-{name}")
+            procs[name] = (root, subprocess.Popen([sys.executable, __file__, name, str(root)], env=ENV,
+                                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
     def waiter(name: str) -> Callable[[], tuple[Path, list[str], dict[str, int]]]:
         def wait() -> tuple[Path, list[str], dict[str, int]]:
+            start(name)
             root, proc = procs[name]
             out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, out
@@ -393,6 +398,9 @@ def kills(tmp_path_factory) -> Iterator[dict[str, Callable[[], tuple[Path, list[
 
         return wait
 
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        for name in SCENARIOS:
+            start(name)
     yield {name: waiter(name) for name in SCENARIOS}
     for _, proc in procs.values():
         proc.kill()
