@@ -456,15 +456,6 @@ def sens_cache(valid) -> tuple[dict[str, Any], Any]:
     return json.loads(path.read_text()), result
 
 
-def _nonfinite_cache(raw: bytes) -> bool:
-    """A cache file that parses, with a NaN or infinite result (KNOWN_CACHE_NAN)."""
-    try:
-        results = json.loads(raw).get("results")
-        return any(isinstance(v, float) and not math.isfinite(v) for v in results.values())
-    except Exception:  # noqa: BLE001  (anything else is not this case)
-        return False
-
-
 @settings(FUZZ, max_examples=EXTRA)
 @given(data=st.data())
 def test_sensitivity_cache(valid, sens_cache, data):
@@ -472,7 +463,6 @@ def test_sensitivity_cache(valid, sens_cache, data):
     damaged one is a warning and is recomputed): the result's numbers are finite, the model unchanged."""
     cache, _ = sens_cache
     raw = data.draw(st.one_of(*[mutated(cache).map(dumps)] * 2, corrupted(dumps(cache))))
-    assume(not _nonfinite_cache(raw))  # KNOWN_CACHE_NAN: see its xfail test
     path = write(valid.scratch / "sens-cache.json", raw)
     model = tiny()
     before = snapshot(model)
@@ -870,11 +860,6 @@ def test_a_path_with_a_line_break_is_quoted_on_one_line(tmp_path):
     assert err is not None
 
 
-# -- known bugs in code this suite does not own (reported): each strict xfail fails once it is fixed;
-# -- then remove its marker and the exclusion named after it -------------------------------------------
-@pytest.mark.xfail(strict=True, reason="KNOWN_CACHE_NAN (sensitivity.py, reported): a sensitivity cache holding NaN "
-                   "or infinity passes its schema (dict[str, float]); the analysis then fails writing it back "
-                   "('the sensitivity cache: cannot be written as JSON') instead of ignoring the damaged cache")
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_a_sensitivity_cache_with_nan_is_ignored(valid, sens_cache, bad):
     cache, _ = sens_cache

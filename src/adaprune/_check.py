@@ -204,7 +204,8 @@ def check_batches(value: Any, name: str, expected: str = "(inputs, targets) batc
     ``reusable``: refuse generators too (they are empty after one pass, and the value is read again).
     """
     iterable = isinstance(value, Iterable) or hasattr(type(value), "__getitem__")  # (a Dataset iterates by index)
-    bad = isinstance(value, (str, bytes, bytearray, Mapping)) or not iterable
+    scalar = isinstance(value, np.generic) or getattr(value, "ndim", None) == 0  # (NumPy scalars have __getitem__)
+    bad = isinstance(value, (str, bytes, bytearray, Mapping)) or not iterable or scalar
     if bad or (reusable and isinstance(value, types.GeneratorType)):
         fix = "a list or a DataLoader (read more than once)" if reusable else "a list or a DataLoader"
         raise ArgumentTypeError(

@@ -52,7 +52,13 @@ def shown(value: Any, limit: int = 80) -> str:
 
 
 class AdapruneError(Exception):
-    """Base class of every error adaprune raises on purpose."""
+    """Base class of every error adaprune raises on purpose. Its message is one line: a line break in
+    it (a path or a value quoted as it is) is written as ``\\n``."""
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str) and ("\n" in args[0] or "\r" in args[0]):
+            args = (args[0].replace("\r", "\\r").replace("\n", "\\n"), *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(AdapruneError, ValueError):

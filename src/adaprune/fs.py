@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -36,12 +37,14 @@ __all__ = [
     "check_name",
     "check_regular",
     "is_temporary",
+    "kind",
     "parse",
     "read_bytes",
     "read_json",
     "read_model",
     "read_text",
     "remove_file",
+    "rename",
     "sha256",
     "write_atomic",
     "write_json",
@@ -101,8 +104,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise _storage(exc, target, label) from None
+        cause = _os_error(exc)
+        if cause is not None:
+            raise _storage(cause, target, label) from exc
         raise
     _sync_dir(target.parent)
     return target
@@ -130,6 +134,20 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The operating-system error behind ``exc``: itself, or one a writer reported in its own exception
+    type (safetensors says "I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc
+    if not isinstance(exc, Exception):
+        return None
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _sync_dir(directory: Path) -> None:
@@ -172,6 +190,28 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "", indent
     except ValueError as exc:
         raise FileFormatError(f"{what or Path(path).name}: cannot be written as JSON ({exc})") from None
     return write_text(path, text, what=what)
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, what: str = "") -> None:
+    """``os.replace`` (atomic, never through a symlink at ``dst``); a failure is :class:`StorageError`."""
+    try:
+        _replace(src, dst)
+    except OSError as exc:
+        raise _storage(exc, Path(dst), what or Path(dst).name) from None
+
+
+def kind(path: str | os.PathLike[str], *, what: str, error: type[Exception] = FileFormatError) -> str | None:
+    """``"dir"``, ``"file"`` (anything else that exists) or ``None`` (nothing there) for ``path``; a path
+    the system cannot even look up (a name too long, a loop of links, no permission) is ``error``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except OSError as exc:
+        raise error(f"{what}: {shown(str(path), 120)} cannot be used ({exc.strerror})") from None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def is_temporary(name: str) -> bool:

@@ -160,8 +160,8 @@ def save(
     if base is not None and not isinstance(base, str):
         raise ArgumentTypeError(f"save: base= must be a str (a reference to the base model), got {shown(base)}")
     out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise StorageError(f"save: {out} is a file, not a directory; pass a directory to save into")
+    if fs.kind(out, what="save: directory", error=StorageError) not in ("dir", None):
+        raise StorageError(f"save: {shown(str(out), 200)} is a file, not a directory; pass a directory to save into")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -208,7 +208,7 @@ def _settle(out: Path) -> None:
     for key, usual in (("weights_file", WEIGHTS), ("plan_file", PLAN)):
         name = getattr(meta, key)
         if name != usual and (out / name).is_file():
-            fs._replace(out / name, out / usual)
+            fs.rename(out / name, out / usual, what=f"the save's {usual}")
         if name != usual:
             update[key] = usual
     if update:
@@ -254,6 +254,11 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    if isinstance(model_factory, nn.Module):
+        raise ArgumentTypeError(
+            f"load: model_factory is a {type(model_factory).__name__} (a model); pass a function that builds the "
+            f"unpruned model, e.g. lambda: {type(model_factory).__name__}(...)"
+        )
     if not callable(model_factory):
         raise ArgumentTypeError(
             f"load: model_factory must be a callable returning the unpruned model, got {type(model_factory).__name__}"
@@ -262,8 +267,8 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
     if directory is None:
         raise ArgumentTypeError("load: directory is None; pass the directory adaprune.save wrote")
     root = Path(directory)
-    if not root.is_dir():
-        raise LoadError(f"{root} is not a directory written by adaprune.save")
+    if fs.kind(root, what="load: directory", error=LoadError) != "dir":
+        raise LoadError(f"{shown(str(root), 200)} is not a directory written by adaprune.save")
     meta = read_meta(root)
     plan_path = _find(root, meta.plan_file, PLAN, meta.plan_sha256, "the plan")
     try:

@@ -20,11 +20,11 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from . import fs
@@ -203,7 +203,7 @@ class _Cache(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     fingerprint: str
-    results: dict[str, float]
+    results: dict[str, Annotated[float, Field(allow_inf_nan=False)]]  # (NaN is never cached: it is an error)
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, float]:

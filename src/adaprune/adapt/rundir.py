@@ -80,14 +80,16 @@ class RunDir:
 
     def check(self, *, resume: bool = False, force: bool = False, restart: bool = False) -> None:
         """The checks of :meth:`open` that need no lock and write nothing (run them before slow work)."""
-        exists = self.path.exists() or self.path.is_symlink()
-        if not exists:
+        found = fs.kind(self.path, what="run_dir", error=RunDirError)
+        if found is None and not self.path.is_symlink():
             return
-        if not self.path.is_dir():
+        if found != "dir":
             raise RunDirError(f"run_dir: {self.path} is a file, not a directory; choose a directory for the run")
+        if not self.is_open:
+            self._check_not_busy()
         ours = self._read_mark() is not None or self._legacy()
-        if not ours:
-            foreign = [e for e in _entries(self.path) if e != LOCK]
+        if not ours:  # (temporary files are what a killed write of adaprune's own left)
+            foreign = [e for e in _entries(self.path) if e != LOCK and not fs.is_temporary(e)]
             if foreign and not force:
                 raise RunDirError(
                     f"run_dir: {self.path} is not an adaprune run directory (no {MARK}) and is not empty "
@@ -175,6 +177,27 @@ class RunDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_not_busy(self) -> None:
+        """Refuse at once, naming the holder, if another run holds the directory (probed without taking it)."""
+        path = self.path / LOCK
+        if fcntl is None or not path.is_file():
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return  # the lock itself will say what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise RunDirLockedError(
+                f"run_dir: {self.path} is in use by another run ({_holder(fd)}); wait for it to finish, stop "
+                "it, or choose another run_dir"
+            ) from None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def _lock(self) -> None:
         path = self.path / LOCK

@@ -119,7 +119,7 @@ class _StateFile(_Strict):
     latency_table: dict[str, float] = Field(default_factory=dict)
     done: bool = False
     message: str = ""
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, str | int | float | bool | None] = Field(default_factory=dict)  # run_settings: flat
     weights: str = Field("", pattern=WEIGHTS_PATTERN + "|^$")
     signature: str = ""
 

@@ -355,6 +355,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise CliError(f"{p}: not valid YAML{where}: {shown(problem)}; fix the syntax") from None
     except RecursionError:
         raise CliError(f"{p}: the YAML is nested too deeply to be a run configuration") from None
+    except ValueError as exc:  # a value PyYAML cannot construct (an integer of thousands of digits ...)
+        raise CliError(f"{p}: a value cannot be read ({shown(str(exc), 100)}); fix it") from None
     return parse_config(raw, p.resolve().parent, str(p))
 
 
