@@ -15,7 +15,7 @@ from .allocate import Limits, get_allocator
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
-from .errors import ArgumentTypeError, BudgetUnreachableError, ConfigError, SurgeryError, shown
+from .errors import ArgumentTypeError, BudgetUnreachableError, ConfigError, SurgeryError, TraceError, shown
 from .graph import Frozen, Graph, call_model, ignore_items, resolve_ignore, trace
 from .importance import Context, default_loss, get_importance
 from .plan import GroupCut, Plan
@@ -305,7 +305,13 @@ def eval_call(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
-    """Replay ``plan`` on ``model`` (e.g. a fresh copy): physical removal, checked when inputs are given."""
+    """Replay ``plan`` on ``model`` (e.g. a fresh copy): physical removal, checked when inputs are given.
+
+    Raises:
+        TraceError: ``model`` does not run on ``example_inputs`` (before anything is cut).
+        PlanMismatchError: ``plan`` does not fit ``model``.
+        SurgeryError: the cut model fails the check; it was restored.
+    """
     check_module(model)
     check_plan(plan)
     if example_inputs is not None:
@@ -313,6 +319,11 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.M
     if example_inputs is None:
         remove(model, plan)
     else:
-        expected = output_shapes(eval_call(model, example_inputs))
+        try:
+            expected = output_shapes(eval_call(model, example_inputs))
+        except Warning:
+            raise
+        except Exception as exc:  # the model as given does not run: nothing was cut yet
+            raise TraceError.model_failed(exc) from exc
         remove(model, plan, check=lambda: eval_call(model, example_inputs), expected_shapes=expected)
     return model

@@ -8,13 +8,18 @@ size attributes, so the same plan gives the same weights on any copy of the same
 
 from __future__ import annotations
 
+import array
 import json
 import math
+import numbers
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,19 +30,62 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class GroupCut:
-    """The channels removed from one group."""
+    """The channels removed from one group: ``removed`` are distinct indices below ``size``, stored as a
+    sorted tuple of ``int`` (NumPy integers, a list, a 1-D integer array or tensor are converted).
+    Anything else raises :class:`~adaprune.errors.PlanError`."""
 
     name: str
     size: int
     removed: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise PlanError(f"GroupCut(name={shown(self.name)}): the group name must be a string")
+        size = _whole(self.size)
+        if size is None:
+            raise PlanError(f"GroupCut {shown(self.name)}: size={shown(self.size)} is not an integer >= 0")
+        removed = _index_tuple(self.removed, lambda: f"GroupCut {shown(self.name)}: removed", "a sequence")
+        if removed and removed[-1] >= size:
+            raise PlanError(
+                f"GroupCut {shown(self.name)}: removed index {removed[-1]} is not below the group's size {size}"
+            )
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "removed", removed)
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Indices to remove, per tensor (FQN) and dim, plus the per-group summary."""
+    """Indices to remove, per tensor (FQN) and dim, plus the per-group summary.
+
+    Checked when built: ``removals`` maps tensor names (``str``) to ``{dim: indices}`` with dims and
+    indices non-negative integers, the indices distinct; they are stored as plain dicts of sorted
+    tuples of ``int`` (NumPy integers, lists, 1-D integer arrays or tensors are converted). ``groups``
+    is a tuple (or list) of :class:`GroupCut`. Anything else raises :class:`~adaprune.errors.PlanError`
+    naming the tensor and the dim.
+    """
 
     removals: Mapping[str, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
     groups: tuple[GroupCut, ...] = ()
+
+    def __post_init__(self) -> None:
+        raw: Any = self.removals
+        if not isinstance(raw, Mapping):
+            raise PlanError(
+                f"Plan(removals={shown(raw)}) is {type(raw).__name__}; expected a mapping "
+                "{tensor name: {dim: indices}}"
+            )
+        removals: dict[str, dict[int, tuple[int, ...]]] = {}
+        for name, dims in raw.items():
+            if not isinstance(name, str):
+                raise PlanError(f"Plan removals: tensor name {shown(name)} is not a string")
+            if not isinstance(dims, Mapping):
+                raise PlanError(f"Plan removals[{shown(name)}] is {shown(dims)}; expected a mapping {{dim: indices}}")
+            removals[name] = {_dim_of(name, d): _index_tuple(idx, _where(name, d), "a sequence") for d, idx in dims.items()}
+        groups: Any = self.groups
+        if not isinstance(groups, (tuple, list)) or not all(isinstance(g, GroupCut) for g in groups):
+            raise PlanError(f"Plan(groups={shown(groups)}): expected a tuple of GroupCut")
+        object.__setattr__(self, "removals", removals)
+        object.__setattr__(self, "groups", tuple(groups))
 
     @property
     def is_empty(self) -> bool:
@@ -170,13 +218,74 @@ def _is_index(i: Any) -> bool:
     return type(i) is int and i >= 0
 
 
-def _indices(idx: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(idx, list) or not all(_is_index(i) for i in idx):
-        raise PlanError(f"{where} must be a list of non-negative integers, got {shown(idx)}")
-    out = tuple(sorted(idx))
-    if len(set(out)) != len(out):
-        raise PlanError(f"{where} repeats an index")
+def _whole(value: Any) -> int | None:
+    """``value`` as a non-negative ``int`` (a NumPy integer converted; a bool is not one), else None."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value) if int(value) >= 0 else None
+    return None
+
+
+def _dim_of(name: str, d: Any) -> int:
+    """The dim key ``d`` of ``removals[name]`` as an ``int`` (see :func:`_whole`), else a PlanError."""
+    dim = _whole(d)
+    if dim is None:
+        raise PlanError(f"Plan removals[{shown(name)}] has a dim {shown(d)} that is not an integer >= 0")
+    return dim
+
+
+def _where(name: str, d: Any) -> Callable[[], str]:
+    """Where an index tuple sits, for a message (formatted only when one is raised)."""
+    return lambda: f"Plan removals[{shown(name)}][{_whole(d)}]"
+
+
+def _increasing(t: tuple[int, ...]) -> bool:
+    """Whether the ints ``t`` are strictly increasing (vectorised: plans of LLMs have ~10^5 indices)."""
+    if len(t) < 2:
+        return True
+    try:
+        a = np.frombuffer(array.array("q", t), dtype=np.int64)
+    except OverflowError:  # beyond int64: compare them as Python ints
+        return all(map(operator.lt, t, islice(t, 1, None)))
+    return bool((a[1:] > a[:-1]).all())
+
+
+def _index_tuple(idx: Any, where: Callable[[], str], kind: str) -> tuple[int, ...]:
+    """``idx`` as a sorted tuple of distinct non-negative ``int``; else a PlanError naming ``where()``.
+
+    A tuple of sorted ints is returned as it is (the common case, checked in a few vectorised passes);
+    lists, ranges, 1-D integer arrays or tensors and NumPy integer scalars are converted."""
+    items: Any = idx
+    if isinstance(idx, (np.ndarray, torch.Tensor)):
+        integer = (
+            idx.dtype.kind in "iu" if isinstance(idx, np.ndarray)
+            else not (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool)
+        )
+        items = idx.tolist() if idx.ndim == 1 and integer else None
+    elif not isinstance(idx, (tuple, list, range)):
+        items = None
+    if items is not None and not set(map(type, items)) <= {int}:  # NumPy integers, or no integers at all
+        converted = [_whole(i) for i in items]
+        items = None if None in converted else converted
+    if items is None:
+        raise PlanError(f"{where()} must be {kind} of non-negative integers, got {shown(idx)}")
+    out: tuple[int, ...] = items if type(items) is tuple else tuple(items)
+    repeats = False
+    if not _increasing(out):
+        out = tuple(sorted(out))
+        repeats = not _increasing(out)
+    if out and out[0] < 0:
+        raise PlanError(f"{where()} must be {kind} of non-negative integers, got {shown(idx)}")
+    if repeats:
+        raise PlanError(f"{where()} repeats an index")
     return out
+
+
+def _indices(idx: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(idx, list):
+        raise PlanError(f"{where} must be a list of non-negative integers, got {shown(idx)}")
+    return _index_tuple(idx, lambda: where, "a list")
 
 
 def _group(g: Any) -> GroupCut:

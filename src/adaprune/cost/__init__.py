@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._check import check_inputs, check_module
+from .._check import as_float, check_inputs, check_module
 from ..errors import TraceError
 
 __all__ = ["Cost", "count"]
@@ -18,11 +19,22 @@ __all__ = ["Cost", "count"]
 
 @dataclass(frozen=True)
 class Cost:
-    """MACs of one forward pass on the example inputs, parameter count, and bytes of weights."""
+    """MACs of one forward pass on the example inputs, parameter count, and bytes of weights.
+
+    Each is a finite number >= 0 (NumPy scalars become ``int``/``float``); anything else raises
+    :class:`~adaprune.errors.ArgumentTypeError`, :class:`~adaprune.errors.NonFiniteArgumentError` or
+    :class:`~adaprune.errors.ConfigError` naming the field.
+    """
 
     macs: int
     params: int
     bytes: int
+
+    def __post_init__(self) -> None:
+        for name in ("macs", "params", "bytes"):
+            value = getattr(self, name)
+            number = as_float(value, name, low=0.0, where="Cost")
+            object.__setattr__(self, name, int(value) if isinstance(value, numbers.Integral) else number)
 
     @property
     def energy_uj(self) -> float:

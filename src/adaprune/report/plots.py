@@ -19,6 +19,9 @@ ROLLED_BACK = {"marker": "x", "color": "#cf222e", "label": "rolled back"}
 ORIGINAL = {"marker": "s", "color": "#444444", "label": "original"}
 AXIS_LIMIT = 1e300
 """Larger magnitudes make matplotlib's tick and layout arithmetic overflow (float max is 1.8e308)."""
+LABELS = 40
+"""The Pareto chart numbers every accepted step up to this many; beyond, only this many points of the
+front, evenly spaced (thousands of labels are unreadable, and laying them out takes minutes)."""
 
 
 def _value(v: Any) -> float | None:
@@ -134,6 +137,18 @@ def _frontier(points: list[tuple[float, float]], higher_is_better: bool) -> list
     return out
 
 
+def _labelled(steps: list[tuple[Any, float, float]], front: list[tuple[float, float]]) -> list[tuple[Any, float, float]]:
+    """The accepted steps to number on the chart: all up to :data:`LABELS`, else at most that many of
+    those on the front (the first and the last among them), evenly spaced."""
+    if len(steps) <= LABELS:
+        return steps
+    on_front = set(front)
+    chosen = [s for s in steps if (s[1], s[2]) in on_front] or steps
+    if len(chosen) <= LABELS:
+        return chosen
+    return [chosen[round(i * (len(chosen) - 1) / (LABELS - 1))] for i in range(LABELS)]
+
+
 def pareto(data: dict[str, Any]) -> bytes | None:
     """Accepted steps on cost (MACs, and latency if measured) vs metric, with their Pareto front."""
     metric = data["metric"]
@@ -158,8 +173,11 @@ def pareto(data: dict[str, Any]) -> bytes | None:
         ax.scatter([1.0], [base], s=50, **ORIGINAL)
         if steps:
             ax.scatter(*zip(*points[1:]), s=40, **ACCEPTED)
-            for step, f, m in steps:
+            labelled = _labelled(steps, front)
+            for step, f, m in labelled:
                 ax.annotate(str(step), (f, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if len(labelled) < len(steps):
+                ax.set_title(f"step numbers on {len(labelled)} of {len(steps)} points", fontsize=8)
         if rolled:
             ax.scatter(*zip(*rolled), s=40, alpha=0.5, **ROLLED_BACK)
         ax.set_xlabel(f"{key} (fraction of original)")

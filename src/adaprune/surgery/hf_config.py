@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, shown
+from .hf_describe import Entry, describe, entries, listing
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -55,6 +56,7 @@ __all__ = [
     "UnsaveableConfig",
     "UnsaveableConfigError",
     "UnsaveableConfigWarning",
+    "describe",
     "module_sizes",
     "propose",
     "update_configs",
@@ -74,8 +76,6 @@ class UnsaveableConfigWarning(UserWarning):
 # -- reading sizes from the modules (pure) ----------------------------------------------------------------
 
 KINDS = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
-NOUNS = {"hidden": ("hidden width", "hidden width"), "heads": ("head", "heads"), "kv_heads": ("KV head", "KV heads"),
-         "head_dim": ("head size", "head size"), "ffn": ("FFN neuron", "FFN neurons")}
 FIELDS: Mapping[str, tuple[str, ...]] = {
     "hidden": ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "hidden_dim", "word_embed_proj_dim",
                "embedding_size"),
@@ -173,52 +173,6 @@ def values_of(sizes: Mapping[str, Mapping[str, int]], kind: str) -> list[int]:
     return list(dict.fromkeys(s[kind] for s in sizes.values() if kind in s))
 
 
-def _layer(name: str) -> tuple[str, int] | None:
-    """``("model.layers", 3)`` for ``"model.layers.3.self_attn"``: the prefix and the first index."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:i]), int(part)
-    return None
-
-
-def _ranges(ids: list[int]) -> str:
-    parts, run = [], [ids[0]]
-    for i in ids[1:]:
-        if i == run[-1] + 1:
-            run.append(i)
-            continue
-        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [i]
-    parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ", ".join(parts)
-
-
-def describe(sizes: Mapping[str, Mapping[str, int]], kind: str, limit: int = 6) -> str:
-    """Which layers have which ``kind``: ``"layer 0: 9 heads, layer 1: 10 heads"``; layers sharing a
-    value are grouped (``"layers 0, 2-5: 9 heads; layer 1: 10 heads"``)."""
-    found = [(n, s[kind]) for n, s in sizes.items() if kind in s]
-    keys = [_layer(n) for n, _ in found]
-    prefixes = {k[0] for k in keys if k is not None}
-    same = None not in keys and len(prefixes) == 1
-    by_value: dict[int, list[Any]] = {}
-    for (name, v), key in zip(found, keys):
-        label: Any = key[1] if same and key is not None else name
-        if label not in by_value.setdefault(v, []):
-            by_value[v].append(label)
-    parts = []
-    for v, labels in by_value.items():
-        noun = NOUNS[kind][v != 1]
-        if same:
-            head = "layer " if len(labels) == 1 else "layers "
-            parts.append(f"{head}{_ranges(sorted(labels))}: {v} {noun}")
-        else:
-            parts.append(f"{', '.join(map(str, labels[:3]))}{' ...' if len(labels) > 3 else ''}: {v} {noun}")
-    sep = ", " if all(len(ls) == 1 for ls in by_value.values()) else "; "
-    more = f"{sep}... ({len(parts) - limit} more)" if len(parts) > limit else ""
-    return sep.join(parts[:limit]) + more
-
-
 # -- what to change (pure) --------------------------------------------------------------------------------
 
 
@@ -229,7 +183,7 @@ class Proposal:
 
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, int] = field(default_factory=dict)
-    differs: dict[str, str] = field(default_factory=dict)
+    differs: dict[str, list[Entry]] = field(default_factory=dict)
 
 
 def config_fields(config: Any) -> dict[str, Any]:
@@ -261,7 +215,7 @@ def propose(fields: Mapping[str, Any], before: Mapping[str, Mapping[str, int]],
                 if old != new and len(new) == 1:
                     out.groups.setdefault(GROUPS[kind], {})[name] = new[0]
         if old != new and len(new) > 1 and not (kind == "kv_heads" and _mha(after)):
-            out.differs[kind] = describe(after, kind)
+            out.differs[kind] = entries(after, kind)
     heads = values_of(after, "head_dim")
     stated = any(fields.get(n) is not None for n in FIELDS["head_dim"])
     if len(heads) == 1 and not stated and {"attention", "hidden"} & out.groups.keys():
@@ -449,27 +403,30 @@ def decide(owner: nn.Module, config: Any, cut: set[str], marked: bool = False) -
 
 
 def why(prop: Proposal, left: list[Mismatch], tried: tuple[dict[str, int], Mismatch] | None) -> str:
-    """One line: which sizes differ per layer, or what the config gets wrong as it is and with the changes
-    that were tried."""
+    """One short line: which sizes differ per layer (a few layers named, then how many more), or what the
+    config gets wrong with the changes that were tried and as it is."""
     if prop.differs:
-        return "sizes differ per layer: " + "; ".join(prop.differs.values())
+        return "sizes differ per layer: " + listing([p for ps in prop.differs.values() for p in ps], REASON - 24)
     parts = []
     if tried is not None:
         setting = ", ".join(f"{k}={v}" for k, v in tried[0].items())
         parts.append(f"with {setting}: {tried[1]}")
     if left and (tried is None or left[0] != tried[1]):
         parts.append(f"{'as it is' if parts else 'rebuilt from it'}: {left[0]}")
-    return "; ".join(parts)
+    text = "; ".join(parts)
+    return text if len(text) <= REASON else text[: REASON - 3] + "..."
+
+
+REASON = 100
+"""Characters of the reason in :func:`message` (the whole message is one line of about 300 at most)."""
 
 
 def message(config: Any, owner: nn.Module, reason: str) -> str:
-    """The one-line error: what cannot be stated, why, what would go wrong, and how to save instead."""
+    """The one-line error: what cannot be stated, why, and how to save instead."""
     return (
-        f"{plain_class(config).__name__} cannot state the pruned sizes of this {type(owner).__name__} ({reason}), "
-        "so save_pretrained would write a checkpoint that from_pretrained cannot reload as this model (it fails "
-        "on the shapes, or with ignore_mismatched_sizes=True loads random weights at the configured sizes). "
-        "Save it with adaprune.save(model_or_result, directory, plan=plan) and reload it with "
-        "adaprune.load(directory, factory), where factory() builds the original, unpruned model"
+        f"{plain_class(config).__name__} cannot state this pruned {type(owner).__name__} ({reason}); its "
+        "save_pretrained checkpoint would not reload. Use adaprune.save(model, dir, plan=plan) and "
+        "adaprune.load(dir, factory)"
     )
 
 
@@ -581,7 +538,7 @@ def update_config(owner: nn.Module, config: Any, cut: set[str]) -> None:
             setattr(config, name, value)
         reason = decision.reason
     except Exception as exc:  # noqa: BLE001  (see the docstring: refuse the save rather than fail the cut)
-        reason = f"adaprune could not check it: {_failure(exc)}"
+        reason = f"adaprune could not check it: {_failure(exc, REASON - 29)}"
     if reason is None:
         if marked:
             unmark(config)

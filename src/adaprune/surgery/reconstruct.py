@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError, shown
+from .._check import as_float, as_int, check_batches, check_instance, check_module
+from ..errors import ConfigError, NonFiniteError, shown
 from ..graph import call_model
+from ..plan import Plan
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 Layer = nn.Linear | nn.Conv1d | nn.Conv2d
@@ -109,6 +111,19 @@ def _run(model: nn.Module, x: Any, index: int) -> None:
         ) from exc
 
 
+def _finite(name: str, captured: list[torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the layer and the batches where ``captured`` is NaN or inf
+    (the normal equations would be NaN, and the solver fails on them)."""
+    bad = [i for i, t in enumerate(captured) if not bool(torch.isfinite(t).all())]
+    if bad:
+        listed = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"reconstruct: layer {name!r} has NaN or inf values in its {what} on calibration batch"
+            f"{'es' if len(bad) > 1 else ''} {listed} (of {len(captured)}); no layer was refit. Check "
+            "those batches' inputs for NaN/inf, or leave them out"
+        )
+
+
 def _execution_order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
     seen: list[str] = []
     mods = dict(model.named_modules())
@@ -127,7 +142,7 @@ def reconstruct(
     pruned: nn.Module,
     original: nn.Module,
     batches: Iterable[Any],
-    removals: Mapping[str, Mapping[int, Iterable[int]]] | None = None,
+    removals: Mapping[str, Mapping[int, Iterable[int]]] | Plan | None = None,
     *,
     ridge: float | None = None,
     max_features: int = 8192,
@@ -138,8 +153,8 @@ def reconstruct(
         pruned: the model after :func:`remove` (changed in place).
         original: the model before that removal (same module names; not changed).
         batches: calibration batches: ``(inputs, targets)`` pairs or bare inputs.
-        removals: the plan's removals (``plan.removals``), to know which output channels of a refit
-            layer were removed; without it, a layer whose output width also changed is skipped.
+        removals: the plan's removals (``plan.removals``, or the plan), to know which output channels of
+            a refit layer were removed; without it, a layer whose output width also changed is skipped.
         ridge: Tikhonov weight, relative to the mean diagonal of ``X^T X`` (keeps the solution small
             where the calibration data does not pin it down). ``None`` (default): chosen per layer
             from 1e-4 ... 10 by two-fold cross-validation over the calibration samples, and a fit
@@ -148,9 +163,30 @@ def reconstruct(
             take ``max_features^2`` floats).
 
     Both models are run in eval mode (BatchNorm uses its running statistics); their modes are restored.
+    If a layer cannot be refit (a calibration batch fails to run, or gives NaN/inf where a layer reads
+    or writes), the layers already refit get their sliced weights back and the error propagates.
+
+    Raises:
+        ArgumentTypeError, ConfigError: an argument of the wrong type or out of range.
+        PlanError: ``removals`` is not a plan's removals.
+        NonFiniteError: a layer's input (pruned model) or output (original model) is NaN or infinite on
+            some calibration batch (names the layer and the batches); raised before that layer is solved
+            (with NaN inputs, that is the first layer refit), and ``pruned`` is left as it was.
     """
-    if ridge is not None and ridge < 0:
-        raise ConfigError(f"ridge={ridge} must be >= 0")
+    check_module(pruned, "pruned")
+    check_module(original, "original")
+    check_batches(batches, "batches", "calibration batches ((inputs, targets) pairs or bare inputs)")
+    if isinstance(removals, Plan):
+        removals = removals.removals
+    elif removals is not None:
+        check_instance(removals, Mapping, "removals", "a plan's removals {tensor: {dim: indices}} or None",
+                       "pass plan.removals")
+        given: Any = removals
+        removals = Plan(given).removals  # checked: tensor names, dims and indices
+    if ridge is not None:
+        ridge = as_float(ridge, "ridge", low=0.0, hint="a Tikhonov weight such as 0.01, or None to choose it")
+    max_features = as_int(max_features, "max_features", low=2,
+                          hint="the largest fan-in + 1 a refit layer may have (default 8192)")
     inputs = [b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in batches]
     if not inputs:
         raise ConfigError("reconstruct needs at least one calibration batch")
@@ -175,10 +211,17 @@ def reconstruct(
     modes = {m: m.training for m in (*pruned.modules(), *original.modules())}
     pruned.eval()
     original.eval()
+    layers = dict(pruned.named_modules())
+    sliced = {n: (layers[n].weight.data, None if layers[n].bias is None else layers[n].bias.data) for n in candidates}
     try:
-        layers = dict(pruned.named_modules())
         for name in _execution_order(pruned, candidates, inputs[0]):
             report.refit[name] = _refit(layers[name], before[name], name, pruned, original, inputs, removals, ridge)
+    except BaseException:  # the layers refit so far get their sliced weights back
+        for name, (weight, bias) in sliced.items():
+            layers[name].weight.data = weight
+            if bias is not None:
+                layers[name].bias.data = bias
+        raise
     finally:
         for m, flag in modes.items():
             m.training = flag
@@ -232,6 +275,8 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
     held-out error beats the sliced weights'."""
     xs = _capture(pruned, layer, inputs, output=False)
     ys = _capture(original, old, inputs, output=True)
+    _finite(name, xs, "input in the pruned model")
+    _finite(name, ys, "output in the original model")
     gone = set(removals.get(f"{name}.weight", {}).get(0, ())) if removals else set()
     keep = torch.tensor([i for i in range(old.weight.shape[0]) if i not in gone], dtype=torch.long)
     bias = layer.bias is not None
