@@ -62,13 +62,17 @@ def test_save_replaces_planted_symlinks_instead_of_writing_through_them(tmp_path
     victim.write_text("precious")
     out = tmp_path / "out"
     ap.save(pruned(), out)
-    for name in (PLAN, META):
-        (out / name).unlink()
-        (out / name).symlink_to(victim)
+    (out / PLAN).unlink()
+    (out / PLAN).symlink_to(victim)
     ap.save(pruned(1), out)
     assert victim.read_text() == "precious"
-    assert not (out / PLAN).is_symlink() and not (out / META).is_symlink()
+    assert not (out / PLAN).is_symlink()
     ap.load(out, net)
+    (out / META).unlink()
+    (out / META).symlink_to(victim)  # metadata that is not adaprune's: the save is not replaced at all
+    with pytest.raises(ConfigError, match="did not write"):
+        ap.save(pruned(2), out)
+    assert victim.read_text() == "precious"
 
 
 def test_save_over_a_previous_save_leaves_no_temporary_files(tmp_path):
@@ -230,7 +234,7 @@ def test_a_damaged_sensitivity_cache_is_recomputed_and_rewritten(tmp_path):
     model = net()
     cache = tmp_path / "cache.json"
     cache.write_bytes(b"\xff not json")
-    evaluate = lambda m: float(-m(X).abs().mean())  # noqa: E731
+    evaluate = lambda m: float(-m(X).abs().mean())
     with pytest.warns(UserWarning, match="ignoring the sensitivity cache"):
         first = ap.sensitivity(model, X, evaluate, [0.5], ignore=[model[2]], cache=cache)
     data = json.loads(cache.read_text())
@@ -251,3 +255,49 @@ def test_written_files_get_the_usual_permissions_and_keep_their_own(tmp_path):
     kept.chmod(0o640)
     fs.write_text(kept, "[]")
     assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_write_never_replaces_a_device_a_fifo_or_a_directory(tmp_path, kind):
+    target = tmp_path / "cache.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    with within(10), pytest.raises(StorageError, match="not a file"):
+        fs.write_text(target, "{}")
+    assert (target.is_fifo() if kind == "fifo" else target.is_dir())
+
+
+def test_a_hash_reads_no_more_than_the_files_size(tmp_path):
+    out = tmp_path / "out"
+    ap.save(pruned(), out)
+    (out / WEIGHTS).unlink()
+    (out / WEIGHTS).symlink_to("/proc/self/pagemap")  # a regular file that streams without end
+    with within(20), pytest.raises(LoadError, match="hash"):
+        ap.load(out, net)
+
+
+def test_files_written_by_a_library_keep_the_usual_permissions(tmp_path):
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = ap.save(pruned(), tmp_path / "out")
+    for name in (WEIGHTS, PLAN, META):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("theirs", [META, "plan.next.json"])
+def test_save_replaces_no_file_of_its_names_without_its_own_metadata(tmp_path, theirs):
+    (tmp_path / theirs).write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match="did not write"):
+        ap.save(pruned(), tmp_path)
+    assert (tmp_path / theirs).read_text() == '{"mine": true}'
+
+
+def test_an_empty_path_is_refused_not_the_current_directory(tmp_path):
+    with pytest.raises(ConfigError, match="empty path"):
+        ap.save(pruned(), "")
+    with pytest.raises(ConfigError, match="empty path"):
+        ap.load("", net)

@@ -99,10 +99,15 @@ def test_run_dir_dot_never_rewrites_the_input_config(workdir, tmp_path):
     path = here / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     before = path.read_bytes()
-    for flags in ((), ("--force",)):
-        result = invoke("adapt", path, *flags)
-        assert result.exit_code == 2, result.output
-        assert path.read_bytes() == before
+    refused = invoke("adapt", path)  # a directory of the user's files
+    assert refused.exit_code == 2 and "not an adaprune run directory" in refused.stderr, refused.output
+    assert path.read_bytes() == before
+    forced = invoke("adapt", path, "--force")  # adopted: the run writes beside the config, never over it
+    assert forced.exit_code == 0, forced.output
+    assert path.read_bytes() == before and (here / "report.json").is_file()
+    again = invoke("adapt", path, "--force")  # starting over deletes what the run wrote, never the config
+    assert again.exit_code == 0, again.output
+    assert path.read_bytes() == before
 
 
 def test_a_config_inside_an_empty_run_dir_is_never_written(workdir, tmp_path):
@@ -113,9 +118,13 @@ def test_a_config_inside_an_empty_run_dir_is_never_written(workdir, tmp_path):
     cfg["run_dir"] = "."
     path = run / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    before = path.read_bytes()
     result = invoke("adapt", path, "--force")  # the only file is the input config, whose name adaprune writes
-    assert result.exit_code == 2 and "config.yaml" in result.stderr, result.output
-    assert yaml.safe_load(path.read_text()) == cfg
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes() == before
+    resumed = invoke("adapt", path, "--resume")  # the run's own config as the input: resumable, untouched
+    assert resumed.exit_code == 0, resumed.output
+    assert path.read_bytes() == before
 
 
 # -- the CLI: resume, force, export ---------------------------------------------------------------
@@ -215,9 +224,16 @@ def test_a_run_that_holds_the_directory_locks_out_a_second_one(workdir, finished
 def test_a_run_directory_from_before_marks_is_still_resumable(workdir, finished, tmp_path):
     run = copy_run(finished, tmp_path / "run")
     (run / MARK).unlink()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "run_dir": str(run.resolve())}))  # as if made here
     result = invoke("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--resume", "--json")
     assert result.exit_code == 0, result.output
     assert (run / MARK).is_file()
+    # what it could not verify as its own stays the user's: a config naming another run directory
+    (run / MARK).unlink()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    refused = invoke("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--resume")
+    assert refused.exit_code == 2 and "config.yaml (adaprune did not write it)" in refused.stderr
 
 
 # -- the API ---------------------------------------------------------------------------------------
@@ -275,7 +291,7 @@ def test_api_adapt_on_a_held_run_needs_resume_or_force(tmp_path):
 
 def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(RunDirError, match="is a file"):
+    with pytest.raises(RunDirError, match="is not a directory"):
         _adapt(Tiny(), tmp_path / "afile")
 
 
@@ -296,3 +312,144 @@ def test_a_damaged_mark_is_refused_not_guessed(tmp_path):
     (run / MARK).write_bytes(b"\xff\xfe not json")
     with pytest.raises(RunDirError, match="damaged"):
         RunDir(run).open()
+
+
+# -- found by a hostile review of the first version ------------------------------------------------
+def test_a_refused_force_deletes_nothing_not_even_in_a_run_directory_from_before_marks(workdir, finished, tmp_path):
+    run = copy_run(finished, tmp_path / "old")
+    for name in (MARK, "config.yaml", "report.json", "report.html", "model.onnx"):
+        (run / name).unlink()
+    shutil.rmtree(run / "model")
+    shutil.rmtree(run / "plots")
+    (run / "report.md").write_text("my notes")  # the user's, beside an old state.json
+    (run / "plots").mkdir()
+    (run / "plots" / "fig.png").write_bytes(b"my figure")
+    cfg = yaml.safe_load(config(workdir, "legacy-force").read_text())
+    cfg["model"]["weights"] = str(workdir / "base.safetensors")
+    cfg["run_dir"] = "."
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # the input, inside the directory
+    before = snapshot(run)
+    result = invoke("adapt", run / "config.yaml", "--force")
+    assert result.exit_code == 2 and "report.md (adaprune did not write it)" in result.stderr, result.output
+    assert snapshot(run) == before
+
+
+def test_starting_over_keeps_the_users_files_inside_the_runs_directories(workdir, finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    (run / "plots" / "my_figure.png").write_bytes(b"mine")
+    (run / "model" / "NOTES.md").write_text("mine")
+    result = invoke("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--force")
+    assert result.exit_code == 0, result.output
+    assert (run / "plots" / "my_figure.png").read_bytes() == b"mine"
+    assert (run / "model" / "NOTES.md").read_text() == "mine"
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sub", ["plots", "model"])
+def test_a_symlinked_directory_in_a_run_never_sends_writes_elsewhere(workdir, finished, tmp_path, sub):
+    run = copy_run(finished, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "steps.png").write_bytes(b"precious")
+    (victim / "adaprune.json").write_text("precious")
+    shutil.rmtree(run / sub)
+    (run / sub).symlink_to(victim)
+    before = snapshot(victim)
+    commands = [("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--resume")]
+    if sub == "plots":  # (report writes no model)
+        commands.append(("report", run))
+    for args in commands:
+        result = invoke(*args)
+        assert result.exit_code == 2 and "symbolic link" in result.stderr, result.output
+    assert snapshot(victim) == before
+
+
+def test_a_refused_force_in_a_users_directory_leaves_no_lock_file(workdir, tmp_path):
+    mine = user_dir(tmp_path / "mine")
+    result = invoke("adapt", config(workdir, "nolock"), "--run-dir", mine, "--force")
+    assert result.exit_code == 2, result.output
+    assert not (mine / LOCK).exists() and not (mine / MARK).exists()
+
+
+def test_a_hand_edited_mark_cannot_claim_the_users_files(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    (run / "mydata.csv").write_text("mine")
+    mark = json.loads((run / MARK).read_text())
+    mark["names"] = ["*"]
+    (run / MARK).write_text(json.dumps(mark))
+    with pytest.raises(RunDirError, match="damaged"):
+        RunDir(run).open(force=True)
+    assert (run / "mydata.csv").read_text() == "mine"
+
+
+def test_a_lock_file_that_is_not_a_file_is_one_typed_line(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    (run / LOCK).unlink()
+    os.mkfifo(run / LOCK)
+    with pytest.raises(RunDirError, match="not a regular file"):
+        RunDir(run).open(resume=True)
+    result = invoke("report", run)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_resume_and_force_together_are_refused(workdir, finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    before = snapshot(run)
+    result = invoke("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--resume", "--force")
+    assert result.exit_code == 2 and "contradict" in result.stderr, result.output
+    assert snapshot(run) == before
+
+
+def test_state_removals_that_do_not_fit_or_a_nan_baseline_refuse_the_resume(workdir, finished, tmp_path):
+    for change, why in (({"removals": {"nope.weight": {"0": [1]}}}, "do not fit the model"),
+                        ({"baseline": {"accuracy": float("nan"), "loss": 0.5}}, "non-finite")):
+        run = copy_run(finished, tmp_path / f"run-{why[:3]}")
+        state = json.loads((run / "state.json").read_text())
+        (run / "state.json").write_text(json.dumps({**state, **change}))
+        before = snapshot(run)
+        result = invoke("adapt", config(workdir, "rundir-finished"), "--run-dir", run, "--resume")
+        assert result.exit_code == 2 and why in result.stderr, result.output
+        assert snapshot(run) == before
+
+
+def test_resume_with_other_modules_ignored_is_refused(tmp_path):
+    model = tiny()
+    _adapt(model, tmp_path / "run")
+    with pytest.raises(RunDirError, match="ignore"):
+        ap.adapt(tiny(), torch.ones(2, 4), TinyTask(), ap.Budget(params=0.8), tolerance=0.9, ignore=[],
+                 run_dir=tmp_path / "run", resume=True, max_iterations=2, reconstruct=False)
+
+
+def test_the_run_directory_names_match_the_plots_the_report_draws():
+    from adaprune.adapt.ownership import PLOT_FILES
+    from adaprune.report.plots import PLOTS
+
+    assert {f"plots/{n}.png" for n in PLOTS} == set(PLOT_FILES)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"factory": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}},
+        {"factory": "transformers:PretrainedConfig", "kwargs": {"auto_map": {"AutoModel": "evil.Evil"}}},
+        {"factory": "transformers:PretrainedConfig", "kwargs": {}},
+    ],
+    ids=["torchvision-weights", "hf-auto-map", "hf-no-builtin-model"],
+)
+def test_export_refuses_configs_that_would_fetch_code_or_weights(finished, tmp_path, model):
+    run = copy_run(finished, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = model
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("export", run, "--onnx", "--repeats", "1")
+    assert result.exit_code == 2 and "--trust-config" in result.stderr, result.output
+
+
+def test_a_report_directory_from_before_marks_re_renders(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    for name in (MARK, "state.json", *[p.name for p in run.glob("weights-*.safetensors")]):
+        (run / name).unlink()
+    (run / "report.html").unlink()
+    result = invoke("report", run)  # e.g. `make demo`'s output directory from an older adaprune
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").is_file() and (run / MARK).is_file()

@@ -235,6 +235,8 @@ def check_path(value: Any, name: str) -> Any:
     """``None``, a ``str`` or an ``os.PathLike``."""
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ArgumentTypeError(f"{given(name, value)} is {a_type(value)}; expected a path (str or pathlib.Path)")
+    if value is not None and os.fspath(value) == "":
+        raise ConfigError(f"{name}='' is an empty path; give a file or directory name ('.' is the current directory)")
     return value
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import AdaptResult, Budget, ClassificationTask, adapt, count, prune
+from .adapt.ownership import REPORT_FILES
 from .adapt.rundir import RunDir
 from .cost.latency import measure_latency
 from .examples.digits import DigitsCNN, DigitsData, load_digits_data, train
@@ -49,7 +50,7 @@ def run(
     """
     out = RunDir(run_dir) if run_dir is not None else None
     if out is not None:
-        out.check(restart=True)  # a directory that is not adaprune's is refused before any work
+        out.check(restart=True, names=("model.onnx", *REPORT_FILES))  # refused before any work, if it must be
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     data = load_digits_data(seed)
@@ -77,7 +78,8 @@ def run(
 
         sens = sensitivity(base, x, lambda m: task.evaluate(m)["accuracy"], ignore=[base.fc])
         # the demo's previous outputs are replaced; files adaprune did not write are never touched
-        with out.open(restart=True, names=("model.onnx", report.JSON, report.HTML, report.MD, report.PLOTS)):
+        with out.open(restart=True, names=("model.onnx", *REPORT_FILES)):
+            out.subdir(report.PLOTS)
             data_ = report.collect(res, base, x, latency_inputs=data.x_test[:32],
                                    onnx_path=out.path / "model.onnx", metric=task.metric,
                                    tolerance=tolerance, budget=Budget(macs=budget), sensitivity=sens,

@@ -76,6 +76,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
     """
     target = Path(path)
     label = what or target.name
+    _check_destination(target, label)
     try:
         # the same suffix as the target: writers that pick the format from it (matplotlib) still can
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=target.suffix)
@@ -91,6 +92,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
             fd = -1
             data(tmp)
             fd = os.open(tmp, os.O_RDONLY)
+            try:  # the writer may have replaced the file (safetensors does): its mode again
+                os.fchmod(fd, _mode(target))
+            except (OSError, AttributeError):
+                pass
         else:
             _write_all(fd, data)
         _fsync(fd)
@@ -110,6 +115,23 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
         raise
     _sync_dir(target.parent)
     return target
+
+
+def _check_destination(target: Path, label: str) -> None:
+    """Only a regular file or a symbolic link (replaced, not followed) is ever replaced: never a device, a
+    FIFO, a socket or a directory (``/dev/null`` given as a path must not become a file)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _storage(exc, target, label) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise StorageError(
+            f"writing {label}: {shown(str(target), 120)} is {kind}, not a file; adaprune replaces only regular "
+            "files: give the path of a file"
+        )
 
 
 def _umask() -> int:
@@ -339,8 +361,13 @@ def sha256(path: str | os.PathLike[str], *, what: str = "") -> str:
     fd = _open_regular(p, what or p.name)
     h = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        left = os.fstat(f.fileno()).st_size  # no more than the file's size: a /proc file streams forever
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
 
 

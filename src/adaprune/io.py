@@ -161,17 +161,12 @@ def save(
         raise ArgumentTypeError(f"save: base= must be a str (a reference to the base model), got {shown(base)}")
     out = Path(directory)
     if fs.kind(out, what="save: directory", error=StorageError) not in ("dir", None):
-        raise StorageError(f"save: {shown(str(out), 200)} is a file, not a directory; pass a directory to save into")
+        raise StorageError(f"save: {shown(str(out), 200)} is not a directory; pass a directory to save into")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"save: cannot create the directory {out} ({exc.strerror})") from None
-    foreign = [n for n in (WEIGHTS, PLAN) if (out / n).exists() or (out / n).is_symlink()]
-    if foreign and not ((out / META).exists() or (out / META).is_symlink()):
-        raise ConfigError(
-            f"save: {out} holds {', '.join(foreign)} that adaprune.save did not write (there is no {META}); "
-            "adaprune does not overwrite it: choose another directory or move the file away"
-        )
+    _check_ours(out)
     _settle(out)
     weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: save_model(model, tmp), what="the weights")
     plan_file = fs.write_text(out / NEXT_PLAN, plan.to_json(indent=1), what="the plan")
@@ -193,6 +188,25 @@ def save(
     fs.write_json(out / META, meta.model_dump(), what="the save's metadata")  # the commit point
     _settle(out)
     return out
+
+
+def _check_ours(out: Path) -> None:
+    """Refuse to replace files of the save's names that another program wrote: they are adaprune's only
+    beside an ``adaprune.json`` that adaprune wrote."""
+    present = [n for n in (META, WEIGHTS, PLAN, NEXT_WEIGHTS, NEXT_PLAN) if (out / n).exists() or (out / n).is_symlink()]
+    if not present:
+        return
+    try:
+        raw = fs.read_json(out / META, what=META)
+        ours = isinstance(raw, dict) and raw.get("format") == "adaprune"
+    except FileFormatError:
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"save: {shown(str(out), 120)} holds {', '.join(present)} that adaprune.save did not write (no "
+            f"adaprune {META} beside them); adaprune does not overwrite them: choose another directory or "
+            "move them away"
+        )
 
 
 def _settle(out: Path) -> None:

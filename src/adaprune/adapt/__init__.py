@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import warnings
@@ -20,7 +21,7 @@ from ..graph import ignore_items, resolve_ignore
 from ..plan import Plan
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
-from .controller import AdaptConfig, Controller, as_plan
+from .controller import AdaptConfig, Controller, as_plan, replay
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 
@@ -159,13 +160,22 @@ def adapt(
 
 
 def check_resume(
-    run_dir: RunDir, model: nn.Module, budget: Budget, tolerance: float = 0.01, **options: Any
+    run_dir: RunDir,
+    model: nn.Module,
+    budget: Budget,
+    tolerance: float = 0.01,
+    *,
+    ignore: Iterable[nn.Module | str] | None = None,
+    **options: Any,
 ) -> None:
     """Raise :class:`~adaprune.errors.RunDirError` if the run in ``run_dir`` cannot be resumed with these
     settings on this model. Reads only: call it before writing anything into the run directory."""
     config = AdaptConfig(tolerance=tolerance, **options)
+    ids = resolve_ignore(model, ignore)
+    names = [n for n, m in model.named_modules() if id(m) in ids]
     state = run_dir.load()
-    check_resumable(state, run_settings(config, budget), model_signature(model), str(run_dir.path))
+    check_resumable(state, run_settings(config, budget, names), model_signature(model), str(run_dir.path))
+    replay(copy.deepcopy(model), state, str(run_dir.path))  # (a copy: the caller's model is not touched)
 
 
 def _final_costs(state: ControllerState) -> dict[str, float]:

@@ -35,7 +35,7 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError, NonFiniteError, shown
+from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
 from ..graph import Graph, Group, trace
 from ..importance import IMPORTANCE, Context, get_importance
 from ..plan import Plan
@@ -126,6 +126,15 @@ def compose(removals: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[i
 
 def as_plan(removals: dict[str, dict[str, list[int]]]) -> Plan:
     return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()})
+
+
+def replay(model: nn.Module, state: ControllerState, where: str) -> None:
+    """Cut ``model`` (a copy of the original) as the run's removals say; removals that do not fit it are a
+    damaged or foreign ``state.json``, refused with the model unchanged."""
+    try:
+        remove(model, as_plan(state.removals))
+    except PlanError as exc:
+        raise RunDirError(f"cannot resume {where}: state.json's removals do not fit the model ({exc})") from None
 
 
 def non_finite_weights(model: nn.Module) -> str:
@@ -447,13 +456,13 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
-        config = run_settings(self.cfg, self.budget)
+        config = run_settings(self.cfg, self.budget, self.ignore)
         signature = model_signature(self.model)
         if resume and self.run_dir is not None and self.run_dir.exists():
             state = self.run_dir.load()
             check_resumable(state, config, signature, str(self.run_dir.path))
             work = copy.deepcopy(self.model)
-            remove(work, as_plan(state.removals))
+            replay(work, state, str(self.run_dir.path))
             self.run_dir.load_weights(state, work)
         else:
             work = copy.deepcopy(self.model)

@@ -1,10 +1,11 @@
 """A run directory: adaprune's own, marked, locked while a run holds it, written atomically.
 
 - **Marked.** A run directory holds ``.adaprune-run`` (JSON: the run's id and the names, as
-  ``fnmatch`` patterns, that adaprune writes in it, recorded *before* anything is written). A directory is used as a run directory only if it
-  does not exist, is empty, or carries the mark. Anything else is refused unless the caller forces it
+  ``fnmatch`` patterns from :data:`~adaprune.adapt.ownership.KNOWN`, that adaprune writes in it,
+  recorded *before* anything is written). A directory is used as a run directory only if it does not
+  exist, is empty, or carries the mark. Anything else is refused unless the caller forces it
   (``force=True`` / ``--force``), and even then a name adaprune would write that is already taken by a
-  file it did not write is refused, never overwritten.
+  file it did not write is refused, never overwritten (see :mod:`adaprune.adapt.ownership`).
 - **Locked.** While a run holds the directory it holds an exclusive ``flock`` on ``.adaprune-lock``,
   whose text names the holder (process id, host, start time, command). A second run on the same
   directory is refused at once with that name. The kernel drops the lock when the holder dies, however
@@ -12,16 +13,17 @@
 - **Atomic.** Every file is written by :mod:`adaprune.fs` (temporary file + ``os.replace``, never
   through a symlink). ``state.json`` is the commit point of a step: it is replaced only after the
   weights file it names is complete, so a run killed at any instant resumes from its last step.
-- **Starting over** (``force``) deletes only the names the mark lists, i.e. files adaprune wrote.
+- **Checked first.** Every refusal happens before anything is written (the lock file included).
+  **Starting over** (``force``) deletes only the files the mark names, i.e. files adaprune wrote.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import fnmatch
 import json
 import os
 import socket
+import stat
 import sys
 import uuid
 from collections.abc import Iterable
@@ -29,23 +31,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .. import fs
-from ..errors import AdapruneError, FileFormatError, RunDirError, RunDirLockedError, shown
+from ..errors import FileFormatError, RunDirError, RunDirLockedError, shown
+from . import ownership
+from .ownership import KNOWN, LOCK, MARK, RUN_FILES, STATE
 from .state import WEIGHTS_PATTERN, ControllerState
 
 try:  # POSIX; elsewhere runs are not locked (the mark and atomic writes still hold)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
-
-MARK, LOCK, STATE = ".adaprune-run", ".adaprune-lock", "state.json"
-RUN_FILES = (STATE, "weights-*.safetensors")
-"""Names the controller writes in a run directory (patterns); other writers add theirs."""
-# files adaprune writes inside the directories it creates (deleted on a restart; anything else stays)
-_OWN_INSIDE = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.md", "*.html")
 
 
 class _Mark(BaseModel):
@@ -55,7 +53,15 @@ class _Mark(BaseModel):
     version: Literal[1]
     run_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     created: str
-    names: list[str] = Field(default_factory=list)  # fnmatch patterns of the top-level names adaprune writes
+    names: list[str] = Field(default_factory=list)  # what adaprune writes here: a subset of KNOWN
+
+    @field_validator("names")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in KNOWN]
+        if unknown:
+            raise ValueError(f"{shown(unknown[0])} is not a name adaprune writes")
+        return names
 
 
 class RunDir:
@@ -78,18 +84,30 @@ class RunDir:
     def is_open(self) -> bool:
         return self._lock_fd is not None
 
-    def check(self, *, resume: bool = False, force: bool = False, restart: bool = False) -> None:
-        """The checks of :meth:`open` that need no lock and write nothing (run them before slow work)."""
+    def check(
+        self,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        restart: bool = False,
+        names: Iterable[str] = RUN_FILES,
+        protect: Iterable[str | os.PathLike[str]] = (),
+    ) -> None:
+        """Every check of :meth:`open`, reading only: run it before slow work, and before writing anything."""
+        names = _known(names)
+        protected = [Path(p) for p in protect]
         found = fs.kind(self.path, what="run_dir", error=RunDirError)
-        if found is None and not self.path.is_symlink():
+        if found is None:
+            if self.path.is_symlink():
+                raise RunDirError(f"run_dir: {self.path} is a symbolic link to nothing; fix or remove it")
             return
         if found != "dir":
-            raise RunDirError(f"run_dir: {self.path} is a file, not a directory; choose a directory for the run")
+            raise RunDirError(f"run_dir: {self.path} is not a directory; choose a directory for the run")
         if not self.is_open:
             self._check_not_busy()
-        ours = self._read_mark() is not None or self._legacy()
-        if not ours:  # (temporary files are what a killed write of adaprune's own left)
-            foreign = [e for e in _entries(self.path) if e != LOCK and not fs.is_temporary(e)]
+        owned = self._owned()
+        if owned is None:  # not a run directory
+            foreign = ownership.entries(self.path)
             if foreign and not force:
                 raise RunDirError(
                     f"run_dir: {self.path} is not an adaprune run directory (no {MARK}) and is not empty "
@@ -102,6 +120,12 @@ class RunDir:
                 f"run_dir: {self.path} already holds a run ({STATE}); continue it with --resume / "
                 "resume=True, or start over with --force / force=True"
             )
+        taken = ownership.conflicts(self.path, names, owned or [], protected)
+        if taken:
+            raise RunDirError(
+                f"run_dir: {self.path} holds {_listing(taken)}, which adaprune would write; it never "
+                "overwrites or deletes what it did not write: move it away or choose another run_dir"
+            )
 
     def open(
         self,
@@ -112,55 +136,48 @@ class RunDir:
         names: Iterable[str] = RUN_FILES,
         protect: Iterable[str | os.PathLike[str]] = (),
     ) -> RunDir:
-        """Claim the directory for a run: checks, then the lock; nothing is written before both pass.
+        """Claim the directory for a run: all checks, then the lock; nothing is written before both pass.
 
         Args:
             resume: a run found here is to be continued (it is neither refused nor reset).
             force: use a directory that is not a run directory (adopting it: only free names are
-                written) and start over in one that holds a run (its files are deleted first).
+                written) and start over in one that holds a run (the files it wrote are deleted first).
             restart: start over in one of adaprune's run directories without asking (the demo's
                 output directory); a directory that is not adaprune's is still refused.
-            names: the names (``fnmatch`` patterns) this run will write, checked against files adaprune
-                did not write.
-            protect: files that must never be written (the user's input config).
+            names: the names (patterns from :data:`~adaprune.adapt.ownership.KNOWN`) this run writes.
+            protect: files that must never be written or deleted (the user's input config).
         """
         if self.is_open:
             return self
+        names = _known(names)
         self._protected = [Path(p) for p in protect]
-        self.check(resume=resume, force=force, restart=restart)
+        self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirError(f"run_dir: cannot create {self.path} ({exc.strerror})") from None
         self._lock()
-        try:
-            self.check(resume=resume, force=force, restart=restart)  # again, under the lock
-            mark = self._read_mark()
-            legacy = mark is None and self._legacy()
-            self._mark = mark or _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
-                                       created=_now(), names=list(names) if legacy else [])
-            if (force or restart) and (mark is not None or legacy) and not (resume and self.exists()):
-                self._reset()
-            self.own(*names)
+        try:  # again, under the lock (another process may have changed the directory meanwhile)
+            self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected)
+            owned = self._owned()
+            mark = self._read_mark() or _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
+                                             created=_now(), names=owned or [])
+            self._mark = mark
+            if (force or restart) and owned is not None and not (resume and self.exists()):
+                ownership.reset(self.path, mark.names, self._protected)
+                self._mark = mark.model_copy(update={"run_id": uuid.uuid4().hex, "created": _now(), "names": []})
+            self._mark = self._mark.model_copy(update={"names": sorted({*self._mark.names, *names})})
+            self._write_mark()
         except BaseException:
             self.close()
             raise
         return self
 
-    def _legacy(self) -> bool:
-        """A run directory written before run directories were marked: no mark, but a valid ``state.json``
-        or an adaprune ``report.json`` (the demo's output directory)."""
-        try:
-            if self.exists():
-                self.load()
-                return True
-            report = self.path / "report.json"
-            if report.is_file():
-                data = fs.read_json(report, what="report.json")
-                return isinstance(data, dict) and data.get("format") == "adaprune-report"
-        except AdapruneError:
-            return False
-        return False
+    def _owned(self) -> list[str] | None:
+        """The names adaprune wrote here (from the mark, or verified in a directory from before marks);
+        None if this is not a run directory."""
+        mark = self._read_mark()
+        return list(mark.names) if mark is not None else ownership.legacy_names(self.path)
 
     def close(self) -> None:
         """Release the lock (the mark and the files stay)."""
@@ -184,7 +201,7 @@ class RunDir:
         if fcntl is None or not path.is_file():
             return
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return  # the lock itself will say what is wrong
         try:
@@ -201,24 +218,29 @@ class RunDir:
 
     def _lock(self) -> None:
         path = self.path / LOCK
+        flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as exc:
-            raise RunDirError(f"run_dir: cannot create the lock file {path} ({exc.strerror})") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise RunDirLockedError(
-                    f"run_dir: {self.path} is in use by another run ({holder}); wait for it to finish, stop "
-                    "it, or choose another run_dir"
-                ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-                "command": " ".join(sys.argv)[:200]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+            raise RunDirError(f"run_dir: cannot open the lock file {path} ({exc.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunDirError(f"run_dir: {path} is not a regular file; remove it (adaprune creates it)")
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise RunDirLockedError(
+                        f"run_dir: {self.path} is in use by another run ({_holder(fd)}); wait for it to "
+                        "finish, stop it, or choose another run_dir"
+                    ) from None
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                    "command": " ".join(sys.argv)[:200]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _need_open(self) -> None:
@@ -247,67 +269,31 @@ class RunDir:
         assert self._mark is not None
         return self._mark.run_id
 
-    def own(self, *patterns: str) -> None:
-        """Record top-level names (``fnmatch`` patterns) as adaprune's before anything matching them is
-        written; a matching name already taken by a file adaprune did not write is refused."""
-        self._need_open()
-        assert self._mark is not None
-        self._check_free(patterns)
-        new = [n for n in patterns if n not in self._mark.names]
-        if new or not (self.path / MARK).is_file():
-            self._mark = self._mark.model_copy(update={"names": [*self._mark.names, *new]})
-            self._write_mark()
-
     def owns(self, name: str) -> bool:
         """Whether the top-level ``name`` is one adaprune writes here."""
-        return self._mark is not None and any(fnmatch.fnmatchcase(name, p) for p in self._mark.names)
+        return self._mark is not None and ownership.owns(self._mark.names, name)
 
-    def _check_free(self, patterns: Iterable[str]) -> None:
-        patterns = list(patterns)
-        taken = [e for e in _entries(self.path) if not self.owns(e) and e not in (MARK, LOCK)
-                 and any(fnmatch.fnmatchcase(e, p) for p in patterns)]
-        if taken:
-            raise RunDirError(
-                f"run_dir: {self.path} holds {_listing(taken)}, which adaprune did not write and would "
-                "overwrite; move it away or choose another run_dir"
-            )
-        for p in self._protected:
-            for pattern in patterns:
-                if p.parent.resolve() == self.path.resolve() and fnmatch.fnmatchcase(p.name, pattern):
-                    raise RunDirError(
-                        f"run_dir: {p} is your input file and adaprune would write {p.name} in "
-                        f"{self.path}; choose another run_dir or move the file"
-                    )
-
-    def _reset(self) -> None:
-        """Delete what the previous run wrote (the names in the mark), then give the run a new id."""
+    def subdir(self, name: str) -> Path:
+        """The run's directory ``name`` (``model``, ``plots``), created if needed; it must be one this run
+        writes into and a real directory (a symbolic link planted there would send writes elsewhere)."""
+        self._need_open()
         assert self._mark is not None
-        for name in _entries(self.path):
-            if name in (MARK, LOCK) or not self.owns(name):
-                continue
-            path = self.path / name
-            if path.is_dir() and not path.is_symlink():
-                for child in path.iterdir():
-                    own = fs.is_temporary(child.name) or any(fnmatch.fnmatchcase(child.name, p) for p in _OWN_INSIDE)
-                    if own and not child.is_dir():
-                        fs.remove_file(child)
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass  # something else is inside: it stays, and so does the directory
-            else:
-                fs.remove_file(path)
-        for child in self.path.iterdir():  # temporary files of writes that were killed
-            if fs.is_temporary(child.name) and child.is_file():
-                fs.remove_file(child)
-        self._mark = self._mark.model_copy(update={"run_id": uuid.uuid4().hex, "created": _now(), "names": []})
-        self._write_mark()
+        if not any(ownership.split(n)[0] == name for n in self._mark.names):
+            raise RunDirError(f"run_dir: {name}/ is not a directory this run writes into")
+        path = self.path / name
+        st = ownership._lstat(path)
+        if st is None:
+            path.mkdir()
+        elif not stat.S_ISDIR(st.st_mode):
+            raise RunDirError(f"run_dir: {path} is not a real directory (a file or a symbolic link); move it away")
+        return path
 
     # -- files ------------------------------------------------------------------------------------
     def write(self, name: str, data: bytes | fs.Writer, *, what: str = "") -> Path:
-        """Write the top-level file ``name`` atomically, after recording it as adaprune's."""
+        """Write the top-level file ``name`` (one this run claimed when it opened) atomically."""
+        self._need_open()
         if not self.owns(name):
-            self.own(name)
+            raise RunDirError(f"run_dir: {shown(name)} is not a name this run writes; claim it in open(names=...)")
         target = self.path / fs.check_name(name, what="run directory file")
         for p in self._protected:
             if p.exists() and target.exists() and os.path.samefile(p, target):
@@ -366,11 +352,12 @@ class RunDir:
             model.load_state_dict(tensors, strict=True)
 
 
-def _entries(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
+def _known(names: Iterable[str]) -> list[str]:
+    out = list(names)
+    unknown = [n for n in out if n not in KNOWN]
+    if unknown:
+        raise RunDirError(f"run_dir: {shown(unknown[0])} is not a name adaprune writes in a run directory")
+    return out
 
 
 def _listing(names: list[str]) -> str:
@@ -393,4 +380,4 @@ def _holder(fd: int) -> str:
            f"{shown(info.get('command'), 60)}"
 
 
-__all__ = ["LOCK", "MARK", "RUN_FILES", "STATE", "WEIGHTS_PATTERN", "RunDir"]
+__all__ = ["KNOWN", "LOCK", "MARK", "RUN_FILES", "STATE", "WEIGHTS_PATTERN", "RunDir"]

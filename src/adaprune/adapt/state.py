@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -134,9 +135,10 @@ class _StateFile(_Strict):
         return self
 
 
-def run_settings(config: Any, budget: Any) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues: the controller's options and the budget."""
-    return json.loads(json.dumps({**asdict(config), "budget": repr(budget)}))
+def run_settings(config: Any, budget: Any, ignore: list[str]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the controller's options, the budget and
+    the modules kept whole (``ignore``, by name)."""
+    return json.loads(json.dumps({**asdict(config), "budget": repr(budget), "ignore": json.dumps(sorted(ignore))}))
 
 
 def check_resumable(state: ControllerState, settings: dict[str, Any], signature: str, where: str) -> None:
@@ -148,6 +150,11 @@ def check_resumable(state: ControllerState, settings: dict[str, Any], signature:
         raise RunDirError(
             f"cannot resume {where}: it was started with other settings ({', '.join(changed[:4])} differ); pass "
             "the same budget and options, or start over with --force / force=True, or use a new run directory"
+        )
+    if any(not math.isfinite(v) for v in state.baseline.values()):
+        raise RunDirError(
+            f"cannot resume {where}: state.json records a non-finite original metric; the file is damaged: "
+            "start over with --force / force=True, or use a new run directory"
         )
     if state.signature and state.signature != signature:
         raise RunDirError(

@@ -214,7 +214,8 @@ def report(
 
     with _errors():
         if not run_dir.is_dir():
-            raise CliError(f"{run_dir}: no such directory; pass the run_dir of an adapt run")
+            what = "is not a directory" if run_dir.exists() else "does not exist"
+            raise CliError(f"{run_dir} {what}; pass the run_dir of an adapt run")
         data, paths = rerender(run_dir)
     if as_json:
         typer.echo(json.dumps(summary(data, run_dir), indent=1))
@@ -258,7 +259,8 @@ def export(
         if not onnx:
             raise CliError("choose a format: pass --onnx (the only export format so far)")
         if not run_dir.is_dir():
-            raise CliError(f"{run_dir}: no such directory; pass the run_dir of an adapt run")
+            what = "is not a directory" if run_dir.exists() else "does not exist"
+            raise CliError(f"{run_dir} {what}; pass the run_dir of an adapt run")
         result = run_export(run_dir, threads, repeats, _err_console(), factory=factory, trust=trust_config)
     if as_json:
         typer.echo(json.dumps(result, indent=1))

@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_map
 
 import adaprune as ap
 
-from ..errors import UntrustedCodeError, shown
+from .. import fs
+from ..errors import AdapruneError, UntrustedCodeError, shown
 from .config import CallableData, CliError, DigitsData, ImageFolderData, NpzData, RunConfig
 
 Loaders = tuple[Iterable[tuple[Any, Any]], Iterable[tuple[Any, Any]]]
@@ -109,6 +110,8 @@ def model_factory(cfg: RunConfig, *, trusted: bool = True) -> Callable[[], nn.Mo
             "not import code named in a run directory: pass --factory 'module:function' (your own "
             "factory of the unpruned model), or --trust-config if you trust this run directory"
         )
+    if not trusted:
+        _check_untrusted_kwargs(spec.factory, kwargs)
     if module == "torchvision":
         try:
             import torchvision
@@ -142,7 +145,9 @@ def model_factory(cfg: RunConfig, *, trusted: bool = True) -> Callable[[], nn.Mo
                 f"model.hf_auto: transformers has no Auto class {spec.hf_auto!r}; "
                 "use e.g. AutoModelForSequenceClassification or AutoModelForImageClassification"
             )
-        return lambda: auto.from_config(obj(**kwargs))
+        if trusted:
+            return lambda: auto.from_config(obj(**kwargs))
+        return lambda: auto.from_config(_builtin_config(obj, kwargs), trust_remote_code=False)
     if not callable(obj):
         raise CliError(
             f"model.factory: {spec.factory!r} is a {type(obj).__name__}, not a class or function "
@@ -151,30 +156,62 @@ def model_factory(cfg: RunConfig, *, trusted: bool = True) -> Callable[[], nn.Mo
     return lambda: obj(**kwargs)
 
 
-def build_model(cfg: RunConfig, factory: Callable[[], nn.Module], weights: bool = True) -> nn.Module:
+def _check_untrusted_kwargs(factory: str, kwargs: dict[str, Any]) -> None:
+    """An untrusted config's keyword arguments may not fetch or point at code or weights: a torchvision
+    ``weights=`` downloads and unpickles a checkpoint, a transformers ``auto_map`` names remote code."""
+    risky = sorted(k for k in kwargs if "weights" in k or k in ("auto_map", "trust_remote_code", "name_or_path",
+                                                                 "_name_or_path", "pretrained", "checkpoint"))
+    if risky:
+        raise UntrustedCodeError(
+            f"model.kwargs: the run directory's config passes {', '.join(shown(k, 40) for k in risky[:3])} to "
+            f"{shown(factory)}, which can load weights or code from elsewhere; pass --factory or --trust-config"
+        )
+
+
+def _builtin_config(cls: Any, kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)`` for an untrusted config: only a transformers architecture that ships with the library
+    (no ``auto_map`` pointing at code outside it)."""
+    from transformers import CONFIG_MAPPING
+
+    if cls not in set(CONFIG_MAPPING.values()):
+        raise UntrustedCodeError(
+            f"model.factory: {cls.__name__} is not a configuration of an architecture built into transformers; "
+            "pass --factory or --trust-config"
+        )
+    config = cls(**kwargs)
+    if getattr(config, "auto_map", None):
+        raise UntrustedCodeError("model.kwargs: the config names remote code (auto_map); pass --factory or --trust-config")
+    return config
+
+
+def build_model(
+    cfg: RunConfig, factory: Callable[[], nn.Module], weights: bool = True, label: str | None = None
+) -> nn.Module:
+    """``factory()`` checked (``label``: the factory's name in messages; default the config's)."""
+    label = label or cfg.model.factory
     try:
         model = factory()
     except Exception as exc:  # noqa: BLE001  (the user's factory or its kwargs are wrong)
         raise CliError(
-            f"model: {cfg.model.factory}(**{shown(cfg.model.kwargs)}) failed: "
+            f"model: {label}(**{shown(cfg.model.kwargs)}) failed: "
             f"{type(exc).__name__}: {shown(str(exc), 200)}; check model.kwargs"
         ) from None
     if not isinstance(model, nn.Module):
-        raise CliError(
-            f"model.factory: {cfg.model.factory} returned a {type(model).__name__}, not an nn.Module"
-        )
+        raise CliError(f"model.factory: {label} returned a {type(model).__name__}, not an nn.Module")
     if weights and cfg.model.weights:
         from safetensors.torch import load_file
 
         path = Path(cfg.model.weights)
-        if not path.is_file():
-            raise CliError(f"model.weights: {path} does not exist; give a .safetensors state dict")
+        try:
+            fs.check_regular(path, what="model.weights")
+        except AdapruneError as exc:
+            raise CliError(f"{exc}; give a .safetensors state dict") from None
         try:
             model.load_state_dict(load_file(str(path)), strict=True)
         except Exception as exc:  # noqa: BLE001  (corrupt file or shapes that do not fit)
-            first = str(exc).strip().splitlines()[0][:300]
+            detail = " ".join(str(exc).split()).replace("Error(s) in loading state_dict for", "for")
             raise CliError(
-                f"model.weights: {path} does not fit the model ({first}); check model.kwargs"
+                f"model.weights: {path} does not fit the model ({shown(detail, 240)}); check model.kwargs"
             ) from None
     return model
 
@@ -200,10 +237,10 @@ def _npz(spec: NpzData) -> Loaders:
     import numpy as np
 
     path = Path(spec.path)
-    if not path.is_file():
-        raise CliError(
-            f"data.path: {path} does not exist; give an .npz file with x_train, y_train, x_val, y_val"
-        )
+    try:
+        fs.check_regular(path, what="data.path")
+    except AdapruneError as exc:
+        raise CliError(f"{exc}; give an .npz file with x_train, y_train, x_val, y_val") from None
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

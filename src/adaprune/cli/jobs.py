@@ -12,6 +12,7 @@ A CLI run directory holds, besides the controller's ``state.json`` and weights (
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from rich.progress import (
 import adaprune as ap
 
 from .. import fs, report
-from ..adapt import AdaptConfig, check_resume
+from ..adapt import AdaptConfig, check_resume, ownership
 from ..adapt.rundir import MARK, RUN_FILES, STATE, RunDir
 from ..errors import AdapruneError, FileFormatError, shown
 from .build import Job, budget, build_job, build_model, import_ref, model_factory
@@ -139,9 +140,9 @@ def spinner(console: Console, text: str) -> Iterator[None]:
 
 
 # -- adapt ---------------------------------------------------------------------------------------
-SENS_NAMES = (f"{SENS}.json", f"{SENS}.md", f"{SENS}.png", f"{SENS}-cache.json")
-REPORT_NAMES = (report.JSON, report.HTML, report.MD, report.PLOTS)
-ADAPT_NAMES = (*RUN_FILES, CONFIG, INPUTS, MODEL, ONNX, *REPORT_NAMES, *SENS_NAMES)
+SENS_NAMES = ownership.SENSITIVITY_FILES
+REPORT_NAMES = ownership.REPORT_FILES
+ADAPT_NAMES = (*RUN_FILES, *ownership.CLI_FILES, *ownership.SAVE_FILES, *REPORT_NAMES, *SENS_NAMES)
 """Every name an ``adaprune adapt`` run writes in its run directory."""
 
 
@@ -171,16 +172,21 @@ def run_adapt(
     anything is written, and a resume is checked against the run's settings and model before
     anything in it changes. ``source`` (the config file) is never written.
     """
+    if resume and force:
+        raise CliError("--resume and --force contradict each other: continue the run, or start it over")
     rd = RunDir(Path(str(cfg.run_dir)))
-    rd.check(resume=resume, force=force)
+    own_config = source is not None and _same(source, rd.path / CONFIG)  # adapt runs/x/config.yaml --resume
+    names = [n for n in ADAPT_NAMES if not (own_config and n == CONFIG)]
+    protect = [source] if source is not None else []
+    rd.check(resume=resume, force=force, names=names, protect=protect)
     with spinner(console, "building the model, the data and the task"):
         job = build_job(cfg)
         the_budget = budget(cfg)
     options = cfg.adapt_options()
-    with rd.open(resume=resume, force=force, names=ADAPT_NAMES, protect=[source] if source else []):
+    with rd.open(resume=resume, force=force, names=names, protect=protect):
         if resume and rd.exists():
-            check_resume(rd, job.model, the_budget, cfg.tolerance, **options)
-        if source is None or not (rd.path / CONFIG).exists() or not (rd.path / CONFIG).samefile(source):
+            check_resume(rd, job.model, the_budget, cfg.tolerance, ignore=cfg.ignore, **options)
+        if not own_config:
             rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
         rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")
         return _adapt_in(rd, job, the_budget, options, resume, console)
@@ -206,7 +212,7 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
             ignore=cfg.ignore, run_dir=rd, resume=resume, **options,
         )
     with spinner(console, "saving, exporting and measuring the pruned model"):
-        ap.save(res, run_dir / MODEL, base=cfg.model.factory)
+        ap.save(res, rd.subdir(MODEL), base=cfg.model.factory)
         onnx = report.export(res.model, job.x, run_dir / ONNX) if spec.onnx else {}
         after = report.measure(res.model, job.x, backends, threads, spec.repeats) if spec.latency else []
     data = report.build(
@@ -223,8 +229,16 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
         title=cfg.title or f"adaprune: {cfg.model.factory.rpartition(':')[2]} on {cfg.data.kind}",
         model_name=cfg.model.factory,
     )
+    rd.subdir(report.PLOTS)
     report.write(data, run_dir)
     return data
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def summary(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -310,9 +324,10 @@ def sensitivity_job(cfg: RunConfig) -> Job:
 # -- report / export -------------------------------------------------------------------------------
 def _open_existing(run_dir: Path, names: tuple[str, ...]) -> RunDir:
     """Claim an existing run directory to add files to it (a run in it is neither refused nor reset)."""
-    if not (run_dir / MARK).exists() and not (run_dir / STATE).exists():
+    if not any((run_dir / n).exists() for n in (MARK, STATE, report.JSON)):
         raise CliError(
-            f"{run_dir}: neither {MARK} nor {STATE} is there; pass the run_dir of an `adaprune adapt` run"
+            f"{run_dir}: neither {MARK}, {STATE} nor {report.JSON} is there; pass the run_dir of an "
+            "`adaprune adapt` run"
         )
     return RunDir(run_dir).open(resume=True, names=names)
 
@@ -326,6 +341,7 @@ def rerender(run_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
             f"{run_dir}: neither report.json nor state.json is there; pass the run_dir of an adapt run"
         )
     with _open_existing(run_dir, REPORT_NAMES) as rd:
+        rd.subdir(report.PLOTS)
         sens_file = run_dir / f"{SENS}.json"
         if (run_dir / report.JSON).exists():
             data = report.load(run_dir)
@@ -354,6 +370,8 @@ def export_factory(cfg: RunConfig, factory: str | None, trust: bool) -> Any:
     ``model.kwargs``), else the config's own only if it names no code or the caller trusts it."""
     if factory is None:
         return model_factory(cfg, trusted=trust)
+    if not re.fullmatch(r"[^:\s]+:[A-Za-z_][\w.]*", factory):
+        raise CliError(f"--factory: {shown(factory)} is not of the form 'package.module:name' or 'file.py:name'")
     fn = import_ref(factory, "--factory")
     if not callable(fn):
         raise CliError(f"--factory: {shown(factory)} is a {type(fn).__name__}, not a function or class")
@@ -370,6 +388,7 @@ def run_export(
     if not cfg_file.exists():
         raise CliError(f"{run_dir}: {CONFIG} is missing; pass the run_dir of a finished `adaprune adapt` run")
     with _open_existing(run_dir, (ONNX, *REPORT_NAMES)) as rd:
+        rd.subdir(report.PLOTS)
         state = rd.load() if rd.exists() else None
         if state is None or not state.done or not (run_dir / MODEL).is_dir():
             raise CliError(f"{run_dir}: the adapt run did not finish (no {MODEL}/); resume it first")
@@ -378,7 +397,7 @@ def run_export(
         x = load_inputs(run_dir / INPUTS)
         with spinner(console, "loading the pruned model"):
             try:
-                model = ap.load(run_dir / MODEL, lambda: build_model(cfg, make, weights=False))
+                model = ap.load(run_dir / MODEL, lambda: build_model(cfg, make, weights=False, label=factory))
             except ap.errors.AdapruneError as exc:
                 raise CliError(f"{run_dir / MODEL}: {exc}") from None
         with spinner(console, "exporting to ONNX and measuring latency"):
