@@ -195,7 +195,9 @@ def _storage(exc: OSError, target: Path, label: str) -> StorageError:
         errno.EACCES: "check the directory's permissions",
         errno.EROFS: "write somewhere writable",
     }.get(exc.errno or 0, "check the path and the disk")
-    err = StorageError(f"writing {label} ({target}) failed: {reason}; its previous version is unchanged; {fix}")
+    err = StorageError(
+        f"writing {label} ({shown(str(target), 120)}) failed: {reason}; its previous version is unchanged; {fix}"
+    )
     err.errno = exc.errno
     return err
 

@@ -161,21 +161,21 @@ class Plan:
         for name, dims in self.removals.items():
             if name not in tensors:
                 raise PlanMismatchError(
-                    f"the plan removes channels of {name!r}, which the model does not have; "
+                    f"the plan removes channels of {shown(name)}, which the model does not have; "
                     "was the plan made for another architecture (or for an already pruned copy)?"
                 )
             t = tensors[name]
             for d, idx in dims.items():
                 if not 0 <= d < t.dim():
-                    raise PlanMismatchError(f"the plan cuts dim {d} of {name!r}, which has {t.dim()} dims")
+                    raise PlanMismatchError(f"the plan cuts dim {shown(d)} of {shown(name)}, which has {t.dim()} dims")
                 if idx and idx[-1] >= t.shape[d]:
                     raise PlanMismatchError(
-                        f"the plan removes index {idx[-1]} of dim {d} of {name!r}, whose size is "
+                        f"the plan removes index {shown(idx[-1])} of dim {d} of {shown(name)}, whose size is "
                         f"{t.shape[d]}; the plan was made for a different (or already pruned) model"
                     )
                 if len(idx) >= t.shape[d] > 0:
                     raise PlanMismatchError(
-                        f"the plan removes all {t.shape[d]} entries of dim {d} of {name!r}"
+                        f"the plan removes all {t.shape[d]} entries of dim {d} of {shown(name)}"
                     )
 
     def _sizes(self, named: Any) -> tuple[int, int]:

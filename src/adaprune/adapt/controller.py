@@ -134,7 +134,9 @@ def replay(model: nn.Module, state: ControllerState, where: str) -> None:
     try:
         remove(model, as_plan(state.removals))
     except PlanError as exc:
-        raise RunDirError(f"cannot resume {where}: state.json's removals do not fit the model ({exc})") from None
+        raise RunDirError(
+            f"cannot resume {where}: state.json's removals do not fit the model ({shown(str(exc), 160)})"
+        ) from None
 
 
 def non_finite_weights(model: nn.Module) -> str:

@@ -97,8 +97,11 @@ class _Strict(BaseModel):
 
 
 
+MAX_STEP = 999_999_999  # the weights file of a step is weights-<step>.safetensors, at most 9 digits
+
+
 class _StepFile(_Strict):
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_STEP)
     step_size: float
     cuts: dict[str, int]
     metrics: dict[str, float]
@@ -109,7 +112,7 @@ class _StepFile(_Strict):
 
 class _StateFile(_Strict):
     version: Literal[1]
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_STEP)
     step_size: float = Field(ge=0)
     protected: list[str] = Field(default_factory=list)
     caps: dict[str, float] = Field(default_factory=dict)
