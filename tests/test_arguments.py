@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import adaprune as ap
@@ -22,25 +21,12 @@ from adaprune.adapt import AdaptConfig
 from adaprune.allocate import Limits
 from adaprune.errors import ArgumentTypeError, ConfigError, NonFiniteError, UnknownNameError
 from adaprune.importance import Context, get_importance
+from small_nets import Net
 
 NAN, INF = float("nan"), float("inf")
 HUGE_LIST = list(range(10**6))
 HUGE_STR = "x" * 10_000_000
 TYPE, VALUE, NONFINITE, UNKNOWN = ArgumentTypeError, ConfigError, NonFiniteArgumentError, UnknownNameError
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.c1(x)))
-        x = F.relu(self.c2(x))
-        return self.head(x.mean((2, 3)))
 
 
 def make_net() -> Net:

@@ -23,24 +23,11 @@ from adaprune.errors import (
     UnknownNameError,
 )
 from adaprune.importance import IMPORTANCE
+from small_nets import Net
 
 # --------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.c1(x)))
-        x = F.relu(self.c2(x))
-        return self.head(x.mean((2, 3)))
 
 
 def make_net(seed: int = 0) -> Net:

@@ -11,26 +11,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import adaprune as ap
 from adaprune.errors import ConfigError
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.c1(x)))
-        x = F.relu(self.c2(x))
-        return self.head(x.mean((2, 3)))
-
+from small_nets import Net
 
 X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
