@@ -16,6 +16,7 @@ names: no separators, no ``..``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -82,20 +83,16 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=target.suffix)
     except OSError as exc:
         raise _storage(exc, target, label) from None
-    try:  # mkstemp makes the file private (0600): give it the mode a plain open() would
+    with contextlib.suppress(OSError, AttributeError):  # mkstemp makes it 0600: the mode open() would give
         os.fchmod(fd, _mode(target))
-    except (OSError, AttributeError):
-        pass
     try:
         if callable(data):
             os.close(fd)
             fd = -1
             data(tmp)
             fd = os.open(tmp, os.O_RDONLY)
-            try:  # the writer may have replaced the file (safetensors does): its mode again
+            with contextlib.suppress(OSError, AttributeError):  # the writer may have replaced the file
                 os.fchmod(fd, _mode(target))
-            except (OSError, AttributeError):
-                pass
         else:
             _write_all(fd, data)
         _fsync(fd)
@@ -105,10 +102,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Writer, *, what: st
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # (gone already, or the disk is gone: the next write cleans up)
             os.unlink(tmp)
-        except OSError:
-            pass
         cause = _os_error(exc)
         if cause is not None:
             raise _storage(cause, target, label) from exc
@@ -179,9 +174,8 @@ def _sync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        _fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            _fsync(fd)
     finally:
         os.close(fd)
 
@@ -248,7 +242,7 @@ def remove_file(path: str | os.PathLike[str]) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
+        return
     except IsADirectoryError:
         raise StorageError(f"{path} is a directory where adaprune expects one of its files; move it away") from None
     except OSError as exc:

@@ -15,6 +15,7 @@ lists the subset its run claimed, and nothing outside that list is ever replaced
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import stat
@@ -145,10 +146,8 @@ def reset(root: Path, owned: Sequence[str], protect: Sequence[Path] = ()) -> Non
                 continue
             if (fs.is_temporary(child) or owns(owned, child, inside=d)) and not _is(path, protect):
                 fs.remove_file(path)
-        try:
+        with contextlib.suppress(OSError):  # something else is inside: it stays, and so does the directory
             inner.rmdir()
-        except OSError:
-            pass  # something else is inside: it stays, and so does the directory
 
 
 def legacy_names(root: Path) -> list[str] | None:
@@ -160,11 +159,9 @@ def legacy_names(root: Path) -> list[str] | None:
     if (root / STATE).is_file():
         from .state import ControllerState
 
-        try:
+        with contextlib.suppress(AdapruneError):  # a damaged state.json: not a run directory
             ControllerState.from_data(fs.read_json(root / STATE, what=STATE))
             names += RUN_FILES
-        except AdapruneError:
-            pass
     if _format(root / "report.json") == "adaprune-report":
         names += [*REPORT_FILES, "model.onnx"]
     if _format(root / "model" / META) == "adaprune":
@@ -192,21 +189,17 @@ def _legacy_cli(root: Path) -> list[str]:
     if inputs.is_file():
         from safetensors import SafetensorError, safe_open
 
-        try:
+        with contextlib.suppress(AdapruneError, SafetensorError, OSError):  # unreadable: the user's
             fs.check_regular(inputs)
             with safe_open(str(inputs), "pt") as f:
                 if (f.metadata() or {}).get("kind") in ("tensor", "tuple", "dict"):
                     names.append("inputs.safetensors")
-        except (AdapruneError, SafetensorError, OSError):
-            pass
     sens = root / "sensitivity.json"
     if sens.is_file():
-        try:
+        with contextlib.suppress(AdapruneError):  # unreadable: the user's
             data = fs.read_json(sens, what="sensitivity.json")
             if isinstance(data, dict) and {"metric", "baseline", "rows"} <= set(data):
                 names += SENSITIVITY_FILES
-        except AdapruneError:
-            pass
     return names
 
 
