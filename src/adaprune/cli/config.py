@@ -25,7 +25,15 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .. import fs
 from ..adapt import AdaptConfig
@@ -126,9 +134,18 @@ class BudgetSpec(_Strict):
     energy: Bound | None = Field(None, description=f"estimated-energy bound: {BOUND_HELP}")
     latency: Bound | None = Field(None, description=f"latency bound: {BOUND_HELP}")
     latency_ms: Bound | None = Field(None, description="an absolute latency bound in milliseconds")
-    backend: Literal["torch", "onnxruntime", "cuda"] = Field("torch", description="where latency is measured")
+    backend: str = Field("torch", description="where latency is measured: a registered backend (torch, onnxruntime, cuda)")
     threads: int = Field(1, gt=0, description="threads latency is measured with")
     batch_size: int = Field(1, gt=0, description="batch size of the example inputs costs are measured on")
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, backend: str) -> str:
+        from ..cost.latency import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {shown(backend)}; use one of {', '.join(BACKENDS.names())}")
+        return backend
 
     @model_validator(mode="after")
     def _one_bound(self) -> BudgetSpec:

@@ -46,7 +46,7 @@ class Budget:
             raise ConfigError("Budget: give latency= (relative) or latency_ms= (absolute), not both")
         from .latency import BACKENDS
 
-        check_choice(self.backend, "backend", BACKENDS, where="Budget")
+        check_choice(self.backend, "backend", BACKENDS.names(), where="Budget")
         object.__setattr__(self, "threads", as_int(self.threads, "threads", low=1, where="Budget"))
 
     @property

@@ -1,7 +1,8 @@
 """Latency measured on the backend the model will run on.
 
-Backends: ``torch`` (eager, CPU), ``onnxruntime`` (CPU execution provider; the model is exported
-with ``torch.onnx.export``) and ``cuda`` (eager on the GPU, synchronised). Every measurement uses
+Backends are registered classes (:data:`BACKENDS`): ``torch`` (eager, CPU), ``onnxruntime`` (CPU
+execution provider; the model is exported with ``torch.onnx.export``) and ``cuda`` (eager on the GPU,
+synchronised). Every measurement uses
 warm-up runs, a fixed number of threads, and reports the median of the repeats, with the backend,
 threads and batch size it was taken under.
 """
@@ -14,6 +15,7 @@ import os
 import statistics
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import ConfigError
-
-BACKENDS = ("torch", "onnxruntime", "cuda")
+from .._registry import Registry
+from ..errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,68 @@ def onnx_session(model: nn.Module, example_inputs: Any, threads: int) -> tuple[A
     return sess, feed
 
 
+class Backend(ABC):
+    """A place latency is measured: one registered class per backend (:data:`BACKENDS`).
+
+    ``timings`` returns the milliseconds of ``repeats`` forward passes (after ``warmup`` ones) of the
+    model on the inputs, with ``threads`` threads. Register a new backend with
+    ``@BACKENDS.register("name")``; :class:`~adaprune.Budget`, the command line's config and
+    :func:`measure_latency` accept it from then on.
+    """
+
+    @abstractmethod
+    def timings(self, model: nn.Module, example_inputs: Any, threads: int, warmup: int, repeats: int) -> list[float]:
+        """Milliseconds per forward pass, ``repeats`` of them."""
+
+
+BACKENDS: Registry[type[Backend]] = Registry("latency backend")
+
+
+def _eager(model: nn.Module, example_inputs: Any, device: torch.device, threads: int, warmup: int, repeats: int,
+           sync: Callable[[], None]) -> list[float]:
+    from ..graph import call_model
+
+    inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.device != device:
+        raise ConfigError(f"move the model to {device} before measuring latency there")
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with _threads(threads), torch.inference_mode():
+            return _time(lambda: call_model(model, inputs), warmup, repeats, sync)
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+@BACKENDS.register("torch")
+class TorchCPU(Backend):
+    """PyTorch eager on the CPU."""
+
+    def timings(self, model: nn.Module, example_inputs: Any, threads: int, warmup: int, repeats: int) -> list[float]:
+        return _eager(model, example_inputs, torch.device("cpu"), threads, warmup, repeats, lambda: None)
+
+
+@BACKENDS.register("cuda")
+class TorchCUDA(Backend):
+    """PyTorch eager on the GPU, synchronised around every pass."""
+
+    def timings(self, model: nn.Module, example_inputs: Any, threads: int, warmup: int, repeats: int) -> list[float]:
+        if not torch.cuda.is_available():
+            raise ConfigError("backend='cuda' but no CUDA device is available")
+        return _eager(model, example_inputs, torch.device("cuda"), threads, warmup, repeats, torch.cuda.synchronize)
+
+
+@BACKENDS.register("onnxruntime")
+class OnnxRuntimeCPU(Backend):
+    """ONNX Runtime's CPU execution provider (the model exported with ``torch.onnx.export``)."""
+
+    def timings(self, model: nn.Module, example_inputs: Any, threads: int, warmup: int, repeats: int) -> list[float]:
+        sess, feed = onnx_session(model, example_inputs, threads)
+        return _time(lambda: sess.run(None, feed), warmup, repeats, lambda: None)
+
+
 def measure_latency(
     model: nn.Module,
     example_inputs: Any,
@@ -104,39 +167,16 @@ def measure_latency(
     repeats: int = 20,
 ) -> Latency:
     """Median latency of one forward pass on ``example_inputs`` (its batch size is the batch size)."""
-    from ..graph import call_model
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ConfigError(f"backend={shown(backend)} is not one of {', '.join(BACKENDS.names())}")
     if threads < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("threads and repeats must be >= 1 and warmup >= 0")
-    batch = batch_size_of(example_inputs)
-    if backend == "onnxruntime":
-        sess, feed = onnx_session(model, example_inputs, threads)
-        times = _time(lambda: sess.run(None, feed), warmup, repeats, lambda: None)
-    else:
-        if backend == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("backend='cuda' but no CUDA device is available")
-        device = torch.device("cuda" if backend == "cuda" else "cpu")
-        inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
-        moved = next(model.parameters()).device != device if any(True for _ in model.parameters()) else False
-        if moved:
-            raise ConfigError(f"move the model to {device} before measuring backend={backend!r}")
-        sync = torch.cuda.synchronize if backend == "cuda" else (lambda: None)
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with _threads(threads), torch.inference_mode():
-                times = _time(lambda: call_model(model, inputs), warmup, repeats, sync)
-        finally:
-            for m, f in flags.items():
-                m.training = f
-    times.sort()
+    times = sorted(BACKENDS.get(backend)().timings(model, example_inputs, threads, warmup, repeats))
     return Latency(
         median_ms=statistics.median(times),
         p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
         backend=backend,
         threads=threads,
-        batch_size=batch,
+        batch_size=batch_size_of(example_inputs),
         repeats=repeats,
     )
