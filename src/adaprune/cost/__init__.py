@@ -60,11 +60,45 @@ def _unique(tensors: Any) -> list[torch.Tensor]:
     return out
 
 
+def _rows(input_shape: Any) -> int:
+    """Rows a recurrent layer multiplies by its weights: time steps x batch (all but the feature dim)."""
+    n = 1
+    for s in input_shape[:-1]:
+        n *= int(s)
+    return n
+
+
+def _matrix_numel(shapes: Any) -> int:
+    return sum(int(s[0]) * int(s[1]) for s in shapes if len(s) == 2)
+
+
+def _mkldnn_rnn_layer_flops(input_shape: Any, w_ih: Any, w_hh: Any, *args: Any, **kwargs: Any) -> int:
+    """One layer and direction of oneDNN's fused RNN (nn.LSTM/GRU/RNN on CPU): one ``w_ih`` and one
+    ``w_hh`` matmul per row, what the unfused path's ``addmm`` calls count."""
+    return 2 * _rows(input_shape) * _matrix_numel([w_ih, w_hh])
+
+
+def _stacked_rnn_flops(input_shape: Any, weights: Any, *args: Any, **kwargs: Any) -> int:
+    """cuDNN's / MIOpen's fused RNN (every layer and direction): each weight matrix (``w_ih``,
+    ``w_hh``, an LSTM's ``w_hr``) once per row of the input."""
+    return 2 * _rows(input_shape) * _matrix_numel(weights)
+
+
+# Fused recurrent kernels have no formula in torch's flop counter (it would count an LSTM as 0): the
+# matmuls they perform, as the unfused path (and the meta device) count them.
+_RNN_FLOPS: dict[Any, Any] = {
+    torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_layer_flops,
+    torch.ops.aten._cudnn_rnn: _stacked_rnn_flops,
+    torch.ops.aten.miopen_rnn: _stacked_rnn_flops,
+}
+
+
 def count(model: nn.Module, example_inputs: Any) -> Cost:
     """Count MACs (one multiply-add = one MAC; flop counter's flops / 2), params and bytes.
 
     Attention is counted as the matmuls it performs: fused kernels (which the flop counter has no
-    formula for) are switched off while counting.
+    formula for) are switched off while counting. Fused recurrent kernels (oneDNN, cuDNN) are
+    counted as the weight matmuls they perform.
 
     Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
     """
@@ -84,7 +118,9 @@ def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]
         # Fused attention kernels have no flop formula: count the math they replace instead
         # (scaled dot-product attention's math backend, nn.MultiheadAttention's regular path).
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(
+            display=False, custom_mapping=_RNN_FLOPS
+        ) as counter:
             output = call_model(model, example_inputs)
     except Warning:
         raise

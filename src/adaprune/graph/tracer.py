@@ -88,6 +88,7 @@ _PREFIXES = (
     "torch.functional.",
     "torch.",
     "_C._nn.",
+    "_VariableFunctionsClass.",  # torch._VF functions resolve_name does not know (_pack_padded_sequence)
 )
 
 

@@ -176,3 +176,20 @@ def _hf_attention(m: Any, old: dict[str, Any]) -> bool:
     if k is not None and isinstance(getattr(m, "num_key_value_heads", None), int):
         m.num_key_value_heads = k.out_features // head_dim
     return True
+
+
+@register_fixer(nn.RNNBase)
+def _rnn(m: Any, old: dict[str, Any]) -> None:
+    """``nn.LSTM``/``nn.GRU``/``nn.RNN``: sizes from the first layer's weights (every layer and direction
+    shares them), then the flat weight list rebuilt (and flattened for cuDNN where it applies)."""
+    if old.get("proj_size", 0) > 0:
+        m.proj_size, m.hidden_size = m.weight_hr_l0.shape
+    else:
+        m.hidden_size = m.weight_hh_l0.shape[1]
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
+
+
+@register_fixer(nn.RNNCellBase)
+def _rnn_cell(m: Any, old: dict[str, Any]) -> None:
+    m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]

@@ -1,3 +1,3 @@
 """Coupling rules, one module per family of ops; importing this package registers them all."""
 
-from . import attention, elementwise, layers, shape  # noqa: F401
+from . import attention, elementwise, layers, recurrent, shape  # noqa: F401
