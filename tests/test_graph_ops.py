@@ -220,20 +220,23 @@ def test_grouped_conv():
     model = GroupedConvNet()
     x = torch.randn(2, 3, 8, 8)
     graph = ap.trace(model, x, ignore=[model.head])
+    # Pruned inside its groups (the default): position j of every group is one channel, on both sides
+    # (whole groups: grouped="whole", see tests/test_grouped_conv.py).
     grp = group_with(graph, "c1.weight")
-    # A whole conv group (its 4 inputs and 4 outputs) is one channel.
-    assert grp.size == 4
-    assert {("g.weight", 0), ("g.bias", 0), ("bn2.weight", 0), ("c3.weight", 1)} <= slots_of(grp)
-    for name in ("c1.weight", "g.weight", "c3.weight"):
-        own = owner(grp, name, 0 if name != "c3.weight" else 1)
-        assert torch.equal(own, torch.arange(16) // 4)
-    assert in_no_group(graph, "g.weight", 1)  # per-group width is kept
+    assert grp.size == 4 and ("g.weight", 1) in slots_of(grp)
+    assert torch.equal(owner(grp, "c1.weight"), torch.arange(16) % 4)
+    assert torch.equal(owner(grp, "g.weight", 1), torch.arange(4))
+    out = group_with(graph, "g.weight")
+    assert out.size == 4
+    assert {("g.bias", 0), ("bn2.weight", 0), ("c3.weight", 1)} <= slots_of(out)
+    assert torch.equal(owner(out, "g.weight"), torch.arange(16) % 4)
 
     res = prune_and_check(model, x, model.head)
-    assert (model.g.groups, model.g.in_channels, model.g.out_channels) == (2, 8, 8)
-    assert tuple(model.g.weight.shape) == (8, 4, 3, 3)
+    assert (model.g.groups, model.g.in_channels, model.g.out_channels) == (4, 8, 8)
+    assert tuple(model.g.weight.shape) == (8, 2, 3, 3)
     cut = removed(res, "g.weight")
-    assert len(cut) == 8 and all(set(range(4 * (i // 4), 4 * (i // 4) + 4)) <= set(cut) for i in cut)
+    assert len(cut) == 8 and all(sorted(i % 4 for i in cut if i // 4 == k) == sorted({i % 4 for i in cut})
+                                 for k in range(4))
 
 
 class DepthwiseNet(nn.Module):

@@ -14,9 +14,9 @@ from torch import nn
 from .._check import a_type, as_bool, brief, check_inputs, check_module, describe
 from ..errors import ArgumentTypeError, ConfigError, TraceError, shown
 from .groups import Graph, Group, Slot, build_groups
-from .tracer import Frozen, UnsupportedOpWarning, run_traced, unused_parameters
+from .tracer import GROUPED, Frozen, Grouped, UnsupportedOpWarning, run_traced, unused_parameters
 
-__all__ = ["Frozen", "Graph", "Group", "Slot", "UnsupportedOpWarning", "call_model", "trace"]
+__all__ = ["Frozen", "Graph", "Group", "Grouped", "Slot", "UnsupportedOpWarning", "call_model", "trace"]
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -77,6 +77,7 @@ def trace(
     ignore: Iterable[nn.Module | str] | nn.Module | str | None = None,
     *,
     on_meta: bool = True,
+    grouped: Grouped = "inside",
 ) -> Graph:
     """Run ``model`` once on ``example_inputs`` (in eval mode, without gradients) and group its channels.
 
@@ -90,6 +91,12 @@ def trace(
         ignore: modules (or names) whose outputs must keep their width, e.g. the classifier: a
             module, a name, or an iterable of them.
         on_meta: try the meta-device run first (set False to always run the real model).
+        grouped: how grouped convolutions (``groups > 1``, not depthwise) are pruned. ``"inside"``
+            (default): the same positions inside every group, so ``groups`` stays and each group gets
+            narrower (the weight's per-group input dim is shared by all groups, so its positions
+            must be the same in every group). ``"whole"``: whole groups (their inputs and outputs)
+            are removed and ``groups`` shrinks. Depthwise convs (one input per group) always lose
+            whole groups; transposed convs too.
 
     Returns:
         The :class:`Graph`: prunable groups, plus what was frozen and why.
@@ -97,9 +104,25 @@ def trace(
     check_module(model)
     check_inputs(example_inputs)
     on_meta = as_bool(on_meta, "on_meta")
+    grouped = check_grouped(grouped)
     ignored = resolve_ignore(model, ignore)  # (reads ignore once)
     with _collector_paused():
-        return _trace(model, example_inputs, ignored, on_meta)
+        return _trace(model, example_inputs, ignored, on_meta, grouped)
+
+
+def check_grouped(grouped: Any) -> Grouped:
+    """``grouped`` checked: one of :data:`GROUPED` (``"inside"``, ``"whole"``)."""
+    if not isinstance(grouped, str):
+        raise ArgumentTypeError(
+            f"grouped={brief(grouped)} is {a_type(grouped)}; expected one of {', '.join(map(repr, GROUPED))}"
+        )
+    for g in GROUPED:
+        if grouped == g:
+            return g
+    raise ConfigError(
+        f"grouped={shown(grouped)} is not a way to prune grouped convolutions; use 'inside' (narrower "
+        "groups, the same number of groups) or 'whole' (fewer groups)"
+    )
 
 
 @contextmanager
@@ -117,8 +140,8 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bool) -> Graph:
-    state = _trace_on_meta(model, example_inputs, ignored) if on_meta else None
+def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bool, grouped: Grouped) -> Graph:
+    state = _trace_on_meta(model, example_inputs, ignored, grouped) if on_meta else None
     if state is not None:
         param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         return build_groups(state, param_names)
@@ -126,7 +149,7 @@ def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bo
     try:
         model.eval()
         with torch.no_grad():
-            state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored)
+            state, _ = run_traced(model, lambda: call_model(model, example_inputs), ignored, grouped=grouped)
             if unused_parameters(model, state):
                 _train_pass(model, example_inputs, ignored, state)
     except (TraceError, Warning):
@@ -140,7 +163,7 @@ def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bo
     return build_groups(state, param_names)
 
 
-def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int]) -> Any:
+def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int], grouped: Grouped) -> Any:
     """The trace state from a meta-device copy, or None when the model cannot run on meta tensors."""
     from ..cost.predict import meta_copy, to_meta
 
@@ -151,7 +174,7 @@ def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int]) -> 
         inputs = to_meta(example_inputs)
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            state, _ = run_traced(clone, lambda: call_model(clone, inputs), ids)
+            state, _ = run_traced(clone, lambda: call_model(clone, inputs), ids, grouped=grouped)
             if unused_parameters(clone, state):  # train-only branches (auxiliary heads): trace them too
                 clone.train()
                 run_traced(clone, lambda: call_model(clone, inputs), ids, state)

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,11 @@ from ..errors import AdapruneError, TraceError, shown
 from .atoms import Atoms
 from .fields import Field, along
 from .sizes import SizeInt
+
+Grouped = Literal["inside", "whole"]
+"""How grouped convolutions (``groups > 1``, not depthwise) are pruned: ``"inside"`` removes the same
+positions inside every group and keeps ``groups``; ``"whole"`` removes whole groups (fewer ``groups``)."""
+GROUPED: tuple[Grouped, ...] = ("inside", "whole")
 
 
 class UnsupportedOpWarning(UserWarning):
@@ -131,6 +136,7 @@ class TraceState:
     module_objects: list[nn.Module] = field(default_factory=list)
     frozen: list[Frozen] = field(default_factory=list)
     strict: bool = False
+    grouped: Grouped = "inside"
 
     # -- tensors -------------------------------------------------------------------------------
     @property
@@ -413,11 +419,16 @@ def unused_parameters(model: nn.Module, state: TraceState) -> list[str]:
 
 
 def run_traced(
-    model: nn.Module, call_model: Callable[[], Any], ignore: set[int], state: TraceState | None = None
+    model: nn.Module,
+    call_model: Callable[[], Any],
+    ignore: set[int],
+    state: TraceState | None = None,
+    grouped: Grouped = "inside",
 ) -> tuple[TraceState, Any]:
     """Run ``call_model`` under the tracing mode; return the trace state and the model's output.
 
-    Passing the ``state`` of an earlier run (the same model in another mode) adds this run's couplings.
+    Passing the ``state`` of an earlier run (the same model in another mode) adds this run's couplings
+    (and keeps its ``grouped`` setting); ``grouped`` applies to a new state.
     """
     from . import rules  # noqa: F401  (registers the rules)
 
@@ -428,7 +439,7 @@ def run_traced(
         for n, b in model.named_buffers(remove_duplicate=False):
             if b.is_floating_point():  # integer buffers (position ids, counters) index: no channels
                 names.setdefault(id(b), n)
-        state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1")
+        state = TraceState(names, strict=os.environ.get("ADAPRUNE_STRICT_TRACE") == "1", grouped=grouped)
     if _scripted(model):
         raise TraceError(
             f"the model is a TorchScript module ({type(model).__name__}): its ops run inside the "

@@ -15,6 +15,10 @@ from torch import nn
 Fixer = Callable[[Any, dict[str, Any]], None]
 _FIXERS: dict[str, Fixer] = {}
 
+CUTS = "adaprune.cuts"
+"""Key of ``old`` under which surgery passes the positions it removed from the module's own tensors:
+``{attribute: {dim: positions}}`` (a key no attribute can have)."""
+
 
 def _key(kind: type | str) -> str:
     return kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
@@ -22,6 +26,9 @@ def _key(kind: type | str) -> str:
 
 def register_fixer(kind: type[nn.Module] | str) -> Callable[[Fixer], Fixer]:
     """Register ``fn(module, old_attrs)`` for modules of class ``kind`` (and subclasses).
+
+    ``old_attrs`` is the module's ``__dict__`` from before surgery; under the key :data:`CUTS` it also
+    holds the positions removed from the module's own parameters and buffers.
 
     ``kind`` may be the class or its qualified name (``"transformers.pytorch_utils.Conv1D"``), so a
     fixer for an optional library does not import it.
@@ -64,21 +71,31 @@ def _bilinear(m: Any, old: dict[str, Any]) -> None:
     m.out_features, m.in1_features, m.in2_features = m.weight.shape
 
 
-def _new_groups(old_groups: int, old_per_group_out: int, new_out: int) -> int:
-    return 1 if old_groups == 1 else new_out // old_per_group_out
+def _new_groups(old_groups: int, old_rows: int, new_rows: int, removed: Any) -> int:
+    """Groups left after rows (dim 0 of the weight) ``removed``: a group goes when all its rows go.
+    Pruned inside its groups, a conv keeps every group (each loses the same rows); pruned by whole
+    groups, it loses the groups whose rows all went. Without the positions (a fixer called outside
+    surgery), rows are assumed to go by whole groups."""
+    if old_groups == 1:
+        return 1
+    per = old_rows // old_groups
+    if removed is None:
+        return new_rows // per
+    lost = [0] * old_groups
+    for r in removed:
+        lost[r // per] += 1
+    return old_groups - sum(n == per for n in lost)
 
 
 @register_fixer(nn.modules.conv._ConvNd)
 def _conv(m: Any, old: dict[str, Any]) -> None:
     w = m.weight
-    g_old = old["groups"]
+    removed = old[CUTS].get("weight", {}).get(0, ()) if CUTS in old else None
     if m.transposed:
-        in_old = old["in_channels"]
-        g = _new_groups(g_old, in_old // g_old, w.shape[0])
+        g = _new_groups(old["groups"], old["in_channels"], w.shape[0], removed)
         m.in_channels, m.out_channels = w.shape[0], w.shape[1] * g
     else:
-        out_old = old["out_channels"]
-        g = _new_groups(g_old, out_old // g_old, w.shape[0])
+        g = _new_groups(old["groups"], old["out_channels"], w.shape[0], removed)
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * g
     m.groups = g
 

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 from .._check import as_bool, check_callable, check_module, check_plan
 from ..errors import ArgumentTypeError, SurgeryError, shown
 from ..plan import Plan
-from .fixers import fix_module
+from .fixers import CUTS, fix_module
 from .hf_config import update_configs
 
 
@@ -193,6 +193,7 @@ def removal(
     released: list[tuple[nn.Parameter, _Cut]] = []
     state = Removal(functools.partial(_restore, touched, saved, parents, released))
     done: dict[int, dict[int, tuple[int, ...]]] = {}
+    cuts: dict[int, dict[str, dict[int, tuple[int, ...]]]] = {}  # per module: what left its own tensors
     positions = _Positions()
     try:
         for name, dims in plan.removals.items():
@@ -213,9 +214,10 @@ def removal(
             for mod, attr, is_param in owners[id(old)]:
                 store: dict[str, Any] = mod._parameters if is_param else mod._buffers
                 store[attr] = new
+                cuts.setdefault(id(mod), {})[attr] = dict(dims)
         del old, new, cut
         for k, mod in touched.items():
-            fix_module(mod, saved[k][0])
+            fix_module(mod, {**saved[k][0], CUTS: cuts.get(k, {})})
         for mod in parents:  # containers whose attributes mirror their children's sizes
             fix_module(mod, saved[id(mod)][0])
         if check is not None:

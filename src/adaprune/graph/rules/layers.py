@@ -149,10 +149,24 @@ def conv(state: TraceState, call: Call) -> None:
         a_out, w_in = weight_atoms(state, w, (0, 1))
         if groups == 1:
             state.atoms.union_pairs(a_in, w_in)
+        elif state.grouped == "inside" and w_in.numel() > 1:
+            _inside_groups(state, a_in, a_out, w_in, groups)
         else:
             _group_couple(state, a_in, a_out, w_in, groups)
     couple(state, a_out, b, 0)
     state.set_fields(call.out, [along(a_out, call.out.dim(), cd)])
+
+
+def _inside_groups(
+    state: TraceState, a_in: torch.Tensor, a_out: torch.Tensor, w_per_group: torch.Tensor, g: int
+) -> None:
+    """Grouped conv pruned inside its groups (``groups`` kept): input position ``j`` of every group is
+    column ``j`` of the weight, which all groups share, so it goes in every group at once; output
+    position ``j`` of every group likewise (the same number of outputs per group, and a grouped conv
+    reading these outputs needs the same positions in every group)."""
+    state.atoms.union_pairs(a_in.view(g, -1), w_per_group.view(1, -1))
+    gout = a_out.view(g, -1)
+    state.atoms.union_pairs(gout[:1], gout)
 
 
 def _group_couple(
