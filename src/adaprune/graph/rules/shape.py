@@ -246,32 +246,92 @@ def split(state: TraceState, call: Call) -> None:
     dim = dim % x.dim()
     pieces = len(call.out)
     size = x.shape[dim]
+    widths = [o.shape[dim] for o in call.out]
     results = []
     for f in state.fields_of(x):
         if f.shape[dim] > 1:
             if call.name == "unbind":
                 f = collapse(state.atoms, f, [dim])
-            elif call.name in ("split", "split_with_sizes", "hsplit", "vsplit") and not _sizes_follow(state):
-                state.pin_op(f, call.name, "split into pieces whose sizes the code fixes (register a fixer "
-                             "for the module that updates them to prune these channels)")
-            elif size % pieces == 0 and all(o.shape[dim] == size // pieces for o in call.out):
-                lab = full(f, x.shape)
-                parts = lab.chunk(pieces, dim)
-                for p in parts[1:]:
-                    state.atoms.union_pairs(parts[0], p)
-                f = compact(state.atoms, f)
+            elif call.name in _SIZED:
+                classes = _sized_pieces(state, call, widths)
+                if classes is None:
+                    state.pin_op(f, call.name, "split into pieces whose sizes the code fixes (keep the sizes in "
+                                 "module attributes and register a fixer that updates them to prune these channels)")
+                else:
+                    f = _lockstep(state, f, x.shape, dim, widths, classes)
+            elif size % pieces == 0 and all(w == size // pieces for w in widths):
+                f = _lockstep(state, f, x.shape, dim, widths, [list(range(pieces))])
             else:
                 state.pin_op(f, call.name, "split into unequal pieces along a channel dim")
         results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
 
 
-def _sizes_follow(state: TraceState) -> bool:
-    """Whether the module running the op has a registered fixer (which keeps its size attributes,
-    such as GPT-2's ``split_size``, equal to its pruned tensors)."""
+_SIZED = ("split", "split_with_sizes", "hsplit", "vsplit")
+
+
+def _lockstep(
+    state: TraceState, f: Field, shape: Sequence[int], dim: int, widths: list[int], classes: list[list[int]]
+) -> Field:
+    """Union the pieces of each class position by position (they keep equal widths)."""
+    parts = full(f, shape).split(widths, dim)
+    for members in classes:
+        for k in members[1:]:
+            state.atoms.union_pairs(parts[members[0]], parts[k])
+    return compact(state.atoms, f)
+
+
+def _sized_pieces(state: TraceState, call: Call, widths: list[int]) -> list[list[int]] | None:
+    """Pieces of a split with explicit sizes that may shrink, as classes kept in lockstep; None pins them.
+
+    The sizes must come from attributes of the module running the split, and that module must have a
+    registered fixer (which keeps them equal to its pruned tensors, as GPT-2's attention fixer does
+    for ``split_size``); the check after surgery still catches a fixer that does not. Pieces of one
+    size shrink in lockstep (an ``int`` split size, q/k/v of equal widths); pieces of different sizes
+    (``split([q_size, kv_size, kv_size])``) shrink independently. ``hsplit``/``vsplit`` take split
+    points, not sizes: only equal pieces, in lockstep."""
+    module = state.module_objects[-1] if state.module_objects else None
+    if module is None or not _has_fixer(module):
+        return None
+    every = [list(range(len(widths)))]
+    if call.name in ("hsplit", "vsplit"):
+        return every if len(set(widths)) == 1 else None
+    sizes = call.args[1] if len(call.args) > 1 else next(
+        (call.kwargs[k] for k in ("split_size_or_sections", "split_size", "split_sizes") if k in call.kwargs), None
+    )
+    ints, seqs = _size_attributes(module)
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        return every if int(sizes) in ints and len(set(widths)) == 1 else None
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) for s in sizes):
+        return None
+    if tuple(int(s) for s in sizes) not in seqs and not all(int(s) in ints for s in sizes):
+        return None
+    by_width: dict[int, list[int]] = {}
+    for k, w in enumerate(widths):
+        by_width.setdefault(w, []).append(k)
+    return list(by_width.values())
+
+
+def _has_fixer(module: Any) -> bool:
     from ...surgery.fixers import has_fixer
 
-    return bool(state.module_objects) and has_fixer(state.module_objects[-1])
+    return has_fixer(module)
+
+
+def _size_attributes(module: Any) -> tuple[set[int], set[tuple[int, ...]]]:
+    """The module's public ``int`` attributes, and its lists/tuples of ints."""
+    ints: set[int] = set()
+    seqs: set[tuple[int, ...]] = set()
+    for name, value in vars(module).items():
+        if name.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            ints.add(int(value))
+        elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            seqs.add(tuple(int(v) for v in value))
+    return ints, seqs
 
 
 @rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
