@@ -12,6 +12,7 @@ from torch import nn
 
 from ._check import as_bool, as_float, check_inputs, check_instance, check_module, check_plan, check_selection
 from .allocate import Limits, get_allocator
+from .allocate.search import bisect
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
@@ -25,7 +26,10 @@ from .surgery.remove import output_shapes, removal
 
 @dataclass
 class PruneResult:
-    """What :func:`prune` did: the (same, now smaller) model, the plan, costs before and after."""
+    """What :func:`prune` did: the (same, now smaller) model, the plan, costs before and after.
+
+    When the plan removes nothing, :attr:`reason` says why (also in :meth:`summary`).
+    """
 
     model: nn.Module
     plan: Plan
@@ -36,12 +40,24 @@ class PruneResult:
     ratio: float = 0.0
     reconstruction: Reconstruction | None = None
 
+    @property
+    def reason(self) -> str:
+        """Why nothing was pruned ("" when something was): every channel pinned by the model's output,
+        by ``ignore``, by ops the graph does not understand (named) or by sizes fixed in the code; every
+        group broken by the check after surgery; or the limits (ratio, max_ratio, min_channels, round_to)."""
+        from .graph.reasons import nothing_removed_reason
+
+        if not self.plan.is_empty:
+            return ""
+        return nothing_removed_reason(self.graph, self.frozen, self.ratio)
+
     def summary(self) -> str:
         r = self.after.ratio_to(self.before)
-        return (
+        text = (
             f"MACs {self.before.macs:,} -> {self.after.macs:,} ({r['macs']:.1%}), "
             f"params {self.before.params:,} -> {self.after.params:,} ({r['params']:.1%})"
         )
+        return f"{text}; nothing was pruned: {self.reason}" if self.plan.is_empty else text
 
 
 def check_ratio(ratio: Any, name: str = "ratio") -> float:
@@ -159,7 +175,10 @@ def search_budget(
     plan_at: Callable[[float], Plan], cost_of: Callable[[Plan], Cost], budget: Budget, original: Cost,
     steps: int = 16,
 ) -> tuple[float, Plan]:
-    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``."""
+    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``.
+
+    Uses :func:`adaprune.allocate.search.bisect`, the bisection the adaptive allocation shares.
+    """
     base = static_values(original)
 
     def met(p: Plan) -> bool:
@@ -175,15 +194,7 @@ def search_budget(
         )
     if budget.met(base, base):
         return 0.0, plan_at(0.0)
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        p = plan_at(mid)
-        if met(p):
-            hi, hi_plan = mid, p
-        else:
-            lo = mid
-    return hi, hi_plan
+    return bisect(plan_at, met, 0.0, hi, hi_plan, steps)
 
 
 def prune(

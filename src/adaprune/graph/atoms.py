@@ -22,7 +22,7 @@ import torch
 
 NO_ATOM = -1
 
-_FIXED = "its size is fixed by a tensor that cannot shrink"
+FIXED = "its size is fixed by a tensor that cannot shrink"
 
 
 class Atoms:
@@ -86,7 +86,7 @@ class Atoms:
             return
         if bool((torch.minimum(a, b) < 0).any()):  # with -1: pinned (a pair of two -1 is nothing)
             fixed_a, fixed_b = a < 0, b < 0
-            self.pin(torch.where(fixed_a, b, a)[fixed_a ^ fixed_b], _FIXED)
+            self.pin(torch.where(fixed_a, b, a)[fixed_a ^ fixed_b], FIXED)
             both = ~(fixed_a | fixed_b)
             a, b = a[both], b[both]
             if a.numel() == 0:

@@ -66,6 +66,7 @@ class Graph:
     groups: list[Group]
     frozen: list[Frozen] = field(default_factory=list)
     frozen_slots: dict[str, list[str]] = field(default_factory=dict)
+    unsupported: list[Frozen] = field(default_factory=list)  # the entries of ``frozen`` no rule understood
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -79,7 +80,7 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     atoms = state.atoms
     slot_list = [Slot(name, dim, ids.numel(), name in param_names) for (name, dim), ids in state.slots.items()]
     if not slot_list:
-        return Graph([], list(state.frozen), {})
+        return Graph([], list(state.frozen), {}, list(state.unsupported))
     sizes = torch.tensor([s.size for s in slot_list], dtype=torch.long)
     roots = all_roots = atoms.roots(torch.cat([ids.reshape(-1) for ids in state.slots.values()]))
     slot = torch.repeat_interleave(torch.arange(len(slot_list)), sizes)
@@ -131,7 +132,7 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
         exact = not any(spanned[c] for c in members[gid])
         groups.append(Group(_group_name(slots, used), slots, maps[k : k + len(sig)], len(members[gid]), exact))
         k += len(sig)
-    return Graph(groups, list(state.frozen), frozen_slots)
+    return Graph(groups, list(state.frozen), frozen_slots, list(state.unsupported))
 
 
 def _frozen_slots(

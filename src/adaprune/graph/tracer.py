@@ -33,6 +33,12 @@ positions inside every group and keeps ``groups``; ``"whole"`` removes whole gro
 GROUPED: tuple[Grouped, ...] = ("inside", "whole")
 
 
+OUTPUT = "the model's output keeps its shape"
+"""Pin reason of the channels of the model's output."""
+IGNORED = "is in `ignore`"
+"""Pin reason (after ``module 'name'``) of the channels of an ignored module's output."""
+
+
 class UnsupportedOpWarning(UserWarning):
     """An op the graph does not understand touched prunable channels; they were frozen."""
 
@@ -135,6 +141,7 @@ class TraceState:
     module_stack: list[str] = field(default_factory=list)
     module_objects: list[nn.Module] = field(default_factory=list)
     frozen: list[Frozen] = field(default_factory=list)
+    unsupported: list[Frozen] = field(default_factory=list)  # the frozen notes of ops no rule understood
     strict: bool = False
     grouped: Grouped = "inside"
 
@@ -211,6 +218,7 @@ class TraceState:
         note = Frozen(self.module, call.name, reason)
         if note not in self.frozen:
             self.frozen.append(note)
+            self.unsupported.append(note)
             warnings.warn(
                 f"adaprune froze the channels touched by {call.name!r} in module {self.module!r}: "
                 f"{reason}. Pruning continues on the rest of the model.",
@@ -234,6 +242,7 @@ class TraceState:
         note = Frozen(module, op, reason)
         if note not in self.frozen:
             self.frozen.append(note)
+            self.unsupported.append(note)
             warnings.warn(
                 f"adaprune froze the channels going into {module!r}: {reason}. Pruning continues on "
                 "the rest of the model.",
@@ -393,7 +402,7 @@ def _module_hooks(
             def post(m: nn.Module, a: Any, out: Any, n: str = name) -> None:
                 if id(m) in ignore:
                     for t in tree_flatten(out)[0]:
-                        state.freeze(t, "output", f"module {n!r} is in `ignore`")
+                        state.freeze(t, "output", f"module {n!r} {IGNORED}")
                 if state.module_stack:
                     state.module_stack.pop()
                     state.module_objects.pop()
@@ -449,5 +458,5 @@ def run_traced(
     with _scripted_stand_ins(model, state), _module_hooks(model, state, ignore), _Mode(state):
         out = call_model()
     for t in tree_flatten(out)[0]:
-        state.freeze(t, "output", "the model's output keeps its shape")
+        state.freeze(t, "output", OUTPUT)
     return state, out

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..atoms import FIXED
 from ..fields import Field, along, collapse, read
 from ..tracer import Call, TraceState, rule
 from ._contract import contract, elementwise
@@ -39,7 +40,7 @@ def couple(state: TraceState, atoms: torch.Tensor, t: torch.Tensor | None, dim: 
             if bool(missing.any()):
                 extra = state.atoms.new(int(missing.sum()))
                 fresh[missing] = extra
-                state.atoms.pin(extra, "its size is fixed by a tensor that cannot shrink")
+                state.atoms.pin(extra, FIXED)
             state.slots[key] = fresh
             return
     for ta in weight_atoms(state, t, (dim,)):
