@@ -28,7 +28,13 @@ from .state import ControllerState, StepRecord, check_resumable, model_signature
 
 @dataclass
 class AdaptResult:
-    """What :func:`adapt` did: the pruned model, the plan from the original, the history and why it stopped."""
+    """What :func:`adapt` did: the pruned model, the plan from the original, the history and why it stopped.
+
+    ``optimizer_steps`` counts the optimizer steps adapt spent: what every recovery fine-tune asked the
+    task's ``finetune(model, steps)`` for, over accepted and rolled-back steps alike (the sum of the
+    history's ``optimizer_steps``), plus any fine-tuning after the loop (adapt runs none). A comparison
+    gives every other method this many steps.
+    """
 
     model: nn.Module
     plan: Plan
@@ -40,6 +46,7 @@ class AdaptResult:
     costs_before: dict[str, float]
     costs_after: dict[str, float]
     protected: list[str] = field(default_factory=list)
+    optimizer_steps: int = 0
 
     def summary(self) -> str:
         lines = [self.message]
@@ -51,6 +58,7 @@ class AdaptResult:
                 lines.append(f"{k}: {b:,.4g} -> {a:,.4g} ({a / b:.1%})" if b else f"{k}: {b} -> {a}")
         accepted = sum(r.accepted for r in self.history)
         lines.append(f"steps: {len(self.history)} ({accepted} accepted, {len(self.history) - accepted} rolled back)")
+        lines.append(f"optimizer steps: {self.optimizer_steps} (fine-tuning in every step tried)")
         return "\n".join(lines)
 
 
@@ -156,6 +164,7 @@ def adapt(
         costs_before=state.original_costs,
         costs_after=costs_after,
         protected=list(state.protected),
+        optimizer_steps=sum(h.optimizer_steps for h in state.history),  # nothing is fine-tuned after the loop
     )
 
 

@@ -358,12 +358,21 @@ class Controller:
         original = group.size * self.shapes[slot.tensor][slot.dim] / max(slot.size, 1)
         return max(0.0, 1.0 - self.cfg.min_width * original / group.size)
 
-    def recover(self, work: nn.Module, step: int) -> None:
+    def recovery_steps(self) -> int:
+        """The optimizer steps one recovery asks of the task: ``finetune_steps`` when the task can
+        fine-tune, else 0. Every step the controller tries (accepted or rolled back) spends them."""
+        return self.cfg.finetune_steps if hasattr(self.task, "finetune") else 0
+
+    def recover(self, work: nn.Module, step: int) -> int:
+        """Fine-tune (the task's ``finetune``), then recalibrate BatchNorm; returns the optimizer steps
+        asked of the task (a fine-tune that failed part-way may have taken fewer)."""
         torch.manual_seed(self.cfg.seed * 100_003 + step)
-        if hasattr(self.task, "finetune") and self.cfg.finetune_steps > 0:
-            self.task.finetune(work, self.cfg.finetune_steps)
+        steps = self.recovery_steps()
+        if steps > 0:
+            self.task.finetune(work, steps)
         if hasattr(self.task, "calibration"):  # adaptive BN: statistics of the pruned model
             recalibrate_bn(work, self.task.calibration())
+        return steps
 
     def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int) -> tuple[dict[str, float], str]:
         """Reconstruct, recover and evaluate the cut model. Returns its (finite) metrics and, when
@@ -413,7 +422,8 @@ class Controller:
         new_values = self.costs(work)
         drop = math.inf if failure else self.drop(state, metrics)
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
-        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "")
+        # measure() ran one recovery, whatever it decided: its optimizer steps are spent
+        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps())
         state.history.append(record)
         if drop <= self.cfg.tolerance + 1e-12:
             record.accepted = True

@@ -27,7 +27,12 @@ WEIGHTS_PATTERN = r"^weights-[0-9]{4,9}\.safetensors$"
 
 @dataclass
 class StepRecord:
-    """One step of the controller: what it tried, what it measured, what it decided and why."""
+    """One step of the controller: what it tried, what it measured, what it decided and why.
+
+    ``optimizer_steps`` is how many optimizer steps the step's recovery asked the task's
+    ``finetune(model, steps)`` for; a rolled-back step spent them too. State files written before it
+    was recorded read back as 0.
+    """
 
     step: int
     step_size: float
@@ -36,6 +41,7 @@ class StepRecord:
     costs: dict[str, float]
     accepted: bool
     reason: str
+    optimizer_steps: int = 0
 
 
 @dataclass
@@ -108,6 +114,7 @@ class _StepFile(_Strict):
     costs: dict[str, float]
     accepted: bool
     reason: str
+    optimizer_steps: int = Field(0, ge=0)  # absent in state files from before it was recorded
 
 
 class _StateFile(_Strict):

@@ -143,6 +143,17 @@ def _budget(budget: Any) -> dict[str, Any]:
     return dict(budget)
 
 
+def _optimizer_steps(result: Any, history: list[dict[str, Any]]) -> int | None:
+    """The optimizer steps the run spent: the result's own count when it has one (an
+    :class:`AdaptResult`), else the sum of its steps' counts; ``None`` when a step did not record it
+    (a run directory from before they were recorded)."""
+    own = getattr(result, "optimizer_steps", None)
+    if own is not None:
+        return int(own)
+    counts = [c for h in history if isinstance(c := h.get("optimizer_steps"), int)]
+    return sum(counts) if len(counts) == len(history) else None
+
+
 def build(
     result: Any,
     *,
@@ -165,6 +176,7 @@ def build(
     if metric is None:
         metric = "accuracy" if "accuracy" in before else next(iter(before), "metric")
     widths_before = widths_before or {}
+    history = [h if isinstance(h, dict) else dataclasses.asdict(h) for h in result.history]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -183,7 +195,8 @@ def build(
         "after": {k: float(v) for k, v in result.after.items()},
         "costs_before": {k: float(v) for k, v in result.costs_before.items()},
         "costs_after": {k: float(v) for k, v in result.costs_after.items()},
-        "history": [h if isinstance(h, dict) else dataclasses.asdict(h) for h in result.history],
+        "history": history,
+        "optimizer_steps": _optimizer_steps(result, history),
         "layers": _layers(widths_before, widths_after or widths_before),
         "latency": latency or [],
         "onnx": onnx or {},

@@ -103,6 +103,10 @@ def summary_table(data: dict[str, Any]) -> Table:
                     _ratio(r.get("before_ms"), r.get("after_ms")),
                 ]
             )
+    steps = data.get("optimizer_steps")
+    if steps is not None:
+        rows.append(["optimizer steps (fine-tuning in every step tried, accepted or rolled back)", "–",
+                     f"{number(steps):,.0f}", ""])
     return ["quantity", "before", "after", "change / after÷before"], rows
 
 
@@ -120,10 +124,13 @@ def steps_table(data: dict[str, Any]) -> Table:
                 fmt(metric, h["metrics"].get(metric)),
                 macs,
                 f"{channels} in {len(h['cuts'])} groups",
+                "–" if h.get("optimizer_steps") is None else f"{number(h['optimizer_steps']):,.0f}",
                 h["reason"],
             ]
         )
-    return ["step", "step size", "decision", metric, "MACs of original", "channels removed", "reason"], rows
+    head = ["step", "step size", "decision", metric, "MACs of original", "channels removed", "optimizer steps",
+            "reason"]
+    return head, rows
 
 
 def layers_table(data: dict[str, Any]) -> Table:
@@ -260,7 +267,8 @@ def to_html(data: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
     for name in ("steps", "pareto"):
         if name in plots:
             parts.append(_figure(name, *plots[name]))
-    parts += ["<h2>Steps</h2>", _html_table(steps_table(data), reason_col=6)]
+    steps = steps_table(data)
+    parts += ["<h2>Steps</h2>", _html_table(steps, reason_col=steps[0].index("reason"))]
     parts.append("<h2>Layer widths</h2>")
     if "widths" in plots:
         parts.append(_figure("widths", *plots["widths"]))

@@ -28,6 +28,7 @@ class StepRow(_Loose):
     costs: dict[str, Number] = Field(default_factory=dict)
     accepted: bool
     reason: str = ""
+    optimizer_steps: int | None = Field(default=None, ge=0)  # absent in reports from before it was recorded
 
 
 class LayerRow(_Loose):
@@ -93,6 +94,7 @@ class ReportFile(_Loose):
     costs_before: dict[str, Number]
     costs_after: dict[str, Number]
     history: list[StepRow] = Field(default_factory=list)
+    optimizer_steps: int | None = Field(default=None, ge=0)
     layers: list[LayerRow] = Field(default_factory=list)
     latency: list[LatencyRow] = Field(default_factory=list)
     onnx: Onnx = Field(default_factory=Onnx)
