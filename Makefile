@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONSTR  := constraints/dev.txt
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench readme clean
 
 $(STAMP): pyproject.toml $(CONSTR)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/speedup.py --size 224 --batches 1 --repeats 10 --out speedup224 $(SPEED_ARGS)
 	$(BIN)/python benchmarks/engine.py $(ENGINE_ARGS)
 	$(BIN)/python benchmarks/make_doc.py
+
+# README's demo table, generated from the current code: runs the demo's comparison once (about 30 s) and
+# rewrites the block between <!-- demo-table:start --> and <!-- demo-table:end --> in README.md.
+readme: $(STAMP)
+	$(BIN)/python benchmarks/readme.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

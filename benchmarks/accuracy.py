@@ -11,12 +11,16 @@ same base model, prunes to the budget and gets the same total number of fine-tun
 * adapt: ``--adapt-inner-steps`` optimizer steps inside every step it tries (accepted or rolled back,
   both count; default 0: inside the loop, recovery is least-squares reconstruction of the layers that
   lost inputs plus BatchNorm recalibration, forward passes on 4 calibration batches of training data,
-  no optimizer step), at most ``adapt_iters`` steps; whatever it did not spend is given as fine-tuning
-  after it returns. ``adapt`` distils from the dense model while fine-tuning (adaprune's
+  no optimizer step), at most ``adapt_iters`` steps; whatever it did not spend (``AdaptResult.optimizer_steps``,
+  as adapt counted them) is given as fine-tuning after it returns. A grid whose adapt could spend more than
+  the smallest ``total_steps`` inside its loop is refused before anything runs. ``adapt`` distils from the dense model while fine-tuning (adaprune's
   ``ClassificationTask(distill=True)``: same optimizer, same steps, loss blended with the teacher's
   soft targets); ``adapt_ce`` is the same without distillation (plain cross-entropy, like the others).
 
-All fine-tuning is the same loop (``ClassificationTask.finetune``: Adam, same lr, same batches).
+All fine-tuning is the same loop (``ClassificationTask.finetune``: Adam, same lr, same batches). Every
+optimizer step a method takes (inside adapt's loop and after) is also counted as torch's optimizers take
+it (``optimizer_steps_counted`` in the results); a method whose count differs from ``total_steps`` is a
+failed cell, never a result.
 Torch-Pruning's ``pruning_ratio`` is found by bisection so that the pruned model's MACs (counted with
 ``adaprune.count``) meet the budget, the least pruning that meets it. Accuracy is on the held-out test
 split; adapt's controller sees only the validation split.
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, load, log, save
 
 import adaprune as ap
+from adaprune.demo import counting_optimizer_steps
 
 METHODS = ("adapt", "adapt_ce", "static", "static_refit", "tp_l2", "tp_taylor", "tp_lamp")
 FT_LR = 1e-3
@@ -193,7 +198,22 @@ def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch
     task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000),
                                  loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR, distill=method == "adapt")
     calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 4 * BATCH, BATCH)]
-    model = copy.deepcopy(base)
+    with counting_optimizer_steps() as counted:
+        rec = _run_method(method, copy.deepcopy(base), x, d, task, calib, budget, total_steps, seed, args)
+    if counted.steps != rec["finetune_steps_total"] or rec["finetune_steps_total"] != total_steps:
+        raise RuntimeError(f"{method} took {counted.steps} optimizer steps, {rec['finetune_steps_total']} "
+                           f"by its own account; every method must take exactly {total_steps}")
+    rec["optimizer_steps_counted"] = counted.steps
+    m = macs(rec.pop("model"), x)
+    base_m = macs(base, x)
+    rec.update(macs=m, macs_ratio=m / base_m, budget_met=m <= budget * base_m + 1e-9)
+    return rec
+
+
+def _run_method(method: str, model: nn.Module, x: torch.Tensor, d: dict[str, torch.Tensor],
+                task: ap.ClassificationTask, calib: list[Any], budget: float, total_steps: int, seed: int,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Prune ``model`` with ``method``, then fine-tune whatever of ``total_steps`` it did not spend."""
     rec: dict[str, Any] = {}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -202,7 +222,7 @@ def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch
         fs = args.adapt_inner_steps
         res = ap.adapt(model, x, task, ap.Budget(macs=budget), tolerance=args.tolerance, ignore=[model.fc],
                        finetune_steps=fs, max_iterations=args.adapt_iters, seed=seed)
-        inner = fs * len(res.history)
+        inner = res.optimizer_steps  # counted by adapt: every step it tried, accepted or rolled back
         rec.update(adapt_steps=len(res.history), adapt_accepted=sum(r.accepted for r in res.history),
                    adapt_finetune_steps_per_step=fs, adapt_message=res.message)
     elif method == "static":
@@ -211,7 +231,7 @@ def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch
         ap.prune(model, x, budget=ap.Budget(macs=budget), allocation="uniform", ignore=[model.fc],
                  calibration=task.calibration(), refit=True)
     else:
-        model, ratio, tries = tp_to_budget(base, x, method, budget, calib)
+        model, ratio, tries = tp_to_budget(model, x, method, budget, calib)
         rec.update(tp_pruning_ratio=ratio, tp_bisection_tries=tries)
     prune_s = time.perf_counter() - t0
     rec["acc_before_finetune"] = accuracy(model, d["x_test"], d["y_test"])
@@ -220,12 +240,9 @@ def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch
     t1 = time.perf_counter()
     task.finetune(model, post)
     ft_s = time.perf_counter() - t1
-    m = macs(model, x)
-    base_m = macs(base, x)
-    rec.update(acc=accuracy(model, d["x_test"], d["y_test"]), macs=m, macs_ratio=m / base_m,
-               budget_met=m <= budget * base_m + 1e-9, finetune_steps_inside=inner, finetune_steps_after=post,
-               finetune_steps_total=inner + post, prune_s=prune_s, finetune_s=ft_s, wall_s=prune_s + ft_s,
-               params=int(ap.count(model, x).params),
+    rec.update(acc=accuracy(model, d["x_test"], d["y_test"]), model=model, finetune_steps_inside=inner,
+               finetune_steps_after=post, finetune_steps_total=inner + post, prune_s=prune_s, finetune_s=ft_s,
+               wall_s=prune_s + ft_s, params=int(ap.count(model, x).params),
                widths=[mod.out_channels for mod in model.modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d))])
     return rec
 
@@ -271,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         d = spec["data"]()
         x = d["x_train"][:1]
         steps_per_epoch = math.ceil(len(d["y_train"]) / BATCH)
+        most_inside = args.adapt_inner_steps * args.adapt_iters
+        if any(m.startswith("adapt") for m in args.methods) and most_inside > min(args.recovery) * steps_per_epoch:
+            p.error(f"adapt may spend up to {most_inside} optimizer steps inside its loop (--adapt-inner-steps x "
+                    f"--adapt-iters), more than the {min(args.recovery) * steps_per_epoch} every method gets on "
+                    f"{ds} with {min(args.recovery)} recovery epochs: lower them, or raise --recovery")
         for seed in args.seeds:
             t = time.perf_counter()
             cache = Path(args.cache or "/nonexistent") / f"{ds}-seed{seed}.pt"

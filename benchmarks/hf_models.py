@@ -44,14 +44,13 @@ def _seq2seq(vocab: int = 128) -> Callable[[nn.Module], dict[str, Any]]:
 def specs() -> dict[str, Spec]:
     import transformers as T
 
-    dec = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64)
-    enc = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64, num_labels=3)
-    vit = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_labels=5)
-    lm_head: Callable[[nn.Module], nn.Module] = lambda m: m.lm_head  # noqa: E731
-    cls: Callable[[nn.Module], nn.Module] = lambda m: m.classifier  # noqa: E731
+    dec: dict[str, Any] = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "max_position_embeddings": 64}
+    enc: dict[str, Any] = {**dec, "num_labels": 3}
+    vit: dict[str, Any] = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_labels": 5}
+    lm_head: Callable[[nn.Module], nn.Module] = lambda m: m.lm_head
+    cls: Callable[[nn.Module], nn.Module] = lambda m: m.classifier
     return {
         "hf-bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**enc)), _text(), cls),
         "hf-roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**enc, pad_token_id=1)), _text(),

@@ -46,6 +46,32 @@ def env_lines(name: str, payload: dict[str, Any]) -> list[str]:
             f"  - versions: {v}"]
 
 
+def steps_cell(runs: list[dict[str, Any]]) -> str:
+    """A method's optimizer steps in one cell: ``inside + after = total`` (inside: in adapt's loop)."""
+    split = {(r.get("finetune_steps_inside"), r.get("finetune_steps_after"), r.get("finetune_steps_total"))
+             for r in runs}
+    if any(None in s for s in split):
+        return "not recorded"
+    if len(split) == 1:
+        inside, after, total = next(iter(split))
+        return f"{inside} + {after} = {total}"
+    totals = sorted({s[2] for s in split})
+    return f"{totals[0]}–{totals[-1]} (differs between seeds)"
+
+
+def steps_line(by_method: dict[str, list[dict[str, Any]]], rec: int, per_epoch: int | None) -> str:
+    """The header line of a cell: the optimizer steps every method got, or which differ."""
+    totals = {m: {r.get("finetune_steps_total") for r in rs if "acc" in r} for m, rs in by_method.items()}
+    every = set().union(*totals.values()) if totals else set()
+    if len(every) == 1 and None not in every:
+        how = f" ({rec} epochs x {per_epoch} batches)" if per_epoch else ""
+        counted = all("optimizer_steps_counted" in r for rs in by_method.values() for r in rs if "acc" in r)
+        return (f"Optimizer steps: {next(iter(every))}{how} for every method and seed, adapt's in-loop steps "
+                "included" + ("; counted as the optimizers took them." if counted else "."))
+    return "**Optimizer steps differ between methods**: " + "; ".join(
+        f"{METHOD_NAMES.get(m, m)} {sorted(v, key=str)}" for m, v in totals.items()) + "."
+
+
 def accuracy_section(acc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     out: list[str] = ["## 1. Accuracy at a MACs budget", ""]
     cfg = acc["config"]
@@ -93,28 +119,31 @@ def accuracy_section(acc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         ds, rec, b = key
         dense = [bb["acc"] for bb in acc["bases"] if bb["dataset"] == ds]
         dw = next((bb["widths"] for bb in acc["bases"] if bb["dataset"] == ds and "widths" in bb), None)
+        per_epoch = next((bb["steps_per_epoch"] for bb in acc["bases"] if bb["dataset"] == ds), None)
         out += ["", f"### {ds}, 1/{b} of MACs, {rec} recovery epochs", "",
                 f"Dense: {ms(dense)}%" + (f"; dense conv widths {dw}." if dw else "."), "",
-                "| method | test acc % (mean ± std) | pre-FT acc % | MACs kept | budget met | seeds | wall s | conv widths (first seed) |",
-                "|---|---|---|---|---|---|---|---|"]
-        for m in METHOD_NAMES:
+                steps_line(table[key], rec, per_epoch), "",
+                ("| method | test acc % (mean ± std) | pre-FT acc % | MACs kept | budget met | seeds | wall s | "
+                 "optimizer steps (in loop + after) | conv widths (first seed) |"),
+                "|---|---|---|---|---|---|---|---|---|"]
+        for m, name in METHOD_NAMES.items():
             rs = table[key].get(m, [])
             ok = [r for r in rs if "acc" in r]
             if not rs:
                 continue
             if not ok:
-                out.append(f"| {METHOD_NAMES[m]} | failed: {rs[0]['error'][:120]} | | | | {len(rs)} | |")
+                out.append(f"| {name} | failed: {rs[0]['error'][:120]} | | | | {len(rs)} | | | |")
                 continue
             extra = ""
             if m.startswith("adapt"):
                 extra = f" (steps {statistics.fmean(r['adapt_steps'] for r in ok):.1f}, " \
                         f"accepted {statistics.fmean(r['adapt_accepted'] for r in ok):.1f})"
-            out.append(f"| {METHOD_NAMES[m]}{extra} | {ms([r['acc'] for r in ok])} | "
+            out.append(f"| {name}{extra} | {ms([r['acc'] for r in ok])} | "
                        f"{ms([r['acc_before_finetune'] for r in ok])} | "
                        f"{statistics.fmean(r['macs_ratio'] for r in ok):.3f} | "
                        f"{sum(bool(r['budget_met']) for r in ok)}/{len(ok)} | "
                        f"{','.join(str(r['seed']) for r in sorted(ok, key=lambda r: r['seed']))} | "
-                       f"{statistics.fmean(r['wall_s'] for r in ok):.1f} | "
+                       f"{statistics.fmean(r['wall_s'] for r in ok):.1f} | {steps_cell(ok)} | "
                        f"{min(ok, key=lambda r: r['seed']).get('widths', '-')} |")
             summary[(ds, rec, b, m)] = statistics.fmean(r["acc"] for r in ok)
         summary[(ds, rec, b, "dense")] = statistics.fmean(dense) if dense else float("nan")
@@ -182,8 +211,8 @@ def targets(summary: dict[str, Any] | None, speed: list[dict[str, Any]] | None,
             cells: dict[tuple[str, str], dict[str, Any]] | None) -> list[str]:
     """Issue 7's "Done when" targets, met or not; DESIGN.md's stricter figures are quoted beside them."""
     out = ["## Targets: met or not, from the numbers above", "",
-           "The targets of issue 7 (\"Done when\"); DESIGN.md's \"Performance targets\" are stricter in two places "
-           "(engine: half of Torch-Pruning's time; speed-up / MACs reduction >= 0.9) and are quoted beside them.", ""]
+           ("The targets of issue 7 (\"Done when\"); DESIGN.md's \"Performance targets\" are stricter in two places "
+            "(engine: half of Torch-Pruning's time; speed-up / MACs reduction >= 0.9) and are quoted beside them."), ""]
 
     def sec(model: str, tool: str) -> float | None:
         r = (cells or {}).get((model, tool))
