@@ -12,6 +12,7 @@ from torch import nn
 
 from ._check import as_bool, as_float, check_inputs, check_instance, check_module, check_plan, check_selection
 from .allocate import Limits, get_allocator
+from .allocate.search import bisect
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget, static_values
 from .cost.predict import CostPredictor
@@ -174,7 +175,10 @@ def search_budget(
     plan_at: Callable[[float], Plan], cost_of: Callable[[Plan], Cost], budget: Budget, original: Cost,
     steps: int = 16,
 ) -> tuple[float, Plan]:
-    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``."""
+    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``.
+
+    Uses :func:`adaprune.allocate.search.bisect`, the bisection the adaptive allocation shares.
+    """
     base = static_values(original)
 
     def met(p: Plan) -> bool:
@@ -190,15 +194,7 @@ def search_budget(
         )
     if budget.met(base, base):
         return 0.0, plan_at(0.0)
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        p = plan_at(mid)
-        if met(p):
-            hi, hi_plan = mid, p
-        else:
-            lo = mid
-    return hi, hi_plan
+    return bisect(plan_at, met, 0.0, hi, hi_plan, steps)
 
 
 def prune(

@@ -30,6 +30,7 @@ from torch import nn
 
 from .._check import as_bool, as_float, as_int, check_instance, check_name
 from ..allocate import Limits, lowest
+from ..allocate.adaptive import ClusterProbe, allocate_adaptive
 from ..api import eval_call, find_broken, plan_from_choice, without
 from ..cost import count
 from ..cost.budget import Budget, static_values
@@ -298,57 +299,32 @@ class Controller:
     def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, _Probe],
                  predictor: CostPredictor, field: str, target: float, values: dict[str, float],
                  table: LatencyTable, caps: dict[str, float]) -> tuple[Plan, dict[str, float]]:
-        """Per-cluster ratios ∝ cost saved per metric lost, scaled (bisection) to reach ``target``.
+        """The step's plan and per-cluster ratios: :func:`~adaprune.allocate.adaptive.allocate_adaptive`
+        (ratios ∝ cost saved per metric lost, scaled by bisection to reach ``target``) over this step's probes.
 
-        The bisection judges each candidate by the channels its plan actually removes (ratios round
-        down to whole channels): its exact MACs/params/bytes, or for latency the latency table applied
-        to the exact MACs it saves, so a latency budget cuts whenever a MACs budget would."""
-        key = field if field != "latency" else "macs"
-        # Cost saved per metric lost, relative to the clusters' geometric mean and softened (square
-        # root): clusters that are cheap to cut lose more, but no cluster takes the whole step, which
-        # would leave it too thin for later steps to recover. A non-finite drop (the probe made the
-        # metric NaN) gets no share and does not count in the noise floor.
-        drops = sorted(p.drop for p in probes.values() if math.isfinite(p.drop))
-        floor = 0.05 * drops[len(drops) // 2] + 1e-6 if drops else 1e-6  # measurement noise
-        raw = {c: max(p.saved[key], 0.0) / (p.drop + floor) for c, p in probes.items()}
-        positive = [v for v in raw.values() if v > 0]
-        mean = torch.tensor(positive, dtype=torch.float64).log().mean().exp().item() if positive else 0.0
-        eff = {c: (v / mean) ** 0.5 if mean > 0 else 0.0 for c, v in raw.items()}
-        top = 1.0 if positive else 0.0
+        Each candidate is judged by the channels its plan actually removes (ratios round down to whole
+        channels): its exact MACs/params/bytes, or for latency the latency table applied to the exact MACs
+        it saves, so a latency budget cuts whenever a MACs budget would. A cluster may lose at most its
+        (halved) cap of ``max_group_ratio`` and what keeps its groups at ``min_width``."""
         limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
         default_rate = values.get("latency", 0.0) / max(values["macs"], 1.0)
 
-        # the most of each cluster this step may cut: its (halved) cap, and its groups' width floor
-        cut_cap = {c: min([self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)]
-                          + [self.floor_cap(g) for g in p.groups]) for c, p in probes.items()}
-
-        def plan_at(lam: float) -> tuple[Plan, dict[str, float], float]:
-            chosen, ratios = {}, {}
-            for c, p in probes.items():
-                r = min(cut_cap[c], lam * eff[c] / top) if top > 0 else 0.0
-                ratios[c] = r
-                for g in p.groups:
-                    chosen[g.name] = lowest(scores[g.name], g.size - limits.kept(g.size, int(r * g.size)))
+        def evaluate(ratios: dict[str, float]) -> tuple[Plan, float]:
+            chosen = {g.name: lowest(scores[g.name], g.size - limits.kept(g.size, int(ratios[c] * g.size)))
+                      for c, p in probes.items() for g in p.groups}
             plan = plan_from_choice(graph, chosen)
             if field == "latency":
                 saved = self.macs_by_cluster(plan, probes, predictor)
-                value = values["latency"] - table.predict_saving(saved, default_rate)
-            else:
-                value = static_values(predictor(plan))[field]
-            return plan, ratios, value
+                return plan, values["latency"] - table.predict_saving(saved, default_rate)
+            return plan, static_values(predictor(plan))[field]
 
-        lo, hi = 0.0, 1.0
-        best = plan_at(hi)
-        if best[2] > target:
-            return best[0], best[1]
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            cand = plan_at(mid)
-            if cand[2] <= target:
-                hi, best = mid, cand
-            else:
-                lo = mid
-        return best[0], best[1]
+        found = allocate_adaptive(
+            {c: ClusterProbe(p.saved, p.drop) for c, p in probes.items()}, field, target, evaluate,
+            caps={c: self.cfg.max_group_ratio * min(caps.get(g.name, 1.0) for g in p.groups)
+                  for c, p in probes.items()},
+            width_caps={c: min(self.floor_cap(g) for g in p.groups) for c, p in probes.items()},
+        )
+        return found.candidate, found.ratios
 
     def floor_cap(self, group: Group) -> float:
         """The most of ``group`` a step may cut and still keep ``min_width`` of its original width."""
