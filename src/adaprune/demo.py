@@ -4,10 +4,10 @@ The task ships offline: sklearn's handwritten digits (8x8) and a small CNN train
 seconds. ``adaprune.adapt`` prunes it to half its MACs with at most 1 point of validation accuracy
 lost; the static baseline (``adaprune.prune``, uniform ratio found for the same MACs budget) then gets
 exactly as many fine-tuning optimizer steps as adapt spent (every step it tried, accepted or rolled
-back), from the same task: the same training batches, the same seed, the same BatchNorm
-recalibration. Both are scored on the held-out test split, with MACs, params and measured CPU latency
-(torch eager, 1 thread, batch 32, median of repeats). The optimizer steps in the table are counted as
-torch's optimizers take them, not assumed.
+back), from the same task: the same training split and fine-tuning loop, the same seed, the same
+BatchNorm recalibration. Both are scored on the held-out test split, with MACs, params and measured
+CPU latency (torch eager, 1 thread, batch 32, median of repeats). The optimizer steps in the table are
+counted as torch's optimizers take them, not assumed.
 """
 
 from __future__ import annotations
