@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaprune as ap
-from adaprune.api import plan_for
 from adaprune.errors import ArgumentTypeError, ConfigError
+from adaprune.planner import plan_for
 
 torch.set_num_threads(1)
 

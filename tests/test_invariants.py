@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import adaprune as ap
-from adaprune.api import plan_for
 from adaprune.graph import UnsupportedOpWarning
 from adaprune.importance import get_importance
+from adaprune.planner import plan_for
 from strategies import FAMILIES, NetCase, net_cases, ratios
 
 # The nets are tiny: one intra-op thread is ~100x faster than two contending ones on a busy 2-core box.

@@ -22,7 +22,7 @@ def _plan_cutting(model: nn.Module, x: torch.Tensor, keep: dict[str, list[int]])
         prod = next((s for s in g.slots if s.is_param and s.dim == 0 and s.tensor.endswith(".weight")), None)
         if prod is not None and prod.tensor[: -len(".weight")] in keep:
             chosen[g.name] = [c for c in range(g.size) if c not in keep[prod.tensor[: -len(".weight")]]]
-    from adaprune.api import plan_from_choice
+    from adaprune.plan import plan_from_choice
 
     return plan_from_choice(graph, chosen)
 

@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import adaprune as ap
-from adaprune.api import plan_for, plan_from_choice
 from adaprune.cost.predict import CostPredictor
 from adaprune.importance import Context, default_loss, get_importance
+from adaprune.plan import plan_from_choice
+from adaprune.planner import plan_for
 
 torch.set_num_threads(1)
 VOCAB, EMB, HIDDEN, T, B = 11, 6, 8, 5, 3

@@ -11,18 +11,20 @@ The curated public API::
 from __future__ import annotations
 
 from . import errors
+from ._version import __version__
 from .adapt import AdaptResult, adapt
-from .api import PruneResult, apply_plan, prune
+from .api import prune
 from .cost import Cost, count
 from .cost.budget import Budget
 from .graph import Graph, Group, trace
-from .io import export_onnx, load, save
+from .io import load, save
+from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
+from .result import PruneResult
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import NM, mask, reconstruct, remove, sparsify
+from .surgery.check import apply_plan
 from .task import ClassificationTask, Task
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NM",

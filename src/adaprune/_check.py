@@ -37,7 +37,7 @@ __all__ = [
     "check_name",
     "check_path",
     "check_plan",
-    "check_selection",
+    "check_ratio",
     "clip",
     "describe",
     "given",
@@ -248,31 +248,12 @@ def check_plan(value: Any, name: str = "plan") -> Any:
     return check_instance(value, Plan, name, "an adaprune.Plan", fix)
 
 
-def check_selection(
-    model: nn.Module,
-    *,
-    importance: Any,
-    allocation: Any,
-    calibration: Any,
-    loss: Any,
-    max_ratio: Any,
-    min_channels: Any,
-    round_to: Any,
-) -> None:
-    """The arguments :func:`~adaprune.prune` and ``plan_for`` share: how channels are scored and chosen."""
-    from .allocate import ALLOCATORS, Limits
-    from .importance import get_importance
-
-    get_importance(importance)  # a wrong type or an unknown name raises
-    if isinstance(allocation, str):
-        check_name(allocation, ALLOCATORS.names(), "allocation", "allocator")
-    elif not callable(allocation):
-        raise ArgumentTypeError(
-            f"{given('allocation', allocation)} is {a_type(allocation)}; expected an allocator name "
-            f"({', '.join(ALLOCATORS.names())}) or a callable"
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a number in [0, 1), got {type(ratio).__name__}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(
+            f"{name}={shown(ratio)} is outside [0, 1): {name} is the fraction of channels removed from each "
+            "group (0.5 removes half); use a value such as 0.3"
         )
-    if calibration is not None:
-        check_batches(calibration, "calibration")
-    if loss is not None:
-        check_callable(loss, "loss", "a callable loss(output, targets) -> scalar tensor")
-    Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    return float(ratio)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import platform
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -82,7 +81,7 @@ class SaveMeta(BaseModel):
 
 def versions() -> dict[str, str]:
     """Versions of adaprune, torch, Python and the optional libraries that are installed."""
-    from . import __version__
+    from ._version import __version__
 
     out = {"adaprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
     from importlib.metadata import PackageNotFoundError, version
@@ -304,78 +303,3 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
     except (SafetensorError, RuntimeError) as exc:
         raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {shown(str(exc), 300)}") from exc
     return model
-
-
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], opset: int = 17) -> Path:
-    """Export ``model`` to ONNX (TorchScript-based exporter, constant folding on), written atomically.
-
-    Args:
-        model: the model to export (put in eval mode for the export; its modes are restored).
-        example_inputs: what ``model`` is called with (a tuple is positional arguments, a dict keywords).
-        path: the ``.onnx`` file to write; its directory must exist.
-        opset: the ONNX opset, in the range torch's TorchScript exporter supports (7 to 20 in torch 2.14).
-
-    Raises:
-        ArgumentTypeError: an argument of the wrong type (``model`` not an ``nn.Module``, ``path`` not a
-            path, ``opset`` not an integer, ``example_inputs`` ``None``).
-        ConfigError: an empty ``path`` or an ``opset`` outside the supported range.
-        TraceError: ``model`` fails to run on ``example_inputs``.
-        StorageError: the file's directory does not exist or cannot be written.
-    """
-    # (imported here: the rest of this module's imports are not this function's to change)
-    from ._check import as_int, check_inputs, check_module
-    from .errors import TraceError
-
-    try:  # the opsets torch's TorchScript-based exporter supports, as torch states them
-        from torch.onnx import _constants
-
-        low, high = int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-    except (ImportError, AttributeError):  # a torch that moved them: the range of torch 2.x
-        low, high = 7, 20
-
-    check_module(model)
-    check_inputs(example_inputs)
-    if check_path(path, "path") is None:
-        raise ArgumentTypeError("export_onnx: path=None; expected the path (str or pathlib.Path) of the .onnx file")
-    if not os.fspath(path):
-        raise ConfigError("export_onnx: path='' is empty; give the path of the .onnx file to write")
-    opset = as_int(opset, "opset", low=low, high=high, where="export_onnx",
-                   hint=f"torch's ONNX exporter writes opsets {low} to {high}; the default is 17")
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise StorageError(
-            f"export_onnx: the directory of {target} does not exist; create {target.parent} first"
-        )
-    if target.is_dir():
-        raise StorageError(f"export_onnx: {target} is a directory; give the path of the .onnx file to write")
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = example_inputs if isinstance(example_inputs, dict) else None
-    if kwargs is not None:
-        args = ()
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
-        with torch.no_grad():
-            try:  # a model that does not run is one line here, not the exporter's dump of its graph
-                model(*args, **(kwargs or {}))
-            except Warning:
-                raise
-            except Exception as exc:
-                raise TraceError.model_failed(exc) from exc
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants
-            # the TorchScript exporter is deprecated upstream but needs no extra dependency (the
-            # torch.export-based one needs onnxscript); it exports every model the tests cover
-            warnings.simplefilter("ignore", DeprecationWarning)
-            fs.write_atomic(
-                target,
-                lambda tmp: torch.onnx.export(model, args, tmp, kwargs=kwargs, dynamo=False, opset_version=opset),
-                what="the ONNX model",
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, f in flags.items():
-            m.training = f
-    return target

@@ -14,16 +14,19 @@ import math
 import numbers
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ArgumentTypeError, PlanError, PlanMismatchError, shown
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 PLAN_VERSION = 1
 
@@ -303,3 +306,18 @@ def _group(g: Any) -> GroupCut:
             "and removed (a list of indices below size)"
         )
     return GroupCut(g["name"], g["size"], tuple(g["removed"]))
+
+
+def plan_from_choice(graph: Graph, chosen: Mapping[str, Sequence[int]]) -> Plan:
+    """The :class:`Plan` removing ``chosen[group name]`` channels of each group."""
+    removals: dict[str, dict[int, set[int]]] = {}
+    cuts = []
+    for g in graph.groups:
+        channels = chosen.get(g.name, [])
+        cuts.append(GroupCut(g.name, g.size, tuple(channels)))
+        if channels:
+            for tensor, dims in g.removals(list(channels)).items():
+                for d, pos in dims.items():
+                    removals.setdefault(tensor, {}).setdefault(d, set()).update(pos)
+    frozen = {t: {d: tuple(sorted(p)) for d, p in dims.items()} for t, dims in removals.items()}
+    return Plan(frozen, tuple(cuts))

@@ -42,11 +42,11 @@ from ._check import (
     describe,
 )
 from .allocate import Limits
-from .api import choose
 from .errors import ArgumentTypeError, ConfigError, FileFormatError, NonFiniteError
 from .graph import Graph, Group, ignore_items, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
+from .planner import choose
 from .surgery import mask
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ._check import a_type, as_bool, as_float, as_int, check_batches, check_module, clip, describe
+from .calls import call_model
 from .errors import ConfigError, NonFiniteError, shown
-from .graph import call_model
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._check import a_type, as_bool, check_inputs, check_instance, check_module
-from ..api import eval_call
+from ..calls import eval_call
 from ..cost.budget import Budget
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import ignore_items, resolve_ignore

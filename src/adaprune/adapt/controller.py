@@ -31,7 +31,7 @@ from torch import nn
 from .._check import as_bool, as_float, as_int, check_instance, check_name
 from ..allocate import Limits, lowest
 from ..allocate.adaptive import ClusterProbe, allocate_adaptive
-from ..api import eval_call, find_broken, plan_from_choice, without
+from ..calls import eval_call
 from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
@@ -39,9 +39,10 @@ from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
 from ..graph import Graph, Group, trace
 from ..importance import IMPORTANCE, Context, get_importance
-from ..plan import Plan
+from ..plan import Plan, plan_from_choice
 from ..sensitivity import clusters
 from ..surgery import mask, reconstruct, remove
+from ..surgery.check import find_broken
 from ..task import recalibrate_bn
 from .latency_table import LatencyTable
 from .rundir import RunDir
@@ -376,7 +377,7 @@ class Controller:
         field, limit = self.binding(state, values)
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
         target = values[field] * (1.0 - size)
-        graph = without(trace(work, self.x, ignore=self.ignore), set(state.protected))
+        graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
         ctx = Context(self.task.calibration() if hasattr(self.task, "calibration") else None)
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
@@ -390,7 +391,7 @@ class Controller:
         broken = find_broken(work, plan, graph, self.x)
         if broken:
             state.protected.extend(f.module for f in broken)
-            plan = plan_from_choice(without(graph, {f.module for f in broken}),
+            plan = plan_from_choice(graph.without({f.module for f in broken}),
                                     {g.name: list(g.removed) for g in plan.groups})
         snapshot = copy.deepcopy(work)
         remove(work, plan)

@@ -16,7 +16,7 @@ import torch
 
 from ..graph import Group
 from ..importance.magnitude import lamp_normalize
-from . import ALLOCATORS, Limits, lowest
+from .registry import ALLOCATORS, Limits, lowest
 
 
 def _rank(

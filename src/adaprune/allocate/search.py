@@ -1,7 +1,7 @@
 """The one bisection every search over a pruning scale uses.
 
 Both searches that turn a budget into a cut bisect a single number: the static budget search
-(:func:`adaprune.api.search_budget`, over an allocator's ratio) and the adaptive allocation
+(:func:`search_budget`, over an allocator's ratio) and the adaptive allocation
 (:func:`adaprune.allocate.adaptive.allocate_adaptive`, over the scale of the cost-per-harm
 shares). Each candidate is built for real (a plan whose cost is exact), so the search keeps the
 candidate it accepted rather than recomputing it.
@@ -10,7 +10,15 @@ candidate it accepted rather than recomputing it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+from ..cost.budget import static_values
+from ..errors import BudgetUnreachableError
+
+if TYPE_CHECKING:
+    from ..cost import Cost
+    from ..cost.budget import Budget
+    from ..plan import Plan
 
 C = TypeVar("C")
 
@@ -50,3 +58,29 @@ def bisect(
 
 
 __all__ = ["bisect"]
+
+
+def search_budget(
+    plan_at: Callable[[float], Plan], cost_of: Callable[[Plan], Cost], budget: Budget, original: Cost,
+    steps: int = 16,
+) -> tuple[float, Plan]:
+    """Bisect the allocator's ratio for the least pruning whose exact cost meets ``budget``.
+
+    Uses :func:`bisect`, the bisection the adaptive allocation shares.
+    """
+    base = static_values(original)
+
+    def met(p: Plan) -> bool:
+        return budget.met(static_values(cost_of(p)), base)
+
+    hi = 1.0 - 1e-9
+    hi_plan = plan_at(hi)
+    if not met(hi_plan):
+        raise BudgetUnreachableError(
+            "the budget cannot be met under the per-group limits: pruning as far as they allow "
+            f"gives {budget.describe(static_values(cost_of(hi_plan)), base)}. Loosen "
+            "max_ratio/min_channels/round_to, ignore fewer modules, or ask for a smaller reduction"
+        )
+    if budget.met(base, base):
+        return 0.0, plan_at(0.0)
+    return bisect(plan_at, met, 0.0, hi, hi_plan, steps)

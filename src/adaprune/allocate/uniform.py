@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..graph import Group
-from . import ALLOCATORS, Limits, lowest
+from .registry import ALLOCATORS, Limits, lowest
 
 
 @ALLOCATORS.register("uniform")

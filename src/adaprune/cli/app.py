@@ -84,7 +84,7 @@ def _err_console() -> Console:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         typer.echo(f"adaprune {__version__}")
         raise typer.Exit()

@@ -109,7 +109,7 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
 
 def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:
     """:func:`count`, and the model's output from the same (eval-mode, no-grad) forward pass."""
-    from ..graph import call_model
+    from ..calls import call_model
 
     was_training = {m: m.training for m in model.modules()}
     model.eval()

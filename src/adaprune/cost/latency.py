@@ -80,7 +80,7 @@ def onnx_session(model: nn.Module, example_inputs: Any, threads: int) -> tuple[A
     kwargs = example_inputs if isinstance(example_inputs, dict) else None
     if kwargs is not None:
         args = ()
-    from ..io import export_onnx
+    from ..onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
@@ -114,7 +114,7 @@ BACKENDS: Registry[type[Backend]] = Registry("latency backend")
 
 def _eager(model: nn.Module, example_inputs: Any, device: torch.device, threads: int, warmup: int, repeats: int,
            sync: Callable[[], None]) -> list[float]:
-    from ..graph import call_model
+    from ..calls import call_model
 
     inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
     first = next(iter(model.parameters()), None)

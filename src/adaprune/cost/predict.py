@@ -10,74 +10,20 @@ control flow) fall back to a real copy.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
+from ..layers import is_norm
+from ..meta import meta_copy, to_meta
 from ..plan import Plan
 from . import Cost, count
-
-_NO_MACS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers live on the meta device.
-
-    What ``copy.deepcopy`` would make, only faster on deep models: modules that pickle the standard
-    way are rebuilt directly, and their empty bookkeeping containers (hook dicts ...) are created
-    rather than deep-copied; everything else goes through ``copy.deepcopy`` with one shared memo.
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return _copy_module(model, memo)
-
-
-def _plain(cls: type[nn.Module]) -> bool:
-    """Whether instances of ``cls`` deep-copy as nn.Module's own state (no custom copy or pickling)."""
-    return (
-        cls.__getstate__ is nn.Module.__getstate__
-        and cls.__setstate__ is nn.Module.__setstate__
-        and cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__
-        and not hasattr(cls, "__deepcopy__")
-    )
-
-
-def _copy_module(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    if id(m) in memo:
-        return memo[id(m)]  # type: ignore[no-any-return]
-    cls = type(m)
-    if not _plain(cls):
-        return copy.deepcopy(m, memo)
-    new = cls.__new__(cls)
-    memo[id(m)] = new
-    state = m.__getstate__()
-    for k, v in state.items():
-        if k == "_modules":
-            state[k] = {n: None if c is None else _copy_module(c, memo) for n, c in v.items()}
-        elif type(v) in (dict, OrderedDict, set) and not v:
-            state[k] = type(v)()
-        else:
-            state[k] = copy.deepcopy(v, memo)
-    new.__setstate__(state)
-    return new
-
-
-def to_meta(x: Any) -> Any:
-    """``x`` with every tensor moved to the meta device."""
-    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
 
 
 def _strip_norms(model: nn.Module) -> None:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, _NO_MACS):
+            if is_norm(child):
                 setattr(mod, child_name, nn.Identity())
 
 

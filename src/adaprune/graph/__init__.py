@@ -12,20 +12,12 @@ import torch
 from torch import nn
 
 from .._check import a_type, as_bool, brief, check_inputs, check_module, describe
+from ..calls import call_model
 from ..errors import ArgumentTypeError, ConfigError, TraceError, shown
 from .groups import Graph, Group, Slot, build_groups
 from .tracer import GROUPED, Frozen, Grouped, UnsupportedOpWarning, run_traced, unused_parameters
 
 __all__ = ["Frozen", "Graph", "Group", "Grouped", "Slot", "UnsupportedOpWarning", "call_model", "trace"]
-
-
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` the way ``example_inputs`` says: a dict is keywords, a tuple positional args."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def ignore_items(ignore: Any) -> list[Any]:
@@ -165,7 +157,7 @@ def _trace(model: nn.Module, example_inputs: Any, ignored: set[int], on_meta: bo
 
 def _trace_on_meta(model: nn.Module, example_inputs: Any, ignored: set[int], grouped: Grouped) -> Any:
     """The trace state from a meta-device copy, or None when the model cannot run on meta tensors."""
-    from ..cost.predict import meta_copy, to_meta
+    from ..meta import meta_copy, to_meta
 
     try:
         clone = meta_copy(model).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,10 @@ class Graph:
             if g.name == name:
                 return g
         raise KeyError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+    def without(self, names: Collection[str]) -> Graph:
+        """This graph minus the named groups (kept whole: protected, or broken by the surgery check)."""
+        return Graph([g for g in self.groups if g.name not in names], self.frozen, self.frozen_slots, self.unsupported)
 
 
 def build_groups(state: TraceState, param_names: set[str]) -> Graph:

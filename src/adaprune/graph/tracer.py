@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode, resolve_name
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import AdapruneError, TraceError, shown
+from ..errors import TraceError, shown
 from .atoms import Atoms
 from .fields import Field, along
+from .registry import RULES, Call, NeedsValues, op_name
 from .sizes import SizeInt
 
 Grouped = Literal["inside", "whole"]
@@ -43,11 +44,6 @@ class UnsupportedOpWarning(UserWarning):
     """An op the graph does not understand touched prunable channels; they were frozen."""
 
 
-class NeedsValues(AdapruneError):
-    """A rule needs the values of a tensor (an index) that the meta-device run does not have: the
-    meta trace is abandoned and the real model is traced instead."""
-
-
 @dataclass(frozen=True)
 class Frozen:
     """Channels that cannot be pruned, and why."""
@@ -55,79 +51,6 @@ class Frozen:
     module: str
     op: str
     reason: str
-
-
-@dataclass
-class Call:
-    """One recorded torch function call."""
-
-    name: str
-    func: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    out: Any
-
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        if name in self.kwargs:
-            return self.kwargs[name]
-        if index < len(self.args):
-            return self.args[index]
-        return default
-
-
-Rule = Callable[["TraceState", Call], None]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register a coupling rule under one or more normalised op names."""
-
-    def deco(fn: Rule) -> Rule:
-        for n in names:
-            if n in RULES:
-                raise ValueError(f"a graph rule for op {n!r} is already registered")
-            RULES[n] = fn
-        return fn
-
-    return deco
-
-
-_PREFIXES = (
-    "torch.nn.functional.",
-    "torch.Tensor.",
-    "torch._C._nn.",
-    "torch.functional.",
-    "torch.",
-    "_C._nn.",
-    "_VariableFunctionsClass.",  # torch._VF functions resolve_name does not know (_pack_padded_sequence)
-)
-
-
-_NAMES: dict[Any, str] = {}
-
-
-def op_name(func: Callable[..., Any]) -> str:
-    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_`` (cached per function)."""
-    try:
-        return _NAMES[func]
-    except KeyError:
-        name = _NAMES[func] = _op_name(func)
-        return name
-    except TypeError:  # not hashable: not cached
-        return _op_name(func)
-
-
-def _op_name(func: Callable[..., Any]) -> str:
-    try:
-        name = str(resolve_name(func) or "")
-    except Exception:  # noqa: BLE001  (resolve_name is best-effort on exotic callables)
-        name = ""
-    if not name:
-        name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
-    for p in _PREFIXES:
-        if name.startswith(p):
-            return name[len(p) :]
-    return name
 
 
 @dataclass

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from .._check import clip, describe
+from ..calls import call_model
 from ..errors import ConfigError, NonFiniteError, shown
-from ..graph import Group, call_model
-from . import IMPORTANCE, Context
+from ..graph import Group
+from ..layers import is_norm, output_channel_dim, weight_role
 from .magnitude import group_sums, per_channel, slot_rows
+from .registry import IMPORTANCE, Context
 
 
 @contextmanager
@@ -43,17 +45,6 @@ def _eval(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
-_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
-
-
-def _channel_dim(mod: nn.Module, t: torch.Tensor) -> int:
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return t.dim() - len(mod.kernel_size) - 1
-    if isinstance(mod, _CHANNEL_FIRST_NORMS):
-        return 1 if t.dim() > 1 else 0
-    return t.dim() - 1
-
-
 def norm_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]:
     """(module name, channel map) for normalisation layers in the group: their output is what the
     activation function sees."""
@@ -61,27 +52,16 @@ def norm_slots(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor]]
     for slot, owner in zip(group.slots, group.channel_of):
         if slot.tensor.endswith(".weight") and slot.dim == 0:
             mod = model.get_submodule(slot.module)
-            if isinstance(mod, (*_CHANNEL_FIRST_NORMS, nn.LayerNorm)):
+            if is_norm(mod):
                 out.append((slot.module, owner))
     return out
-
-
-def _role(mod: nn.Module, dim: int) -> str | None:
-    """Whether weight dim ``dim`` of ``mod`` indexes its outputs ("out"), its inputs ("in"), or neither."""
-    if isinstance(mod, nn.Linear):
-        return "out" if dim == 0 else "in"
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return "out" if dim == (1 if mod.transposed else 0) else "in"
-    if isinstance(mod, nn.Embedding) and dim == 1:
-        return "out"
-    return None
 
 
 def _weight_slots(model: nn.Module, group: Group, role: str) -> list[tuple[str, str, int, torch.Tensor]]:
     return [
         (slot.module, slot.tensor, slot.dim, owner)
         for slot, owner in zip(group.slots, group.channel_of)
-        if slot.tensor.endswith(".weight") and _role(model.get_submodule(slot.module), slot.dim) == role
+        if slot.tensor.endswith(".weight") and weight_role(model.get_submodule(slot.module), slot.dim) == role
     ]
 
 
@@ -145,7 +125,7 @@ def observe(
 
 def _per_position(stat: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
     def collect(store: dict[str, list[torch.Tensor]], name: str, mod: nn.Module, t: torch.Tensor) -> None:
-        d = _channel_dim(mod, t)
+        d = output_channel_dim(mod, t)
         flat = t.detach().movedim(d, 0).reshape(t.shape[d], -1).double().cpu()
         acc = store.setdefault(name, [torch.zeros(t.shape[d], dtype=torch.float64), torch.zeros(1)])
         acc[0] += stat(flat).sum(1)

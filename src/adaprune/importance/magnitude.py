@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..graph import Group
-from . import IMPORTANCE, ParamIndex, Params, PerGroup
+from .registry import IMPORTANCE, ParamIndex, Params, PerGroup
 
 
 def slot_rows(

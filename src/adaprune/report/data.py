@@ -16,12 +16,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import fs
 from ..cost.latency import measure_latency
 from ..errors import FileFormatError, shown
+from ..layers import output_width
 from . import schema
 
 FORMAT = "adaprune-report"
@@ -45,22 +45,13 @@ class ReportError(FileFormatError):
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Output width of every conv / linear layer, read from its weight tensor: ``{name: {kind, width}}``."""
+    """Output width of every layer of a kind that reports one (the layer registry's ``width``: convs,
+    linears, transformers' ``Conv1D`` ...), read from its weight: ``{name: {kind, width}}``."""
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() < 2:
-            continue
-        kind = type(m).__name__
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):
-            width = int(w.shape[1]) * m.groups
-        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            width = int(w.shape[0])
-        elif kind == "Conv1D":  # transformers' GPT-2 style linear: weight is (in, out)
-            width = int(w.shape[1])
-        else:
-            continue
-        out[name or "(model)"] = {"kind": kind, "width": width}
+        width = output_width(m)
+        if width is not None:
+            out[name or "(model)"] = {"kind": type(m).__name__, "width": width}
     return out
 
 
@@ -248,7 +239,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str]) 
     import contextlib
     import io
 
-    from ..io import export_onnx
+    from ..onnx_export import export_onnx
 
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

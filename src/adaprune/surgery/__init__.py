@@ -1,6 +1,6 @@
 """Surgery: apply a plan, physically (``remove``) or softly (``mask``)."""
 
-from .fixers import register_fixer
+from ..layers import register_fixer
 from .mask import Masking, mask
 from .reconstruct import Reconstruction, reconstruct
 from .remove import remove

@@ -24,12 +24,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._check import as_float, as_int, check_batches, check_instance, check_module
+from ..calls import call_model
 from ..errors import ConfigError, NonFiniteError, shown
-from ..graph import call_model
+from ..layers import Refit, refit_of
 from ..plan import Plan
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 @dataclass
@@ -46,39 +44,14 @@ class Reconstruction:
         return "\n".join(lines) or "nothing to reconstruct"
 
 
-def _inputs(layer: Layer) -> int:
-    return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)
-
-
-def _rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows (one per output position) of its receptive field, flattened."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    args: list[tuple[int, ...]] = [tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.stride),
-                                   tuple(int(p) for p in layer.padding)]  # padding is explicit (see _why_not)
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        args = [*((1, a[0]) for a in args[:3]), (0, args[3][0])]
-    cols = nn.functional.unfold(x, args[0], dilation=args[1], padding=args[3], stride=args[2])
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _out_rows(layer: Layer, y: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-
-
-def _why_not(name: str, layer: Layer, before: nn.Module | None, max_features: int) -> str | None:
+def _why_not(layer: Any, fit: Refit, before: nn.Module | None, max_features: int) -> str | None:
     if before is None or not isinstance(before, type(layer)):
         return "no layer of the same kind under this name in the original model"
     if parametrize.is_parametrized(layer) or parametrize.is_parametrized(before):
         return "parametrized (masked) weight"
-    if not isinstance(layer, nn.Linear):
-        if layer.groups != 1:
-            return "grouped convolution"
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-            return "padding mode other than explicit zeros"
+    why = fit.why_not(layer)
+    if why:
+        return why
     if layer.weight[0].numel() + 1 > max_features:
         return f"fan-in {layer.weight[0].numel()} above max_features={max_features}"
     return None
@@ -195,9 +168,10 @@ def reconstruct(
     candidates = []
     for name, layer in pruned.named_modules():
         old = before.get(name)
-        if not isinstance(layer, _LAYERS) or (isinstance(old, _LAYERS) and _inputs(old) == _inputs(layer)):
+        fit = refit_of(layer)
+        if fit is None or (old is not None and refit_of(old) is fit and fit.inputs(old) == fit.inputs(layer)):
             continue
-        why = _why_not(name, layer, old, max_features)
+        why = _why_not(layer, fit, old, max_features)
         if why is None and old is not None and old.weight.shape[0] != layer.weight.shape[0] and (
             removals is None or f"{name}.weight" not in removals
         ):
@@ -264,7 +238,7 @@ class _Normal:
         return ((w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty).clamp_min(0)
 
 
-def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.Module,
+def _refit(layer: Any, old: Any, name: str, pruned: nn.Module, original: nn.Module,
            inputs: list[Any], removals: Mapping[str, Mapping[int, Iterable[int]]] | None,
            ridge: float | None) -> tuple[float, float]:
     """Refit one layer; returns its relative output error on the calibration data before and after.
@@ -273,6 +247,8 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
     halves): a layer with more inputs than calibration rows (a wide ``Linear`` after a flatten) gets the
     strong shrinkage it needs, a well-determined one a light one; and the fit is applied only if its
     held-out error beats the sliced weights'."""
+    fit = refit_of(layer)
+    assert fit is not None  # only refit-able layers get here
     xs = _capture(pruned, layer, inputs, output=False)
     ys = _capture(original, old, inputs, output=True)
     _finite(name, xs, "input in the pruned model")
@@ -286,10 +262,10 @@ def _refit(layer: Layer, old: Layer, name: str, pruned: nn.Module, original: nn.
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         halves = [(x, y)] if len(x) < 2 else [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2:], y[len(y) // 2:])]
         for j, (xh, yh) in enumerate(halves):
-            rows = _rows(layer, xh.to(torch.float64))
+            rows = fit.rows(layer, xh.to(torch.float64))
             if bias:
                 rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-            folds[(i + j) % 2].add(rows, _out_rows(old, yh)[:, keep.to(yh.device)].to(torch.float64))
+            folds[(i + j) % 2].add(rows, fit.out_rows(old, yh)[:, keep.to(yh.device)].to(torch.float64))
     both = folds[0] + folds[1]
     w_now = layer.weight.detach().reshape(len(keep), -1).T.to(torch.float64)
     if layer.bias is not None:

@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_flatten
 
 from .._check import as_bool, check_callable, check_module, check_plan
 from ..errors import ArgumentTypeError, SurgeryError, shown
+from ..layers import CUTS, fix_module
 from ..plan import Plan
-from .fixers import CUTS, fix_module
 from .hf_config import update_configs
 
 

@@ -10,11 +10,14 @@ along contracted letters are collapsed and consumed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..fields import Field, collapse, merge
-from ..tracer import TraceState
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 Operand = tuple[Sequence[Field], Sequence[int], Sequence[int]]  # fields, shape, letters
 

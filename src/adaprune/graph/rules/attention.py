@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..fields import along, compact, full, read
-from ..tracer import Call, TraceState, rule
+from ..registry import Call, rule
 from ._contract import contract
 from .layers import weight_atoms
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 
 def _heads(state: TraceState, rows: torch.Tensor, blocks: int, heads: int) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..fields import collapse
-from ..tracer import Call, TraceState, rule
+from ..registry import Call, rule
 from ._contract import elementwise
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 _UNARY = ["abs", "absolute", "neg", "negative", "positive", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "square", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "sigmoid", "logit", "erf", "erfc", "erfinv", "reciprocal", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "nan_to_num", "relu", "relu6", "gelu", "silu", "mish", "selu", "celu", "elu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "softplus", "softsign", "threshold", "logsigmoid", "rrelu", "clamp", "clip", "clamp_min", "clamp_max", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "isnan", "isinf", "isfinite", "logical_not", "bitwise_not", "__invert__", "__neg__", "__abs__", "__pos__", "contiguous", "clone", "detach", "to", "type", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda", "requires_grad_", "data.__get__", "type_as", "float_power", "pow", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "zero_", "fill_", "normal_", "uniform_", "nan_to_num_", "silu_"]
 

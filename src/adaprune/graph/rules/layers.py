@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..atoms import FIXED
 from ..fields import Field, along, collapse, read
-from ..tracer import Call, TraceState, rule
+from ..registry import Call, rule
 from ._contract import contract, elementwise
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 
 def weight_atoms(state: TraceState, t: torch.Tensor | None, dims: tuple[int, ...]) -> list[torch.Tensor]:

@@ -13,13 +13,16 @@ when they leave the model and pruned with the layer when a prunable layer consum
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..fields import along, read
-from ..tracer import Call, TraceState, rule
+from ..registry import Call, rule
 from .layers import couple
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 _STACKED = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 _CELLS = ("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell")

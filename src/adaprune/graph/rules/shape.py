@@ -9,14 +9,18 @@ it are pruned in lockstep (or pinned when nothing else can shrink).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...layers import has_fixer
 from ..atoms import NO_ATOM
 from ..fields import Field, collapse, compact, full, merge
+from ..registry import Call, NeedsValues, rule
 from ..sizes import SizeInt
-from ..tracer import Call, NeedsValues, TraceState, rule
+
+if TYPE_CHECKING:
+    from ..tracer import TraceState
 
 
 def _apply(call: Call, x: torch.Tensor, label: Field) -> Any:
@@ -291,7 +295,7 @@ def _sized_pieces(state: TraceState, call: Call, widths: list[int]) -> list[list
     (``split([q_size, kv_size, kv_size])``) shrink independently. ``hsplit``/``vsplit`` take split
     points, not sizes: only equal pieces, in lockstep."""
     module = state.module_objects[-1] if state.module_objects else None
-    if module is None or not _has_fixer(module):
+    if module is None or not has_fixer(module):
         return None
     every = [list(range(len(widths)))]
     if call.name in ("hsplit", "vsplit"):
@@ -310,12 +314,6 @@ def _sized_pieces(state: TraceState, call: Call, widths: list[int]) -> list[list
     for k, w in enumerate(widths):
         by_width.setdefault(w, []).append(k)
     return list(by_width.values())
-
-
-def _has_fixer(module: Any) -> bool:
-    from ...surgery.fixers import has_fixer
-
-    return has_fixer(module)
 
 
 def _size_attributes(module: Any) -> tuple[set[int], set[tuple[int, ...]]]:
