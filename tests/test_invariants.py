@@ -1,4 +1,4 @@
-"""Property tests of the invariants in DESIGN.md, on random small networks (see strategies.py).
+"""Property tests of the invariants in docs/design.md, on random small networks (see strategies.py).
 
 - forward works after pruning at any ratio, the output shape is unchanged, widths stay coupled;
 - ratio 0 changes nothing;
