@@ -2,6 +2,10 @@
 
 A task evaluates a model (``evaluate(model) -> {metric: value}``, with a named primary metric and
 its direction), may fine-tune it (``finetune(model, steps)``) and may hand out calibration batches.
+:class:`Task` is the base class: ``evaluate`` is required, the other hooks have documented no-op
+defaults. An object that does not subclass it but has the same methods (the task protocol) is
+accepted too: :func:`as_task` checks either kind once and wraps a protocol object in a
+:class:`TaskAdapter`, so the controller calls every hook directly.
 :class:`ClassificationTask` is a ready supervised classification task with a short fine-tune loop,
 BatchNorm recalibration and optional knowledge distillation from the unpruned model (Hinton et al.,
 2015, "Distilling the Knowledge in a Neural Network").
@@ -11,27 +15,161 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._check import a_type, as_bool, as_float, as_int, check_batches, check_module, clip, describe
+from ._check import (
+    a_type,
+    as_bool,
+    as_float,
+    as_int,
+    check_batches,
+    check_instance,
+    check_module,
+    clip,
+    describe,
+)
 from .calls import call_model
-from .errors import ConfigError, NonFiniteError, shown
+from .errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
+from .importance import default_loss
 
 
-@runtime_checkable
-class Task(Protocol):
-    """What the controller needs from the user's task."""
+class Task(ABC):
+    """What the adaptive controller needs from the user's task: subclass it, set :attr:`metric` and
+    :attr:`higher_is_better`, implement :meth:`evaluate` and override the hooks the task supports.
 
-    metric: str
-    higher_is_better: bool
+    Every hook has a default that does nothing, so a task with only ``evaluate`` is a complete one:
+
+    - :meth:`finetune` trains nothing; a task that does not override it is asked for 0 optimizer
+      steps per recovery and the run counts 0 (:attr:`fine_tunes` is False);
+    - :meth:`calibration` returns None: no calibration batches (no reconstruction, no BatchNorm
+      recalibration; data-driven importance criteria such as ``"taylor"`` refuse to run);
+    - :meth:`set_teacher` ignores the unpruned model;
+    - :meth:`loss` is cross-entropy on the model's logits
+      (:func:`adaprune.importance.default_loss`).
+
+    An object with the same attributes that does not subclass Task is accepted wherever a Task is
+    (:func:`as_task` wraps it; its missing hooks are these defaults).
+    """
+
+    metric: str  # the primary metric: a key of evaluate()'s dict
+    higher_is_better: bool  # the metric's direction
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` on held-out data: a dict of numbers that includes ``self.metric``."""
+
+    def finetune(self, model: nn.Module, steps: int) -> None:
+        """Take ``steps`` optimizer steps on ``model`` in place. Default: nothing (and no steps asked for)."""
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether :meth:`finetune` trains: True when a subclass (or the instance) overrides it. The
+        controller asks a task that does not fine-tune for 0 steps per recovery, and counts 0."""
+        return _overrides(self, "finetune")
+
+    def calibration(self) -> Iterable[tuple[Any, Any]] | None:
+        """``(inputs, targets)`` batches for importance, reconstruction and BatchNorm recalibration.
+        Default: None, meaning the task has none."""
+        return None
+
+    def set_teacher(self, model: nn.Module) -> None:
+        """Called once with the unpruned model before the first step (to distil from). Default: nothing."""
+
+    def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        """The training loss of ``model`` on one batch. Default: cross-entropy on the model's logits
+        (:func:`adaprune.importance.default_loss`)."""
+        return default_loss(call_model(model, x), y)
+
+
+def _overrides(task: Task, name: str) -> bool:
+    """Whether ``task``'s method ``name`` is something other than :class:`Task`'s default."""
+    method = getattr(task, name)
+    return getattr(method, "__func__", method) is not getattr(Task, name)
+
+
+_MISSING: Any = object()
+_REQUIRED = ("evaluate", "metric", "higher_is_better")
+_HOOKS = ("finetune", "calibration", "set_teacher")  # optional; when present they must be callable
+
+
+class TaskAdapter(Task):
+    """A protocol task (an object with ``evaluate``, ``metric``, ``higher_is_better`` and any of the
+    hooks, not a :class:`Task` subclass) as a Task. Made by :func:`as_task`, which resolves the
+    object's attributes once: present hooks are called on the object (its state stays its own),
+    missing ones are Task's defaults. ``wrapped`` is the object."""
+
+    def __init__(self, wrapped: Any, found: dict[str, Any]) -> None:
+        self.wrapped = wrapped
+        self.metric = found["metric"]
+        self.higher_is_better = found["higher_is_better"]
+        self._evaluate: Callable[[nn.Module], Any] = found["evaluate"]
+        self._hooks: dict[str, Callable[..., Any]] = {
+            k: found[k] for k in (*_HOOKS, "loss") if found.get(k, _MISSING) is not _MISSING
+        }
+
+    def __repr__(self) -> str:
+        return f"TaskAdapter({type(self.wrapped).__name__})"
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of ``model`` on held-out data; must include ``self.metric``."""
-        ...
+        out: dict[str, float] = self._evaluate(model)
+        return out
+
+    @property
+    def fine_tunes(self) -> bool:
+        return "finetune" in self._hooks
+
+    def finetune(self, model: nn.Module, steps: int) -> None:
+        if "finetune" in self._hooks:
+            self._hooks["finetune"](model, steps)
+
+    def calibration(self) -> Iterable[tuple[Any, Any]] | None:
+        if "calibration" in self._hooks:
+            batches: Iterable[tuple[Any, Any]] | None = self._hooks["calibration"]()
+            return batches
+        return None
+
+    def set_teacher(self, model: nn.Module) -> None:
+        if "set_teacher" in self._hooks:
+            self._hooks["set_teacher"](model)
+
+    def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        if "loss" in self._hooks:
+            value: torch.Tensor = self._hooks["loss"](model, x, y)
+            return value
+        return super().loss(model, x, y)
+
+
+def as_task(task: Any) -> Task:
+    """``task`` checked and seen as a :class:`Task`: a Task itself, or a protocol object wrapped in a
+    :class:`TaskAdapter` (each of its attributes is looked up once, here).
+
+    A task needs ``evaluate`` (callable), ``metric`` (a str) and ``higher_is_better`` (a bool); the
+    hooks ``finetune``, ``calibration`` and ``set_teacher`` are optional but, when present, must be
+    callable. Anything else raises :class:`~adaprune.errors.ArgumentTypeError` naming the attribute.
+    """
+    found = {name: getattr(task, name, _MISSING) for name in (*_REQUIRED, *_HOOKS)}
+    for attr in _REQUIRED:
+        if found[attr] is _MISSING:
+            raise ArgumentTypeError(
+                f"task ({a_type(task)}) has no {attr!r}: a task needs evaluate(model) -> dict, a primary "
+                "`metric` name and `higher_is_better`; adaprune.ClassificationTask is a ready one"
+            )
+    for attr in ("evaluate", *_HOOKS):
+        if found[attr] is not _MISSING and not callable(found[attr]):
+            raise ArgumentTypeError(f"task.{attr} is {a_type(found[attr])}; expected a method (see adaprune.Task)")
+    check_instance(found["metric"], str, "task.metric", "the name of the metric in evaluate()'s dict")
+    as_bool(found["higher_is_better"], "task.higher_is_better")
+    if isinstance(task, Task):
+        return task
+    loss = getattr(task, "loss", _MISSING)  # optional and never required to be a method (may be a number)
+    if callable(loss):
+        found["loss"] = loss
+    return TaskAdapter(task, found)
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -113,7 +251,7 @@ _EMPTY_TRAIN = (
 )
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Supervised classification: accuracy on ``val_loader``, fine-tuning on ``train_loader``.
 
     Args:
