@@ -15,6 +15,7 @@ from .calls import eval_call
 from .cost import Cost, count, count_with_output
 from .cost.budget import Budget
 from .cost.predict import CostPredictor
+from .cost.registry import COSTS
 from .errors import ConfigError
 from .graph import Grouped, check_grouped, ignore_items, resolve_ignore, trace
 from .importance import Context, default_loss, get_importance
@@ -88,7 +89,7 @@ def prune(
     if budget is not None and budget.needs_latency:
         raise ConfigError(
             "prune() is one-shot and does not measure latency: use adaprune.adapt(...) for a latency "
-            "budget, or bound macs=/params=/bytes=/energy= here"
+            f"budget, or bound {'/'.join(f'{e.name}=' for e in COSTS.static())} here"
         )
     ratio = check_ratio(0.5 if ratio is None and budget is None else (0.0 if ratio is None else ratio))
     limits = Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cost import Cost
+from .cost.registry import COSTS
 from .graph import Frozen, Graph
 from .graph.reasons import nothing_removed_reason
 from .plan import Plan
@@ -39,9 +40,13 @@ class PruneResult:
         return nothing_removed_reason(self.graph, self.frozen, self.ratio)
 
     def summary(self) -> str:
-        r = self.after.ratio_to(self.before)
-        text = (
-            f"MACs {self.before.macs:,} -> {self.after.macs:,} ({r['macs']:.1%}), "
-            f"params {self.before.params:,} -> {self.after.params:,} ({r['params']:.1%})"
-        )
+        """The headline costs (the cost registry's entries with ``headline``: MACs and params) before ->
+        after, e.g. ``MACs 1,000 -> 500 (50.0%), params 20 -> 10 (50.0%)``; and why nothing was pruned."""
+        parts = []
+        for entry in COSTS.static():
+            if entry.headline:
+                b, a = entry.value(self.before), entry.value(self.after)
+                show = (lambda v: f"{v:,}") if isinstance(b, int) and isinstance(a, int) else entry.show
+                parts.append(f"{entry.label} {show(b)} -> {show(a)} ({a / b if b else 1.0:.1%})")
+        text = ", ".join(parts)
         return f"{text}; nothing was pruned: {self.reason}" if self.plan.is_empty else text

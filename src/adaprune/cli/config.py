@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -127,18 +127,10 @@ class TaskSpec(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss, in [0, 1]")
 
 
-class BudgetSpec(_Strict):
-    macs: Bound | None = Field(None, description=f"MACs bound: {BOUND_HELP}")
-    params: Bound | None = Field(None, description=f"parameter bound: {BOUND_HELP}")
-    bytes: Bound | None = Field(None, description=f"weight-bytes bound: {BOUND_HELP}")
-    energy: Bound | None = Field(None, description=f"estimated-energy bound: {BOUND_HELP}")
-    latency: Bound | None = Field(None, description=f"latency bound: {BOUND_HELP}")
-    latency_ms: Bound | None = Field(None, description="an absolute latency bound in milliseconds")
-    backend: str = Field("torch", description="where latency is measured: a registered backend (torch, onnxruntime, cuda)")
-    threads: int = Field(1, gt=0, description="threads latency is measured with")
-    batch_size: int = Field(1, gt=0, description="batch size of the example inputs costs are measured on")
+class _BudgetChecks(_Strict):
+    """The checks of the ``budget`` section; its fields come from the cost registry (:func:`budget_spec`)."""
 
-    @field_validator("backend")
+    @field_validator("backend", check_fields=False)
     @classmethod
     def _registered(cls, backend: str) -> str:
         from ..cost.latency import BACKENDS
@@ -148,17 +140,54 @@ class BudgetSpec(_Strict):
         return backend
 
     @model_validator(mode="after")
-    def _one_bound(self) -> BudgetSpec:
-        if all(
-            getattr(self, k) is None for k in ("macs", "params", "bytes", "energy", "latency", "latency_ms")
-        ):
+    def _one_bound(self) -> _BudgetChecks:
+        from ..cost.registry import COSTS
+
+        keywords = COSTS.keywords()
+        if all(getattr(self, k, None) is None for k in keywords):
             raise ValueError(
-                "sets no bound; give at least one of macs, params, bytes, energy, latency, "
-                "latency_ms, e.g. `budget: {macs: 0.5}`"
+                f"sets no bound; give at least one of {', '.join(keywords)}, e.g. `budget: {{macs: 0.5}}`"
             )
-        if self.latency is not None and self.latency_ms is not None:
-            raise ValueError("give latency (relative) or latency_ms (absolute), not both")
+        for entry in COSTS.entries():
+            if entry.absolute and getattr(self, entry.name, None) is not None \
+                    and getattr(self, entry.absolute, None) is not None:
+                raise ValueError(f"give {entry.name} (relative) or {entry.absolute} (absolute), not both")
         return self
+
+
+_BUDGET_SPECS: dict[tuple[Any, ...], type[_BudgetChecks]] = {}
+
+
+def budget_spec() -> type[_BudgetChecks]:
+    """The ``budget`` section's model: one optional bound per registered cost keyword (built from the
+    cost registry, rebuilt when it changes), then backend, threads and batch_size."""
+    from ..cost.registry import COSTS
+
+    key = tuple(COSTS.entries())
+    if key not in _BUDGET_SPECS:
+        fields: dict[str, Any] = {}
+        for entry in COSTS.entries():
+            for kw in entry.keywords:
+                absolute = kw != entry.name or not entry.relative
+                help_ = f"an absolute {entry.label} bound in {entry.unit}" if absolute else \
+                    f"{entry.label} bound: {BOUND_HELP}"
+                fields[kw] = (Bound | None, Field(None, description=help_))
+        fields["backend"] = (str, Field(
+            "torch", description="where latency is measured: a registered backend (torch, onnxruntime, cuda)"))
+        fields["threads"] = (int, Field(1, gt=0, description="threads latency is measured with"))
+        fields["batch_size"] = (int, Field(
+            1, gt=0, description="batch size of the example inputs costs are measured on"))
+        _BUDGET_SPECS[key] = create_model("BudgetSpec", __base__=_BudgetChecks, **fields)
+    return _BUDGET_SPECS[key]
+
+
+if TYPE_CHECKING:
+    class BudgetSpec(_BudgetChecks):
+        backend: str
+        threads: int
+        batch_size: int
+else:
+    BudgetSpec = budget_spec()  # the built-in costs' section; parse_config uses the current one
 
 
 class SensitivitySpec(_Strict):
@@ -220,9 +249,27 @@ class RunConfig(_Strict):
         return {k: v for k, v in options.model_dump().items() if v is not None}
 
 
+_RUN_CONFIGS: dict[type[_BudgetChecks], type[RunConfig]] = {}
+
+
+def run_config() -> type[RunConfig]:
+    """The run configuration's model for the costs registered now: :class:`RunConfig`, or (after a cost
+    was registered) a subclass whose ``budget`` section has that cost too."""
+    spec = budget_spec()
+    if spec is BudgetSpec:
+        return RunConfig
+    if spec not in _RUN_CONFIGS:
+        info = RunConfig.model_fields["budget"]
+        annotation: Any = spec | None
+        _RUN_CONFIGS[spec] = create_model(
+            "RunConfig", __base__=RunConfig, budget=(annotation, Field(None, description=info.description))
+        )
+    return _RUN_CONFIGS[spec]
+
+
 def _field_info(loc: tuple[Any, ...]) -> tuple[str, str]:
     """The dotted field name of a pydantic error location, and the field's description."""
-    model: Any = RunConfig
+    model: Any = run_config()
     names: list[str] = []
     description = ""
     parts = list(loc)
@@ -276,11 +323,12 @@ def _format(err: dict[str, Any]) -> str:
 
 
 def _allowed(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = RunConfig
+    root: Any = run_config()
+    model: Any = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
-        if part in DATA_KINDS and model is not RunConfig:
+        if part in DATA_KINDS and model is not root:
             model = DATA_KINDS[part]
             continue
         info = model.model_fields.get(part)
@@ -306,7 +354,7 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> RunConfig:
             "repeating other values?); a run configuration is a few dozen values"
         )
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = run_config().model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .. import fs
+from ..cost.budget import Budget
 from ..cost.latency import measure_latency
 from ..errors import FileFormatError, shown
 from ..layers import output_width
@@ -26,7 +27,6 @@ from . import schema
 
 FORMAT = "adaprune-report"
 VERSION = 1
-COSTS = ("macs", "params", "bytes", "energy", "latency")
 
 __all__ = [
     "build",
@@ -127,10 +127,11 @@ def _sensitivity(sens: Any, metric: str) -> dict[str, Any] | None:
 
 
 def _budget(budget: Any) -> dict[str, Any]:
+    """The budget as the report stores it: the bounds set (by keyword), backend and threads."""
     if budget is None:
         return {}
-    if dataclasses.is_dataclass(budget) and not isinstance(budget, type):
-        return {k: v for k, v in dataclasses.asdict(budget).items() if v is not None}
+    if isinstance(budget, Budget):
+        return {**budget.bounds, "backend": budget.backend, "threads": budget.threads}
     return dict(budget)
 
 

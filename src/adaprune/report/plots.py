@@ -14,6 +14,8 @@ from typing import Any
 
 from matplotlib.ticker import MaxNLocator
 
+from ..cost.registry import COSTS, cost_order
+
 ACCEPTED = {"marker": "o", "color": "#1a7f37", "label": "accepted"}
 ROLLED_BACK = {"marker": "x", "color": "#cf222e", "label": "rolled back"}
 ORIGINAL = {"marker": "s", "color": "#444444", "label": "original"}
@@ -69,13 +71,13 @@ def _points(pairs: Any) -> list[tuple[float, float]]:
 
 
 def _cost_keys(data: dict[str, Any]) -> list[str]:
-    """The budgeted costs (MACs first), restricted to those the steps recorded."""
+    """The budgeted costs (in registry order), restricted to those the steps recorded; MACs if none."""
     recorded = set(data["costs_before"])
-    keys = [
-        k for k in ("macs", "params", "bytes", "energy", "latency") if k in data["budget"] and k in recorded
-    ]
-    if "latency_ms" in data["budget"] and "latency" in recorded:
-        keys.append("latency")
+    bounded = []
+    for k in data["budget"]:  # a keyword (latency_ms) draws the cost it bounds
+        entry = COSTS.for_key(k)
+        bounded.append(k if entry is None else entry.name)
+    keys = [k for k in cost_order(bounded) if k in recorded]
     return keys or ["macs"]
 
 
@@ -155,7 +157,7 @@ def pareto(data: dict[str, Any]) -> bytes | None:
     base = _value(data["before"].get(metric))
     if base is None:
         return None
-    keys = ["macs"] + (["latency"] if "latency" in data["costs_before"] else [])
+    keys = ["macs"] + [e.name for e in COSTS.measured() if e.name in data["costs_before"]]
     fig = _figure(5.5 * len(keys), 4.2)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):

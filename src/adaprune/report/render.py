@@ -9,6 +9,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..cost.registry import COSTS, RESERVED, cost_order
+
 Table = tuple[list[str], list[list[str]]]
 
 CSS = """
@@ -35,24 +37,13 @@ def number(value: Any) -> float:
 
 
 def fmt(key: str, value: Any) -> str:
-    """A cost or metric value, with its unit."""
+    """A cost or metric value, with its unit (a cost's as its registry entry formats it)."""
     if value is None:
         return "–"
     v = number(value)
-    if key == "bytes":
-        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-            if v >= size:
-                return f"{v / size:.2f} {unit}"
-        return f"{v:.0f} B"
-    if key in ("macs", "params"):
-        for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-            if v >= size:
-                return f"{v / size:.2f}{unit}"
-        return f"{v:.0f}"
-    if key == "energy":
-        return f"{v:,.1f} µJ"
-    if key.startswith("latency"):
-        return f"{v:.3f} ms"
+    entry = COSTS.for_key(key)
+    if entry is not None:
+        return entry.show(v)
     return f"{v:.4f}"
 
 
@@ -75,18 +66,13 @@ def summary_table(data: dict[str, Any]) -> Table:
             ]
         )
     budget = data.get("budget", {})
-    names = {
-        "macs": "MACs",
-        "params": "params",
-        "bytes": "bytes (weights)",
-        "energy": "energy (estimate)",
-        "latency": f"latency ({budget.get('backend', 'torch')}, {budget.get('threads', 1)} thread(s), "
-        f"batch {budget.get('batch_size', 1)}; controller)",
-    }
-    for k, label in names.items():
-        if k in data["costs_before"]:
-            b, a = data["costs_before"][k], data["costs_after"].get(k)
-            rows.append([label, fmt(k, b), fmt(k, a), _ratio(b, a)])
+    where = (f" ({budget.get('backend', 'torch')}, {budget.get('threads', 1)} thread(s), "
+             f"batch {budget.get('batch_size', 1)}; controller)")
+    for k in cost_order(data["costs_before"]):
+        entry = COSTS.for_key(k)
+        label = k if entry is None else entry.label + ("" if entry.static else where)
+        b, a = data["costs_before"][k], data["costs_after"].get(k)
+        rows.append([label, fmt(k, b), fmt(k, a), _ratio(b, a)])
     for r in data.get("latency", []):
         label = (
             f"latency {r['backend']} ({r.get('threads', 1)} thread(s), batch {r.get('batch_size', '?')}, "
@@ -158,14 +144,19 @@ def sensitivity_table(data: dict[str, Any]) -> Table | None:
 def budget_text(data: dict[str, Any]) -> str:
     b = data.get("budget", {})
     parts = []
-    for k in ("macs", "params", "bytes", "energy", "latency"):
-        v = b.get(k)
-        if isinstance(v, str):  # the schema allows a string (a bound written by a newer version)
+    for k, v in b.items():
+        entry = COSTS.for_key(k)
+        if entry is None or v is None:  # backend, threads (or a cost not registered here: below)
+            continue
+        if k != entry.name:  # the absolute form (latency_ms)
+            parts.append(f"{entry.name} ≤ {v} {entry.unit}")
+        elif isinstance(v, str):  # the schema allows a string (a bound written by a newer version)
             parts.append(f"{k} ≤ {v}")
-        elif v is not None:
-            parts.append(f"{k} ≤ {v:.0%} of original" if v <= 1 else f"{k} ≤ {fmt(k, v)}")
-    if b.get("latency_ms") is not None:
-        parts.append(f"latency ≤ {b['latency_ms']} ms")
+        else:
+            parts.append(f"{k} ≤ {v:.0%} of original" if v <= 1 and entry.relative else f"{k} ≤ {fmt(k, v)}")
+    for k, v in b.items():  # a bound on a cost this process has not registered: as written
+        if k not in RESERVED and COSTS.for_key(k) is None and v is not None:
+            parts.append(f"{k} ≤ {v}" if isinstance(v, str) or v > 1 else f"{k} ≤ {v:.0%} of original")
     where = f"backend {b.get('backend', 'torch')}, {b.get('threads', 1)} thread(s)" if b else ""
     tol = data.get("tolerance")
     tol_text = f"; tolerance {tol} ({data['metric']} drop)" if tol is not None else ""
