@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._check import a_type, as_bool, check_inputs, check_instance, check_module
+from .._check import as_bool, check_inputs, check_instance, check_module
 from ..calls import eval_call
 from ..cost.budget import Budget
+from ..cost.registry import cost_order
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import ignore_items, resolve_ignore
 from ..plan import Plan
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
+from ..task import as_task
 from .controller import AdaptConfig, Controller, as_plan, replay
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
@@ -52,31 +54,14 @@ class AdaptResult:
         lines = [self.message]
         for k in sorted(set(self.before) & set(self.after)):
             lines.append(f"{k}: {self.before[k]:.4f} -> {self.after[k]:.4f}")
-        for k in ("macs", "params", "bytes", "energy", "latency"):
-            if k in self.costs_before and k in self.costs_after:
+        for k in cost_order(self.costs_before):  # every registered cost measured, in registry order
+            if k in self.costs_after:
                 b, a = self.costs_before[k], self.costs_after[k]
                 lines.append(f"{k}: {b:,.4g} -> {a:,.4g} ({a / b:.1%})" if b else f"{k}: {b} -> {a}")
         accepted = sum(r.accepted for r in self.history)
         lines.append(f"steps: {len(self.history)} ({accepted} accepted, {len(self.history) - accepted} rolled back)")
         lines.append(f"optimizer steps: {self.optimizer_steps} (fine-tuning in every step tried)")
         return "\n".join(lines)
-
-
-def _check_task(task: Any) -> None:
-    """A task has evaluate(model) -> dict, a ``metric`` name and ``higher_is_better``; its methods are callable."""
-    for attr in ("evaluate", "metric", "higher_is_better"):
-        if not hasattr(task, attr):
-            raise ArgumentTypeError(
-                f"task ({a_type(task)}) has no {attr!r}: a task needs evaluate(model) -> dict, a primary "
-                "`metric` name and `higher_is_better`; adaprune.ClassificationTask is a ready one"
-            )
-    for attr in ("evaluate", "finetune", "calibration", "set_teacher"):
-        if hasattr(task, attr) and not callable(getattr(task, attr)):
-            raise ArgumentTypeError(
-                f"task.{attr} is {a_type(getattr(task, attr))}; expected a method (see adaprune.Task)"
-            )
-    check_instance(task.metric, str, "task.metric", "the name of the metric in evaluate()'s dict")
-    as_bool(task.higher_is_better, "task.higher_is_better")
 
 
 def adapt(
@@ -98,7 +83,8 @@ def adapt(
         model: the model to prune (changed in place only when the run finishes).
         example_inputs: inputs the model runs on (costs and latency are measured on them).
         task: a :class:`~adaprune.task.Task` (``evaluate`` with a primary ``metric``; optional
-            ``finetune(model, steps)`` and ``calibration()``), e.g. :class:`ClassificationTask`.
+            ``finetune(model, steps)``, ``calibration()`` and ``set_teacher(model)``), e.g.
+            :class:`ClassificationTask`, or an object with those methods that does not subclass Task.
         budget: a :class:`Budget` over MACs, params, bytes, energy and/or latency.
         tolerance: the largest acceptable drop of the task's metric below the original model's.
         ignore: modules (or names) whose output width must not change (classifiers).
@@ -117,7 +103,7 @@ def adapt(
     """
     check_module(model)
     check_inputs(example_inputs)
-    _check_task(task)
+    task = as_task(task)  # checked, and a protocol object wrapped: its hooks are resolved once, here
     check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
     resume, force = as_bool(resume, "resume"), as_bool(force, "force")
     unknown = sorted(set(options) - set(AdaptConfig.__dataclass_fields__))

@@ -43,7 +43,7 @@ from ..plan import Plan, plan_from_choice
 from ..sensitivity import clusters
 from ..surgery import mask, reconstruct, remove
 from ..surgery.check import find_broken
-from ..task import recalibrate_bn
+from ..task import Task, recalibrate_bn
 from .latency_table import LatencyTable
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
@@ -183,7 +183,7 @@ class Controller:
         self,
         model: nn.Module,
         example_inputs: Any,
-        task: Any,
+        task: Task,  # adapt() made it one (adaprune.task.as_task): every hook is called directly
         budget: Budget,
         config: AdaptConfig,
         ignore: list[str],
@@ -336,9 +336,10 @@ class Controller:
         return max(0.0, 1.0 - self.cfg.min_width * original / group.size)
 
     def recovery_steps(self) -> int:
-        """The optimizer steps one recovery asks of the task: ``finetune_steps`` when the task can
-        fine-tune, else 0. Every step the controller tries (accepted or rolled back) spends them."""
-        return self.cfg.finetune_steps if hasattr(self.task, "finetune") else 0
+        """The optimizer steps one recovery asks of the task: ``finetune_steps`` when the task
+        fine-tunes (``task.fine_tunes``: it has its own ``finetune``), else 0. Every step the controller
+        tries (accepted or rolled back) spends them."""
+        return self.cfg.finetune_steps if self.task.fine_tunes else 0
 
     def recover(self, work: nn.Module, step: int) -> int:
         """Fine-tune (the task's ``finetune``), then recalibrate BatchNorm; returns the optimizer steps
@@ -347,15 +348,17 @@ class Controller:
         steps = self.recovery_steps()
         if steps > 0:
             self.task.finetune(work, steps)
-        if hasattr(self.task, "calibration"):  # adaptive BN: statistics of the pruned model
-            recalibrate_bn(work, self.task.calibration())
+        batches = self.task.calibration()  # None: the task has no calibration batches
+        if batches is not None:  # adaptive BN: statistics of the pruned model
+            recalibrate_bn(work, batches)
         return steps
 
     def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int) -> tuple[dict[str, float], str]:
         """Reconstruct, recover and evaluate the cut model. Returns its (finite) metrics and, when
         something came out NaN or inf (fine-tuning diverged), what it was; else ``""``."""
-        if self.cfg.reconstruct and hasattr(self.task, "calibration"):
-            reconstruct(work, snapshot, self.task.calibration(), plan.removals, ridge=self.cfg.reconstruct_ridge)
+        batches = self.task.calibration() if self.cfg.reconstruct else None
+        if batches is not None:
+            reconstruct(work, snapshot, batches, plan.removals, ridge=self.cfg.reconstruct_ridge)
         try:
             self.recover(work, step)
         except NonFiniteError as exc:
@@ -378,7 +381,7 @@ class Controller:
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
         target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
-        ctx = Context(self.task.calibration() if hasattr(self.task, "calibration") else None)
+        ctx = Context(self.task.calibration())
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
         probes = self.probes(work, graph, scores, predictor, self.metrics(work))
@@ -461,8 +464,7 @@ class Controller:
             state.original_costs = self.costs(work, repeats=3 * self.cfg.latency_repeats)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
-        if hasattr(self.task, "set_teacher"):
-            self.task.set_teacher(self.model)
+        self.task.set_teacher(self.model)  # a no-op unless the task distils
         values = self.costs(work) if state.history else dict(state.original_costs)
         while not state.done:
             if self.budget.met(values, state.original_costs):

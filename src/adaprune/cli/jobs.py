@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from .. import fs, report
 from ..adapt import AdaptConfig, check_resume, ownership
 from ..adapt.rundir import MARK, RUN_FILES, STATE, RunDir
 from ..errors import AdapruneError, FileFormatError, shown
+from ..task import as_task
 from .build import Job, budget, build_job, build_model, import_ref, model_factory
 from .config import CliError, RunConfig, dump_config, load_config
 
@@ -181,6 +182,7 @@ def run_adapt(
     rd.check(resume=resume, force=force, names=names, protect=protect)
     with spinner(console, "building the model, the data and the task"):
         job = build_job(cfg)
+        job = replace(job, task=as_task(job.task))  # checked, a protocol task wrapped once (hooks called directly)
         the_budget = budget(cfg)
     options = cfg.adapt_options()
     with rd.open(resume=resume, force=force, names=names, protect=protect):
@@ -205,7 +207,7 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
         with spinner(console, "measuring the original model's latency"):
             before = report.measure(job.model, job.x, backends, threads, spec.repeats)
     total = int(options.get("max_iterations", AdaptConfig().max_iterations))
-    metric = str(getattr(job.task, "metric", "metric"))
+    metric = job.task.metric
     with watch(run_dir / STATE, total, metric, console):
         res = ap.adapt(
             job.model, job.x, job.task, the_budget, cfg.tolerance,
@@ -218,7 +220,7 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
     data = report.build(
         res,
         metric=metric,
-        higher_is_better=bool(getattr(job.task, "higher_is_better", True)),
+        higher_is_better=bool(job.task.higher_is_better),
         tolerance=cfg.tolerance,
         budget={**cfg.budget.model_dump(exclude_none=True)} if cfg.budget else None,
         widths_before=widths_before,
@@ -272,7 +274,8 @@ def run_sensitivity(job: Job, console: Console, rd: RunDir | None = None) -> tup
         with RunDir(job.run_dir).open(resume=True, names=SENS_NAMES) as own:
             return run_sensitivity(job, console, own)
     spec = job.cfg.sensitivity
-    metric = str(getattr(job.task, "metric", "metric"))
+    task = as_task(job.task)  # (the same object when run_adapt already made it a Task)
+    metric = task.metric
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -284,11 +287,11 @@ def run_sensitivity(job: Job, console: Console, rd: RunDir | None = None) -> tup
         bar = progress.add_task("sensitivity: evaluations", total=None)
 
         def evaluate(model: torch.nn.Module) -> float:
-            value = float(job.task.evaluate(model)[metric])
+            value = float(task.evaluate(model)[metric])
             progress.advance(bar)
             return value
 
-        calibration = job.task.calibration() if hasattr(job.task, "calibration") else None
+        calibration = task.calibration()  # None: the task has no calibration batches
         sens = ap.sensitivity(
             job.model,
             job.x,
