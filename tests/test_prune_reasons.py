@@ -87,6 +87,27 @@ def test_every_group_broken_by_the_surgery_check() -> None:
     assert "surgery check" in res.reason and res.reason.endswith("groups a, b")
 
 
+class OneFixedView(nn.Module):
+    """One prunable group, whose width the code states as a constant: cutting it breaks the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x).reshape(x.shape[0], 8))
+
+
+def test_the_only_group_broken_by_the_surgery_check_is_kept_whole_too() -> None:
+    """One broken group is treated as two are: kept whole and named, not an exception."""
+    model = OneFixedView()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = prune(model, ratio=0.5)
+    assert res.plan.is_empty and [f.op for f in res.frozen if f.module == "a"] == ["surgery check"]
+    assert "surgery check" in res.reason and "breaks the model" in res.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_reason_is_derived_not_stored(ratio: float) -> None:
     """The reason follows the result's own data (a result rebuilt with another plan says so too)."""

@@ -36,7 +36,7 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
+from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, TraceError, shown
 from ..graph import Graph, Group, trace
 from ..importance import IMPORTANCE, Context, get_importance
 from ..plan import Plan, plan_from_choice
@@ -265,11 +265,10 @@ class Controller:
         now = static_values(predictor(Plan()))
         out = {}
         for name, members in clusters(work, graph.groups).items():
-            chosen = {g.name: lowest(scores[g.name], g.size - limits.kept(g.size, int(self.cfg.probe_ratio * g.size)))
-                      for g in members}
-            plan = plan_from_choice(Graph(members), chosen)
-            if plan.is_empty:
+            found = self.probe_plan(members, scores, limits, predictor)
+            if found is None:
                 continue
+            members, chosen, plan, after = found
             handle = mask(work, plan)
             try:
                 with torch.no_grad():
@@ -278,10 +277,36 @@ class Controller:
                 drop = math.inf
             finally:
                 handle.undo()
-            after = static_values(predictor(plan))
             channels = sum(len(c) for c in chosen.values())
             out[name] = _Probe(members, drop, {k: now[k] - after[k] for k in now}, channels)
         return out
+
+    def probe_plan(self, members: list[Group], scores: dict[str, torch.Tensor], limits: Limits,
+                   predictor: CostPredictor) -> tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]] | None:
+        """A cluster's probe: its members, the channels cut, the plan and the plan's predicted costs.
+
+        Members whose cut makes the model fail to run (a size written in the code, which tracing cannot
+        see) are left out of the cluster, so the others can still be probed and cut; ``None`` when no
+        member is left or nothing would be cut."""
+
+        def probe(ms: list[Group]) -> tuple[dict[str, list[int]], Plan]:
+            chosen = {g.name: lowest(scores[g.name], g.size - limits.kept(g.size, int(self.cfg.probe_ratio * g.size)))
+                      for g in ms}
+            return chosen, plan_from_choice(Graph(ms), chosen)
+
+        def costs(plan: Plan) -> dict[str, float] | None:
+            try:
+                return static_values(predictor(plan))
+            except TraceError:
+                return None
+
+        chosen, plan = probe(members)
+        after = None if plan.is_empty else costs(plan)
+        if after is None and not plan.is_empty:
+            members = [g for g in members if costs(probe([g])[1]) is not None]
+            chosen, plan = probe(members)
+            after = None if plan.is_empty else costs(plan)
+        return None if after is None else (members, chosen, plan, after)
 
     def macs_by_cluster(self, plan: Plan, probes: dict[str, _Probe], predictor: CostPredictor) -> dict[str, float]:
         """The MACs ``plan`` saves (exact: counted on the cut model by the predictor), split over the
@@ -396,6 +421,8 @@ class Controller:
             state.protected.extend(f.module for f in broken)
             plan = plan_from_choice(graph.without({f.module for f in broken}),
                                     {g.name: list(g.removed) for g in plan.groups})
+            if plan.is_empty:  # every group it cut breaks the model: allocate again without them
+                return work
         snapshot = copy.deepcopy(work)
         remove(work, plan)
         metrics, failure = self.measure(work, snapshot, plan, state.step)

@@ -10,7 +10,7 @@ from .groups import Graph
 from .tracer import IGNORED, OUTPUT, Frozen
 
 SURGERY_CHECK = "surgery check"
-"""The op name of groups kept whole because cutting them broke the model (``api.find_broken``)."""
+"""The op name of groups kept whole because cutting them broke the model (``surgery.check.find_broken``)."""
 
 _IGNORED_MODULE = re.compile(r"module '(.*?)' " + re.escape(IGNORED))
 
@@ -29,12 +29,14 @@ def nothing_removed_reason(graph: Graph, frozen: Sequence[Frozen], ratio: float)
         frozen: its frozen notes plus those of the check after surgery (``PruneResult.frozen``).
         ratio: the ratio the allocator was given.
     """
-    broken = {f.module for f in frozen if f.op == SURGERY_CHECK}
+    checked = [f for f in frozen if f.op == SURGERY_CHECK]
+    broken = {f.module for f in checked}
     usable = [g for g in graph.groups if g.name not in broken]
     if graph.groups and not usable:
+        first = f" (group {checked[0].module}: {checked[0].reason})" if len(checked) == 1 else ""
         return (
             "every prunable group breaks the model when cut (surgery check: sizes written in the code); "
-            f"groups {_listed([g.name for g in graph.groups])}"
+            f"groups {_listed([g.name for g in graph.groups])}{first}"
         )
     if usable:
         if ratio <= 0:

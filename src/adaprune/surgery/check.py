@@ -25,8 +25,8 @@ def find_broken(
 
     Some sizes live in the code rather than in the tensors (``x.split(self.n_embd)``,
     ``view(B, 512, -1)``): tracing cannot see them, a forward pass after surgery can. The whole plan
-    is tried first; if it fails, each group with a cut is tried alone, and the ones that break the
-    model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
+    is tried first; if it fails, each group with a cut is tried alone (a plan cutting one group: that
+    group), and the ones that break the model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
     whole stays applied, after ``then()`` ran on the cut model inside the same transaction (if it
     raises, the model is restored and the exception propagates). ``expected``: the model's output
     shapes, when the caller already has them.
@@ -46,19 +46,25 @@ def find_broken(
         return []
     except SurgeryError as first:
         cut = [g for g in plan.groups if g.removed]
-        if len(cut) <= 1:
+        if not cut:  # nothing was cut: the model itself fails
             raise
+        if len(cut) == 1:  # the one group cut is the one that breaks it
+            return [_broken(cut[0].name, first)]
         error = first
     frozen = []
     for g in cut:
         try:
             remove(model, plan_from_choice(graph, {g.name: list(g.removed)}), run, expected, commit=False)
         except SurgeryError as exc:
-            reason = str(exc.__cause__ or exc).split("; the model was restored")[0]
-            frozen.append(Frozen(g.name, "surgery check", f"pruning this group breaks the model: {reason}"))
+            frozen.append(_broken(g.name, exc))
     if not frozen:
         raise error
     return frozen
+
+
+def _broken(group: str, exc: SurgeryError) -> Frozen:
+    reason = str(exc.__cause__ or exc).split("; the model was restored")[0]
+    return Frozen(group, "surgery check", f"pruning this group breaks the model: {reason}")
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
