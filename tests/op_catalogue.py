@@ -429,7 +429,7 @@ def _fill_layers() -> None:
     matmul_ = stand_in("__matmul__", torch.matmul)  # `h @ w` dispatches as matmul
     add_dead("__matmul__", lambda m, h, k: matmul_(h, m.w), params=w)
     add("__rmatmul__", lambda m, h, k: torch.Tensor.__rmatmul__(m.w, h), params=w)  # `h @ w` for a non-tensor h
-    add("mm", lambda m, h, k: h.mm(m.w), params=w)  # (torch.mm is recorded as spmm: see test_rule_matrix)
+    add("mm", lambda m, h, k: torch.mm(h, m.w), params=w)  # (torch.mm == torch.spmm: op_name tells them apart)
     add("bmm", lambda m, h, k: torch.bmm(h, m.w.expand(h.shape[0], -1, -1)), stem="seq", params=w)
     add("mv", lambda m, h, k: torch.mv(m.w.t(), h[0]), params=w)
     add("dot", lambda m, h, k: torch.dot(h[0], m.v), params={"v": (C,)})

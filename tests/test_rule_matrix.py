@@ -117,13 +117,7 @@ def _callables() -> list[Any]:
             if name.startswith("__") and home is not torch.Tensor:
                 continue  # a module's own dunders (object.__eq__ ...)
             if callable(getattr(home, name, None)):
-                marks = []
-                if (where, name) == ("torch", "mm"):
-                    marks = [pytest.mark.xfail(strict=True, reason=(
-                        "graph/registry.py op_name: torch.overrides resolves torch.mm to 'torch.spmm' (the same "
-                        "function object), and no rule is registered under 'spmm': torch.mm(a, b) freezes its "
-                        "channels with UnsupportedOpWarning (Tensor.mm and torch.matmul are fine)"))]
-                out.append(pytest.param(where, name, id=f"{where}.{name}", marks=marks))
+                out.append(pytest.param(where, name, id=f"{where}.{name}"))
     return out
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.overrides import resolve_name
 
 from ..errors import AdapruneError
@@ -71,15 +72,20 @@ _PREFIXES = (
 )
 
 
-_NAMES: dict[Any, str] = {}
+_NAMES: dict[tuple[Any, Any], str] = {}
 
 
 def op_name(func: Callable[..., Any]) -> str:
-    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_`` (cached per function)."""
+    """Normalised op name: ``F.linear`` -> ``linear``, ``Tensor.add_`` -> ``add_`` (cached per function).
+
+    The cache is keyed by the function *and* its ``__name__``: torch builtins that share one C
+    implementation compare (and hash) equal (``torch.mm == torch.spmm``), so the function alone would
+    give both the name of whichever was seen first."""
+    key = (func, getattr(func, "__name__", None))
     try:
-        return _NAMES[func]
+        return _NAMES[key]
     except KeyError:
-        name = _NAMES[func] = _op_name(func)
+        name = _NAMES[key] = _op_name(func)
         return name
     except TypeError:  # not hashable: not cached
         return _op_name(func)
@@ -90,6 +96,12 @@ def _op_name(func: Callable[..., Any]) -> str:
         name = str(resolve_name(func) or "")
     except Exception:  # noqa: BLE001  (resolve_name is best-effort on exotic callables)
         name = ""
+    # resolve_name looks functions up by equality, and builtins sharing a C implementation are equal:
+    # it answers torch.mm with 'torch.spmm'. The function's own name wins when torch.<own> is it.
+    own = getattr(func, "__name__", None)
+    if (name.startswith("torch.") and isinstance(own, str) and name.rpartition(".")[2] != own
+            and getattr(torch, own, None) is func):
+        name = f"torch.{own}"
     if not name:
         name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
     for p in _PREFIXES:
