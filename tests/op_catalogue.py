@@ -1,6 +1,6 @@
 """One small traced example per graph rule name (``adaprune.graph.registry.RULES``), for test_rule_matrix.
 
-Every example is an :class:`OpNet`: a stem (``Linear`` / ``Conv{1,2,3}d`` / ``Embedding``) produces
+Every example is an :class:`OpNet`: a stem (``Linear`` / ``Conv{1,2,3}d`` / ``Embedding`` / ``EmbeddingBag``) produces
 prunable channels, squashed into (0.25, 0.75) so every op's domain holds (log, acos, logit ...); the op
 under test runs on them (binary ops on two stems, so the op couples them); a ``Linear`` head reads the
 flattened result. Families (unary, binary, reductions, pools ...) are generated from tables; the rest is
@@ -49,6 +49,8 @@ def _stem(kind: str) -> nn.Module:
         return getattr(nn, f"Conv{kind[-1]}d")(3, C, 3, padding=1)
     if kind == "emb":
         return nn.Embedding(VOCAB, C)
+    if kind == "bag":
+        return nn.EmbeddingBag(VOCAB, C)
     raise ValueError(kind)
 
 
@@ -58,7 +60,7 @@ def example_input(kind: str) -> torch.Tensor:
         return torch.randn(B, IN, generator=g)
     if kind == "seq":
         return torch.randn(B, T, IN, generator=g)
-    if kind == "emb":
+    if kind in ("emb", "bag"):
         return torch.randint(0, VOCAB, (B, T), generator=g)
     nd = int(kind[-1])
     return torch.randn(B, 3, *([L if nd < 3 else 4] * nd), generator=g)
@@ -457,6 +459,8 @@ def _fill_layers() -> None:
     add("rms_norm", lambda m, h, k: m.norm(h), stem="seq", modules={"norm": lambda: nn.RMSNorm(C)}, exact=False)
     add("prelu", lambda m, h, k: m.act(h), stem="conv1", modules={"act": lambda: nn.PReLU(C)})
     add("embedding", lambda m, h, k: h, stem="emb")
+    add("embedding_bag", lambda m, h, k: h, stem="bag")  # bags of T ids, averaged per column
+    add("bilinear", lambda m, h, k: m.bil(h, k), second=True, modules={"bil": lambda: nn.Bilinear(C, C, D)})
 
 
 _POOL_ARGS: dict[str, tuple[Any, ...]] = {
@@ -547,14 +551,16 @@ _MOVE: dict[str, tuple[Op, str]] = {
     "squeeze": (lambda m, h, k: h[:, :1].squeeze(1), "seq"),
     "unsqueeze": (lambda m, h, k: torch.unsqueeze(h, 1), "lin"),
     "expand": (lambda m, h, k: h.unsqueeze(1).expand(-1, 3, -1), "lin"),
-    "expand_as": (lambda m, h, k: h.unsqueeze(1).expand_as(m.ref), "lin"),
+    # h's channels follow ref's dim 2; ref's own dim 1 reaches the result too (as in h + ref), and the index
+    # keeps it out of the head's flattened input, where two axes in one dim would merge into one channel
+    "expand_as": (lambda m, h, k: h.unsqueeze(1).expand_as(m.ref)[:, 0], "lin"),
     "broadcast_to": (lambda m, h, k: torch.broadcast_to(h.unsqueeze(1), (h.shape[0], 3, h.shape[1])), "lin"),
     "repeat": (lambda m, h, k: h.repeat(1, 2), "lin"),  # along the channels: every channel twice
     "tile": (lambda m, h, k: torch.tile(h, (1, 2, 1)), "seq"),
     "flip": (lambda m, h, k: torch.flip(h, [1]), "lin"),  # reverses the channels
     "fliplr": (lambda m, h, k: torch.fliplr(h), "lin"),
     "flipud": (lambda m, h, k: torch.flipud(h), "lin"),
-    "roll": (lambda m, h, k: torch.roll(h, 1, 1), "lin"),  # along the channels
+    "roll": (lambda m, h, k: torch.roll(h, 1, 1), "lin"),  # along the channels: pinned (see _fill_shape)
     "rot90": (lambda m, h, k: torch.rot90(h, 1, (2, 3)), "conv2"),
     "repeat_interleave": (lambda m, h, k: h.repeat_interleave(2, dim=1), "lin"),
     "pixel_shuffle": (lambda m, h, k: F.pixel_shuffle(h, 2), "conv2"),
@@ -581,7 +587,8 @@ def _fill_shape() -> None:
     for name, (op, stem) in _MOVE.items():
         modules = {"lin": lambda: nn.Linear(B, B)} if name in ("t", "T.__get__") else {}
         params = {"ref": (B, 3, C)} if name == "expand_as" else {}
-        add(name, op, stem=stem, modules=modules, params=params)
+        # a roll along the channels wraps another channel around once some are cut: pinned by design
+        add(name, op, stem=stem, modules=modules, params=params, prunes=name != "roll")
     add("view", lambda m, h, k: h.view(h.shape[0], -1), stem="seq")
     add("reshape", lambda m, h, k: torch.reshape(h, (h.shape[0], h.shape[1], 2, -1)), stem="seq")  # heads of 2 channels
     add("view_as", lambda m, h, k: h.view_as(k), stem="seq", second=True)
@@ -637,41 +644,7 @@ def _fill_dead() -> None:
 
 
 # Known bugs in src (strict xfails in test_rule_matrix): the example is right, the rule is not.
-XFAIL = {
-    "addbmm": "rules/layers.py addmm: for addbmm the batch dim of batch1 @ batch2 is summed away, but the rule "
-    "gives the 2-d output the 3-d fields of the batched product, and elementwise() fails in permute (a strict "
-    "trace raises; otherwise addbmm is frozen with UnsupportedOpWarning)",
-    "as_tensor": "rules/elementwise.py creation: torch.as_tensor(h) returns h itself and the rule clears its "
-    "fields, so h's consumer is no longer coupled to its producer; the cut breaks the head ('mat1 and mat2 "
-    "shapes cannot be multiplied') and, as the only cut group, makes prune raise SurgeryError",
-    "channel_shuffle": "rules/shape.py move: channel_shuffle is applied to the labels with no lockstep across "
-    "its groups; the pruned op regroups the remaining channels differently, so the head's kept columns no "
-    "longer match them (pruned output != masked output: a silent wrong cut)",
-    "pixel_shuffle": "rules/shape.py move: pixel_shuffle(2) is applied to the labels without keeping the 4 "
-    "sub-pixel channels of an output channel together; after the cut the remaining channels land on other "
-    "pixels (pruned output != masked output: a silent wrong cut)",
-    "roll": "rules/shape.py move: roll along the channel dim is applied to the labels, but rolling the pruned "
-    "tensor by the same shift wraps a different channel around (pruned output != masked output: a silent "
-    "wrong cut); a roll along a channel dim should pin it",
-    "concatenate": "rules/shape.py cat reads the dim only as `dim`: torch.concatenate(..., axis=1) (likewise "
-    "cat/concat with axis=) is taken as dim 0 and the rule raises in full() ('The expanded size of the tensor "
-    "(16) must match ...'); a strict trace raises, otherwise the op is frozen with a warning",
-    "expand_as": "rules/shape.py move ignores expand_as's other operand: expanding h to a parameter's shape "
-    "does not couple h's channels to that parameter's dim, so the cut shrinks h but not the target (expand "
-    "fails) and, as the only cut group, makes prune raise SurgeryError",
-    "kthvalue": "rules/elementwise.py reduce reads the dim at position 1, which for kthvalue(input, k, dim) is "
-    "k: torch.kthvalue(h, 2, 1) is taken as a reduction over dim 2 (the channels), the head is left "
-    "uncoupled and, as the only cut group, the cut makes prune raise SurgeryError",
-    "hsplit": "rules/shape.py split takes hsplit's dim as -1, but torch.hsplit splits dim 1 of a tensor with 2+ "
-    "dims: hsplit of (B, T, C) along T pins the channels as 'sizes fixed in the code' (conservative: no wrong "
-    "cut, nothing pruned)",
-    "vsplit": "rules/shape.py split takes vsplit's dim as -1, but torch.vsplit splits dim 0: vsplit of (B, T, C) "
-    "along the batch pins the channels as 'sizes fixed in the code' (conservative: no wrong cut, nothing "
-    "pruned)",
-    "msort": "rules/elementwise.py sort takes msort's dim as -1, but torch.msort sorts dim 0: msort of (B, T, C) "
-    "over the batch pins the channels as 'reordered by their values' (conservative: no wrong cut, nothing "
-    "pruned)",
-}
+XFAIL: dict[str, str] = {}
 
 _fill_unary()
 _fill_binary()

@@ -85,10 +85,12 @@ def reduce(state: TraceState, call: Call) -> None:
     x = call.args[0]
     if call.name in ("max", "min") and len(call.args) > 1 and isinstance(call.args[1], torch.Tensor):
         return binary(state, call)
-    if call.name == "norm":
-        dim = call.arg(2, "dim")
+    if call.name in ("norm", "kthvalue"):  # norm(input, p, dim), kthvalue(input, k, dim=-1)
+        dim = call.arg(2, "dim", -1 if call.name == "kthvalue" else None)
     else:
-        dim = call.arg(1, "dim")
+        dim = call.arg(1, "dim", -1 if call.name == "mode" else None)
+    if isinstance(dim, bool):  # std(input, unbiased) / var(input, unbiased): over every dim
+        dim = None
     if x.dim() == 0:
         return
     dims = _dims(dim, x.dim())
@@ -128,9 +130,9 @@ def along_dim(state: TraceState, call: Call) -> None:
 @rule("sort", "argsort", "topk", "msort")
 def sort(state: TraceState, call: Call) -> None:
     x = call.args[0]
-    default = -1
-    dim = call.arg(2 if call.name == "topk" else 1, "dim", default)
-    if not isinstance(dim, int):
+    default = 0 if call.name == "msort" else -1  # msort sorts dim 0 and takes no dim
+    dim = default if call.name == "msort" else call.arg(2 if call.name == "topk" else 1, "dim", default)
+    if not isinstance(dim, int) or isinstance(dim, bool):
         dim = default
     d = dim % x.dim()
     if any(f.shape[d] > 1 for f in state.fields_of(x)):
@@ -145,6 +147,12 @@ def sort(state: TraceState, call: Call) -> None:
       "tensor", "as_tensor", "randn", "rand", "randint", "eye", "linspace", "logspace")
 def creation(state: TraceState, call: Call) -> None:
     """A new tensor of sizes given by the code: it carries no channels (its sizes are checked where
-    it meets a channel axis)."""
+    it meets a channel axis). ``tensor``/``as_tensor``/``new_tensor`` of a tensor hold its values
+    (``as_tensor`` often returns the very tensor): its channels go through."""
+    data = call.arg(1, "data") if call.name == "new_tensor" else call.arg(0, "data")
     for out in _outputs(call.out):
-        state.set_fields(out, [])
+        if (call.name in ("tensor", "as_tensor", "new_tensor") and isinstance(data, torch.Tensor)
+                and tuple(data.shape) == tuple(out.shape)):
+            state.set_fields(out, list(state.fields_of(data)))
+        else:
+            state.set_fields(out, [])

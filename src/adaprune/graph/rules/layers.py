@@ -1,4 +1,4 @@
-"""Rules for layers with weights (linear, conv, norms, embedding, PReLU), matmul and pooling."""
+"""Rules for layers with weights (linear, bilinear, conv, norms, embedding, PReLU), matmul and pooling."""
 
 from __future__ import annotations
 
@@ -88,8 +88,13 @@ def matmul(state: TraceState, call: Call) -> None:
 
 @rule("addmm", "baddbmm", "addmv", "addbmm")
 def addmm(state: TraceState, call: Call) -> None:
-    bias, a, b = call.args[0], call.args[1], call.args[2]
-    fields = matmul_fields(state, a, b, call.name)
+    names = {"addmm": ("mat1", "mat2"), "addmv": ("mat", "vec")}.get(call.name, ("batch1", "batch2"))
+    bias, a, b = call.arg(0, "input"), call.arg(1, names[0]), call.arg(2, names[1])
+    if call.name == "addbmm":  # the batch dim of batch1 @ batch2 is summed away: contracted like k
+        operands = [(state.fields_of(a), tuple(a.shape), [3, 0, 1]), (state.fields_of(b), tuple(b.shape), [3, 1, 2])]
+        fields = contract(state, operands, [0, 2], call.name)
+    else:
+        fields = matmul_fields(state, a, b, call.name)
     tmp = torch.empty(call.out.shape, device="meta")
     state.fields[tmp] = fields
     state.set_fields(call.out, elementwise(state, [tmp, bias], call.out.dim(), call.name))
@@ -263,12 +268,70 @@ def prelu(state: TraceState, call: Call) -> None:
     _per_channel(state, call, x, 1 if x.dim() > 1 else 0, [w])
 
 
-@rule("embedding")
-def embedding(state: TraceState, call: Call) -> None:
-    w = call.arg(1, "weight")
+@rule("bilinear")
+def bilinear(state: TraceState, call: Call) -> None:
+    """``y[..., o] = x1[..., i] W[o, i, j] x2[..., j] + b[o]``: one contraction of three operands."""
+    x1, x2 = call.arg(0, "input1"), call.arg(1, "input2")
+    w, b = call.arg(2, "weight"), call.arg(3, "bias")
+    batch = list(range(3, x1.dim() + 2))  # letters: 0 = o, 1 = i, 2 = j, 3... = the leading dims
+    operands = [
+        (state.fields_of(x1), tuple(x1.shape), batch + [1]),
+        (state.fields_of(x2), tuple(x2.shape), batch + [2]),
+        (state.fields_of(w), tuple(w.shape), [0, 1, 2]),
+    ]
+    fields = contract(state, operands, batch + [0], "bilinear")
+    if isinstance(b, torch.Tensor):
+        tmp = torch.empty(call.out.shape, device="meta")
+        state.fields[tmp] = fields
+        fields = elementwise(state, [tmp, b], call.out.dim(), "bilinear")
+    state.set_fields(call.out, fields)
+
+
+def _embedding_columns(state: TraceState, w: torch.Tensor, max_norm: object) -> torch.Tensor:
     rows, cols = weight_atoms(state, w, (0, 1))
     state.atoms.pin(rows, "embedding rows are addressed by token ids")
-    state.set_fields(call.out, [along(cols, call.out.dim(), -1)])
+    if max_norm is not None:  # rows are renormalised over their columns: a cut changes the norms
+        state.atoms.span(cols)
+    return cols
+
+
+@rule("embedding")
+def embedding(state: TraceState, call: Call) -> None:
+    if call.func is torch.embedding:  # torch.embedding(weight, indices, ...): F.embedding's order reversed
+        w, ids, max_norm = call.arg(0, "weight"), call.arg(1, "indices"), None
+    else:
+        ids, w, max_norm = call.arg(0, "input"), call.arg(1, "weight"), call.arg(3, "max_norm")
+    cols = _embedding_columns(state, w, max_norm)
+    # the result is one row per id: channels along the ids' dims go through
+    passed = [f.unsqueeze(-1) for f in state.fields_of(ids)]
+    state.set_fields(call.out, passed + [along(cols, call.out.dim(), -1)])
+
+
+@rule("embedding_bag")
+def embedding_bag(state: TraceState, call: Call) -> None:
+    """Like ``embedding``, each bag reduced (sum / mean / max) per column: the columns are prunable.
+    A 2-d ``input`` of bags passes channels along its bag dim (0) through; channels along the members
+    of a bag, in a 1-d ``input`` (bags given by ``offsets``), in ``offsets`` or in ``per_sample_weights``
+    are pinned."""
+    out = call.out
+    if call.func is torch.embedding_bag:  # torch.embedding_bag(weight, indices, offsets, ...) -> (output, ...)
+        w, ids, offsets, weights = call.arg(0, "weight"), call.arg(1, "indices"), call.arg(2, "offsets"), call.arg(6, "per_sample_weights")
+        max_norm, out = None, out[0]
+        for extra in call.out[1:]:
+            state.set_fields(extra, [])
+    else:
+        ids, w, offsets, weights = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "offsets"), call.arg(8, "per_sample_weights")
+        max_norm = call.arg(3, "max_norm")
+    cols = _embedding_columns(state, w, max_norm)
+    passed = []
+    for f in state.fields_of(ids):
+        if ids.dim() == 2 and f.shape[1] == 1 and offsets is None:
+            passed.append(f)
+        else:
+            state.pin_op(f, call.name, "a channel axis along the members of a bag")
+    for f in [*state.fields_of(offsets), *state.fields_of(weights)]:
+        state.pin_op(f, call.name, "a channel axis along the offsets or per-sample weights of bags")
+    state.set_fields(out, passed + [along(cols, out.dim(), -1)])
 
 
 _POOL = [

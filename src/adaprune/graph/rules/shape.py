@@ -18,6 +18,7 @@ from ..atoms import NO_ATOM
 from ..fields import Field, collapse, compact, full, merge
 from ..registry import Call, NeedsValues, rule
 from ..sizes import SizeInt
+from ._contract import elementwise
 
 if TYPE_CHECKING:
     from ..tracer import TraceState
@@ -39,16 +40,92 @@ def _set_results(state: TraceState, out: Any, results: list[Any]) -> None:
         state.set_fields(o, [f for f in fs if any(s > 1 for s in f.shape)])
 
 
-_MOVE = ["permute", "transpose", "swapaxes", "swapdims", "t", "T.__get__", "mT.__get__", "movedim", "moveaxis", "squeeze", "unsqueeze", "expand", "expand_as", "broadcast_to", "repeat", "tile", "flip", "fliplr", "flipud", "roll", "rot90", "repeat_interleave", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "diagonal"]
+_MOVE = ["permute", "transpose", "swapaxes", "swapdims", "t", "T.__get__", "mT.__get__", "movedim", "moveaxis", "squeeze", "unsqueeze", "expand", "broadcast_to", "repeat", "tile", "flip", "fliplr", "flipud", "rot90", "repeat_interleave", "unfold", "diagonal"]
 
 
 @rule(*_MOVE)
 def move(state: TraceState, call: Call) -> None:
     x = call.args[0]
-    if call.name == "unfold" and not isinstance(call.args[1] if len(call.args) > 1 else 0, int):
+    if call.name == "unfold" and call.func is not torch.Tensor.unfold:  # F.unfold (im2col) mixes positions
         state.unknown(call)
         return
-    results = [_apply(call, x, f) for f in state.fields_of(x)]
+    fields = state.fields_of(x)
+    # windows along a dim (Tensor.unfold) and a diagonal across two dims select positions by index: a cut
+    # along such a dim selects other elements (a diagonal of a (T, C') slice is not the kept part of the
+    # old one), so a channel axis there is pinned
+    positional: list[int] = []
+    if call.name == "unfold" and x.dim():
+        positional = [call.arg(1, "dimension") % x.dim()]
+    elif call.name == "diagonal":
+        positional = [call.arg(2, "dim1", 0) % x.dim(), call.arg(3, "dim2", 1) % x.dim()]
+    for f in fields:
+        if any(f.shape[d] > 1 for d in positional):
+            state.pin_op(f, call.name, "elements picked by position along a channel dim")
+    results = [_apply(call, x, f) for f in fields]
+    _set_results(state, call.out, results)
+
+
+@rule("expand_as")
+def expand_as(state: TraceState, call: Call) -> None:
+    """``x.expand_as(other)``: the result has ``other``'s shape, so it couples like a broadcasting
+    elementwise op of the two (``x``'s channels with ``other``'s along shared dims; ``other``'s along
+    dims where ``x`` is broadcast)."""
+    x, other = call.args[0], call.arg(1, "other")
+    state.set_fields(call.out, elementwise(state, [x, other], call.out.dim(), call.name))
+
+
+@rule("roll")
+def roll(state: TraceState, call: Call) -> None:
+    """A roll along a channel dim wraps a different channel around once channels are cut (the shift
+    is fixed, the width is not): those channels are pinned. Along other dims the channels go through."""
+    x = call.args[0]
+    dims = call.arg(2, "dims")
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # over the flattened tensor
+        rolled = list(range(x.dim()))
+    else:
+        rolled = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+    fields = state.fields_of(x)
+    for f in fields:
+        if any(f.shape[d] > 1 for d in rolled):
+            state.pin_op(f, call.name, "rolled along a channel dim")
+    _set_results(state, call.out, [_apply(call, x, f) for f in fields])
+
+
+def _tie(state: TraceState, f: Field, dim: int, blocks: int, across: int) -> Field:
+    """Dim ``dim`` of ``f`` seen as ``(blocks, n // blocks)``: union the labels across the block index
+    (``across=0``: position ``j`` of every block together) or within each block (``across=1``)."""
+    parts = f.unflatten(dim, (blocks, f.shape[dim] // blocks))
+    state.atoms.union_pairs(parts.narrow(dim + across, 0, 1), parts)
+    return compact(state.atoms, f)
+
+
+@rule("pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+def shuffle(state: TraceState, call: Call) -> None:
+    """Ops that regroup channels by their position, exact when the cut keeps the grouping:
+
+    - ``pixel_shuffle(x, r)``: output channel ``c`` is input channels ``c*r*r ... c*r*r + r*r - 1``
+      spread over ``r x r`` pixels, so those ``r*r`` input channels are one channel;
+    - ``pixel_unshuffle(x, r)``: input channel ``c`` becomes output channels ``c*r*r ...`` (a cut of
+      ``c`` removes them all, exact as is); a channel axis along the pixels goes in blocks of ``r``;
+    - ``channel_shuffle(x, g)``: the channels seen as ``(g, C/g)`` are transposed, so position ``j`` of
+      every group is one channel (every group keeps the same positions, and ``C'`` stays a multiple
+      of ``g``)."""
+    x = call.args[0]
+    cd = x.dim() - 3 if call.name.startswith("pixel") else 1
+    results = []
+    for f in state.fields_of(x):
+        if call.name == "pixel_shuffle":
+            r = int(call.arg(1, "upscale_factor"))
+            if f.shape[cd] > 1:
+                f = _tie(state, f, cd, f.shape[cd] // (r * r), 1)
+        elif call.name == "pixel_unshuffle":
+            r = int(call.arg(1, "downscale_factor"))
+            for d in (cd + 1, cd + 2):
+                if f.shape[d] > 1:
+                    f = _tie(state, f, d, f.shape[d] // r, 1)
+        elif f.shape[cd] > 1:
+            f = _tie(state, f, cd, int(call.arg(1, "groups")), 0)
+        results.append(_apply(call, x, f))
     _set_results(state, call.out, results)
 
 
@@ -245,8 +322,12 @@ def narrow(state: TraceState, call: Call) -> None:
 @rule("chunk", "split", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
 def split(state: TraceState, call: Call) -> None:
     x = call.args[0]
-    default = 0 if call.name in ("chunk", "split", "tensor_split", "unbind", "split_with_sizes") else -1
-    dim = call.arg(1 if call.name == "unbind" else 2, "dim", default)
+    if call.name == "hsplit":  # torch.hsplit splits dim 1 (dim 0 of a 1-d tensor), vsplit dim 0
+        dim = 1 if x.dim() > 1 else 0
+    elif call.name == "vsplit":
+        dim = 0
+    else:
+        dim = call.arg(1 if call.name == "unbind" else 2, "dim", 0)
     dim = dim % x.dim()
     pieces = len(call.out)
     size = x.shape[dim]
@@ -256,6 +337,8 @@ def split(state: TraceState, call: Call) -> None:
         if f.shape[dim] > 1:
             if call.name == "unbind":
                 f = collapse(state.atoms, f, [dim])
+            elif call.name in _AT_INDICES and not _sections(call):
+                state.pin_op(f, call.name, "split at positions the code fixes along a channel dim")
             elif call.name in _SIZED:
                 classes = _sized_pieces(state, call, widths)
                 if classes is None:
@@ -271,7 +354,19 @@ def split(state: TraceState, call: Call) -> None:
     _set_results(state, call.out, results)
 
 
-_SIZED = ("split", "split_with_sizes", "hsplit", "vsplit")
+_SIZED = ("split", "split_with_sizes")
+_AT_INDICES = ("tensor_split", "hsplit", "vsplit")  # a number of equal sections, or split points
+
+
+def _sections(call: Call) -> bool:
+    """Whether a ``tensor_split``/``hsplit``/``vsplit`` asks for a number of sections (not split points)."""
+    arg = call.args[1] if len(call.args) > 1 else next(
+        (call.kwargs[k] for k in ("sections", "indices_or_sections", "tensor_indices_or_sections") if k in call.kwargs),
+        None,
+    )
+    if isinstance(arg, torch.Tensor):
+        return arg.dim() == 0
+    return isinstance(arg, int) and not isinstance(arg, bool)
 
 
 def _lockstep(
@@ -292,14 +387,11 @@ def _sized_pieces(state: TraceState, call: Call, widths: list[int]) -> list[list
     registered fixer (which keeps them equal to its pruned tensors, as GPT-2's attention fixer does
     for ``split_size``); the check after surgery still catches a fixer that does not. Pieces of one
     size shrink in lockstep (an ``int`` split size, q/k/v of equal widths); pieces of different sizes
-    (``split([q_size, kv_size, kv_size])``) shrink independently. ``hsplit``/``vsplit`` take split
-    points, not sizes: only equal pieces, in lockstep."""
+    (``split([q_size, kv_size, kv_size])``) shrink independently."""
     module = state.module_objects[-1] if state.module_objects else None
     if module is None or not has_fixer(module):
         return None
     every = [list(range(len(widths)))]
-    if call.name in ("hsplit", "vsplit"):
-        return every if len(set(widths)) == 1 else None
     sizes = call.args[1] if len(call.args) > 1 else next(
         (call.kwargs[k] for k in ("split_size_or_sections", "split_size", "split_sizes") if k in call.kwargs), None
     )
@@ -334,13 +426,13 @@ def _size_attributes(module: Any) -> tuple[set[int], set[tuple[int, ...]]]:
 
 @rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
 def cat(state: TraceState, call: Call) -> None:
-    tensors = [t for t in call.args[0] if t.numel() > 0 or t.dim() == call.out.dim()]
+    tensors = [t for t in call.arg(0, "tensors") if t.numel() > 0 or t.dim() == call.out.dim()]
     tensors = [t for t in tensors if t.numel() > 0] or tensors  # empty pieces (a fresh KV cache) add nothing
     out = call.out
     if call.name in ("hstack", "vstack"):
         state.unknown(call)
         return
-    dim = call.arg(1, "dim", 0)
+    dim = call.arg(1, "dim", call.kwargs.get("axis", 0))  # torch.concatenate(..., axis=1), cat(..., axis=)
     if call.name == "stack":
         dim = dim % (tensors[0].dim() + 1)
         tensors_shapes = [tuple(t.unsqueeze(dim).shape) for t in tensors]
