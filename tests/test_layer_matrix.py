@@ -262,12 +262,6 @@ class FixCase:
         return model.eval(), x
 
 
-_NO_RULE = (
-    "no graph rule for {op!r} (what nn.{cls}.forward calls): tracing freezes everything it touches with "
-    "UnsupportedOpWarning, so prune never cuts an nn.{cls} and its registered fixer is unreachable from prune "
-    "(test_fixer_by_hand_plan exercises the fixer through a plan)"
-)
-
 FIX_CASES: dict[str, list[FixCase]] = {
     key_of(nn.Linear): [
         FixCase("mlp", lambda: (Chain(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)),
@@ -275,7 +269,7 @@ FIX_CASES: dict[str, list[FixCase]] = {
     ],
     key_of(nn.Bilinear): [
         FixCase("bilinear", lambda: (Chain(nn.Linear(6, 8), nn.Bilinear(8, 8, 8), nn.ReLU(), nn.Linear(8, 3)),
-                                     torch.randn(2, 6)), xfail=_NO_RULE.format(op="bilinear", cls="Bilinear")),
+                                     torch.randn(2, 6))),
     ],
     key_of(nn.modules.conv._ConvNd): [
         FixCase("conv1d", lambda: (Chain(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3),
@@ -319,8 +313,7 @@ FIX_CASES: dict[str, list[FixCase]] = {
     ],
     key_of(nn.EmbeddingBag): [
         FixCase("embeddingbag", lambda: (Chain(nn.EmbeddingBag(10, 8), nn.ReLU(), nn.Linear(8, 3)),
-                                         torch.randint(0, 10, (2, 5))),
-                xfail=_NO_RULE.format(op="embedding_bag", cls="EmbeddingBag")),
+                                         torch.randint(0, 10, (2, 5)))),
     ],
     key_of(nn.MultiheadAttention): [
         FixCase("mha", lambda: _seq(nn.Linear(6, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.ReLU(),
@@ -392,7 +385,7 @@ def test_fixer_round_trip(key: str, case: FixCase, tmp_path) -> None:
     torch.testing.assert_close(_run(loaded, x), y1)
 
 
-# -- fixers prune cannot reach: a plan written by hand ----------------------------------------------
+# -- the same fixers under a plan written by hand ----------------------------------------------------
 
 
 HAND_PLANS: dict[str, tuple[str, Callable[[], Plan]]] = {
@@ -408,7 +401,8 @@ HAND_PLANS: dict[str, tuple[str, Callable[[], Plan]]] = {
 
 @pytest.mark.parametrize("key", sorted(HAND_PLANS))
 def test_fixer_by_hand_plan(key: str) -> None:
-    """The fixers of kinds the graph cannot trace still keep their modules consistent when a plan cuts them."""
+    """The fixers keep their modules consistent under a plan written by hand (cuts of every weight dim at
+    once, which prune's round trip above need not choose)."""
     case = next(c for c in FIX_CASES[key] if c.id == HAND_PLANS[key][0])
     model, x = case.make()
     original = copy.deepcopy(model)
@@ -457,7 +451,7 @@ def test_role(key: str, make: Callable[[], tuple[nn.Module, torch.Tensor, int]])
     m, x, in_dim = make()
     assert lookup(m, "role") is LAYERS[key].role
     y = m(x)
-    roles = {d: weight_role(m, d) for d in (0, 1)}
+    roles = {d: weight_role(m, d) for d in range(m.weight.dim())}  # a conv's kernel dims have no role
     outs = [d for d, r in roles.items() if r == "out"]
     ins = [d for d, r in roles.items() if r == "in"]
     assert len(outs) == 1, roles
@@ -480,11 +474,11 @@ CHANNEL_CASES: dict[str, list[Any]] = {
         pytest.param(lambda: (nn.BatchNorm1d(5), torch.randn(4, 5, 3), 1), id="batchnorm1d-3d"),
         pytest.param(lambda: (nn.BatchNorm2d(5), torch.randn(2, 5, 3, 3), 1), id="batchnorm2d"),
         pytest.param(lambda: (nn.InstanceNorm1d(5, affine=True), torch.randn(2, 5, 4), 1), id="instancenorm1d"),
-        pytest.param(lambda: (nn.InstanceNorm1d(5, affine=True), torch.randn(5, 4), 0), id="instancenorm1d-unbatched",
-                     marks=pytest.mark.xfail(strict=True, reason=(
-                         "layers/torch_nn.py _channel_first returns 1 for any output with 2+ dims, but an "
-                         "unbatched InstanceNorm1d/2d/3d input (C, L) / (C, H, W) has its channels at dim 0: "
-                         "activation/apoz statistics would be taken per position, not per channel"))),
+        pytest.param(lambda: (nn.InstanceNorm1d(5, affine=True), torch.randn(5, 4), 0), id="instancenorm1d-unbatched"),
+        pytest.param(lambda: (nn.InstanceNorm2d(5, affine=True), torch.randn(5, 3, 4), 0), id="instancenorm2d-unbatched"),
+        pytest.param(lambda: (nn.InstanceNorm3d(5, affine=True), torch.randn(5, 2, 3, 4), 0),
+                     id="instancenorm3d-unbatched"),
+        pytest.param(lambda: (nn.InstanceNorm2d(5, affine=True), torch.randn(2, 5, 3, 4), 1), id="instancenorm2d"),
     ],
     key_of(nn.GroupNorm): [
         pytest.param(lambda: (nn.GroupNorm(2, 6), torch.randn(2, 6, 3), 1), id="groupnorm"),
@@ -509,6 +503,7 @@ NORM_CASES: dict[str, list[Callable[[], nn.Module]]] = {
                                              lambda: nn.SyncBatchNorm(4)],
     key_of(nn.GroupNorm): [lambda: nn.GroupNorm(2, 4)],
     key_of(nn.LayerNorm): [lambda: nn.LayerNorm(4)],
+    key_of(nn.RMSNorm): [lambda: nn.RMSNorm(4)],
 }
 
 

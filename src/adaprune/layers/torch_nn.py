@@ -129,6 +129,9 @@ def _linear_role(m: nn.Linear, dim: int) -> Role | None:
 
 
 def _conv_role(m: Any, dim: int) -> Role | None:
+    """dims 0 and 1 index outputs and inputs (the other way round when transposed); kernel dims neither."""
+    if dim not in (0, 1):
+        return None
     return "out" if dim == (1 if m.transposed else 0) else "in"
 
 
@@ -149,6 +152,10 @@ def _conv_channel_dim(m: Any, out: torch.Tensor) -> int:
 
 
 def _channel_first(m: Any, out: torch.Tensor) -> int:
+    """Dim 1 of a batch ``(N, C, ...)``; dim 0 of an unbatched instance norm's ``(C, L)`` / ``(C, H, W)`` /
+    ``(C, D, H, W)`` (BatchNorm1d's ``(N, C)`` and ``(N, C, L)`` are batched: dim 1)."""
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and out.dim() == m._get_no_batch_dim():
+        return 0
     return 1 if out.dim() > 1 else 0
 
 
@@ -156,6 +163,7 @@ register_layer(nn.modules.conv._ConvNd, channel_dim=_conv_channel_dim)
 register_layer(nn.modules.batchnorm._NormBase, channel_dim=_channel_first, norm=True)
 register_layer(nn.GroupNorm, channel_dim=_channel_first, norm=True)
 register_layer(nn.LayerNorm, norm=True)
+register_layer(nn.RMSNorm, norm=True)
 
 
 # -- reconstruction: layers that are linear maps of their (unfolded) inputs -----------------------------
