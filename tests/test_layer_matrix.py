@@ -38,6 +38,7 @@ from adaprune.layers import (
     output_width,
     refit_of,
     register_layer,
+    unregister_layer,
     weight_role,
 )
 from adaprune.layers import registry as layer_registry
@@ -665,8 +666,8 @@ def scaled_kind():
     try:
         yield key
     finally:
-        LAYERS.pop(key, None)
-        layer_registry._FOUND.clear()
+        if key in LAYERS:
+            unregister_layer(ScaledLinear)
 
 
 def test_register_layer_in_one_call(scaled_kind: str, tmp_path) -> None:

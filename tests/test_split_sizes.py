@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import adaprune as ap
+from adaprune.layers import unregister_layer
 from adaprune.surgery import register_fixer
 
 torch.set_num_threads(1)
@@ -42,10 +43,19 @@ class Fused(nn.Module):
         return self.out_q(torch.relu(q)) + self.out_kv(torch.relu(k) * v)
 
 
-@register_fixer(Fused)
 def _fix_fused(m: Any, old: dict[str, Any]) -> None:
     m.q_size = m.out_q.in_features
     m.kv_size = m.out_kv.in_features
+
+
+@pytest.fixture(autouse=True)
+def _fused_fixer():
+    """Fused's fixer, registered for these tests only (the layer matrix checks the registry's own kinds)."""
+    register_fixer(Fused)(_fix_fused)
+    try:
+        yield
+    finally:
+        unregister_layer(Fused)
 
 
 class NoFixer(nn.Module):

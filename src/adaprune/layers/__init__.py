@@ -47,11 +47,12 @@ from .registry import (
     refit_of,
     register_fixer,
     register_layer,
+    unregister_layer,
     weight_role,
 )
 
 __all__ = [
     "CUTS", "FALLBACK_FIXERS", "HOOKS", "LAYERS", "Fixer", "LayerKind", "Refit", "Role", "fix_module", "has_fixer",
     "is_norm", "key_of", "lookup", "output_channel_dim", "output_width", "refit_of", "register_fixer",
-    "register_layer", "weight_role",
+    "register_layer", "unregister_layer", "weight_role",
 ]

@@ -103,6 +103,15 @@ def register_layer(
     return entry
 
 
+def unregister_layer(kind: type[nn.Module] | str) -> LayerKind:
+    """Remove ``kind``'s entry (every hook of it) and return it; ``KeyError`` when it has none."""
+    key = key_of(kind)
+    if key not in LAYERS:
+        raise KeyError(f"no layer kind {key} is registered")
+    _FOUND.clear()
+    return LAYERS.pop(key)
+
+
 def lookup(module: nn.Module | type, hook: str) -> Any:
     """The ``hook`` registered for the most specific class of ``module`` that has one (``None`` if none)."""
     cls = module if isinstance(module, type) else type(module)
