@@ -39,6 +39,8 @@ def test_adapt_json_then_report_then_export(workdir):
     assert out["costs_after"]["macs"] <= 0.75 * out["costs_before"]["macs"]
     assert out["before"]["accuracy"] - out["after"]["accuracy"] <= 0.05 + 1e-9
     assert {r["backend"] for r in out["latency"]} == {"torch", "onnxruntime"}
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert out["optimizer_steps"] == saved["optimizer_steps"] == sum(h["optimizer_steps"] for h in saved["history"])
     for name in (
         "report.json",
         "report.html",

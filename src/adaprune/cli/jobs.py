@@ -259,6 +259,7 @@ def summary(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "latency": data["latency"],
         "steps": len(history),
         "accepted": sum(1 for h in history if h["accepted"]),
+        "optimizer_steps": data.get("optimizer_steps"),  # fine-tuning steps spent, rolled-back steps included
         "report": {
             k: str(run_dir / v) for k, v in (("json", report.JSON), ("html", report.HTML), ("md", report.MD))
         },
