@@ -11,8 +11,7 @@ from torch import nn
 
 from ._check import as_bool, as_float, check_inputs, check_instance, check_module, check_ratio
 from .allocate import Limits, get_allocator, search_budget
-from .calls import eval_call
-from .cost import Cost, count, count_with_output
+from .cost import Cost, count_with_output, counted_call
 from .cost.budget import Budget
 from .cost.predict import CostPredictor
 from .cost.registry import COSTS
@@ -105,26 +104,29 @@ def prune(
     graph = trace(model, example_inputs, ignore=ignore, grouped=grouped)
     scores = criterion(model, graph.groups, ctx)
     finished: list[tuple[Reconstruction | None, Cost]] = []
+    counts: list[Cost] = []
+
+    def check() -> Any:  # the check after surgery counts the cut model too: it runs once
+        cost, out = counted_call(model, example_inputs)
+        counts.append(cost)
+        return out
 
     def finish() -> None:  # on the cut model, inside the removal's transaction: a failure restores the model
         report = None
         if original is not None and calibration is not None:
             report = reconstruct(model, original, ctx.calibration or calibration, plan.removals)
-        finished.append((report, count(model, example_inputs)))
-
-    def check() -> Any:
-        return eval_call(model, example_inputs)
+        finished.append((report, before if plan.is_empty else counts[-1]))  # an empty plan runs no check
 
     if budget is None:
         plan = choose(graph, scores, allocation, limits, ratio)
-        broken = find_broken(model, plan, graph, example_inputs, commit=True, expected=expected, then=finish)
+        broken = find_broken(model, plan, graph, example_inputs, True, expected, finish, check)
         if broken:  # the whole plan failed the check: without the groups that broke it
             plan = choose(graph.without({f.module for f in broken}), scores, allocation, limits, ratio)
             with removal(model, plan, check, expected):
                 finish()
     else:
         hi = choose(graph, scores, allocation, limits, 1.0 - 1e-9)
-        broken = find_broken(model, hi, graph, example_inputs, expected=expected)
+        broken = find_broken(model, hi, graph, example_inputs, expected=expected, run=check)
         usable = graph.without({f.module for f in broken})
         predictor = CostPredictor(model, example_inputs)
         ratio, plan = search_budget(

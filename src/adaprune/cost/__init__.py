@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .._check import as_float, check_inputs, check_module
 from ..errors import TraceError
+from .counter import MacCounter, NeedsTorchCounter
 
 __all__ = ["Cost", "count"]
 
@@ -109,6 +110,17 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
 
 def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:
     """:func:`count`, and the model's output from the same (eval-mode, no-grad) forward pass."""
+    try:
+        return counted_call(model, example_inputs)
+    except Warning:
+        raise
+    except Exception as exc:
+        raise TraceError.model_failed(exc) from exc
+
+
+def counted_call(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:
+    """The model's cost and output from one eval-mode, no-grad forward pass; what the model raises
+    propagates as it is (:func:`count_with_output` names it as a :class:`TraceError`)."""
     from ..calls import call_model
 
     was_training = {m: m.training for m in model.modules()}
@@ -118,14 +130,15 @@ def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]
         # Fused attention kernels have no flop formula: count the math they replace instead
         # (scaled dot-product attention's math backend, nn.MultiheadAttention's regular path).
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(
-            display=False, custom_mapping=_RNN_FLOPS
-        ) as counter:
-            output = call_model(model, example_inputs)
-    except Warning:
-        raise
-    except Exception as exc:
-        raise TraceError.model_failed(exc) from exc
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            try:
+                with MacCounter(_RNN_FLOPS) as counter:
+                    output = call_model(model, example_inputs)
+                flops = counter.flops
+            except NeedsTorchCounter:  # a higher-order op: torch's own counter handles those
+                with FlopCounterMode(display=False, custom_mapping=_RNN_FLOPS) as torch_counter:
+                    output = call_model(model, example_inputs)
+                flops = torch_counter.get_total_flops()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, flag in was_training.items():
@@ -133,7 +146,7 @@ def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]
     params = _unique(model.parameters())
     buffers = _unique(model.buffers())
     return Cost(
-        macs=int(counter.get_total_flops()) // 2,
+        macs=int(flops) // 2,
         params=sum(p.numel() for p in params),
         bytes=sum(t.numel() * t.element_size() for t in params + buffers),
     ), output

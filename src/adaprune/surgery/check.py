@@ -4,6 +4,7 @@ the tensors); ``apply_plan`` replays a plan on a model, checked when inputs are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from .remove import output_shapes, removal, remove
 def find_broken(
     model: nn.Module, plan: Plan, graph: Graph, example_inputs: Any, commit: bool = False,
     expected: list[tuple[int, ...]] | None = None, then: Callable[[], None] | None = None,
+    run: Callable[[], Any] | None = None,
 ) -> list[Frozen]:
     """Groups whose cut in ``plan`` breaks the model when applied (dry runs; the model is unchanged).
 
@@ -29,13 +31,13 @@ def find_broken(
     group), and the ones that break the model are returned so the caller keeps them whole. With ``commit=True`` a plan that passes as a
     whole stays applied, after ``then()`` ran on the cut model inside the same transaction (if it
     raises, the model is restored and the exception propagates). ``expected``: the model's output
-    shapes, when the caller already has them.
+    shapes, when the caller already has them. ``run``: the check's forward pass (default: one eval-mode,
+    no-grad call of the model on ``example_inputs``; ``prune`` counts the cut model in the same pass).
     """
+    if run is None:
+        run = functools.partial(eval_call, model, example_inputs)
     if expected is None:
-        expected = output_shapes(eval_call(model, example_inputs))
-
-    def run() -> Any:
-        return eval_call(model, example_inputs)
+        expected = output_shapes(run())
 
     try:
         with removal(model, plan, check=run, expected_shapes=expected) as applied:
