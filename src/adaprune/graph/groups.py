@@ -101,10 +101,7 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     class_roots, counts = torch.unique_consecutive(pair_root, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     # a class's signature is the tuple of its slots; its channel order is its position in its first slot
-    by_signature: dict[tuple[int, ...], list[int]] = {}
-    slots_flat = pair_slot.tolist()
-    for k, (s0, c) in enumerate(zip(starts.tolist(), counts.tolist())):
-        by_signature.setdefault(tuple(slots_flat[s0 : s0 + c]), []).append(k)
+    by_signature = _by_signature(pair_slot, starts, counts)
     order_key = first[starts].tolist()
     class_list = class_roots.tolist()
     spanned = atoms.is_spanned(class_roots).tolist() if class_roots.numel() else []
@@ -134,10 +131,46 @@ def build_groups(state: TraceState, param_names: set[str]) -> Graph:
     k = 0
     for gid, sig in enumerate(signatures):
         slots = tuple(slot_list[i] for i in sig)
-        exact = not any(spanned[c] for c in members[gid])
+        exact = not any(map(spanned.__getitem__, members[gid]))
         groups.append(Group(_group_name(slots, used), slots, maps[k : k + len(sig)], len(members[gid]), exact))
         k += len(sig)
     return Graph(groups, list(state.frozen), frozen_slots, list(state.unsupported))
+
+
+def _by_signature(pair_slot: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> dict[tuple[int, ...], list[int]]:
+    """Classes (by index) by their signature, the tuple of the slots they cover (``pair_slot[starts[k] :
+    starts[k] + counts[k]]`` for class ``k``), each list ascending. Classes of one slot count at a time,
+    as rows of a matrix that ``torch.unique`` groups: no Python loop over classes (a deep MLP has one
+    class per hidden unit, tens of thousands)."""
+    out: dict[tuple[int, ...], list[int]] = {}
+    for c in torch.unique(counts).tolist():
+        classes = (counts == c).nonzero().flatten()
+        rows = pair_slot[starts[classes].unsqueeze(1) + torch.arange(c)]
+        sigs, inverse = _unique_rows(rows)
+        order = torch.argsort(inverse, stable=True)
+        for sig, ks in zip(sigs.tolist(), classes[order].split(torch.bincount(inverse, minlength=len(sigs)).tolist())):
+            out[tuple(sig)] = ks.tolist()
+    return out
+
+
+_PRIME = (1 << 61) - 1
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of ``rows`` and each row's index among them (as ``torch.unique(rows, dim=0,
+    return_inverse=True)``, in another order), through a 1-D key per row: a polynomial hash, checked
+    (rows whose keys agree must be equal, else the exact 2-D unique is used)."""
+    key = torch.zeros(rows.shape[0], dtype=torch.long)
+    for j in range(rows.shape[1]):
+        key = (key * 1_000_003 + rows[:, j] + 1) % _PRIME
+    keys, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((keys.numel(),), rows.shape[0], dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(rows.shape[0]), "amin"
+    )
+    sigs = rows[first]
+    if not torch.equal(sigs[inverse], rows):  # a collision: the exact way
+        return torch.unique(rows, dim=0, return_inverse=True)
+    return sigs, inverse
 
 
 def _frozen_slots(

@@ -293,8 +293,18 @@ def rebuild(owner: nn.Module, config: Any) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = cls.from_dict(json.loads(config.to_json_string(use_diff=True)))
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        with torch.device("meta"), torch.random.fork_rng(devices=[]), _no_init_weights():
             return type(owner)(loaded)
+
+
+def _no_init_weights() -> Any:
+    """transformers' switch that skips weight initialisation (nothing to initialise on meta: only the
+    shapes are compared), or nothing on a version without it."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        module = sys.modules.get(where)
+        if module is not None and callable(getattr(module, "no_init_weights", None)):
+            return module.no_init_weights()
+    return contextlib.nullcontext()
 
 
 def _shapes(mod: nn.Module) -> dict[str, tuple[int, ...]]:
