@@ -1,16 +1,27 @@
 """Engine cost: time and peak memory of trace + plan + apply (50% channel prune), adaprune vs Torch-Pruning.
 
-Every measurement runs in a fresh subprocess (``--worker``): the model is built, then the pruning is
-timed; peak memory is ``ru_maxrss`` of that process (after the build, and at the end: the difference is
-what pruning added). adaprune's stages: ``ap.trace`` (with the head ignored), L2 importance, uniform
-allocation at 0.5 (``adaprune.api.choose``), ``ap.remove``; and, in its own process, the full
-``ap.prune(model, x, ratio=0.5, ignore=[head])`` (which adds dry-run checks and cost counts).
-Before the timed run, each process prunes a 2-block residual stack with the same tool (not timed:
-first-call costs such as lazy imports are reported separately as ``warmup_s``). Torch-Pruning 1.6: ``MetaPruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
-ignored_layers=[head])`` construction (its dependency graph) + ``step()``, with no model-specific
-options (no ``num_heads``), as the zoo benchmark calls it.
+Two figures per tool, each timed in its own fresh subprocess (``--worker``):
 
-    python benchmarks/engine.py --models resnet50 vit_b_16 bert_base llama_1b res10 res100 res1000
+- **core**: the pruning engine alone. adaprune (tool ``adaprune``): ``ap.trace`` (with the head
+  ignored), L2 importance, uniform allocation at 0.5 (``adaprune.allocate.choose``), ``ap.remove``.
+  Torch-Pruning 1.6 (tool ``torch_pruning``): ``MetaPruner(model, x, GroupMagnitudeImportance(p=2),
+  pruning_ratio=0.5, ignored_layers=[head])`` construction (its dependency graph) + ``step()``.
+- **whole**: the call as a user times it. adaprune (tool ``adaprune_prune``): the one call
+  ``ap.prune(model, x, ratio=0.5, ignore=[head])``, which also counts the cost before and after and
+  runs the surgery check (a forward pass of the cut model). Torch-Pruning (tool
+  ``torch_pruning_whole``): what a user writes to get the same: ``tp.utils.count_ops_and_params``
+  before, the core's ``MetaPruner`` + ``step()``, ``count_ops_and_params`` after (stages recorded);
+  when the count after fails (a pruned model that no longer runs), the row says so in ``after_error``
+  and its seconds stop there (a lower bound of the whole call).
+
+No model-specific options are passed to Torch-Pruning (no ``num_heads``), as the zoo benchmark calls it.
+Peak memory is ``ru_maxrss`` of the process (after the build, and at the end: the difference is what
+pruning added). Before the timed run, each process prunes a 2-block residual stack with the same tool
+(not timed: first-call costs such as lazy imports are reported separately as ``warmup_s``). Every
+row records ``figure`` (``core`` or ``whole``) and ``engine`` (``adaprune`` or ``torch_pruning``).
+
+    python benchmarks/engine.py --models resnet50 vit_b_16 bert_base llama_1b res10 res100 res1000 mlp100
+    python benchmarks/engine.py --models res10 --tools adaprune_prune torch_pruning_whole --repeats 1 --out scratch
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, load, log, save
 
-TOOLS = ("adaprune", "adaprune_prune", "torch_pruning")
+TOOLS = ("adaprune", "adaprune_prune", "torch_pruning", "torch_pruning_whole")
+# each tool's engine and figure: "core" (the engine alone) or "whole" (the call a user times, counting included)
+FIGURE = {"adaprune": ("adaprune", "core"), "adaprune_prune": ("adaprune", "whole"),
+          "torch_pruning": ("torch_pruning", "core"), "torch_pruning_whole": ("torch_pruning", "whole")}
 
 
 class Block(nn.Module):
@@ -57,8 +71,34 @@ class ResStack(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class MLPBlock(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class MLPStack(nn.Module):
+    """input linear -> ``depth`` residual MLP blocks (x + fc2(relu(fc1(x)))) -> linear head."""
+
+    def __init__(self, depth: int, d: int = 128, h: int = 512) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, d)
+        self.blocks = nn.Sequential(*[MLPBlock(d, h) for _ in range(depth)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.inp(x)))
+
+
 def build(name: str) -> tuple[nn.Module, Any, nn.Module, str]:
     torch.manual_seed(0)
+    if name.startswith("mlp") and name[3:].isdigit():
+        m = MLPStack(int(name[3:])).eval()
+        return m, torch.randn(8, 32), m.head, (f"residual MLP stack, {name[3:]} blocks of 128 -> 512 -> 128 "
+                                                "(Linear-ReLU-Linear + identity), 8x32 input")
     if name.startswith("res") and name[3:].isdigit():
         m = ResStack(int(name[3:])).eval()
         return m, torch.randn(1, 3, 8, 8), m.fc, f"residual stack, {name[3:]} blocks of 16 channels, 8x8 input"
@@ -102,7 +142,8 @@ def worker(tool: str, name: str, ratio: float, warm: bool = True) -> dict[str, A
         warm_s = time.perf_counter() - t
     t = time.perf_counter()
     model, x, head, desc = build(name)
-    rec: dict[str, Any] = {"model": name, "tool": tool, "desc": desc, "build_s": time.perf_counter() - t,
+    rec: dict[str, Any] = {"model": name, "tool": tool, "engine": FIGURE[tool][0], "figure": FIGURE[tool][1],
+                           "desc": desc, "build_s": time.perf_counter() - t,
                            "params": sum(p.numel() for p in model.parameters()), "rss_after_build_mib": maxrss_mib(),
                            "warmup_s": warm_s}
     stages: dict[str, float] = {}
@@ -111,8 +152,12 @@ def worker(tool: str, name: str, ratio: float, warm: bool = True) -> dict[str, A
         if tool == "adaprune":
             import adaprune as ap
             from adaprune.allocate import Limits
-            from adaprune.api import choose
             from adaprune.importance import Context, get_importance
+
+            try:
+                from adaprune.allocate import choose
+            except ImportError:  # before choose moved to adaprune.allocate
+                from adaprune.api import choose  # type: ignore[attr-defined,no-redef]
 
             t = time.perf_counter()
             graph = ap.trace(model, x, ignore=[head])
@@ -133,9 +178,15 @@ def worker(tool: str, name: str, ratio: float, warm: bool = True) -> dict[str, A
             res = ap.prune(model, x, ratio=ratio, importance="l2", allocation="uniform", ignore=[head])
             rec["groups"] = len(res.graph.groups)
             rec["frozen"] = len(res.frozen)
+            rec["macs_before"], rec["macs_after"] = res.before.macs, res.after.macs
         else:
             import torch_pruning as tp
 
+            whole = tool == "torch_pruning_whole"
+            if whole:  # as a user counts: Torch-Pruning's own op counter, before and after
+                t = time.perf_counter()
+                rec["macs_before"] = int(tp.utils.count_ops_and_params(model, x)[0])
+                stages["count_before"] = time.perf_counter() - t
             t = time.perf_counter()
             pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                           pruning_ratio=ratio, ignored_layers=[head])
@@ -143,6 +194,13 @@ def worker(tool: str, name: str, ratio: float, warm: bool = True) -> dict[str, A
             t = time.perf_counter()
             pruner.step()
             stages["step"] = time.perf_counter() - t
+            if whole:
+                t = time.perf_counter()
+                try:
+                    rec["macs_after"] = int(tp.utils.count_ops_and_params(model, x)[0])
+                except Exception as exc:  # noqa: BLE001  (the pruned model does not run: the call stops here)
+                    rec["after_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                stages["count_after"] = time.perf_counter() - t
     rec["seconds"] = time.perf_counter() - t0
     rec["stages"] = stages
     rec["rss_peak_mib"] = maxrss_mib()
@@ -161,8 +219,8 @@ def worker(tool: str, name: str, ratio: float, warm: bool = True) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+",
-                   default=["resnet50", "vit_b_16", "bert_base", "res10", "res100", "res1000", "llama_1b_bf16",
-                            "llama_1b"])
+                   default=["resnet50", "vit_b_16", "bert_base", "res10", "res100", "mlp100", "res1000",
+                            "llama_1b_bf16", "llama_1b"])
     p.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
@@ -213,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                            "timeout": True}
                 rec["process_wall_s"] = time.perf_counter() - t
                 recs.append(rec)
-                log(f"{name:10s} {tool:15s} #{i} " + (
+                log(f"{name:10s} {tool:19s} #{i} " + (
                     f"{rec['seconds']:.3f}s peak {rec['rss_peak_mib']:.0f} MiB (+{rec['rss_added_mib']:.0f}) "
                     f"{ {k: round(v, 3) for k, v in rec.get('stages', {}).items()} } fwd {rec.get('forward_after')}"
                     if "seconds" in rec else rec["error"]))
@@ -227,9 +285,33 @@ def main(argv: list[str] | None = None) -> int:
                 best["rss_added_mib"] = max(r["rss_added_mib"] for r in ok)
             payload["rows"] = [r for r in payload["rows"] if (r["model"], r["tool"]) != (name, tool)]
             payload["rows"].append(best)
+            payload["summary"] = summary(payload["rows"])
             save(args.out, payload)
+    payload["summary"] = summary(payload["rows"])
     save(args.out, payload)
+    for model, cell in payload["summary"].items():
+        log(f"{model:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in cell.items()))
     return 0
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model: each engine's core and whole seconds side by side (``None``: not measured or failed), and
+    adaprune's whole figure over Torch-Pruning's whole and core figures."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        engine, figure = FIGURE.get(r["tool"], (r["tool"], "?"))
+        cell = out.setdefault(r["model"], {})
+        key = f"{engine}_{figure}_s"
+        cell[key] = r.get("seconds")
+        if r.get("after_error"):
+            cell[f"{engine}_{figure}_incomplete"] = r["after_error"]
+    for cell in out.values():
+        whole = cell.get("adaprune_whole_s")
+        for ref in ("torch_pruning_whole_s", "torch_pruning_core_s"):
+            if whole is not None and cell.get(ref):
+                cell[f"adaprune_whole_over_{ref[:-2]}"] = whole / cell[ref]
+    return dict(sorted(out.items()))
 
 
 if __name__ == "__main__":
