@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .._check import as_float, check_inputs, check_module
 from ..errors import TraceError
-from .counter import MacCounter, NeedsTorchCounter
+from .counter import MacCounter
 
 __all__ = ["Cost", "count"]
 
@@ -131,11 +131,15 @@ def counted_call(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:
         # (scaled dot-product attention's math backend, nn.MultiheadAttention's regular path).
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            counter = MacCounter(_RNN_FLOPS)
             try:
-                with MacCounter(_RNN_FLOPS) as counter:
+                with counter:
                     output = call_model(model, example_inputs)
                 flops = counter.flops
-            except NeedsTorchCounter:  # a higher-order op: torch's own counter handles those
+            except Exception as exc:
+                if not (counter.met_higher_order_op or type(exc).__module__.startswith("torch._dynamo")):
+                    raise
+                # a higher-order op (torch.cond compiles its branches): torch's own counter handles those
                 with FlopCounterMode(display=False, custom_mapping=_RNN_FLOPS) as torch_counter:
                     output = call_model(model, example_inputs)
                 flops = torch_counter.get_total_flops()

@@ -5,8 +5,9 @@ count updated per op), builds a set of skipped ops on every op, and asks every o
 whether it decomposes. A prune counts the model twice and the adaptive controller many times more, and
 only the total is ever read. :class:`MacCounter` takes the same decisions (the same ops skipped, the
 same decompositions, the same formulas, so the same totals) with the per-op work cached, and keeps the
-total only. A higher-order op (``cond``, a Triton kernel) raises :class:`NeedsTorchCounter`: the caller
-counts that model with ``FlopCounterMode``, which handles them.
+total only. A higher-order op (``cond``, a Triton kernel) raises :class:`NeedsTorchCounter` (and sets
+``met_higher_order_op``, since torch may wrap the exception): the caller counts that model with
+``FlopCounterMode``, which handles them.
 """
 
 from __future__ import annotations
@@ -52,16 +53,25 @@ class MacCounter(TorchDispatchMode):
 
     supports_higher_order_operators = True
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._dynamo.disable, which imports
+        # torch._dynamo (1.5 s) on the first op counted in a process; counting runs eagerly, never
+        # under torch.compile, so it needs no such guard
+        return False
+
     def __init__(self, custom: dict[Any, Callable[..., int]] | None = None) -> None:
         super().__init__()
         self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in (custom or {}).items()}}
         self.flops = 0
+        self.met_higher_order_op = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _SKIP:
             return NotImplemented
         if isinstance(func, HigherOrderOperator):
+            self.met_higher_order_op = True  # (torch may wrap the exception: the flag tells the caller)
             raise NeedsTorchCounter(str(func))
         if func not in self.registry and func is not torch.ops.prim.device.default and _decomposes(func):
             with self:
