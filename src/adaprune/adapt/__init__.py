@@ -6,14 +6,14 @@ import copy
 import difflib
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._check import as_bool, check_inputs, check_instance, check_module
+from .._check import as_bool, check_callable, check_inputs, check_instance, check_module
 from ..calls import eval_call
 from ..cost.budget import Budget
 from ..cost.registry import cost_order
@@ -75,6 +75,7 @@ def adapt(
     run_dir: str | os.PathLike[str] | RunDir | None = None,
     resume: bool = False,
     force: bool = False,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
     **options: Any,
 ) -> AdaptResult:
     """Prune ``model`` in place, in measured steps, until ``budget`` is met or ``tolerance`` binds.
@@ -95,6 +96,10 @@ def adapt(
             and the model must be those the run started with (checked before anything is changed).
         force: start over in a ``run_dir`` that holds a run (deleting only the files adaprune wrote
             there), or use a directory that is not a run directory (writing only names that are free).
+        loss: ``loss(output, targets) -> scalar`` for gradient-based criteria (``importance="taylor"``) on
+            the task's calibration batches, as in :func:`adaprune.prune`; default: cross-entropy on the
+            model's logits (:func:`adaprune.importance.default_loss`). Not part of the run's settings: a
+            resumed run takes the one it is given.
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:
@@ -106,6 +111,8 @@ def adapt(
     task = as_task(task)  # checked, and a protocol object wrapped: its hooks are resolved once, here
     check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
     resume, force = as_bool(resume, "resume"), as_bool(force, "force")
+    if loss is not None:
+        check_callable(loss, "loss", "a callable loss(output, targets) -> scalar tensor")
     unknown = sorted(set(options) - set(AdaptConfig.__dataclass_fields__))
     if unknown:
         close = difflib.get_close_matches(unknown[0][:100], list(AdaptConfig.__dataclass_fields__), 1)
@@ -123,7 +130,7 @@ def adapt(
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
-    controller = Controller(model, example_inputs, task, budget, config, names, rd)  # checks the weights
+    controller = Controller(model, example_inputs, task, budget, config, names, rd, loss)  # checks the weights
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
         rd.open(resume=resume, force=force)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, TraceError, shown
 from ..graph import Graph, Group, trace
-from ..importance import IMPORTANCE, Context, get_importance
+from ..importance import IMPORTANCE, Context, default_loss, get_importance
 from ..plan import Plan, plan_from_choice
 from ..sensitivity import clusters
 from ..surgery import mask, reconstruct, remove
@@ -188,9 +188,11 @@ class Controller:
         config: AdaptConfig,
         ignore: list[str],
         run_dir: RunDir | None,
+        loss: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
         self.ignore, self.run_dir = ignore, run_dir
+        self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
         self.sign = 1.0 if task.higher_is_better else -1.0
@@ -406,7 +408,7 @@ class Controller:
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
         target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
-        ctx = Context(self.task.calibration())
+        ctx = Context(self.task.calibration(), self.loss)
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
         probes = self.probes(work, graph, scores, predictor, self.metrics(work))
