@@ -28,7 +28,10 @@ def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     if not isinstance(logits, torch.Tensor) or logits.dim() == 0:
-        raise ValueError(f"the model's output is a {type(output).__name__}; the default loss needs logits")
+        raise ValueError(
+            f"the model's output is a {type(output).__name__}; the default loss needs logits (a tensor, "
+            "`.logits` or the first element): pass loss=fn(output, targets) -> scalar that reads this output"
+        )
     rows, classes = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
     if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex \
             or targets.dtype == torch.bool or targets.numel() != rows:
