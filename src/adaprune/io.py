@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -94,21 +95,48 @@ def versions() -> dict[str, str]:
     return out
 
 
-def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Per attention/MLP module: the sizes a config would need to rebuild it (heads, KV heads, widths)."""
+_SIZE_WORDS = re.compile(r"features|channels|size|width|dim|heads|groups|hidden|embed|shape|num_|^n[a-z]?$")
+
+
+def _sizes_of(mod: nn.Module) -> dict[str, int]:
+    """A module's size attributes: public ints (not bools) whose names say size (``out_features``,
+    ``num_attention_heads``, ``all_head_size``, ``groups`` ...)."""
+    return {
+        k: v for k, v in vars(mod).items()
+        if not k.startswith("_") and type(v) is int and _SIZE_WORDS.search(k)
+    }
+
+
+def layer_sizes(model: nn.Module, plan: Plan | None = None) -> dict[str, dict[str, int]]:
+    """The sizes a config would need to rebuild the pruned model, per module.
+
+    From the plan: every module that owns a tensor the plan cuts, and every module above it (fixers
+    update containers too), with its size attributes (:func:`_sizes_of`), for any architecture. On top,
+    per attention/MLP module, what configs call them: heads and KV heads from the projections
+    (``q_proj``/``query`` over ``head_dim``), ``nn.MultiheadAttention``'s heads, the MLP's
+    ``intermediate_size``."""
+    modules = dict(model.named_modules())
     out: dict[str, dict[str, int]] = {}
-    for name, mod in model.named_modules():
-        head_dim = getattr(mod, "head_dim", None)
+    touched = {name.rpartition(".")[0] for name in (plan.removals if plan is not None else {})}
+    for owner in sorted(touched):
+        parts = owner.split(".") if owner else []
+        for depth in range(len(parts), 0, -1):  # the owner and the modules above it (not the model itself)
+            name = ".".join(parts[:depth])
+            sizes = _sizes_of(modules[name]) if name in modules else {}
+            if sizes:
+                out.setdefault(name, {}).update(sizes)
+    for name, mod in modules.items():
+        head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
         q = getattr(mod, "q_proj", None) or getattr(mod, "query", None)
         k = getattr(mod, "k_proj", None) or getattr(mod, "key", None)
         if isinstance(head_dim, int) and isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
-            out[name] = {
+            out.setdefault(name, {}).update({
                 "num_attention_heads": q.out_features // head_dim,
                 "num_key_value_heads": k.out_features // head_dim,
                 "head_dim": head_dim,
-            }
+            })
         if isinstance(mod, nn.MultiheadAttention):
-            out[name] = {"num_heads": mod.num_heads, "embed_dim": mod.embed_dim}
+            out.setdefault(name, {}).update({"num_heads": mod.num_heads, "embed_dim": mod.embed_dim})
         up = getattr(mod, "up_proj", None) or getattr(mod, "fc1", None)
         if isinstance(up, nn.Linear) and (hasattr(mod, "down_proj") or hasattr(mod, "fc2")):
             out.setdefault(name, {})["intermediate_size"] = up.out_features
@@ -182,7 +210,7 @@ def save(
         weights_file=NEXT_WEIGHTS,
         plan_file=NEXT_PLAN,
         plan_sha256=fs.sha256(plan_file),
-        layers=layer_sizes(model),
+        layers=layer_sizes(model, plan),
     )
     fs.write_json(out / META, meta.model_dump(), what="the save's metadata")  # the commit point
     _settle(out)
