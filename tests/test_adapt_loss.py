@@ -53,3 +53,20 @@ def test_without_a_loss_float_targets_are_a_typed_error() -> None:
 def test_loss_must_be_callable() -> None:
     with pytest.raises(ArgumentTypeError, match="loss"):
         ap.adapt(net(), X[:2], Regression(), ap.Budget(macs=0.6), loss="mse")
+
+
+def test_a_hugging_face_output_with_its_own_loss_is_the_default_loss() -> None:
+    """Given labels, a transformers model computes its loss: taylor uses it (no loss= needed)."""
+    import warnings
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=64, vocab_size=100, num_labels=3)).eval()
+    ids = torch.randint(0, 100, (4, 8))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ap.prune(model, {"input_ids": ids}, ratio=0.3, importance="taylor", calibration=[(batch, None)])
+    assert not res.plan.is_empty

@@ -23,7 +23,12 @@ def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
 
     ``targets`` are class indices (``-100``: ignored position), one per row of the logits; others
     raise ``ValueError`` (checked here, so that a CUDA kernel never sees an out-of-range index).
+    A Hugging Face output that carries its own scalar ``loss`` (the model was given ``labels`` in its
+    inputs) is that loss, whatever ``targets`` are.
     """
+    own = getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor) and own.dim() == 0 and own.is_floating_point():
+        return own
     logits = getattr(output, "logits", output)
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
