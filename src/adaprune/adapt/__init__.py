@@ -139,7 +139,7 @@ def adapt(
             warnings.simplefilter("ignore", UnsaveableConfigWarning)
             work, state = controller.run(resume)
         plan = as_plan(state.removals)
-        after = controller.metrics(work)  # measured before the user's model is touched
+        after = controller.current_metrics(state)  # as measured on exactly these weights
         costs_after = _final_costs(state)
         _apply(model, plan, work, example_inputs)
     finally:

@@ -193,6 +193,7 @@ class Controller:
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
         self.ignore, self.run_dir = ignore, run_dir
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
+        self._probed: dict[tuple[int, str], float] = {}  # (weights version, probe plan) -> metric lost
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
         self.sign = 1.0 if task.higher_is_better else -1.0
@@ -232,6 +233,14 @@ class Controller:
             )
         return metrics
 
+    @staticmethod
+    def current_metrics(state: ControllerState) -> dict[str, float]:
+        """The working model's metrics as measured on exactly its weights, never measured again: the
+        last accepted step's (a rolled-back step restores the model those were measured on), or the
+        original model's before any step was accepted."""
+        accepted = [h for h in state.history if h.accepted]
+        return dict(accepted[-1].metrics if accepted else state.baseline)
+
     def drop(self, state: ControllerState, metrics: dict[str, float]) -> float:
         return self.sign * (state.baseline[self.task.metric] - metrics[self.task.metric])
 
@@ -262,7 +271,10 @@ class Controller:
         return max(lost, 0.0) if math.isfinite(lost) else math.inf
 
     def probes(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor],
-               predictor: CostPredictor, metrics_now: dict[str, float]) -> dict[str, _Probe]:
+               predictor: CostPredictor, metrics_now: dict[str, float], version: int = -1) -> dict[str, _Probe]:
+        """Each cluster's probe: the metric lost with its lowest-scored channels masked, and the cost saved.
+        ``version`` names the working model's weights (its accepted steps): a probe of the same plan on
+        the same weights (after a rolled-back step) is not measured again."""
         limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
         now = static_values(predictor(Plan()))
         out = {}
@@ -271,14 +283,18 @@ class Controller:
             if found is None:
                 continue
             members, chosen, plan, after = found
-            handle = mask(work, plan)
-            try:
-                with torch.no_grad():
-                    drop = self.harm(metrics_now, self.metrics(work))
-            except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
-                drop = math.inf
-            finally:
-                handle.undo()
+            key = (version, plan.to_json())
+            drop = self._probed.get(key) if version >= 0 else None
+            if drop is None:
+                handle = mask(work, plan)
+                try:
+                    with torch.no_grad():
+                        drop = self.harm(metrics_now, self.metrics(work))
+                except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
+                    drop = math.inf
+                finally:
+                    handle.undo()
+                self._probed[key] = drop
             channels = sum(len(c) for c in chosen.values())
             out[name] = _Probe(members, drop, {k: now[k] - after[k] for k in now}, channels)
         return out
@@ -411,7 +427,8 @@ class Controller:
         ctx = Context(self.task.calibration(), self.loss)
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
-        probes = self.probes(work, graph, scores, predictor, self.metrics(work))
+        version = sum(h.accepted for h in state.history)
+        probes = self.probes(work, graph, scores, predictor, self.current_metrics(state), version)
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if plan.is_empty:

@@ -1,0 +1,47 @@
+"""adapt evaluates no model twice: the working model's metrics are those measured on exactly its weights
+(the original's, then each accepted step's); a rolled-back step restores a model already measured and
+probed (its probes are not measured again), and the final metrics are not measured again."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+import adaprune as ap
+
+torch.manual_seed(0)
+X = torch.randn(48, 8)
+PROBE = torch.randn(4, 8)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+class Fidelity(ap.Task):
+    """Agreement with the original model's outputs; remembers a fingerprint of every model it evaluates."""
+
+    metric, higher_is_better = "fidelity", True
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.reference = reference
+        self.seen: list[str] = []
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            self.seen.append(hashlib.sha1(model(PROBE).numpy().tobytes()).hexdigest())
+            return {"fidelity": -float(nn.functional.mse_loss(model(X), self.reference))}
+
+
+def test_no_model_is_evaluated_twice() -> None:
+    model = net()
+    with torch.no_grad():
+        task = Fidelity(model(X))
+    res = ap.adapt(model, X[:2], task, ap.Budget(macs=0.3), tolerance=0.005, step=0.5)
+    assert any(not h.accepted for h in res.history), "the run should roll a step back (a tighter test)"
+    assert len(task.seen) == len(set(task.seen)), "a model was evaluated twice"
+    accepted = [h for h in res.history if h.accepted]
+    assert res.after == (accepted[-1].metrics if accepted else res.before)
