@@ -5,6 +5,7 @@ probed (its probes are not measured again), and the final metrics are not measur
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 from torch import nn
@@ -45,3 +46,28 @@ def test_no_model_is_evaluated_twice() -> None:
     assert len(task.seen) == len(set(task.seen)), "a model was evaluated twice"
     accepted = [h for h in res.history if h.accepted]
     assert res.after == (accepted[-1].metrics if accepted else res.before)
+
+
+def test_a_rejected_plan_is_never_measured_again(monkeypatch, tmp_path) -> None:
+    """An allocation that keeps proposing the plan just rolled back (on the same weights) gets it skipped:
+    the step shrinks without measuring it again; a resumed run knows the rejected plans too."""
+    from adaprune.adapt.controller import Controller
+
+    real = Controller.allocate
+    first: list = []
+
+    def same_plan(self, *args, **kwargs):  # the first proposal, every time
+        if not first:
+            first.append(real(self, *args, **kwargs))
+        return first[0]
+
+    monkeypatch.setattr(Controller, "allocate", same_plan)
+    model = net()
+    with torch.no_grad():
+        task = Fidelity(model(X))
+    res = ap.adapt(model, X[:2], task, ap.Budget(macs=0.3), tolerance=0.0, step=0.5, run_dir=tmp_path / "run")
+    tried = [h for h in res.history if h.cuts]
+    assert len(tried) == 1 and not tried[0].accepted  # measured once, rolled back, never again
+    assert len(task.seen) == len(set(task.seen))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert len(state["rejected"]) == 1 and state["step"] > 1

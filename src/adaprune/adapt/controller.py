@@ -20,6 +20,7 @@ how far the budget remains). State goes to the run directory after every step.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -442,6 +443,10 @@ class Controller:
                                     {g.name: list(g.removed) for g in plan.groups})
             if plan.is_empty:  # every group it cut breaks the model: allocate again without them
                 return work
+        tried = hashlib.sha256(f"{version}|{plan.to_json()}".encode()).hexdigest()[:16]
+        if tried in state.rejected:  # rolled back on these very weights before: not measured again
+            state.step_size = size * self.cfg.shrink
+            return work
         snapshot = copy.deepcopy(work)
         remove(work, plan)
         metrics, failure = self.measure(work, snapshot, plan, state.step)
@@ -468,6 +473,7 @@ class Controller:
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
         why = failure or f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}"
         record.reason = f"{why}: rolled back, step halved{note}"
+        state.rejected.append(tried)
         return snapshot
 
     def why_empty(self, probes: dict[str, _Probe]) -> str:

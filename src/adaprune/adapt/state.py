@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -66,6 +66,7 @@ class ControllerState:
     config: dict[str, Any] = field(default_factory=dict)
     weights: str = ""
     signature: str = ""
+    rejected: list[str] = field(default_factory=list)  # keys of plans rolled back, on the weights they were tried on
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -133,6 +134,7 @@ class _StateFile(_Strict):
     config: dict[str, str | int | float | bool | None] = Field(default_factory=dict)  # run_settings: flat
     weights: str = Field("", pattern=WEIGHTS_PATTERN + "|^$")
     signature: str = ""
+    rejected: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(default_factory=list)  # absent before
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:
