@@ -115,10 +115,8 @@ def unregister_layer(kind: type[nn.Module] | str) -> LayerKind:
 def lookup(module: nn.Module | type, hook: str) -> Any:
     """The ``hook`` registered for the most specific class of ``module`` that has one (``None`` if none)."""
     cls = module if isinstance(module, type) else type(module)
-    try:
+    if (cls, hook) in _FOUND:
         return _FOUND[cls, hook]
-    except KeyError:
-        pass
     if hook not in HOOKS:
         raise ValueError(f"unknown layer hook {hook!r}; hooks: {', '.join(HOOKS)}")
     found = None
