@@ -63,6 +63,17 @@ class Task(ABC):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of ``model`` on held-out data: a dict of numbers that includes ``self.metric``."""
 
+    def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """:meth:`evaluate` plus the primary metric's value on every validation example: a 1-D float
+        tensor, in the same example order on every call, whose mean is ``self.metric`` (0/1 correctness
+        for accuracy, a reciprocal rank for MRR, a per-example loss ...); None when the task has none.
+
+        The controller judges a step by the paired difference of these values against the original
+        model's (a confidence interval on the metric's drop, :mod:`adaprune.adapt.noise`), so a task
+        that returns them gets noise-aware acceptance. Default: ``(self.evaluate(model), None)``.
+        """
+        return self.evaluate(model), None
+
     def finetune(self, model: nn.Module, steps: int) -> None:
         """Take ``steps`` optimizer steps on ``model`` in place. Default: nothing (and no steps asked for)."""
 
@@ -94,7 +105,7 @@ def _overrides(task: Task, name: str) -> bool:
 
 _MISSING: Any = object()
 _REQUIRED = ("evaluate", "metric", "higher_is_better")
-_HOOKS = ("finetune", "calibration", "set_teacher")  # optional; when present they must be callable
+_HOOKS = ("finetune", "calibration", "set_teacher", "evaluate_examples")  # optional; when present they must be callable
 
 
 class TaskAdapter(Task):
@@ -118,6 +129,12 @@ class TaskAdapter(Task):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = self._evaluate(model)
         return out
+
+    def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        if "evaluate_examples" in self._hooks:
+            metrics, values = self._hooks["evaluate_examples"](model)
+            return metrics, values
+        return self.evaluate(model), None
 
     @property
     def fine_tunes(self) -> bool:
@@ -314,10 +331,17 @@ class ClassificationTask(Task):
         return batches
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluate_examples(model)[0]
+
+    def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Accuracy and mean cross-entropy on ``val_loader``, and every example's correctness (0 or 1).
+        A subclass that overrides :meth:`evaluate` alone gets its own metrics and no per-example values."""
+        if type(self).evaluate is not ClassificationTask.evaluate:
+            return self.evaluate(model), None
         check_module(model)
         flags = {m: m.training for m in model.modules()}
         model.eval()
-        correct = total = 0
+        hits: list[torch.Tensor] = []
         loss = 0.0
         try:
             with torch.no_grad():
@@ -326,14 +350,15 @@ class ClassificationTask(Task):
                     logits = _run(model, x, f"val_loader batch {i}")
                     check_targets(logits, y, f"val_loader batch {i}")
                     loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-                    correct += int((logits.argmax(-1) == y).sum())
-                    total += int(y.numel())
+                    hits.append((logits.argmax(-1) == y).reshape(-1).double())
         finally:
             for m, f in flags.items():
                 m.training = f
-        if total == 0:
+        correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64)
+        if correct.numel() == 0:
             raise ConfigError("val_loader yielded no examples")
-        return {"accuracy": correct / total, "loss": loss / total}
+        total = correct.numel()
+        return {"accuracy": int(correct.sum()) / total, "loss": loss / total}, correct
 
     def _batches(self) -> Iterator[tuple[int, tuple[Any, Any]]]:
         """(index within the pass, (inputs, targets)) over the training batches, cycling."""
