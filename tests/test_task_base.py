@@ -235,12 +235,17 @@ class Recording(_Methods):
     """Records every lookup of a task attribute from outside; ``__getattr__`` answers any other name, so
     a ``hasattr`` probe would succeed (and be counted)."""
 
-    NAMES = ("evaluate", "metric", "higher_is_better", "finetune", "calibration", "set_teacher", "loss")
+    NAMES = ("evaluate", "metric", "higher_is_better", "finetune", "calibration", "set_teacher", "evaluate_examples",
+             "loss")
 
     def __init__(self, inner: ap.ClassificationTask) -> None:
         super().__init__(inner)
         self.looked_up: list[str] = []
         self.answered: list[str] = []  # names only __getattr__ had an answer for
+
+    def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        self.calls.append(("evaluate", None))
+        return self.inner.evaluate_examples(model)
 
     def __getattribute__(self, name: str) -> Any:
         if name in Recording.NAMES:
