@@ -16,6 +16,7 @@ from .adapt import AdaptResult, adapt
 from .api import prune
 from .cost import Cost, count
 from .cost.budget import Budget
+from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
 from .onnx_export import export_onnx
@@ -32,6 +33,7 @@ __all__ = [
     "Budget",
     "ClassificationTask",
     "Cost",
+    "EmbeddingTask",
     "Graph",
     "Group",
     "GroupCut",
