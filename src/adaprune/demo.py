@@ -1,7 +1,7 @@
 """``make demo``: adaptive pruning end to end on a built-in task, against the static baseline.
 
 The task ships offline: sklearn's handwritten digits (8x8) and a small CNN trained here for a few
-seconds. ``adaprune.adapt`` prunes it to half its MACs with at most 1 point of validation accuracy
+seconds. ``adaprune.adapt`` prunes it to half its MACs with at most 2 points of validation accuracy
 lost; the static baseline (``adaprune.prune``, uniform ratio found for the same MACs budget) then gets
 exactly as many fine-tuning optimizer steps as adapt spent (every step it tried, accepted or rolled
 back), from the same task: the same training split and fine-tuning loop, the same seed, the same
@@ -51,7 +51,7 @@ def _row(name: str, model: nn.Module, data: DigitsData, x: torch.Tensor, steps: 
 COLUMNS = ("model", "test accuracy", "MACs (M)", "params (k)", "latency ms (CPU, 1 thread, bs 32)",
            "optimizer steps", "time s")
 STEPS = COLUMNS.index("optimizer steps")
-TITLE = "digits CNN, budget 50% MACs, tolerance 1 point (the same optimizer steps for both)"
+TITLE = "digits CNN, budget 50% MACs, tolerance 2 points (the same optimizer steps for both)"
 
 
 @dataclass
@@ -87,7 +87,7 @@ def baseline_steps(result: AdaptResult, after: int = 0) -> int:
 def run(
     seed: int = 0,
     budget: float = 0.5,
-    tolerance: float = 0.01,
+    tolerance: float = 0.02,
     run_dir: str | os.PathLike[str] | None = None,
     *,
     width: int = 32,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,15 +39,17 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, TraceError, shown
+from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
 from ..graph import Graph, Group, trace
 from ..importance import IMPORTANCE, Context, default_loss, get_importance
 from ..plan import Plan, plan_from_choice
-from ..sensitivity import clusters
-from ..surgery import mask, reconstruct, remove
+from ..surgery import reconstruct, remove
 from ..surgery.check import find_broken
 from ..task import Task, recalibrate_bn
+from .fill import fill
 from .latency_table import LatencyTable
+from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
+from .probing import Probe, Prober, first_order
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 
@@ -55,10 +59,20 @@ class AdaptConfig:
     """Knobs of the controller (all have working defaults).
 
     ``min_width``: no group is cut below this fraction of its original width (a thin layer is the one
-    that short fine-tuning recovers worst). ``reconstruct``: after each removal, refit the layers that
-    lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`;
-    ridge ``reconstruct_ridge``, by default chosen per layer by cross-validation) before fine-tuning;
-    it recovers most of the step's damage without optimizer steps.
+    that short fine-tuning recovers worst). ``reconstruct``: after each removal, try refitting the layers
+    that lost inputs by least squares on the task's calibration batches (:func:`adaprune.surgery.reconstruct`;
+    ridge ``reconstruct_ridge``, by default chosen per layer by cross-validation) before fine-tuning, and
+    keep the refit only when the task's metric says it helps; None (the default) tries it on models with
+    BatchNorm and not on others (docs/benchmarks.md has the measurements behind this default).
+
+    ``confidence``: a step is accepted when the upper end of the two-sided ``confidence`` interval of
+    its metric drop is within ``tolerance``, if the task returns per-example values
+    (:mod:`adaprune.adapt.noise`; 0 judges the point drop alone). ``probe_budget``: at most this many
+    measured sensitivity probes per step; with more groups, a first-order estimate ranks them and the
+    rest are estimated (:mod:`adaprune.adapt.probing`). ``time_limit`` (seconds) and
+    ``max_evaluations`` (calls of the task's evaluation) end the run with the last accepted model; both
+    are checked before every step (a step under way completes) and are not settings a resumed run must
+    share.
 
     Every field is checked for type and range on construction (NumPy scalars are converted to Python
     numbers); a bad one raises :class:`~adaprune.errors.ArgumentTypeError`, ``ConfigError`` or, for
@@ -81,8 +95,12 @@ class AdaptConfig:
     min_channels: int = 1
     round_to: int = 1
     min_width: float = 0.15
-    reconstruct: bool = True
+    reconstruct: bool | None = None
     reconstruct_ridge: float | None = None
+    confidence: float = 0.9
+    probe_budget: int = 24
+    time_limit: float | None = None
+    max_evaluations: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -101,11 +119,19 @@ class AdaptConfig:
         if self.reconstruct_ridge is not None:
             put("reconstruct_ridge", as_float(self.reconstruct_ridge, "reconstruct_ridge", low=0.0,
                                               hint="None chooses the ridge per layer"))
+        put("confidence", as_float(self.confidence, "confidence", low=0.0, high=1.0, high_open=True,
+                                   hint="the two-sided confidence of a step's interval, e.g. 0.9 (0: the point drop)"))
+        if self.time_limit is not None:
+            put("time_limit", as_float(self.time_limit, "time_limit", low=0.0, low_open=True,
+                                       hint="seconds of wall time, checked before every step"))
+        if self.max_evaluations is not None:
+            put("max_evaluations", as_int(self.max_evaluations, "max_evaluations", low=1))
         for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1),
-                          ("min_channels", 1), ("round_to", 1)):
+                          ("min_channels", 1), ("round_to", 1), ("probe_budget", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
         put("seed", as_int(self.seed, "seed", low=0, high=2**32 - 1))
-        put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
+        if self.reconstruct is not None:
+            put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
         check_instance(self.importance, str, "importance", "the name of a registered criterion such as 'l2'",
                        "the run's settings are saved as JSON: register a custom criterion with "
                        "adaprune.importance.IMPORTANCE.register(name)")
@@ -171,14 +197,6 @@ def as_number(key: str, value: Any) -> float:
     )
 
 
-@dataclass
-class _Probe:
-    groups: list[Group]
-    drop: float
-    saved: dict[str, float]
-    channels: int = 1  # how many channels the probe masked (what ``saved`` is the saving of)
-
-
 class Controller:
     def __init__(
         self,
@@ -194,7 +212,11 @@ class Controller:
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
         self.ignore, self.run_dir = ignore, run_dir
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
-        self._probed: dict[tuple[int, str], float] = {}  # (weights version, probe plan) -> metric lost
+        limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.metrics, self.harm)
+        self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
+        self.started = time.monotonic()
+        self.baseline_values: torch.Tensor | None = None  # the original model's per-example values
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
         self.sign = 1.0 if task.higher_is_better else -1.0
@@ -209,7 +231,23 @@ class Controller:
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """``task.evaluate(model)`` checked: a dict of numbers that holds the task's metric (which may
         be NaN or inf: the caller decides what that means)."""
-        out = self.task.evaluate(model)
+        self.evaluations += 1
+        return self.checked(self.task.evaluate(model))
+
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """:meth:`metrics` plus the per-example values (``task.evaluate_examples``), checked against the
+        metric and the original model's example count (None when the task has none, or the metric is
+        not finite)."""
+        self.evaluations += 1
+        out, values = self.task.evaluate_examples(model)
+        metrics = self.checked(out)
+        value = metrics[self.task.metric]
+        if values is None or not math.isfinite(value):
+            return metrics, None
+        expected = None if self.baseline_values is None else self.baseline_values.numel()
+        return metrics, check_examples(values, value, self.task.metric, expected)
+
+    def checked(self, out: Any) -> dict[str, float]:
         if not isinstance(out, Mapping):
             raise ConfigError(
                 f"task.evaluate returned {shown(out)} ({type(out).__name__}); it must return a dict of "
@@ -222,9 +260,10 @@ class Controller:
             )
         return {str(k): as_number(str(k), v) for k, v in out.items()}
 
-    def baseline(self, model: nn.Module) -> dict[str, float]:
-        """The original model's metrics, which every step is measured against: they must be finite."""
-        metrics = self.metrics(model)
+    def baseline(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The original model's metrics (which every step is measured against: they must be finite) and
+        per-example values."""
+        metrics, values = self.evaluate(model)
         bad = non_finite_metrics(metrics)
         if bad:
             raise NonFiniteError(
@@ -232,7 +271,17 @@ class Controller:
                 "original model's metrics, so they must be finite (check the model, and the task's "
                 "evaluation data and loss)"
             )
-        return metrics
+        return metrics, values
+
+    def judge(self, state: ControllerState, metrics: dict[str, float],
+              values: torch.Tensor | None) -> tuple[float, Interval | None]:
+        """The step's metric drop and, with per-example values, its paired interval; the number judged
+        against the tolerance is the interval's upper end (the point drop without values)."""
+        point = self.drop(state, metrics)
+        if values is None or self.baseline_values is None or values.numel() != self.baseline_values.numel():
+            return point, None
+        interval = paired_interval(self.baseline_values, values, self.sign, self.cfg.confidence)
+        return interval.high, interval
 
     @staticmethod
     def current_metrics(state: ControllerState) -> dict[str, float]:
@@ -271,63 +320,7 @@ class Controller:
             lost = self.sign * (now[self.task.metric] - masked[self.task.metric])
         return max(lost, 0.0) if math.isfinite(lost) else math.inf
 
-    def probes(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor],
-               predictor: CostPredictor, metrics_now: dict[str, float], version: int = -1) -> dict[str, _Probe]:
-        """Each cluster's probe: the metric lost with its lowest-scored channels masked, and the cost saved.
-        ``version`` names the working model's weights (its accepted steps): a probe of the same plan on
-        the same weights (after a rolled-back step) is not measured again."""
-        limits = Limits(min_channels=self.cfg.min_channels, round_to=self.cfg.round_to)
-        now = static_values(predictor(Plan()))
-        out = {}
-        for name, members in clusters(work, graph.groups).items():
-            found = self.probe_plan(members, scores, limits, predictor)
-            if found is None:
-                continue
-            members, chosen, plan, after = found
-            key = (version, plan.to_json())
-            drop = self._probed.get(key) if version >= 0 else None
-            if drop is None:
-                handle = mask(work, plan)
-                try:
-                    with torch.no_grad():
-                        drop = self.harm(metrics_now, self.metrics(work))
-                except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
-                    drop = math.inf
-                finally:
-                    handle.undo()
-                self._probed[key] = drop
-            channels = sum(len(c) for c in chosen.values())
-            out[name] = _Probe(members, drop, {k: now[k] - after[k] for k in now}, channels)
-        return out
-
-    def probe_plan(self, members: list[Group], scores: dict[str, torch.Tensor], limits: Limits,
-                   predictor: CostPredictor) -> tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]] | None:
-        """A cluster's probe: its members, the channels cut, the plan and the plan's predicted costs.
-
-        Members whose cut makes the model fail to run (a size written in the code, which tracing cannot
-        see) are left out of the cluster, so the others can still be probed and cut; ``None`` when no
-        member is left or nothing would be cut."""
-
-        def probe(ms: list[Group]) -> tuple[dict[str, list[int]], Plan]:
-            chosen = {g.name: lowest(scores[g.name], g.size - limits.kept(g.size, int(self.cfg.probe_ratio * g.size)))
-                      for g in ms}
-            return chosen, plan_from_choice(Graph(ms), chosen)
-
-        def costs(plan: Plan) -> dict[str, float] | None:
-            try:
-                return static_values(predictor(plan))
-            except TraceError:
-                return None
-
-        chosen, plan = probe(members)
-        after = None if plan.is_empty else costs(plan)
-        if after is None and not plan.is_empty:
-            members = [g for g in members if costs(probe([g])[1]) is not None]
-            chosen, plan = probe(members)
-            after = None if plan.is_empty else costs(plan)
-        return None if after is None else (members, chosen, plan, after)
-
-    def macs_by_cluster(self, plan: Plan, probes: dict[str, _Probe], predictor: CostPredictor) -> dict[str, float]:
+    def macs_by_cluster(self, plan: Plan, probes: dict[str, Probe], predictor: CostPredictor) -> dict[str, float]:
         """The MACs ``plan`` saves (exact: counted on the cut model by the predictor), split over the
         clusters it cuts in proportion to their channels removed times their probe's MACs per channel."""
         removed = {g.name: len(g.removed) for g in plan.groups}
@@ -341,7 +334,7 @@ class Controller:
         saved = static_values(predictor(Plan()))["macs"] - static_values(predictor(plan))["macs"]
         return {c: saved * w / total for c, w in weight.items()}
 
-    def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, _Probe],
+    def allocate(self, graph: Graph, scores: dict[str, torch.Tensor], probes: dict[str, Probe],
                  predictor: CostPredictor, field: str, target: float, values: dict[str, float],
                  table: LatencyTable, caps: dict[str, float]) -> tuple[Plan, dict[str, float]]:
         """The step's plan and per-cluster ratios: :func:`~adaprune.allocate.adaptive.allocate_adaptive`
@@ -392,36 +385,89 @@ class Controller:
         steps = self.recovery_steps()
         if steps > 0:
             self.task.finetune(work, steps)
-        batches = self.task.calibration()  # None: the task has no calibration batches
-        if batches is not None:  # adaptive BN: statistics of the pruned model
-            recalibrate_bn(work, batches)
+        self.recalibrate(work)
         return steps
 
-    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int) -> tuple[dict[str, float], str]:
-        """Reconstruct, recover and evaluate the cut model. Returns its (finite) metrics and, when
-        something came out NaN or inf (fine-tuning diverged), what it was; else ``""``."""
-        batches = self.task.calibration() if self.cfg.reconstruct else None
+    def recalibrate(self, work: nn.Module) -> None:
+        """Adaptive BatchNorm: the running statistics of the pruned model, on the calibration batches."""
+        batches = self.task.calibration()  # None: the task has no calibration batches
         if batches is not None:
-            reconstruct(work, snapshot, batches, plan.removals, ridge=self.cfg.reconstruct_ridge)
+            recalibrate_bn(work, batches)
+
+    def refits(self, work: nn.Module) -> bool:
+        """Whether this step tries least-squares reconstruction: ``reconstruct`` when set, else (None) for
+        models with BatchNorm, where the measurements in docs/benchmarks.md show it helps; not for
+        LayerNorm transformers, where it lowered the task's metric."""
+        if self.cfg.reconstruct is not None:
+            return self.cfg.reconstruct
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules())
+
+    def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
+        """Whether metrics ``a`` are strictly better than ``b`` (the task's metric, then its loss)."""
+        key = self.task.metric
+        if a[key] != b[key]:
+            return self.sign * (a[key] - b[key]) > 0
+        return "loss" in a and "loss" in b and a["loss"] < b["loss"]
+
+    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan,
+                step: int) -> tuple[dict[str, float], torch.Tensor | None, str, str]:
+        """Reconstruct (kept only if it helps), recover and evaluate the cut model. Returns its (finite)
+        metrics, its per-example values, what failed when something came out NaN or inf (fine-tuning
+        diverged; else ``""``) and what the reconstruction did (``""`` when not tried).
+
+        Reconstruction is judged by the task: the cut model is evaluated as it is and refitted (both
+        after BatchNorm recalibration), and the refit is kept only when its metric is better. Without
+        fine-tuning the kept one's evaluation is the step's; with it, the kept one is fine-tuned and
+        evaluated again."""
+        batches = self.task.calibration() if self.refits(work) else None
+        refit = ""
+        metrics: dict[str, float] = {}
+        values: torch.Tensor | None = None
+        doing = "recovery"
         try:
+            if batches is not None:
+                self.recalibrate(work)
+                doing = "task.evaluate"
+                plain = self.evaluate(work)
+                doing = "recovery"
+                trial = copy.deepcopy(work)
+                reconstruct(trial, snapshot, batches, plan.removals, ridge=self.cfg.reconstruct_ridge)
+                self.recalibrate(trial)
+                doing = "task.evaluate"
+                fitted = self.evaluate(trial)
+                doing = "recovery"
+                key = self.task.metric
+                kept = math.isfinite(fitted[0][key]) and (not math.isfinite(plain[0][key])
+                                                          or self.better(fitted[0], plain[0]))
+                if kept:
+                    work.load_state_dict(trial.state_dict())
+                refit = (f"refit {'kept' if kept else 'dropped'} ({key} {plain[0][key]:.4f} without, "
+                         f"{fitted[0][key]:.4f} with)")
+                if self.recovery_steps() == 0:
+                    metrics, values = fitted if kept else plain
+                    return self.finished(work, metrics, values, refit)
             self.recover(work, step)
+            doing = "task.evaluate"
+            metrics, values = self.evaluate(work)
         except NonFiniteError as exc:
-            return {}, f"recovery failed ({type(exc).__name__}: {shown(str(exc), 200)})"
+            return {}, None, f"{doing} failed ({type(exc).__name__}: {shown(str(exc), 200)})", refit
+        return self.finished(work, metrics, values, refit)
+
+    @staticmethod
+    def finished(work: nn.Module, metrics: dict[str, float], values: torch.Tensor | None,
+                 refit: str) -> tuple[dict[str, float], torch.Tensor | None, str, str]:
         bad = non_finite_weights(work)
         if bad:
-            return {}, f"non-finite weights after recovery: {bad}"
-        try:
-            metrics = self.metrics(work)
-        except NonFiniteError as exc:
-            return {}, f"task.evaluate failed ({type(exc).__name__}: {shown(str(exc), 200)})"
+            return {}, None, f"non-finite weights after recovery: {bad}", refit
         bad = non_finite_metrics(metrics)
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        return finite, f"non-finite metrics after the step: {bad}" if bad else ""
+        return finite, values, f"non-finite metrics after the step: {bad}" if bad else "", refit
 
     def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
         torch.manual_seed(self.cfg.seed * 100_003 + state.step)  # every step replays identically on resume
         field, limit = self.binding(state, values)
+        final = state.step_size >= 1.0 - limit / values[field]  # this step aims at the budget itself
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
         target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
@@ -429,9 +475,14 @@ class Controller:
         scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
         predictor = CostPredictor(work, self.x)
         version = sum(h.accepted for h in state.history)
-        probes = self.probes(work, graph, scores, predictor, self.current_metrics(state), version)
+        estimate = (first_order(work, graph.groups, ctx.calibration, self.loss, scores, self.cfg.importance)
+                    if len(graph.groups) > self.cfg.probe_budget else None)
+        probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), version, estimate,
+                                 field)
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
+        if final and not plan.is_empty and field != "latency":
+            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field])
         if plan.is_empty:
             state.done = True
             state.message = self.unmet(state, values, self.why_empty(probes))
@@ -449,34 +500,46 @@ class Controller:
             return work
         snapshot = copy.deepcopy(work)
         remove(work, plan)
-        metrics, failure = self.measure(work, snapshot, plan, state.step)
+        metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step)
         new_values = self.costs(work)
-        drop = math.inf if failure else self.drop(state, metrics)
+        judged, interval = (math.inf, None) if failure else self.judge(state, metrics, examples)
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
         # measure() ran one recovery, whatever it decided: its optimizer steps are spent
-        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps())
+        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps(),
+                            None if interval is None else [interval.low, interval.high], refit)
         state.history.append(record)
-        if drop <= self.cfg.tolerance + 1e-12:
+        said = (f"metric drop {interval.describe()} (upper end at {self.cfg.confidence:.0%} confidence)"
+                if interval is not None else f"metric drop {judged:.4f}")
+        if judged <= self.cfg.tolerance + 1e-12:
             record.accepted = True
-            record.reason = f"metric drop {drop:.4f} within tolerance {self.cfg.tolerance}"
+            record.reason = f"{said} within tolerance {self.cfg.tolerance}"
             compose(state.removals, self.shapes, plan)
             if "latency" in values:
                 table.calibrate(self.macs_by_cluster(plan, probes, predictor),
                                 values["latency"] - new_values["latency"], values["latency"] / max(values["macs"], 1.0))
                 state.latency_table = table.table
-            if drop < self.cfg.tolerance / 2:
+            if self.drop(state, metrics) < self.cfg.tolerance / 2:
                 state.step_size = min(self.cfg.max_step, state.step_size * self.cfg.grow)
                 record.reason += "; slack left, step grows"
             return work
         hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
         note = self.protect(state, probes[hurt].groups, hurt) if hurt is not None else ""
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
-        why = failure or f"metric drop {drop:.4f} exceeds tolerance {self.cfg.tolerance}"
+        why = failure or f"{said} exceeds tolerance {self.cfg.tolerance}"
         record.reason = f"{why}: rolled back, step halved{note}"
         state.rejected.append(tried)
         return snapshot
 
-    def why_empty(self, probes: dict[str, _Probe]) -> str:
+    def limit_reached(self) -> str:
+        """Which of ``time_limit`` / ``max_evaluations`` the run has reached (``""``: neither)."""
+        elapsed = time.monotonic() - self.started
+        if self.cfg.time_limit is not None and elapsed >= self.cfg.time_limit:
+            return f"time_limit={self.cfg.time_limit:g} s reached ({elapsed:.1f} s)"
+        if self.cfg.max_evaluations is not None and self.evaluations >= self.cfg.max_evaluations:
+            return f"max_evaluations={self.cfg.max_evaluations} reached ({self.evaluations} evaluations)"
+        return ""
+
+    def why_empty(self, probes: dict[str, Probe]) -> str:
         """Why a step found nothing to cut."""
         if probes and all(math.isinf(p.drop) for p in probes.values()):
             return ("masking any cluster's lowest-importance channels made the metric NaN or inf, "
@@ -502,21 +565,35 @@ class Controller:
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
         config = run_settings(self.cfg, self.budget, self.ignore)
         signature = model_signature(self.model)
-        if resume and self.run_dir is not None and self.run_dir.exists():
+        resumed = resume and self.run_dir is not None and self.run_dir.exists()
+        if resumed:
+            assert self.run_dir is not None
             state = self.run_dir.load()
             check_resumable(state, config, signature, str(self.run_dir.path))
             work = copy.deepcopy(self.model)
             replay(work, state, str(self.run_dir.path))
             self.run_dir.load_weights(state, work)
+            self.evaluations = state.evaluations
+            if state.baseline_examples:
+                self.baseline_values = torch.tensor(state.baseline_examples, dtype=torch.float64)
         else:
             work = copy.deepcopy(self.model)
             state = ControllerState(step_size=self.cfg.step, config=config, signature=signature)
-            state.baseline = self.baseline(work)  # finite, or NonFiniteError
+            self.task.set_teacher(self.model)  # before anything is measured: a distilling task measures against it
+            state.baseline, self.baseline_values = self.baseline(work)  # finite, or NonFiniteError
+            if self.baseline_values is not None:
+                state.baseline_examples = self.baseline_values.tolist()
+                small = resolvable(self.baseline_values, self.cfg.tolerance, self.cfg.confidence)
+                if small and self.cfg.confidence > 0:
+                    warnings.warn(small, SmallValidationWarning, stacklevel=4)
+                    state.warnings.append(small)
+            state.evaluations = self.evaluations
             # every relative latency bound is a fraction of this one number: measured three times as long
             state.original_costs = self.costs(work, repeats=3 * self.cfg.latency_repeats)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
-        self.task.set_teacher(self.model)  # a no-op unless the task distils
+        if resumed:
+            self.task.set_teacher(self.model)  # (a fresh run set it before measuring the original)
         values = self.costs(work) if state.history else dict(state.original_costs)
         while not state.done:
             if self.budget.met(values, state.original_costs):
@@ -526,8 +603,14 @@ class Controller:
                 state.done = True
                 state.message = self.unmet(state, values, "the step cannot shrink further")
                 break
+            limit = self.limit_reached()
+            if limit:
+                state.done, state.stopped = True, limit
+                state.message = self.unmet(state, values, f"stopped: {limit}; the last accepted model is returned")
+                break
             work = self.step(work, state, values)
             state.step += 1
+            state.evaluations = self.evaluations
             if state.history and state.history[-1].accepted and state.history[-1].step == state.step - 1:
                 values = dict(state.history[-1].costs)
             if self.run_dir is not None:

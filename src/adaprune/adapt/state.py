@@ -31,7 +31,9 @@ class StepRecord:
 
     ``optimizer_steps`` is how many optimizer steps the step's recovery asked the task's
     ``finetune(model, steps)`` for; a rolled-back step spent them too. State files written before it
-    was recorded read back as 0.
+    was recorded read back as 0. ``interval`` is the confidence interval ``[low, high]`` of the metric's
+    drop when the task returned per-example values (the step was judged by ``high``); ``refit`` says
+    whether the least-squares refit was kept, with the metric with and without it.
     """
 
     step: int
@@ -42,6 +44,8 @@ class StepRecord:
     accepted: bool
     reason: str
     optimizer_steps: int = 0
+    interval: list[float] | None = None  # [low, high] of the metric drop (adaprune.adapt.noise), None without per-example values
+    refit: str = ""  # what the least-squares refit did ("" when not tried)
 
 
 @dataclass
@@ -67,6 +71,10 @@ class ControllerState:
     weights: str = ""
     signature: str = ""
     rejected: list[str] = field(default_factory=list)  # keys of plans rolled back, on the weights they were tried on
+    baseline_examples: list[float] = field(default_factory=list)  # the original model's per-example values
+    evaluations: int = 0  # calls of the task's evaluation so far
+    stopped: str = ""  # the limit (time_limit / max_evaluations) that ended the run, if one did
+    warnings: list[str] = field(default_factory=list)  # what the run warned about (a too-small validation set)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -116,6 +124,8 @@ class _StepFile(_Strict):
     accepted: bool
     reason: str
     optimizer_steps: int = Field(0, ge=0)  # absent in state files from before it was recorded
+    interval: list[float] | None = None
+    refit: str = ""
 
 
 class _StateFile(_Strict):
@@ -135,6 +145,10 @@ class _StateFile(_Strict):
     weights: str = Field("", pattern=WEIGHTS_PATTERN + "|^$")
     signature: str = ""
     rejected: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(default_factory=list)  # absent before
+    baseline_examples: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=list)
+    evaluations: int = Field(0, ge=0)
+    stopped: str = ""
+    warnings: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:
@@ -150,7 +164,12 @@ class _StateFile(_Strict):
 def run_settings(config: Any, budget: Any, ignore: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: the controller's options, the budget and
     the modules kept whole (``ignore``, by name)."""
-    return json.loads(json.dumps({**asdict(config), "budget": repr(budget), "ignore": json.dumps(sorted(ignore))}))
+    options = {k: v for k, v in asdict(config).items() if k not in RUN_LIMITS}
+    return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore))}))
+
+
+RUN_LIMITS = ("time_limit", "max_evaluations")
+"""Options that limit how long a run goes on, not what it does: a resumed run may take other ones."""
 
 
 def check_resumable(state: ControllerState, settings: dict[str, Any], signature: str, where: str) -> None:

@@ -1,0 +1,175 @@
+"""Probing: what each prunable unit's cut would cost the task, measured where it matters.
+
+A *unit* is what the allocator gives one ratio: a single group (each layer's heads, each layer's FFN
+neurons, each conv's channels), so layers that are built alike are still told apart by what cutting
+them costs. A probe masks ``probe_ratio`` of the unit's lowest-scored channels and measures the harm
+(:meth:`Prober.harm`: the rise of the task's loss, else the drop of its metric) and the cost saved.
+
+Measuring is the expensive part (one ``task.evaluate`` per unit), so it has a budget,
+``probe_budget`` measured probes per step:
+
+- with at most ``probe_budget`` units, every unit is measured;
+- with more, a first-order estimate ranks every unit: the summed first-order Taylor importance
+  |w · dL/dw| of the channels its probe would mask (Molchanov et al., 2019), from the task's
+  calibration batches. The ``probe_budget`` units with the highest estimated cost saved per harm (the
+  ones the allocator would cut most, where a wrong estimate costs most) are measured; the others get
+  their estimate times the median ratio of measured to estimated harm over the measured units;
+- with more units and no estimate (the task has no calibration batches, or its loss does not fit the
+  model's output), units built alike are measured together as one cluster
+  (:func:`adaprune.sensitivity.clusters`) and share their cluster's ratio.
+
+Every measured probe is cached per (weights version, probe plan): after a rolled-back step the same
+weights are never probed again.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocate import Limits, lowest
+from ..cost.budget import static_values
+from ..cost.predict import CostPredictor
+from ..errors import ConfigError, NonFiniteError, TraceError
+from ..graph import Graph, Group
+from ..importance import Context, get_importance
+from ..plan import Plan, plan_from_choice
+from ..sensitivity import clusters
+from ..surgery import mask
+
+
+@dataclass
+class Probe:
+    """One unit's probe: its groups, the harm of masking its lowest-scored channels, the cost that
+    saves per field, the channels masked, and whether the harm was measured (else estimated)."""
+
+    groups: list[Group]
+    drop: float
+    saved: dict[str, float]
+    channels: int = 1
+    measured: bool = True
+
+
+def units(work: nn.Module, graph: Graph, budget: int, can_estimate: bool) -> dict[str, list[Group]]:
+    """The units of this step: one per group, or clusters of groups built alike when there are more
+    groups than the probe budget and no first-order estimate to choose which to measure."""
+    if len(graph.groups) <= budget or can_estimate:
+        return {g.name: [g] for g in graph.groups}
+    return clusters(work, graph.groups)
+
+
+class Prober:
+    """Measures probes for the controller, within the probe budget, with a cache across steps."""
+
+    def __init__(self, probe_ratio: float, budget: int, limits: Limits,
+                 metrics: Callable[[nn.Module], dict[str, float]], harm: Callable[[dict[str, float], dict[str, float]], float]):
+        self.ratio, self.budget, self.limits = probe_ratio, budget, limits
+        self.metrics, self.harm = metrics, harm
+        self.cache: dict[tuple[int, str], float] = {}  # (weights version, probe plan) -> harm
+        self.measured = 0  # probes evaluated (not served from the cache)
+
+    def plan(self, members: list[Group], scores: dict[str, torch.Tensor],
+             predictor: CostPredictor) -> tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]] | None:
+        """A unit's probe: its members, the channels cut, the plan and the plan's predicted costs.
+
+        Members whose cut makes the model fail to run (a size written in the code, which tracing cannot
+        see) are left out, so the others can still be probed and cut; ``None`` when no member is left or
+        nothing would be cut."""
+
+        def probe(ms: list[Group]) -> tuple[dict[str, list[int]], Plan]:
+            chosen = {g.name: lowest(scores[g.name], g.size - self.limits.kept(g.size, int(self.ratio * g.size)))
+                      for g in ms}
+            return chosen, plan_from_choice(Graph(ms), chosen)
+
+        def costs(plan: Plan) -> dict[str, float] | None:
+            try:
+                return static_values(predictor(plan))
+            except TraceError:
+                return None
+
+        chosen, plan = probe(members)
+        after = None if plan.is_empty else costs(plan)
+        if after is None and not plan.is_empty:
+            members = [g for g in members if costs(probe([g])[1]) is not None]
+            chosen, plan = probe(members)
+            after = None if plan.is_empty else costs(plan)
+        return None if after is None else (members, chosen, plan, after)
+
+    def measure(self, work: nn.Module, plan: Plan, metrics_now: dict[str, float], version: int) -> float:
+        """The harm of masking ``plan`` on ``work`` (cached per weights version and plan)."""
+        key = (version, plan.to_json())
+        if version >= 0 and key in self.cache:
+            return self.cache[key]
+        handle = mask(work, plan)
+        try:
+            with torch.no_grad():
+                drop = self.harm(metrics_now, self.metrics(work))
+        except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
+            drop = math.inf
+        finally:
+            handle.undo()
+        self.measured += 1
+        self.cache[key] = drop
+        return drop
+
+    def run(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], predictor: CostPredictor,
+            metrics_now: dict[str, float], version: int, estimate: dict[str, torch.Tensor] | None,
+            field: str) -> dict[str, Probe]:
+        """Every unit's probe: measured, or (beyond the budget) estimated and calibrated on the measured."""
+        now = static_values(predictor(Plan()))
+        planned: dict[str, tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]]] = {}
+        for name, members in units(work, graph, self.budget, estimate is not None).items():
+            found = self.plan(members, scores, predictor)
+            if found is not None:
+                planned[name] = found
+        guess: dict[str, float] = {}
+        if estimate is not None and len(planned) > self.budget:
+            for name, (members, chosen, _, _) in planned.items():
+                guess[name] = sum(float(estimate[g].reshape(-1)[chosen[g]].sum()) for g in chosen if g in estimate)
+            key = "macs" if field == "latency" else field
+
+            def worth(name: str) -> float:  # estimated cost saved per harm: what the allocator would cut most
+                saved = max(now.get(key, 0.0) - planned[name][3].get(key, 0.0), 0.0)
+                return saved / (guess[name] + 1e-12)
+
+            chosen_units = set(sorted(planned, key=worth, reverse=True)[: self.budget])
+        else:
+            chosen_units = set(planned)
+        out: dict[str, Probe] = {}
+        for name, (members, chosen, plan, after) in planned.items():
+            drop = self.measure(work, plan, metrics_now, version) if name in chosen_units else math.nan
+            channels = sum(len(c) for c in chosen.values())
+            out[name] = Probe(members, drop, {k: now[k] - after[k] for k in now}, channels, name in chosen_units)
+        if guess and len(chosen_units) < len(out):
+            ratios = [out[n].drop / guess[n] for n in chosen_units
+                      if guess[n] > 0 and math.isfinite(out[n].drop)]
+            factor = statistics.median(ratios) if ratios else 1.0
+            for name, p in out.items():
+                if not p.measured:
+                    p.drop = factor * guess[name]
+        return out
+
+
+def first_order(work: nn.Module, groups: list[Group], batches: Any, loss: Callable[[Any, Any], torch.Tensor],
+                scores: dict[str, torch.Tensor], importance: str) -> dict[str, torch.Tensor] | None:
+    """Per-channel first-order Taylor estimates of the loss each channel's removal costs (the step's own
+    scores when the criterion is already ``taylor``); None when the task gives no calibration batches or
+    its loss does not fit the model's output (the prober then clusters what it cannot measure)."""
+    if importance == "taylor":
+        return scores
+    if batches is None:
+        return None
+    try:
+        found: dict[str, torch.Tensor] = get_importance("taylor")(work, groups, Context(batches, loss))
+    except (ConfigError, NonFiniteError):
+        return None
+    return found
+
+
+__all__ = ["Probe", "Prober", "first_order", "units"]
