@@ -36,6 +36,11 @@ class AdaptResult:
     task's ``finetune(model, steps)`` for, over accepted and rolled-back steps alike (the sum of the
     history's ``optimizer_steps``), plus any fine-tuning after the loop (adapt runs none). A comparison
     gives every other method this many steps.
+
+    ``evaluations`` counts the task's evaluations (the original, every probe measured, every step's
+    model; a resumed run includes the ones before it was killed). ``stopped`` names the limit
+    (``time_limit`` / ``max_evaluations``) that ended the run, ``""`` when none did; ``warnings`` is
+    what the run warned about (a validation set too small for the tolerance).
     """
 
     model: nn.Module
@@ -49,6 +54,9 @@ class AdaptResult:
     costs_after: dict[str, float]
     protected: list[str] = field(default_factory=list)
     optimizer_steps: int = 0
+    evaluations: int = 0
+    stopped: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [self.message]
@@ -61,6 +69,8 @@ class AdaptResult:
         accepted = sum(r.accepted for r in self.history)
         lines.append(f"steps: {len(self.history)} ({accepted} accepted, {len(self.history) - accepted} rolled back)")
         lines.append(f"optimizer steps: {self.optimizer_steps} (fine-tuning in every step tried)")
+        lines.append(f"evaluations: {self.evaluations}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -158,6 +168,9 @@ def adapt(
         costs_after=costs_after,
         protected=list(state.protected),
         optimizer_steps=sum(h.optimizer_steps for h in state.history),  # nothing is fine-tuned after the loop
+        evaluations=state.evaluations,
+        stopped=state.stopped,
+        warnings=list(state.warnings),
     )
 
 

@@ -189,6 +189,8 @@ def build(
         "costs_after": {k: float(v) for k, v in result.costs_after.items()},
         "history": history,
         "optimizer_steps": _optimizer_steps(result, history),
+        "warnings": [str(w) for w in getattr(result, "warnings", [])],
+        "evaluations": getattr(result, "evaluations", None),
         "layers": _layers(widths_before, widths_after or widths_before),
         "latency": latency or [],
         "onnx": onnx or {},
@@ -266,6 +268,8 @@ def from_state(state: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         budget_met=False,
         message=state.get("message")
         or f"run not finished: {len(history)} steps so far ({len(accepted)} accepted)",
+        warnings=state.get("warnings", []),
+        evaluations=state.get("evaluations"),
     )
     kwargs.setdefault("status", "finished" if state.get("done") else "interrupted")
     return build(partial, **kwargs)

@@ -108,15 +108,24 @@ def steps_table(data: dict[str, Any]) -> Table:
                 f"{number(h['step_size']):.3f}",
                 "accepted" if h["accepted"] else "rolled back",
                 fmt(metric, h["metrics"].get(metric)),
+                _interval(h.get("interval")),
                 macs,
                 f"{channels} in {len(h['cuts'])} groups",
                 "–" if h.get("optimizer_steps") is None else f"{number(h['optimizer_steps']):,.0f}",
                 h["reason"],
             ]
         )
-    head = ["step", "step size", "decision", metric, "MACs of original", "channels removed", "optimizer steps",
-            "reason"]
+    head = ["step", "step size", "decision", metric, "drop [interval]", "MACs of original", "channels removed",
+            "optimizer steps", "reason"]
     return head, rows
+
+
+def _interval(interval: Any) -> str:
+    """A step's drop interval ``[low, high]`` as text ("–" when the task gave no per-example values)."""
+    if not isinstance(interval, list) or len(interval) != 2:
+        return "–"
+    low, high = (number(v) for v in interval)
+    return f"{(low + high) / 2:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def layers_table(data: dict[str, Any]) -> Table:
@@ -241,6 +250,7 @@ def to_html(data: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
         f"<h1>{e(data['title'])}</h1>",
         f'<p class="muted">{e(data.get("model") or "")} · {e(data.get("created", ""))}</p>',
         f'<p class="status">{badge} — {e(data["message"])}</p>',
+        *(f'<p class="status">Warning: {e(w)}</p>' for w in data.get("warnings") or []),
         f"<p>Budget: {e(budget_text(data))}</p>",
         "<h2>Summary</h2>",
         _html_table(summary_table(data)),
@@ -306,6 +316,7 @@ def to_markdown(data: dict[str, Any], plot_files: dict[str, tuple[str, str]]) ->
         "",
         f"**{status}** — {data['message']}",
         "",
+        *(f"**Warning:** {w}\n" for w in data.get("warnings") or []),
         f"Budget: {budget_text(data)}",
         "",
         "## Summary",

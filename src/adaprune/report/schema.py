@@ -29,6 +29,8 @@ class StepRow(_Loose):
     accepted: bool
     reason: str = ""
     optimizer_steps: int | None = Field(default=None, ge=0)  # absent in reports from before it was recorded
+    interval: list[Number] | None = None  # [low, high] of the metric's drop; absent without per-example values
+    refit: str = ""
 
 
 class LayerRow(_Loose):
@@ -95,6 +97,8 @@ class ReportFile(_Loose):
     costs_after: dict[str, Number]
     history: list[StepRow] = Field(default_factory=list)
     optimizer_steps: int | None = Field(default=None, ge=0)
+    warnings: list[str] = Field(default_factory=list)
+    evaluations: int | None = Field(default=None, ge=0)
     layers: list[LayerRow] = Field(default_factory=list)
     latency: list[LatencyRow] = Field(default_factory=list)
     onnx: Onnx = Field(default_factory=Onnx)
