@@ -9,8 +9,10 @@ over calibration batches, where ``X_pruned`` is the layer's input in the pruned 
 patches for a convolution) and ``Y_original`` is the original layer's output on the same batches,
 restricted to the output channels it keeps. Layers are refit in the order the forward pass reaches
 them, each after the ones before it, so later layers see already-corrected inputs (the idea of
-ThiNet and of He et al.'s channel pruning, done in closed form). Only the normal equations are kept:
-memory is ``(fan_in + 1)^2`` per layer, whatever the number of calibration rows.
+ThiNet and of He et al.'s channel pruning, done in closed form). The original's outputs are captured
+for every refit layer in one forward pass; the pruned model's input to each layer in a pass that stops
+at that layer (so ``k`` refit layers cost one pass of the original and ``k`` partial passes of the
+pruned model, not ``2k`` full ones). The normal equations are built from the captures.
 """
 
 from __future__ import annotations
@@ -57,13 +59,19 @@ def _why_not(layer: Any, fit: Refit, before: nn.Module | None, max_features: int
     return None
 
 
-def _capture(model: nn.Module, layer: nn.Module, batches: list[Any], output: bool) -> list[torch.Tensor]:
+class _Reached(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward pass is not run."""
+
+
+def _inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    """``layer``'s input on every batch; each forward pass stops at the layer."""
     got: list[torch.Tensor] = []
 
-    def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        got.append((out if output else args[0]).detach())
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        got.append(args[0].detach())
+        raise _Reached
 
-    handle = layer.register_forward_hook(hook)
+    handle = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             for i, x in enumerate(batches):
@@ -73,9 +81,26 @@ def _capture(model: nn.Module, layer: nn.Module, batches: list[Any], output: boo
     return got
 
 
+def _outputs(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, list[torch.Tensor]]:
+    """Every one of ``layers``' outputs on every batch, in one forward pass per batch."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_hook(lambda _m, _a, out, n=n: got[n].append(out.detach()))
+               for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                _run(model, x, i)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 def _run(model: nn.Module, x: Any, index: int) -> None:
     try:
         call_model(model, x)
+    except _Reached:
+        pass
     except Exception as exc:
         raise ConfigError(
             f"calibration batch {index}: the model failed to run on its inputs ({type(exc).__name__}: "
@@ -188,8 +213,10 @@ def reconstruct(
     layers = dict(pruned.named_modules())
     sliced = {n: (layers[n].weight.data, None if layers[n].bias is None else layers[n].bias.data) for n in candidates}
     try:
+        targets = _outputs(original, {n: before[n] for n in candidates}, inputs)  # one pass of the original
         for name in _execution_order(pruned, candidates, inputs[0]):
-            report.refit[name] = _refit(layers[name], before[name], name, pruned, original, inputs, removals, ridge)
+            report.refit[name] = _refit(layers[name], before[name], name, pruned, targets.pop(name), inputs,
+                                        removals, ridge)
     except BaseException:  # the layers refit so far get their sliced weights back
         for name, (weight, bias) in sliced.items():
             layers[name].weight.data = weight
@@ -238,7 +265,7 @@ class _Normal:
         return ((w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty).clamp_min(0)
 
 
-def _refit(layer: Any, old: Any, name: str, pruned: nn.Module, original: nn.Module,
+def _refit(layer: Any, old: Any, name: str, pruned: nn.Module, ys: list[torch.Tensor],
            inputs: list[Any], removals: Mapping[str, Mapping[int, Iterable[int]]] | None,
            ridge: float | None) -> tuple[float, float]:
     """Refit one layer; returns its relative output error on the calibration data before and after.
@@ -249,8 +276,7 @@ def _refit(layer: Any, old: Any, name: str, pruned: nn.Module, original: nn.Modu
     held-out error beats the sliced weights'."""
     fit = refit_of(layer)
     assert fit is not None  # only refit-able layers get here
-    xs = _capture(pruned, layer, inputs, output=False)
-    ys = _capture(original, old, inputs, output=True)
+    xs = _inputs(pruned, layer, inputs)  # after the layers before it were refit: a pass that stops here
     _finite(name, xs, "input in the pruned model")
     _finite(name, ys, "output in the original model")
     gone = set(removals.get(f"{name}.weight", {}).get(0, ())) if removals else set()
