@@ -119,3 +119,14 @@ def test_adapt_lands_on_the_budget_with_coarse_heads_and_fine_neurons() -> None:
     assert ap.count(model, x).macs / macs == pytest.approx(ratio)
     heads = [layer.attention.self.num_attention_heads for layer in model.encoder.layer]
     assert min(heads) < 8  # heads were cut too: the fine neurons took up what whole heads left
+
+
+def test_fill_keeps_widths_multiples_of_round_to(setting) -> None:
+    graph, scores, value, plan = setting  # kept widths 12 of 32 and 4 of 16: multiples of 4
+    target = (value(plan) + value(Plan())) / 2
+    filled = fill(plan, graph, scores, target, value, round_to=4)
+    assert sum(len(c.removed) for c in filled.groups) < sum(len(c.removed) for c in plan.groups)
+    sizes = {g.name: g.size for g in graph.groups}
+    for cut in filled.groups:
+        assert (sizes[cut.name] - len(cut.removed)) % 4 == 0, cut
+    assert value(filled) <= target

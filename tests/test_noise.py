@@ -331,3 +331,11 @@ def test_per_example_values_that_are_not_the_metric_are_refused() -> None:
     model = mlp()
     with pytest.raises(ConfigError, match="mean of the per-example values"):
         ap.adapt(model, X, Wrong(n_params(model)), ap.Budget(macs=0.5), tolerance=0.02, max_iterations=1)
+
+
+def test_the_small_validation_warning_points_at_the_adapt_call() -> None:
+    model = mlp()
+    with pytest.warns(SmallValidationWarning) as caught:
+        ap.adapt(model, X, Flipping(n_params(model), n=20, down=1, up=0), ap.Budget(macs=0.5), tolerance=0.01,
+                 max_iterations=1)
+    assert [w.filename for w in caught if w.category is SmallValidationWarning] == [__file__]

@@ -151,3 +151,17 @@ def test_valid_limits_are_converted() -> None:
     assert cfg.max_evaluations == 7 and type(cfg.max_evaluations) is int
     assert cfg.time_limit == 1.5 and type(cfg.time_limit) is float
     assert AdaptConfig().max_evaluations is None and AdaptConfig().time_limit is None
+
+
+def test_a_run_ended_by_a_limit_goes_on_when_resumed_without_it(tmp_path) -> None:
+    stopped, _ = run(tmp_path / "run", max_evaluations=10)
+    resumed, task = run(tmp_path / "run", resume=True)  # no limit now
+    straight, _ = run()
+    assert stopped.stopped and not resumed.stopped and task.calls > 0
+    assert [h.cuts for h in resumed.history] == [h.cuts for h in straight.history]
+    assert resumed.plan.to_json() == straight.plan.to_json()
+
+
+def test_reaching_max_iterations_says_so() -> None:
+    res, _ = run(max_iterations=1)
+    assert "max_iterations=1" in res.message and "cannot shrink" not in res.message

@@ -482,7 +482,7 @@ class Controller:
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if final and not plan.is_empty and field != "latency":
-            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field])
+            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field], self.cfg.round_to)
         if plan.is_empty:
             state.done = True
             state.message = self.unmet(state, values, self.why_empty(probes))
@@ -509,7 +509,8 @@ class Controller:
                             None if interval is None else [interval.low, interval.high], refit)
         state.history.append(record)
         said = (f"metric drop {interval.describe()} (upper end at {self.cfg.confidence:.0%} confidence)"
-                if interval is not None else f"metric drop {judged:.4f}")
+                if interval is not None and self.cfg.confidence > 0 else f"metric drop {self.drop(state, metrics):.4f}"
+                if not failure else "")
         if judged <= self.cfg.tolerance + 1e-12:
             record.accepted = True
             record.reason = f"{said} within tolerance {self.cfg.tolerance}"
@@ -574,6 +575,8 @@ class Controller:
             replay(work, state, str(self.run_dir.path))
             self.run_dir.load_weights(state, work)
             self.evaluations = state.evaluations
+            if state.stopped:  # a run ended by a limit goes on, under the limits it is resumed with
+                state.done, state.stopped, state.message = False, "", ""
             if state.baseline_examples:
                 self.baseline_values = torch.tensor(state.baseline_examples, dtype=torch.float64)
         else:
@@ -585,7 +588,7 @@ class Controller:
                 state.baseline_examples = self.baseline_values.tolist()
                 small = resolvable(self.baseline_values, self.cfg.tolerance, self.cfg.confidence)
                 if small and self.cfg.confidence > 0:
-                    warnings.warn(small, SmallValidationWarning, stacklevel=4)
+                    warnings.warn(small, SmallValidationWarning, stacklevel=3)  # (user -> adapt -> run)
                     state.warnings.append(small)
             state.evaluations = self.evaluations
             # every relative latency bound is a fraction of this one number: measured three times as long
@@ -601,7 +604,9 @@ class Controller:
                 break
             if state.step_size < self.cfg.min_step or state.step >= self.cfg.max_iterations:
                 state.done = True
-                state.message = self.unmet(state, values, "the step cannot shrink further")
+                why = ("the step cannot shrink further" if state.step_size < self.cfg.min_step
+                       else f"max_iterations={self.cfg.max_iterations} steps taken")
+                state.message = self.unmet(state, values, why)
                 break
             limit = self.limit_reached()
             if limit:

@@ -12,6 +12,8 @@ still meets the target:
    its removed channels as still fit (bisected per group): fine-grained groups (FFN neurons, conv
    channels) take up what coarse ones (heads) leave.
 
+It only gives back what the plan removed: a last step that cut only coarse groups (one head per layer,
+no FFN neurons) cannot trade a head for neurons, and may still land under the budget by up to a head.
 ``value(plan)`` is the plan's exact cost in the binding field (a meta-copy count), assumed to rise as
 channels are restored.
 """
@@ -28,8 +30,9 @@ from ..plan import Plan, plan_from_choice
 
 
 def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: float,
-         value: Callable[[Plan], float]) -> Plan:
-    """``plan`` with as many of its removed channels given back as keep ``value(plan) <= target``."""
+         value: Callable[[Plan], float], round_to: int = 1) -> Plan:
+    """``plan`` with as many of its removed channels given back as keep ``value(plan) <= target``,
+    in multiples of ``round_to`` per group (so widths stay the multiples the plan kept)."""
     removed = {g.name: list(g.removed) for g in plan.groups if g.removed}
     if not removed or value(plan) > target:
         return plan
@@ -39,7 +42,7 @@ def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: floa
         return plan_from_choice(graph, {n: order[n][back.get(n, 0):] for n in order})
 
     def common(fraction: float) -> dict[str, int]:
-        return {n: int(fraction * len(idx)) for n, idx in order.items()}
+        return {n: int(fraction * len(idx)) // round_to * round_to for n, idx in order.items()}
 
     # 1. one fraction for every group: the largest that fits (the least 1 - fraction, bisected)
     _, back = bisect(lambda x: common(1.0 - x), lambda b: value(build(b)) <= target, 0.0, 1.0, common(0.0), 12)
@@ -48,21 +51,21 @@ def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: floa
     base = value(build(back))
     per_channel = {}
     for n, idx in order.items():
-        if back[n] < len(idx):
+        if back[n] + round_to <= len(idx):
             trial = dict(back)
-            trial[n] += 1
+            trial[n] += round_to
             per_channel[n] = value(build(trial)) - base
     for n in sorted(per_channel, key=lambda k: per_channel[k]):
-        lo, hi = back[n], len(order[n])
+        lo, hi = back[n] // round_to, len(order[n]) // round_to  # in units of round_to channels
         while lo < hi:  # the most channels of n that still fit
             mid = (lo + hi + 1) // 2
             trial = dict(back)
-            trial[n] = mid
+            trial[n] = mid * round_to
             if value(build(trial)) <= target:
                 lo = mid
             else:
                 hi = mid - 1
-        back[n] = lo
+        back[n] = lo * round_to
     return build(back)
 
 
