@@ -128,7 +128,8 @@ def adapt(
         close = difflib.get_close_matches(unknown[0][:100], list(AdaptConfig.__dataclass_fields__), 1)
         raise ConfigError(
             f"adapt got unknown options {shown(unknown, 40)}; "
-            + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(AdaptConfig.__dataclass_fields__)}")
+            + (f"did you mean {close[0]!r}?" if close
+               else "the options are the fields of adaprune.AdaptConfig (tolerance, importance, step, finetune_steps ...)")
         )
     ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
