@@ -214,6 +214,91 @@ def engine_section(en: dict[str, Any]) -> tuple[list[str], dict[tuple[str, str],
     return out, cells
 
 
+TRANSFORMER_METHODS = {
+    "static_uniform": "adaprune static, uniform (L2)",
+    "static_global": "adaprune static, global (L2)",
+    "tp": "Torch-Pruning L2, whole heads",
+    "adapt": "adaprune adapt",
+}
+
+
+def transformer_section(tr: dict[str, Any]) -> list[str]:
+    """MiniLM-L6 retrieval at a MACs budget (benchmarks/transformer.py): one table per (budget, steps)."""
+    cfg = tr["config"]
+    corpus = cfg["corpus"]
+    out = ["## 4. A pretrained transformer: MiniLM-L6 retrieval at a MACs budget", "",
+           ("Script: `benchmarks/transformer.py` (its docstring has the protocol). The pretrained all-MiniLM-L6-v2 "
+            f"sentence encoder ({cfg['dense_macs']:,} MACs at {cfg['example_input']}, {cfg['dense_params']:,} params "
+            "with the word embeddings) retrieves docstring text: query = the first sentence of a Python standard "
+            f"library docstring, document = the rest ({corpus['pairs']} deduplicated pairs from "
+            f"{corpus['modules_imported']} modules, Python {corpus['python']}). Per seed: {cfg['n_test']} test pairs "
+            f"(held out), {cfg['n_val']} validation pairs (adapt's task), the rest unlabeled training text. "
+            "Recall@1 = the query's document ranks first among the split's documents (cosine of mean-pooled, "
+            "normalised embeddings). Every method starts from the pretrained model, prunes to the budget (a "
+            "fraction of the dense MACs, `adaprune.count`) and gets the same number of optimizer steps of "
+            f"distillation ({cfg['optimizer']} lr {cfg['lr']}, batches of {cfg['train_batch']}, loss "
+            f"{cfg['distill_loss']} to the dense model's embedding); adapt's in-loop steps count against them. "
+            f"adapt: tolerance {cfg['tolerance']} (recall@1 on validation), max_iterations {cfg['adapt_iters']}, "
+            f"task loss `{cfg.get('task_loss', 'pair')}`, options {cfg['adapt_options'] or '{}'}. "
+            f"Torch-Pruning: {cfg['tp']}. Wall time is pruning + fine-tuning of one run, "
+            f"{tr['environment']['torch_threads']} torch thread(s), on a shared machine; 'evaluations' counts "
+            "adapt's task evaluations (distinct weights in brackets)."), ""]
+    out += env_lines("transformer", tr)
+    dense = sorted(tr["dense"], key=lambda d: d["seed"])
+    out += ["", "Dense model: test recall@1 " + ", ".join(f"{d['test_recall1']:.3f}" for d in dense)
+            + " (MRR " + ", ".join(f"{d['test_mrr']:.3f}" for d in dense) + f") for seeds {[d['seed'] for d in dense]}; "
+            + (f"heads per layer {dense[0]['widths']['heads']}, FFN width per layer {dense[0]['widths']['ffn']}."
+               if dense else "")]
+    groups: dict[tuple[float, int], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in tr["runs"]:
+        groups[(r["budget"], r["steps"])][r["method"]].append(r)
+
+    def mse(v: list[float]) -> str:
+        if not v:
+            return "-"
+        m = statistics.fmean(v)
+        return f"{m:.3f}" + (f" ± {statistics.stdev(v) / math.sqrt(len(v)):.3f}" if len(v) > 1 else "")
+
+    for b, steps in sorted(groups, key=lambda k: (k[1], -k[0])):
+        seeds = sorted({r["seed"] for rs in groups[(b, steps)].values() for r in rs})
+        d = [x["test_recall1"] for x in dense if x["seed"] in seeds]
+        out += ["", f"### {b:g} of the dense MACs, {steps} optimizer steps", "",
+                f"Dense test recall@1 on these seeds: {mse(d)}. Means ± standard error over seeds.", "",
+                ("| method | test R@1 | before distillation | test MRR | val R@1 | MACs kept | budget met | seeds | "
+                 "wall s | evaluations | optimizer steps (in loop + after) | heads per layer (first seed) | "
+                 "FFN width per layer (first seed) |"),
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, name in TRANSFORMER_METHODS.items():
+            rs = groups[(b, steps)].get(m, [])
+            ok = sorted((r for r in rs if "test_recall1" in r), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            if not ok:
+                out.append(f"| {name} | failed: {rs[0].get('error', '?')[:120]} | | | | | | {len(rs)} | | | | | |")
+                continue
+            if m == "adapt":
+                name += (f" (steps {statistics.fmean(r['adapt_steps'] for r in ok):.1f}, accepted "
+                         f"{statistics.fmean(r['adapt_accepted'] for r in ok):.1f})")
+            pre = [r["test_recall1_before_finetune"] for r in ok if "test_recall1_before_finetune" in r]
+            out.append(f"| {name} | {mse([r['test_recall1'] for r in ok])} | {mse(pre) if pre else '(no steps)'} | "
+                       f"{statistics.fmean(r['test_mrr'] for r in ok):.3f} | "
+                       f"{statistics.fmean(r['val_recall1'] for r in ok):.3f} | "
+                       f"{statistics.fmean(r['macs_ratio'] for r in ok):.3f} | "
+                       f"{sum(bool(r['budget_met']) for r in ok)}/{len(ok)} | {','.join(str(r['seed']) for r in ok)} | "
+                       f"{statistics.fmean(r['wall_s'] for r in ok):.0f} | "
+                       f"{statistics.fmean(r['evaluations'] for r in ok):.1f} "
+                       f"({statistics.fmean(r['evaluations_distinct'] for r in ok):.1f}) | {steps_cell(ok)} | "
+                       f"{ok[0]['widths']['heads']} | {ok[0]['widths']['ffn']} |")
+        msgs = sorted({r["adapt_message"] for r in groups[(b, steps)].get("adapt", []) if "adapt_message" in r})
+        if msgs:
+            out += ["", "adapt stopped with: " + "; ".join(f"\"{x}\"" for x in msgs)]
+    errors = [r for r in tr["runs"] if "error" in r]
+    if errors:
+        out += ["", "Failed runs:", ""] + [f"- seed {r['seed']} budget {r['budget']} steps {r['steps']} "
+                                           f"{r['method']}: `{r['error'][:200]}`" for r in errors]
+    return out
+
+
 # tool -> (engine, figure), as benchmarks/engine.py records them (rows written before it did are mapped here)
 FIGURES = {"adaprune": ("adaprune", "core"), "adaprune_prune": ("adaprune", "whole"),
            "torch_pruning": ("torch_pruning", "core"), "torch_pruning_whole": ("torch_pruning", "whole")}
@@ -418,6 +503,9 @@ def main() -> int:
     if en:
         sec, cells = engine_section(en)
         lines += sec + [""]
+    tr = load("transformer")
+    if tr and tr.get("runs"):
+        lines += transformer_section(tr) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():
