@@ -1,7 +1,8 @@
-"""Least-squares reconstruction is kept only when the task's metric says it helps.
+"""Least-squares reconstruction is dropped when the task's metric says it hurts.
 
 With ``reconstruct=None`` (the default) a step on a model with BatchNorm evaluates the cut model as it
-is and refitted, keeps the better one and says so in ``record.refit`` (both metrics); on a model
+is and refitted, keeps the refit unless it measurably lowers the metric (paired interval) and says so
+in ``record.refit`` (both metrics); on a model
 without BatchNorm nothing is tried (``refit == ""``). A refit that damages the model is dropped (the
 step's model and metric are the plain ones); one that helps is kept.
 """
@@ -56,14 +57,16 @@ def said(record) -> tuple[bool, float, float]:
     return found.group(1) == "kept", float(found.group(3)), float(found.group(4))
 
 
-def test_a_batchnorm_model_tries_the_refit_and_keeps_the_better(digits) -> None:
+def test_a_batchnorm_model_tries_the_refit_and_drops_it_only_when_worse(digits) -> None:
     data, base = digits
     res = adapt(copy.deepcopy(base), data)
     assert res.history
     for h in res.history:
         kept, without, with_ = said(h)
-        if with_ != without:  # (equal to 4 decimals: the loss may decide)
-            assert kept == (with_ > without)
+        if with_ > without:
+            assert kept  # a better refit is always kept
+        if not kept:
+            assert with_ < without  # dropped only when worse (and then beyond the paired interval)
         # without fine-tuning, the step's metric is the kept model's
         assert h.metrics["accuracy"] == pytest.approx(with_ if kept else without, abs=5e-5)
 
