@@ -289,6 +289,7 @@ def transformer_section(tr: dict[str, Any]) -> list[str]:
                        f"{statistics.fmean(r['evaluations'] for r in ok):.1f} "
                        f"({statistics.fmean(r['evaluations_distinct'] for r in ok):.1f}) | {steps_cell(ok)} | "
                        f"{ok[0]['widths']['heads']} | {ok[0]['widths']['ffn']} |")
+        out += adapt_against_others(groups[(b, steps)])
         msgs = sorted({r["adapt_message"] for r in groups[(b, steps)].get("adapt", []) if "adapt_message" in r})
         if msgs:
             out += ["", "adapt stopped with: " + "; ".join(f"\"{x}\"" for x in msgs)]
@@ -297,6 +298,26 @@ def transformer_section(tr: dict[str, Any]) -> list[str]:
         out += ["", "Failed runs:", ""] + [f"- seed {r['seed']} budget {r['budget']} steps {r['steps']} "
                                            f"{r['method']}: `{r['error'][:200]}`" for r in errors]
     return out
+
+
+def adapt_against_others(by_method: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """adapt minus every other method, paired by seed (mean ± standard error of the per-seed differences
+    of test recall@1), and adapt's wall time over the other method's."""
+    mine = {r["seed"]: r for r in by_method.get("adapt", []) if "test_recall1" in r}
+    lines = []
+    for m, name in TRANSFORMER_METHODS.items():
+        theirs = {r["seed"]: r for r in by_method.get(m, []) if "test_recall1" in r}
+        seeds = sorted(set(mine) & set(theirs))
+        if m in ("adapt", "dense") or not seeds:
+            continue
+        diff = [mine[s]["test_recall1"] - theirs[s]["test_recall1"] for s in seeds]
+        se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        wall = statistics.fmean(mine[s]["wall_s"] for s in seeds) / max(statistics.fmean(
+            theirs[s]["wall_s"] for s in seeds), 1e-9)
+        lines.append(f"- adapt − {name}: test recall@1 {statistics.fmean(diff):+.3f} ± {se:.3f} (paired over seeds "
+                     f"{seeds}; every seed {'higher' if min(diff) > 0 else 'not always higher'}); wall time "
+                     f"{wall:.1f}x")
+    return ["", *lines] if lines else []
 
 
 # tool -> (engine, figure), as benchmarks/engine.py records them (rows written before it did are mapped here)

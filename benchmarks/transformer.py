@@ -37,8 +37,10 @@ takes exactly ``--steps`` optimizer steps:
   as distillation after it returns. k defaults to S // N (0 when S = 0).
 
 The task (``RetrievalTask``): evaluate / evaluate_examples = recall@1 on the validation pairs (per-example
-0/1 hits), with ``mrr`` and ``loss`` (``--task-loss``: ``pair`` = mean (1 - cosine(query, its document)),
-the default; ``contrastive`` = cross-entropy of each query's document among the split's, scale 20;
+0/1 hits), with ``mrr`` and ``loss`` (``--task-loss``: ``contrastive``, the default, = cross-entropy of
+each query's document among the split's, scale 20; ``pair`` = mean (1 - cosine(query, its document)),
+with which adapt's probes did not tell the layers apart (a seed-0 run at tolerance 0.03 cut every
+layer's FFN to the same 1388 neurons);
 ``none`` = no ``loss`` key; adapt ranks clusters by the rise of ``loss`` when there is one); finetune = the
 distillation loop below; calibration = the first 4 training batches as (inputs, {teacher embedding,
 attention mask}); adapt's ``loss=`` (gradient criteria) is the distillation loss.
@@ -54,7 +56,7 @@ recall@1, MACs and params fractions, wall time (prune + fine-tune), task evaluat
 weights among them), per-layer widths (heads kept, FFN width), adapt's steps accepted / rolled back.
 
     python benchmarks/transformer.py --seeds 0 --budgets 0.5 --steps 0          # smoke run
-    python benchmarks/transformer.py                                            # 3 seeds x {0.5, 0.3} x {0, 100}
+    python benchmarks/transformer.py                                            # 3 seeds x {0.5, 0.3} x {0, 50}
     python benchmarks/transformer.py --methods adapt --adapt-options '{"step": 0.15}' --out scratch
 """
 
@@ -515,20 +517,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3], help="fractions of the dense MACs")
-    p.add_argument("--steps", nargs="+", type=int, default=[0, 100], help="optimizer steps every method gets")
+    p.add_argument("--steps", nargs="+", type=int, default=[0, 50], help="optimizer steps every method gets")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--tolerance", type=float, default=0.03, help="adapt's tolerance (recall@1 drop on validation)")
+    p.add_argument("--tolerance", type=float, default=0.4,
+                   help="adapt's tolerance (recall@1 drop on validation); generous by default, so that adapt reaches "
+                        "the budget and every method is compared at the same MACs")
     p.add_argument("--adapt-iters", type=int, default=10, help="adapt's max_iterations")
     p.add_argument("--adapt-inner-steps", type=int, default=None,
                    help="adapt's finetune_steps per step tried (default: steps // adapt-iters)")
     p.add_argument("--adapt-options", type=json.loads, default={},
                    help="JSON dict of further AdaptConfig options passed to ap.adapt, e.g. '{\"step\": 0.15}'")
-    p.add_argument("--task-loss", default="pair", choices=TASK_LOSSES,
+    p.add_argument("--task-loss", default="contrastive", choices=TASK_LOSSES,
                    help="what adapt's task reports as 'loss' (the controller ranks clusters by its rise): pair = "
                         "mean 1 - cos(query, its doc), contrastive = cross-entropy over the split's documents "
                         "(scale 20), none = no loss (clusters ranked by the recall@1 drop)")
     p.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate (AdamW)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="transformer")
     p.add_argument("--fresh", action="store_true", help="discard earlier results instead of extending them "
                    "(a cell is keyed by seed, budget, steps and method only: use --fresh or another --out when "
