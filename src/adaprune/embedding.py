@@ -27,8 +27,8 @@ from ._check import (
     describe,
 )
 from .calls import call_model
-from .errors import ConfigError, NonFiniteError, shown
-from .task import Task
+from .errors import ConfigError
+from .task import Task, optimizer_step
 
 Embed = Callable[[Any, Any], torch.Tensor]
 
@@ -302,25 +302,13 @@ class EmbeddingTask(Task):
     def _step(self, model: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any,
               where: str) -> None:
         """One optimizer step; if it fails, the buffers its forward pass changed are restored."""
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        try:
+
+        def loss() -> torch.Tensor:
             with torch.no_grad():
                 target = self._embed(teacher, x, f"{where} (teacher)")
-            opt.zero_grad(set_to_none=True)
-            value = self._distance(self._embed(model, x, where, target), target)
-            if not bool(torch.isfinite(value.detach()).all()):
-                raise NonFiniteError(
-                    f"finetune step {step} ({where}): the loss is {shown(value.detach().tolist())}; "
-                    f"use a lower lr (now {self.lr:g}) or check the batch for NaN/inf"
-                )
-            value.backward()
-        except BaseException:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    if n in buffers and b.shape == buffers[n].shape:
-                        b.copy_(buffers[n])
-            raise
-        opt.step()
+            return self._distance(self._embed(model, x, where, target), target)
+
+        optimizer_step(model, opt, loss, f"finetune step {step} ({where})", self.lr)
 
 
 _EMPTY_TRAIN = "train_loader yielded no batches: fine-tuning and calibration read it; pass a non-empty one"

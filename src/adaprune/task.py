@@ -262,6 +262,29 @@ def check_targets(logits: torch.Tensor, y: Any, where: str) -> torch.Tensor:
     return y
 
 
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor], where: str,
+                   lr: float) -> None:
+    """One optimizer step on ``loss()``. A NaN or infinite loss raises :class:`NonFiniteError` naming
+    ``where``; if the step fails, the buffers its forward pass changed (BatchNorm statistics) are put back."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        opt.zero_grad(set_to_none=True)
+        value = loss()
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise NonFiniteError(
+                f"{where}: the loss is {shown(value.detach().tolist())}; "
+                f"use a lower lr (now {lr:g}) or check the batch for NaN/inf"
+            )
+        value.backward()
+    except BaseException:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers and b.shape == buffers[n].shape:
+                    b.copy_(buffers[n])
+        raise
+    opt.step()
+
+
 _EMPTY_TRAIN = (
     "train_loader yielded no batches: fine-tuning and calibration read (inputs, targets) batches from it; "
     "pass a non-empty list or DataLoader"
@@ -414,20 +437,4 @@ class ClassificationTask(Task):
 
     def _step(self, model: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any, y: Any, where: str) -> None:
         """One optimizer step; if it fails, the buffers its forward pass changed are restored."""
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        try:
-            opt.zero_grad(set_to_none=True)
-            value = self._loss(model, x, y, where)
-            if not bool(torch.isfinite(value.detach()).all()):
-                raise NonFiniteError(
-                    f"finetune step {step} ({where}): the loss is {shown(value.detach().tolist())}; "
-                    f"use a lower lr (now {self.lr:g}) or check the batch for NaN/inf"
-                )
-            value.backward()
-        except BaseException:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    if n in buffers and b.shape == buffers[n].shape:
-                        b.copy_(buffers[n])
-            raise
-        opt.step()
+        optimizer_step(model, opt, lambda: self._loss(model, x, y, where), f"finetune step {step} ({where})", self.lr)

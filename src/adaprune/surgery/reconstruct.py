@@ -99,8 +99,8 @@ def _outputs(model: nn.Module, layers: dict[str, nn.Module], batches: list[Any])
 def _run(model: nn.Module, x: Any, index: int) -> None:
     try:
         call_model(model, x)
-    except _Reached:
-        pass
+    except _Reached:  # a capture hook has what it needs: the rest of the forward pass is not wanted
+        return
     except Exception as exc:
         raise ConfigError(
             f"calibration batch {index}: the model failed to run on its inputs ({type(exc).__name__}: "
