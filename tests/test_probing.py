@@ -226,3 +226,56 @@ def test_first_order_is_none_without_batches_and_the_scores_for_taylor() -> None
     scores = get_importance("l2")(model, graph.groups, Context())
     assert probing.first_order(model, graph.groups, None, default_loss, scores, "l2") is None
     assert probing.first_order(model, graph.groups, None, default_loss, scores, "taylor") is scores
+
+
+def test_later_steps_reprobe_and_calibrate_each_unit_by_its_own_ratio() -> None:
+    """The first run measures every unit (within the budget) and records each one's measured/estimated
+    ratio; a later run measures only ``reprobe`` units and gives each other unit its estimate times its
+    OWN recorded ratio (not the median of the units measured now, which the ratios here differ from)."""
+    model, task = stack_and_task(calibrate=True)
+    graph = trace(model, X[:2], ignore=[model.head])
+    scores = get_importance("l2")(model, graph.groups, Context())
+    estimate = probing.first_order(model, graph.groups, task.calibration(), default_loss, scores, "l2")
+    assert estimate is not None
+    predictor = CostPredictor(model, X[:2])
+    now = task.evaluate(model)
+    task.calls = 0
+
+    def harm(before: dict[str, float], masked: dict[str, float]) -> float:
+        return max(before["fidelity"] - masked["fidelity"], 0.0)
+
+    prober = probing.Prober(0.3, 10, Limits(), task.evaluate, harm, reprobe=1)
+    ratios: dict[str, float] = {}
+    first = prober.run(model, graph, scores, predictor, now, 0, estimate, "macs", ratios)
+    assert all(p.measured for p in first.values()) and task.calls == len(first) == len(graph.groups)
+    recorded = dict(ratios)
+    assert set(recorded) == set(first) and len({round(r, 6) for r in recorded.values()}) > 2
+    later = prober.run(model, graph, scores, predictor, now, 1, estimate, "macs", ratios)  # new weights version
+    measured = [n for n, p in later.items() if p.measured]
+    assert len(measured) == 1 and task.calls == len(first) + 1
+    median = statistics.median(recorded[n] for n in measured)
+    differs = 0
+    for name, p in later.items():
+        if name in measured:
+            continue
+        found = prober.plan(p.groups, scores, predictor)
+        assert found is not None
+        guess = sum(float(estimate[g].reshape(-1)[found[1][g]].sum()) for g in found[1])
+        # own ratio x the same estimate on the same weights: what the first run measured for this unit
+        assert p.drop == pytest.approx(recorded[name] * guess) == pytest.approx(first[name].drop)
+        differs += not math.isclose(p.drop, median * guess, rel_tol=1e-3, abs_tol=1e-9)
+    assert differs >= 1
+
+
+def test_an_adapt_run_reprobes_after_its_first_step(monkeypatch) -> None:
+    """5 groups within probe_budget, reprobe=2: the first step measures all 5, later ones at most 2 (each
+    plus the step's own evaluation)."""
+    per_step = count_per_step(monkeypatch)
+    model, task = stack_and_task(calibrate=True)
+    groups = len(trace(model, X[:2], ignore=[model.head]).groups)
+    assert groups > 2
+    res = ap.adapt(model, X[:2], task, ap.Budget(macs=0.5), tolerance=0.01, ignore=[model.head], reprobe=2,
+                   max_iterations=4)
+    assert len(per_step) == len(res.history) >= 2
+    assert per_step[0] == groups + 1, per_step
+    assert max(per_step[1:]) <= 2 + 1, per_step

@@ -68,8 +68,9 @@ class AdaptConfig:
     ``confidence``: a step is accepted when the upper end of the two-sided ``confidence`` interval of
     its metric drop is within ``tolerance``, if the task returns per-example values
     (:mod:`adaprune.adapt.noise`; 0 judges the point drop alone). ``probe_budget``: at most this many
-    measured sensitivity probes per step; with more groups, a first-order estimate ranks them and the
-    rest are estimated (:mod:`adaprune.adapt.probing`). ``time_limit`` (seconds) and
+    measured sensitivity probes in the first step; with more groups, a first-order estimate ranks them and
+    the rest are estimated (:mod:`adaprune.adapt.probing`). ``reprobe``: measured probes in each later
+    step, once every measured unit's first-order estimate is calibrated by its own measured ratio. ``time_limit`` (seconds) and
     ``max_evaluations`` (calls of the task's evaluation) end the run with the last accepted model; both
     are checked before every step (a step under way completes) and are not settings a resumed run must
     share.
@@ -99,6 +100,7 @@ class AdaptConfig:
     reconstruct_ridge: float | None = None
     confidence: float = 0.9
     probe_budget: int = 24
+    reprobe: int = 4
     time_limit: float | None = None
     max_evaluations: int | None = None
 
@@ -127,7 +129,7 @@ class AdaptConfig:
         if self.max_evaluations is not None:
             put("max_evaluations", as_int(self.max_evaluations, "max_evaluations", low=1))
         for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1),
-                          ("min_channels", 1), ("round_to", 1), ("probe_budget", 1)):
+                          ("min_channels", 1), ("round_to", 1), ("probe_budget", 1), ("reprobe", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
         put("seed", as_int(self.seed, "seed", low=0, high=2**32 - 1))
         if self.reconstruct is not None:
@@ -213,7 +215,7 @@ class Controller:
         self.ignore, self.run_dir = ignore, run_dir
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
-        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.metrics, self.harm)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.metrics, self.harm, config.reprobe)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.started = time.monotonic()
         self.baseline_values: torch.Tensor | None = None  # the original model's per-example values
@@ -485,9 +487,9 @@ class Controller:
         predictor = CostPredictor(work, self.x)
         version = sum(h.accepted for h in state.history)
         estimate = (first_order(work, graph.groups, ctx.calibration, self.loss, scores, self.cfg.importance)
-                    if len(graph.groups) > self.cfg.probe_budget else None)
+                    if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
         probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), version, estimate,
-                                 field)
+                                 field, state.probe_ratios)
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if final and not plan.is_empty and field != "latency":

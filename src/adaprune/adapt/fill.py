@@ -57,6 +57,11 @@ def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: floa
             per_channel[n] = value(build(trial)) - base
     for n in sorted(per_channel, key=lambda k: per_channel[k]):
         lo, hi = back[n] // round_to, len(order[n]) // round_to  # in units of round_to channels
+        slack = target - value(build(back))  # (a cached count: the last plan that fitted)
+        if per_channel[n] > 0:  # a group's cost is close to linear in its width: search only what may fit
+            if per_channel[n] > slack:
+                continue
+            hi = min(hi, lo + int(slack / per_channel[n]) + 1)
         while lo < hi:  # the most channels of n that still fit
             mid = (lo + hi + 1) // 2
             trial = dict(back)

@@ -12,8 +12,12 @@ Measuring is the expensive part (one ``task.evaluate`` per unit), so it has a bu
 - with more, a first-order estimate ranks every unit: the summed first-order Taylor importance
   |w · dL/dw| of the channels its probe would mask (Molchanov et al., 2019), from the task's
   calibration batches. The ``probe_budget`` units with the highest estimated cost saved per harm (the
-  ones the allocator would cut most, where a wrong estimate costs most) are measured; the others get
-  their estimate times the median ratio of measured to estimated harm over the measured units;
+  ones the allocator would cut most, where a wrong estimate costs most) are measured. Every measured
+  unit's ratio of measured to estimated harm is kept for the later steps (``ratios``, saved in the
+  run's state), since first-order estimates are off per layer in a way that persists (a residual
+  branch's Taylor score misjudges it step after step); a unit not measured this step gets its estimate
+  times its own latest ratio, or, never measured, the median ratio of this step's measured units. So
+  later steps re-measure only the units the allocator would now cut most;
 - with more units and no estimate (the task has no calibration batches, or its loss does not fit the
   model's output), units built alike are measured together as one cluster
   (:func:`adaprune.sensitivity.clusters`) and share their cluster's ratio.
@@ -68,8 +72,10 @@ class Prober:
     """Measures probes for the controller, within the probe budget, with a cache across steps."""
 
     def __init__(self, probe_ratio: float, budget: int, limits: Limits,
-                 metrics: Callable[[nn.Module], dict[str, float]], harm: Callable[[dict[str, float], dict[str, float]], float]):
+                 metrics: Callable[[nn.Module], dict[str, float]], harm: Callable[[dict[str, float], dict[str, float]], float],
+                 reprobe: int | None = None):
         self.ratio, self.budget, self.limits = probe_ratio, budget, limits
+        self.reprobe = budget if reprobe is None else reprobe
         self.metrics, self.harm = metrics, harm
         self.cache: dict[tuple[int, str], float] = {}  # (weights version, probe plan) -> harm
         self.measured = 0  # probes evaluated (not served from the cache)
@@ -120,39 +126,47 @@ class Prober:
 
     def run(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], predictor: CostPredictor,
             metrics_now: dict[str, float], version: int, estimate: dict[str, torch.Tensor] | None,
-            field: str) -> dict[str, Probe]:
-        """Every unit's probe: measured, or (beyond the budget) estimated and calibrated on the measured."""
+            field: str, ratios: dict[str, float] | None = None) -> dict[str, Probe]:
+        """Every unit's probe: measured, or (beyond the budget) estimated and calibrated on the measured.
+
+        ``ratios`` (unit -> measured / estimated harm at its latest measurement) calibrates the units not
+        measured now and is updated in place with this step's measurements."""
+        ratios = {} if ratios is None else ratios
         now = static_values(predictor(Plan()))
         planned: dict[str, tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]]] = {}
         for name, members in units(work, graph, self.budget, estimate is not None).items():
             found = self.plan(members, scores, predictor)
             if found is not None:
                 planned[name] = found
+        # the first step measures up to probe_budget units; later ones, with calibrated estimates, reprobe
+        limit = min(self.reprobe, self.budget) if ratios else self.budget
         guess: dict[str, float] = {}
-        if estimate is not None and len(planned) > self.budget:
+        chosen_units = set(planned)
+        if estimate is not None:
             for name, (members, chosen, _, _) in planned.items():
                 guess[name] = sum(float(estimate[g].reshape(-1)[chosen[g]].sum()) for g in chosen if g in estimate)
             key = "macs" if field == "latency" else field
 
             def worth(name: str) -> float:  # estimated cost saved per harm: what the allocator would cut most
                 saved = max(now.get(key, 0.0) - planned[name][3].get(key, 0.0), 0.0)
-                return saved / (guess[name] + 1e-12)
+                return saved / (ratios.get(name, 1.0) * guess[name] + 1e-12)
 
-            chosen_units = set(sorted(planned, key=worth, reverse=True)[: self.budget])
-        else:
-            chosen_units = set(planned)
+            if len(planned) > limit:
+                chosen_units = set(sorted(planned, key=worth, reverse=True)[:limit])
         out: dict[str, Probe] = {}
         for name, (members, chosen, plan, after) in planned.items():
             drop = self.measure(work, plan, metrics_now, version) if name in chosen_units else math.nan
             channels = sum(len(c) for c in chosen.values())
             out[name] = Probe(members, drop, {k: now[k] - after[k] for k in now}, channels, name in chosen_units)
-        if guess and len(chosen_units) < len(out):
-            ratios = [out[n].drop / guess[n] for n in chosen_units
-                      if guess[n] > 0 and math.isfinite(out[n].drop)]
-            factor = statistics.median(ratios) if ratios else 1.0
+        if guess:
+            # (a measured improvement is noise around no harm: ratio 0, so the unit ranks first to be re-measured)
+            now_ratios = {n: max(out[n].drop, 0.0) / guess[n] for n in chosen_units
+                          if guess[n] > 0 and math.isfinite(out[n].drop)}
+            factor = statistics.median(now_ratios.values()) if now_ratios else 1.0
             for name, p in out.items():
                 if not p.measured:
-                    p.drop = factor * guess[name]
+                    p.drop = ratios.get(name, factor) * guess[name]
+            ratios.update(now_ratios)
         return out
 
 

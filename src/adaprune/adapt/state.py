@@ -75,6 +75,7 @@ class ControllerState:
     evaluations: int = 0  # calls of the task's evaluation so far
     stopped: str = ""  # the limit (time_limit / max_evaluations) that ended the run, if one did
     warnings: list[str] = field(default_factory=list)  # what the run warned about (a too-small validation set)
+    probe_ratios: dict[str, float] = field(default_factory=dict)  # unit -> measured / estimated probe harm
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -149,6 +150,7 @@ class _StateFile(_Strict):
     evaluations: int = Field(0, ge=0)
     stopped: str = ""
     warnings: list[str] = Field(default_factory=list)
+    probe_ratios: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:
