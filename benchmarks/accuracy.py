@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -221,7 +222,7 @@ def _run_method(method: str, model: nn.Module, x: torch.Tensor, d: dict[str, tor
     if method in ("adapt", "adapt_ce"):
         fs = args.adapt_inner_steps
         res = ap.adapt(model, x, task, ap.Budget(macs=budget), tolerance=args.tolerance, ignore=[model.fc],
-                       finetune_steps=fs, max_iterations=args.adapt_iters, seed=seed)
+                       finetune_steps=fs, max_iterations=args.adapt_iters, seed=seed, **args.adapt_options)
         inner = res.optimizer_steps  # counted by adapt: every step it tried, accepted or rolled back
         rec.update(adapt_steps=len(res.history), adapt_accepted=sum(r.accepted for r in res.history),
                    adapt_finetune_steps_per_step=fs, adapt_message=res.message)
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapt-iters", type=int, default=10, help="adapt's max_iterations")
     p.add_argument("--adapt-inner-steps", type=int, default=0,
                    help="fine-tuning steps inside each adapt step (counted in the total)")
+    p.add_argument("--adapt-options", type=json.loads, default={},
+                   help='more adapt options as JSON, e.g. \'{"probe_ratio": 0.5}\' (recorded in the results)')
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="accuracy")
     p.add_argument("--cache", default="", help="keep trained base models in this directory and reuse them "
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["environment"] = environment(args.threads)
     payload["config"] = {"finetune_lr": FT_LR, "batch_size": BATCH, "adapt_tolerance": args.tolerance,
                          "adapt_max_iterations": args.adapt_iters,
-                         "adapt_inner_finetune_steps": args.adapt_inner_steps,
+                         "adapt_inner_finetune_steps": args.adapt_inner_steps, "adapt_options": args.adapt_options,
                          "datasets": {k: {"model": v["model_desc"], "base_epochs": v["epochs"], "base_lr": v["lr"]}
                                       for k, v in DATASETS.items()}}
     grids = payload.setdefault("grids_run", [])

@@ -210,15 +210,21 @@ def test_killed_run_resumes_to_the_same_plan(digits, tmp_path: Path):
     assert resumed.after == straight.after
 
 
-def _interleaved_median_ms(a, b, x, repeats=40):
+def _interleaved_median_ms(a, b, x, repeats=40, block=10):
+    """Steady-state latency of ``a`` and ``b``: timed in alternating blocks of ``block`` calls (each block
+    warmed up first, so neither is timed cold, as a latency budget means), each model's fastest block
+    median. Load from elsewhere only ever adds time, and on a shared 2-core machine it comes and goes
+    within a block: the fastest block is the least disturbed estimate of each."""
     ta, tb = [], []
     with torch.inference_mode():
-        for _ in range(5):
-            a(x), b(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter(); a(x); ta.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); b(x); tb.append(time.perf_counter() - t0)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+        for _ in range(max(repeats // block, 1)):
+            for model, blocks in ((a, ta), (b, tb)):
+                model(x), model(x)
+                times = []
+                for _ in range(block):
+                    t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
+                blocks.append(statistics.median(times))
+    return min(ta) * 1e3, min(tb) * 1e3
 
 
 @pytest.mark.timing
@@ -234,7 +240,7 @@ def test_latency_budget_on_torch_cpu_is_met_by_independent_timing(digits):
     assert res.budget_met, res.message
     assert res.costs_after["latency"] <= 0.6 * res.costs_before["latency"]
     base.eval(); model.eval()
-    original_ms, pruned_ms = _interleaved_median_ms(base, model, x, repeats=60)
+    original_ms, pruned_ms = _interleaved_median_ms(base, model, x, repeats=200)
     # an independent timing (interleaved, its own repeats) on a 2-core machine: allow 15% measurement
     # noise on the ratio; the test runs alone (marker `timing`) so no other test competes for the CPU
     assert pruned_ms <= 0.6 * original_ms * 1.15, (pruned_ms, original_ms)

@@ -47,7 +47,7 @@ PROPS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-PROBE = 0.3  # the fraction of a cluster the probe masks (the controller's default probe_ratio)
+PROBE = 0.3  # the fraction of a cluster the probe masks (the controller's probe_ratio; any fraction serves here)
 FIXED = 50.0  # cost of what no cluster can cut (the classifier, the stem ...)
 TOL = 2.0**-STEPS
 

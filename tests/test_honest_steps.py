@@ -193,7 +193,7 @@ def test_accuracy_benchmark_gives_every_method_the_same_optimizer_steps(digits, 
     acc = _bench("accuracy", monkeypatch)
     data, base = digits
     d = {k: getattr(data, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
-    args = argparse.Namespace(adapt_inner_steps=3, adapt_iters=2, tolerance=0.5)
+    args = argparse.Namespace(adapt_inner_steps=3, adapt_iters=2, tolerance=0.5, adapt_options={})
     recs = {m: acc.run_method(m, base, d["x_train"][:1], d, 0.6, 20, 0, args) for m in ("adapt", "static")}
     for r in recs.values():
         assert r["finetune_steps_total"] == r["optimizer_steps_counted"] == 20

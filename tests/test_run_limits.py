@@ -46,7 +46,7 @@ class Fidelity(ap.Task):
 BASE = mlp()
 with torch.no_grad():
     REFERENCE = BASE(X)
-OPTIONS = {"tolerance": 0.002, "step": 0.3}
+OPTIONS = {"tolerance": 0.002, "step": 0.3, "probe_ratio": 0.3}  # (a run with steps and roll backs)
 
 
 def run(run_dir=None, resume=False, crash_at=None, **options):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import time
 import warnings
@@ -87,7 +88,7 @@ class AdaptConfig:
     max_step: float = 0.6
     grow: float = 1.5
     shrink: float = 0.5
-    probe_ratio: float = 0.3
+    probe_ratio: float = 0.5
     max_group_ratio: float = 0.6
     finetune_steps: int = 50
     max_iterations: int = 40
@@ -170,6 +171,14 @@ def replay(model: nn.Module, state: ControllerState, where: str) -> None:
         ) from None
 
 
+def same_weights(work: nn.Module, snapshot: nn.Module, plan: Plan) -> bool:
+    """Whether ``work`` is ``snapshot`` with ``plan`` removed and nothing else changed (``snapshot`` is cut)."""
+    remove(snapshot, plan)
+    mine, theirs = work.state_dict(), snapshot.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def non_finite_weights(model: nn.Module) -> str:
     """Which parameter or floating-point buffer of ``model`` holds NaN or inf values, and how many
     (the first one found, e.g. ``"'fc.weight' (3 NaN, 0 inf of 80)"``); ``""`` when all are finite."""
@@ -218,6 +227,7 @@ class Controller:
         self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.metrics, self.harm, config.reprobe)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.started = time.monotonic()
+        self.lineage = 0  # the weights' lineage: a new one when a step changed the surviving weights
         self.baseline_values: torch.Tensor | None = None  # the original model's per-example values
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
@@ -488,8 +498,13 @@ class Controller:
         version = sum(h.accepted for h in state.history)
         estimate = (first_order(work, graph.groups, ctx.calibration, self.loss, scores, self.cfg.importance)
                     if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
-        probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), version, estimate,
-                                 field, state.probe_ratios)
+        def canonical(probe: Plan) -> str:  # the masked model: every channel of the original it lacks
+            removals = copy.deepcopy(state.removals)
+            compose(removals, self.shapes, probe)
+            return json.dumps(removals, sort_keys=True)
+
+        probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), self.lineage,
+                                 estimate, field, state.probe_ratios, canonical)
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if final and not plan.is_empty and field != "latency":
@@ -525,6 +540,8 @@ class Controller:
         if judged <= self.cfg.tolerance + 1e-12:
             record.accepted = True
             record.reason = f"{said} within tolerance {self.cfg.tolerance}"
+            if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
+                self.lineage += 1
             compose(state.removals, self.shapes, plan)
             if "latency" in values:
                 table.calibrate(self.macs_by_cluster(plan, probes, predictor),

@@ -22,8 +22,12 @@ Measuring is the expensive part (one ``task.evaluate`` per unit), so it has a bu
   model's output), units built alike are measured together as one cluster
   (:func:`adaprune.sensitivity.clusters`) and share their cluster's ratio.
 
-Every measured probe is cached per (weights version, probe plan): after a rolled-back step the same
-weights are never probed again.
+Every measured probe's metrics are cached per (weights lineage, masked model): the caller names the
+masked model canonically (the controller: every channel removed from the original so far plus the
+probe's, so a probe on the next step's weights that leaves the very same channels, which happens when a
+step only removed channels the previous probe had masked, is the same model), and the lineage changes
+only when a step changed the surviving weights (recovery, refit, BatchNorm statistics). After a
+rolled-back step the same weights are never probed again.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class Prober:
         self.ratio, self.budget, self.limits = probe_ratio, budget, limits
         self.reprobe = budget if reprobe is None else reprobe
         self.metrics, self.harm = metrics, harm
-        self.cache: dict[tuple[int, str], float] = {}  # (weights version, probe plan) -> harm
+        self.cache: dict[tuple[int, str], dict[str, float] | None] = {}  # (lineage, masked model) -> metrics
         self.measured = 0  # probes evaluated (not served from the cache)
 
     def plan(self, members: list[Group], scores: dict[str, torch.Tensor],
@@ -107,30 +111,33 @@ class Prober:
             after = None if plan.is_empty else costs(plan)
         return None if after is None else (members, chosen, plan, after)
 
-    def measure(self, work: nn.Module, plan: Plan, metrics_now: dict[str, float], version: int) -> float:
-        """The harm of masking ``plan`` on ``work`` (cached per weights version and plan)."""
-        key = (version, plan.to_json())
-        if version >= 0 and key in self.cache:
-            return self.cache[key]
-        handle = mask(work, plan)
-        try:
-            with torch.no_grad():
-                drop = self.harm(metrics_now, self.metrics(work))
-        except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
-            drop = math.inf
-        finally:
-            handle.undo()
-        self.measured += 1
-        self.cache[key] = drop
-        return drop
+    def measure(self, work: nn.Module, plan: Plan, metrics_now: dict[str, float], version: int,
+                name: str | None = None) -> float:
+        """The harm of masking ``plan`` on ``work``: its metrics cached per (``version``, ``name``, the
+        masked model's canonical name, by default the plan itself)."""
+        key = (version, plan.to_json() if name is None else name)
+        if version < 0 or key not in self.cache:
+            handle = mask(work, plan)
+            try:
+                with torch.no_grad():
+                    self.cache[key] = self.metrics(work)
+            except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
+                self.cache[key] = None
+            finally:
+                handle.undo()
+            self.measured += 1
+        masked = self.cache[key]
+        return math.inf if masked is None else self.harm(metrics_now, masked)
 
     def run(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], predictor: CostPredictor,
             metrics_now: dict[str, float], version: int, estimate: dict[str, torch.Tensor] | None,
-            field: str, ratios: dict[str, float] | None = None) -> dict[str, Probe]:
+            field: str, ratios: dict[str, float] | None = None,
+            canonical: Callable[[Plan], str] | None = None) -> dict[str, Probe]:
         """Every unit's probe: measured, or (beyond the budget) estimated and calibrated on the measured.
 
         ``ratios`` (unit -> measured / estimated harm at its latest measurement) calibrates the units not
-        measured now and is updated in place with this step's measurements."""
+        measured now and is updated in place with this step's measurements; ``canonical`` names the model a
+        probe plan masks, for the cache (by default the plan)."""
         ratios = {} if ratios is None else ratios
         now = static_values(predictor(Plan()))
         planned: dict[str, tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]]] = {}
@@ -155,7 +162,8 @@ class Prober:
                 chosen_units = set(sorted(planned, key=worth, reverse=True)[:limit])
         out: dict[str, Probe] = {}
         for name, (members, chosen, plan, after) in planned.items():
-            drop = self.measure(work, plan, metrics_now, version) if name in chosen_units else math.nan
+            drop = (self.measure(work, plan, metrics_now, version, None if canonical is None else canonical(plan))
+                    if name in chosen_units else math.nan)
             channels = sum(len(c) for c in chosen.values())
             out[name] = Probe(members, drop, {k: now[k] - after[k] for k in now}, channels, name in chosen_units)
         if guess:
