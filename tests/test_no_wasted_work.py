@@ -77,3 +77,38 @@ def test_a_rejected_plan_is_never_measured_again(monkeypatch, tmp_path) -> None:
     assert len(task.seen) == len(set(task.seen))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert len(state["rejected"]) == 1 and state["step"] > 1
+
+
+
+def test_probes_are_cached_per_weights_lineage_which_recovery_renews(monkeypatch) -> None:
+    """The probe cache is keyed by the weights' lineage and the channels a probe leaves: a step that only
+    removed channels keeps the lineage (the same channels are the same model), one whose recovery changed
+    the surviving weights starts a new one (a probe of the same channels is then another model)."""
+    probing = __import__("importlib").import_module("adaprune.adapt.probing")
+
+    class Drifting(Fidelity):
+        def finetune(self, model: nn.Module, steps: int) -> None:  # a deterministic change of every weight
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0 + 0.001 * steps)
+
+    lineages: list[int] = []
+    real = probing.Prober.run
+
+    def run(self, work, graph, scores, predictor, metrics_now, version, *args, **kwargs):
+        lineages.append(version)
+        return real(self, work, graph, scores, predictor, metrics_now, version, *args, **kwargs)
+
+    monkeypatch.setattr(probing.Prober, "run", run)
+    for task_type, renewed in ((Fidelity, False), (Drifting, True)):
+        lineages.clear()
+        model = net()
+        with torch.no_grad():
+            task = task_type(model(X))
+        res = ap.adapt(model, X[:2], task, ap.Budget(macs=0.3), tolerance=0.02, step=0.5, finetune_steps=1)
+        accepted = sum(h.accepted for h in res.history[:-1])  # (the last step's lineage is not probed)
+        assert len(lineages) == len(res.history) >= 2 and accepted >= 1
+        if renewed:
+            assert lineages == sorted(lineages) and lineages[-1] >= accepted, lineages
+        else:
+            assert set(lineages) == {0}, lineages

@@ -71,10 +71,10 @@ class AdaptConfig:
     (:mod:`adaprune.adapt.noise`; 0 judges the point drop alone). ``probe_budget``: at most this many
     measured sensitivity probes in the first step; with more groups, a first-order estimate ranks them and
     the rest are estimated (:mod:`adaprune.adapt.probing`). ``reprobe``: measured probes in each later
-    step, once every measured unit's first-order estimate is calibrated by its own measured ratio. ``time_limit`` (seconds) and
-    ``max_evaluations`` (calls of the task's evaluation) end the run with the last accepted model; both
-    are checked before every step (a step under way completes) and are not settings a resumed run must
-    share.
+    step, once every measured unit's first-order estimate is calibrated by its own measured ratio.
+    ``time_limit`` (seconds) and ``max_evaluations`` (calls of the task's evaluation) end the run with
+    the last accepted model; both are checked before every step (a step under way completes) and are not
+    settings a resumed run must share.
 
     Every field is checked for type and range on construction (NumPy scalars are converted to Python
     numbers); a bad one raises :class:`~adaprune.errors.ArgumentTypeError`, ``ConfigError`` or, for
@@ -498,6 +498,7 @@ class Controller:
         version = sum(h.accepted for h in state.history)
         estimate = (first_order(work, graph.groups, ctx.calibration, self.loss, scores, self.cfg.importance)
                     if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
+
         def canonical(probe: Plan) -> str:  # the masked model: every channel of the original it lacks
             removals = copy.deepcopy(state.removals)
             compose(removals, self.shapes, probe)
