@@ -9,9 +9,9 @@ discrete like real plans. What they check:
   all else equal, and is cut strictly more unless the other one is at its cap;
 - (b) caps and width caps are never exceeded, and below them every cluster's ratio is its weighted
   share: ``scale * sqrt(cost per harm / geometric mean)``;
-- (c) a target reachable at the full scale is met by the least cut that meets it (within the
-  bisection's ``2**-STEPS``), an unreachable one gets the full scale: every cluster at
-  ``min(cap, share)``;
+- (c) a target reachable at the top scale is met by the least cut that meets it (within the
+  bisection's ``2**-STEPS``), an unreachable one gets the top scale: every cluster that may be cut
+  at its cap, so a cluster with a small share still gives way once the others are at their caps;
 - (d) zero harm, zero saving, NaN and inf harm do not crash; a cluster whose probe broke the metric
   or that saves nothing is not cut.
 
@@ -95,7 +95,7 @@ class Case:
         )
 
     def full(self) -> AdaptiveAllocation[dict[str, int]]:
-        """The allocation at the full scale (no target is below the fixed cost)."""
+        """The allocation at the top scale (no target is below the fixed cost)."""
         return self.allocate(-1.0)
 
 
@@ -203,9 +203,28 @@ def test_unreachable_target_gets_the_most_the_weighting_allows(data: st.DataObje
     full = case.full()
     target = full.value - data.draw(st.floats(1e-6, 100.0))
     found = case.allocate(target)
-    assert found.scale == 1.0
+    assert found.scale >= 1.0
     assert found.ratios == full.ratios and found.value == full.value > target
     assert_weighted(case, found)
+    # every cluster that may be cut at all is at its limit: nothing more could be taken
+    raw, limit = cost_per_harm(case.probes(), case.field), case.limit()
+    assert found.ratios == pytest.approx({c: limit[c] if raw[c] > 0 else 0.0 for c in raw}, rel=1e-9, abs=1e-12)
+
+
+def test_a_small_share_gives_way_once_the_cheap_clusters_are_at_their_caps() -> None:
+    """Cluster a costs little per metric lost, b a lot: b's share is about a quarter of a's. With
+    both capped at 80% of their width, a target that needs both at their caps is met (the scale rises past
+    1 until b reaches its cap); a bisection over a scale of at most 1 stops b at its share and
+    misses it."""
+    case = Case({"a": Cluster(40, {"macs": 10.0, "params": 1.0}, 0.001, cap=0.8),
+                 "b": Cluster(40, {"macs": 10.0, "params": 1.0}, 0.036, cap=0.8)}, "macs")
+    share = shares(cost_per_harm(case.probes(), case.field))
+    assert share["b"] < 0.8 < share["a"]
+    target = case.total() - 630.0  # 63 of the 64 channels the caps allow
+    found = case.allocate(target)
+    assert found.value <= target, found
+    assert found.ratios["a"] == 0.8 and found.ratios["b"] > share["b"]
+    assert found.candidate["b"] >= 31
 
 
 def test_worked_example_cost_per_harm_with_noise_floor() -> None:

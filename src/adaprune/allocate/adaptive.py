@@ -18,15 +18,17 @@ weighs every cluster at once:
 2. ``share`` = (cost per harm / geometric mean over clusters with a positive one) ** SOFTEN.
    The square root softens the weighting: cheap clusters lose more, but no cluster takes the whole
    step and is left too thin for later steps to recover.
-3. ``ratio(scale)`` = min(cap, width cap, scale * share) per cluster; ``scale`` in [0, 1] is
-   bisected (:func:`adaprune.allocate.search.bisect`, the helper the static budget search uses)
-   for the least scale whose candidate meets the target. Every candidate is judged by the caller's
-   ``evaluate`` callback, which builds the discrete plan (whole channels) and returns its exact
-   cost, so MACs, params, bytes and predicted latency stay exact.
+3. ``ratio(scale)`` = min(cap, width cap, scale * share) per cluster; ``scale`` in
+   ``[0, top]`` is bisected (:func:`adaprune.allocate.search.bisect`, the helper the static
+   budget search uses) for the least scale whose candidate meets the target. ``top`` is the
+   scale at which every cluster with a positive share is at its limit (at least 1): a cluster
+   whose share is small still gives way once the cheaper ones are at their caps, so a step never
+   falls short of its target while some cluster could still be cut. Every candidate is judged by
+   the caller's ``evaluate`` callback, which builds the discrete plan (whole channels) and returns
+   its exact cost, so MACs, params, bytes and predicted latency stay exact.
 
-When even ``scale = 1`` misses the target, its candidate is returned: the most this step's
-weighting allows (a cluster whose share is below its cap is not cut to its cap; the controller's
-next step aims again).
+When even ``scale = top`` misses the target, its candidate is returned: every cluster that may be
+cut at its limit, the most the caps allow (the controller's next step aims again).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ SOFTEN = 0.5
 """Exponent applied to the normalised cost per harm (0 would be uniform: every cluster the same ratio)."""
 
 STEPS = 14
-"""Bisection steps over the scale (a tolerance of 2**-14 of the full scale)."""
+"""Bisection steps per unit of scale (a tolerance of at most 2**-14 in the scale)."""
 
 NOISE = 0.05
 """The harm noise floor, as a fraction of the median finite harm (plus 1e-6)."""
@@ -73,7 +75,8 @@ class AdaptiveAllocation(Generic[C]):
         ratios: fraction of each cluster's channels to remove (before rounding to whole channels).
         candidate: what ``evaluate`` built for these ratios (the controller's plan).
         value: the candidate's cost in the binding field, as ``evaluate`` returned it.
-        scale: the bisected scale the ratios were taken at (1.0 when the target was not reachable).
+        scale: the bisected scale the ratios were taken at (the top scale, every cluster with a
+            positive share at its limit, when the target was not reachable).
     """
 
     ratios: dict[str, float]
@@ -151,11 +154,12 @@ def allocate_adaptive(
             after roll-backs); 1 when absent.
         width_caps: the most of each cluster the step may cut and keep every group's minimum width;
             1 when absent.
-        steps: bisection steps over the scale.
+        steps: bisection steps per unit of scale (more when the top scale is above 1, so the
+            tolerance stays ``2**-steps``).
 
     Returns:
         The least-cut allocation whose candidate meets ``target`` (within ``2**-steps`` of the
-        scale), or, when even the full scale misses it, the allocation at the full scale.
+        scale), or, when even the top scale misses it, the allocation at the top scale.
     """
     caps, width_caps = caps or {}, width_caps or {}
     share = shares(cost_per_harm(probes, field))
@@ -166,13 +170,19 @@ def allocate_adaptive(
         candidate, value = evaluate(ratios)
         return AdaptiveAllocation(ratios, candidate, value, scale)
 
-    full = make(1.0)
+    top = top_scale(share, limit)
+    full = make(top)
     if full.value > target:
         return full
-    return bisect(make, lambda a: a.value <= target, 0.0, 1.0, full, steps)[1]
+    return bisect(make, lambda a: a.value <= target, 0.0, top, full, steps + math.ceil(math.log2(top)))[1]
+
+
+def top_scale(share: Mapping[str, float], limit: Mapping[str, float]) -> float:
+    """The least scale (at least 1) at which every cluster with a positive share is at its limit."""
+    return max([1.0] + [limit[c] / s for c, s in share.items() if s > 0])
 
 
 __all__ = [
     "SOFTEN", "STEPS", "AdaptiveAllocation", "ClusterProbe", "allocate_adaptive", "cost_per_harm",
-    "probe_field", "ratios_at", "shares",
+    "probe_field", "ratios_at", "shares", "top_scale",
 ]
