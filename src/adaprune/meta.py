@@ -1,4 +1,5 @@
-"""Weightless copies: a model and its inputs on the meta device (for tracing and exact cost prediction)."""
+"""Weightless copies: a model and its inputs on the meta device (for tracing and exact cost prediction),
+and zeroed copies for models that do not run on meta tensors."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ def meta_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
+    return _copy_module(model, memo)
+
+
+def zeroed_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters are zeros on their device, and whose buffers
+    are copied.
+
+    For cost prediction on models whose forward reads real values (an attention mask checked with
+    ``.item()``) and so cannot run on meta tensors: the shapes, and any control flow on the inputs and
+    buffers, are the real model's, without copying its weights. Values computed from the weights are
+    not the model's; control flow that depends on them (mixture-of-experts routing) may differ, which
+    is why the cost predictor checks this copy's count against the real one before using it. Zeros,
+    not uninitialised memory: the allocator may hand back a freed copy of the real weights, and the
+    check must not pass by chance.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.zeros_like(p), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.clone()
     return _copy_module(model, memo)
 
 

@@ -31,6 +31,7 @@ rejected rather than trusted. Nothing is imported from transformers unless it is
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import itertools
@@ -56,6 +57,7 @@ __all__ = [
     "UnsaveableConfig",
     "UnsaveableConfigError",
     "UnsaveableConfigWarning",
+    "configs_unchecked",
     "describe",
     "module_sizes",
     "propose",
@@ -564,6 +566,20 @@ def update_config(owner: nn.Module, config: Any, cut: set[str]) -> None:
                       stacklevel=_caller_level())
 
 
+_UNCHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("adaprune_configs_unchecked", default=False)
+
+
+@contextlib.contextmanager
+def configs_unchecked() -> Iterator[None]:
+    """Within this context, removals do not check or update transformers configs: for private copies
+    that are thrown away (the cost predictor's), where the check would cost more than the removal."""
+    token = _UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _UNCHECKED.reset(token)
+
+
 def update_configs(model: nn.Module, plan: Plan) -> None:
     """After ``plan`` was committed on ``model``: every transformers config of the model whose subtree the
     plan cut states the new sizes, or its ``save_pretrained`` raises :class:`UnsaveableConfigError`.
@@ -571,9 +587,9 @@ def update_configs(model: nn.Module, plan: Plan) -> None:
     Does nothing when transformers is not imported (no model can then hold a config) or the model holds
     no config. Called once, at the commit point of :func:`~adaprune.surgery.remove.removal`.
     """
-    if "transformers" not in sys.modules or not plan.removals:
+    if "transformers" not in sys.modules or not plan.removals or _UNCHECKED.get():
         return
-    if all(p.is_meta for p in model.parameters()):  # a cost predictor's weightless copy: nothing to save
+    if all(p.is_meta for p in model.parameters()):  # a weightless copy: nothing to save
         return
     for prefix, owner, config in configs(model):
         cut = {t[len(prefix) + 1:] if prefix else t for t in plan.removals if not prefix or t.startswith(prefix + ".")}
