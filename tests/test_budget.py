@@ -191,3 +191,13 @@ def test_ratio_and_budget_together_raise_config_error() -> None:
     with pytest.raises(ConfigError):
         ap.prune(model, x, budget={"macs": 0.5}, ignore=[head])  # type: ignore[arg-type]
     assert_unchanged(model, before, out, x)
+
+
+def test_absolute_budget_means_the_same_on_a_pruned_copy() -> None:
+    """``Budget.absolute(original)`` states relative bounds as amounts: latency through ``latency_ms``,
+    counts as they are; an absolute bound stays, backend and threads carry over."""
+    original = {"macs": 1000.0, "params": 400.0, "latency": 8.0}
+    b = ap.Budget(macs=0.5, params=300, latency=0.25, backend="onnxruntime", threads=2)
+    a = b.absolute(original)
+    assert a == ap.Budget(macs=500.0, params=300, latency_ms=2.0, backend="onnxruntime", threads=2)
+    assert a.limits({"macs": 7.0, "params": 1.0, "latency": 1.0}) == b.limits(original)

@@ -34,7 +34,7 @@ torch.set_num_threads(1)
 
 NAMES = IMPORTANCE.names()
 DATA_DRIVEN = {"taylor", "activation", "apoz", "wanda"}
-UNORDERED = {"random"}  # scores carry no information about the weights
+UNORDERED = {"random", "position"}  # scores carry no information about the weights
 
 
 # ---------------------------------------------------------------------------------------------

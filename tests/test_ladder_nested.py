@@ -24,7 +24,7 @@ from torch import nn
 
 import adaprune as ap
 from adaprune.errors import ConfigError
-from adaprune.ladder import Rungs, nested_widths, order_channels
+from adaprune.ladder import NestedWidths, nested_widths, order_channels
 
 FRACTIONS = (0.75, 0.5, 0.25)
 
@@ -88,7 +88,7 @@ def test_use_and_export_agree_and_share_one_set_of_weights(build) -> None:
     order_channels(model, graph, {g.name: torch.rand(g.size) for g in graph.groups})
     full = {n: p for n, p in model.named_parameters()}
     storages = {p.untyped_storage().data_ptr() for p in full.values()}
-    rungs = Rungs(model, graph, uniform_widths(graph))
+    rungs = NestedWidths(model, graph, uniform_widths(graph))
     assert len(rungs) == 4 and rungs.copied == [[], [], [], []]
     macs = []
     with warnings.catch_warnings():
@@ -107,7 +107,7 @@ def test_use_and_export_agree_and_share_one_set_of_weights(build) -> None:
 
 def test_every_rung_keeps_a_prefix_of_every_group() -> None:
     model, _, graph, _ = prepared(resnet18)
-    rungs = Rungs(model, graph, uniform_widths(graph))
+    rungs = NestedWidths(model, graph, uniform_widths(graph))
     for k in range(1, len(rungs)):
         cuts = {c.name: set(c.removed) for c in rungs.plan(k).groups}
         for g in graph.groups:
@@ -129,7 +129,7 @@ def test_widths_that_grow_or_name_unknown_groups_are_refused() -> None:
         nested_widths(graph, [{g.name: 0}])
     with pytest.raises(ConfigError, match="lack"):
         nested_widths(graph, [{"nope": 1}])
-    rungs = Rungs(model, graph, [{g.name: 2}])
+    rungs = NestedWidths(model, graph, [{g.name: 2}])
     with pytest.raises(ConfigError, match=r"rung 5: expected an int in \[0, 1\]"):
         rungs.use(5)
 
@@ -160,7 +160,7 @@ def test_random_nested_widths_use_equals_export(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         last = {n: data.draw(st.integers(1, w)) for n, w in last.items()}
         widths.append(last)
-    rungs = Rungs(model, graph, widths)
+    rungs = NestedWidths(model, graph, widths)
     for k in data.draw(st.permutations(range(len(rungs)))):
         torch.testing.assert_close(run(rungs.use(k), x), run(rungs.export(k), x), rtol=1e-4, atol=1e-5)
         assert copy.deepcopy(model)(x).shape == (2, 4)

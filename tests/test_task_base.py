@@ -268,4 +268,4 @@ def test_the_hooks_are_resolved_once_not_probed(digits):
     # every attribute was looked up once, by as_task, although evaluate/finetune/calibration ran many times
     counts = {n: task.looked_up.count(n) for n in set(task.looked_up)}
     assert counts == dict.fromkeys(Recording.NAMES, 1), counts
-    assert task.answered == ["loss"]  # the one optional lookup; nothing else was probed
+    assert task.answered == ["training_batches", "loss"]  # the optional hooks it lacks; nothing else was probed

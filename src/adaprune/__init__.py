@@ -6,6 +6,7 @@ The curated public API::
     res = ap.prune(model, x, ratio=0.5, importance="l2", allocation="uniform", ignore=[model.fc])
     ap.count(model, x)            # Cost(macs, params, bytes)
     graph = ap.trace(model, x)    # groups of coupled channels
+    lad = ap.ladder(model, x, task, [ap.Budget(macs=0.5)])  # nested widths over one set of weights
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .cost.budget import Budget
 from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
+from .ladder import Ladder, ladder
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .result import PruneResult
@@ -37,6 +39,7 @@ __all__ = [
     "Graph",
     "Group",
     "GroupCut",
+    "Ladder",
     "Plan",
     "PruneResult",
     "Sensitivity",
@@ -47,6 +50,7 @@ __all__ = [
     "count",
     "errors",
     "export_onnx",
+    "ladder",
     "load",
     "mask",
     "prune",

@@ -264,6 +264,10 @@ class EmbeddingTask(Task):
         mean = float(per.mean())
         return {"similarity": mean, "loss": 1.0 - mean if self.score == "cosine" else -mean}, per
 
+    def training_batches(self) -> Iterator[tuple[Any, Any]]:
+        """The training batches as ``(inputs, None)`` (:meth:`loss` runs the teacher on them), cycling."""
+        return ((x, None) for _, x in self._batches())
+
     def _batches(self) -> Iterator[tuple[int, Any]]:
         """(index within the pass, inputs) over the training batches, cycling."""
         while True:

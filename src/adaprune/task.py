@@ -91,6 +91,12 @@ class Task(ABC):
     def set_teacher(self, model: nn.Module) -> None:
         """Called once with the unpruned model before the first step (to distil from). Default: nothing."""
 
+    def training_batches(self) -> Iterator[tuple[Any, Any]] | None:
+        """``(inputs, targets)`` training batches for :meth:`loss`, cycling without end, for training
+        loops adaprune runs itself (the joint recovery of a ladder's rungs). Default: None (the task
+        has none)."""
+        return None
+
     def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         """The training loss of ``model`` on one batch. Default: cross-entropy on the model's logits
         (:func:`adaprune.importance.default_loss`)."""
@@ -105,7 +111,7 @@ def _overrides(task: Task, name: str) -> bool:
 
 _MISSING: Any = object()
 _REQUIRED = ("evaluate", "metric", "higher_is_better")
-_HOOKS = ("finetune", "calibration", "set_teacher", "evaluate_examples")  # optional; when present they must be callable
+_HOOKS = ("finetune", "calibration", "set_teacher", "evaluate_examples", "training_batches")  # optional; when present they must be callable
 
 
 class TaskAdapter(Task):
@@ -153,6 +159,12 @@ class TaskAdapter(Task):
     def set_teacher(self, model: nn.Module) -> None:
         if "set_teacher" in self._hooks:
             self._hooks["set_teacher"](model)
+
+    def training_batches(self) -> Iterator[tuple[Any, Any]] | None:
+        if "training_batches" in self._hooks:
+            batches: Iterator[tuple[Any, Any]] | None = self._hooks["training_batches"]()
+            return batches
+        return None
 
     def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         if "loss" in self._hooks:
@@ -392,6 +404,10 @@ class ClassificationTask(Task):
                 yield i, _pair(batch, "train_loader", i)
             if empty:
                 raise ConfigError(_EMPTY_TRAIN)
+
+    def training_batches(self) -> Iterator[tuple[Any, Any]]:
+        """The training batches as ``(inputs, targets)``, cycling (an empty ``train_loader`` raises)."""
+        return (pair for _, pair in self._batches())
 
     def loss(self, model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
         """The fine-tune loss on one batch (cross-entropy, blended with distillation when a teacher is set)."""

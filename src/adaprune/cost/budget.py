@@ -151,6 +151,22 @@ class Budget:
             out[name] = float(v) if absolute or v > 1 else v * original[name]
         return out
 
+    def absolute(self, original: dict[str, float]) -> Budget:
+        """The same bounds as absolute amounts, given the original model's values: a budget that means
+        the same on a model already pruned (``Budget(macs=0.5)`` of the original, applied to a copy
+        that has 0.75 of its MACs). A cost without an absolute keyword keeps a relative bound, rescaled
+        to ``original``'s value."""
+        out: dict[str, int | float] = {}
+        for name, limit in self.limits(original).items():
+            entry = COSTS.get(name)
+            if entry.absolute:
+                out[entry.absolute] = limit
+            elif limit > 1 or not entry.relative:
+                out[name] = limit
+            else:  # no absolute keyword and an amount <= 1, which would read as a fraction
+                raise ConfigError(f"Budget.absolute: the {name} bound {limit!r} cannot be stated absolutely")
+        return Budget(**out, backend=self.backend, threads=self.threads)
+
     def met(self, values: dict[str, float], original: dict[str, float]) -> bool:
         return all(values[k] <= v * (1 + 1e-12) for k, v in self.limits(original).items() if k in values)
 

@@ -12,6 +12,9 @@
 - ``bn_scale``: |gamma| of the normalisation layers in the group (network slimming: Liu et al.,
   2017); groups without a norm scale fall back to ``l1``.
 - ``random``: the control every criterion should beat (seeded).
+- ``position``: earlier channels score higher (``size - index``): on a model whose channels were ordered by
+  importance (:func:`adaprune.ladder.order_channels`), pruning by position removes a suffix of every
+  group, which is what keeps a ladder's rungs nested.
 
 Buffers (running statistics) are not weights and never contribute.
 """
@@ -144,3 +147,11 @@ class Random(PerGroup):
     def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + sum(map(ord, group.name)))
         return torch.rand(group.size, generator=gen, dtype=torch.float64)
+
+
+@IMPORTANCE.register("position")
+class Position(PerGroup):
+    """``size - index``: the first channel of each group scores highest (``size``), the last lowest (1)."""
+
+    def score(self, model: nn.Module, group: Group, params: Params | None = None) -> torch.Tensor:
+        return torch.arange(group.size, 0, -1, dtype=torch.float64)

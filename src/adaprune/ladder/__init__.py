@@ -1,7 +1,12 @@
-"""Runtime adaptation: one set of weights, a ladder of nested widths (:mod:`.nested`)."""
+"""Runtime adaptation: one set of weights at a ladder of nested widths.
+
+:func:`ladder` builds it (:mod:`.build`), :class:`NestedWidths` switches between widths in place
+(:mod:`.nested`), :mod:`.recovery` trains all rungs at once.
+"""
 
 from __future__ import annotations
 
-from .nested import Rungs, nested_widths, order_channels, orderable
+from .build import DEFAULT_RUNGS, Ladder, Rung, ladder
+from .nested import NestedWidths, nested_widths, order_channels, orderable
 
-__all__ = ["Rungs", "nested_widths", "order_channels", "orderable"]
+__all__ = ["DEFAULT_RUNGS", "Ladder", "NestedWidths", "Rung", "ladder", "nested_widths", "order_channels", "orderable"]

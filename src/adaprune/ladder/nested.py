@@ -6,17 +6,17 @@ Two pieces, both plain tensor bookkeeping over a traced :class:`~adaprune.graph.
   important and the last the least. Every tensor the group spans (a conv's filters, the next conv's
   inputs, the norm's scale, shift and statistics, an attention layer's head blocks) is permuted the
   same way, so the model computes exactly what it computed before.
-- :class:`Rungs` switches the live model between widths in place. Rung ``k`` keeps the first
+- :class:`NestedWidths` switches the live model between widths in place. Rung ``k`` keeps the first
   ``widths[k][group]`` channels of every group; since the channels are ordered, a prefix keeps the
   most important ones, and a smaller rung's channels are a subset of every larger rung's (the widths
   never grow as rungs get smaller: checked). A rung's tensors are *views* of the full ones (``narrow``:
   no copy) wherever its kept positions are contiguous, which is every tensor of every group whose
   channels occupy contiguous blocks (convs, linears, norms, attention heads); only interleaved layouts
-  need an ``index_select`` (counted in :attr:`Rungs.copied`). Module attributes (``out_channels``,
+  need an ``index_select`` (counted in :attr:`NestedWidths.copied`). Module attributes (``out_channels``,
   ``groups``, ``num_heads`` ...) are set by the same fixers physical removal uses
   (:func:`adaprune.layers.fix_module`), from the full model's attributes and the rung's cuts.
 
-Physical removal of the same channels (:meth:`Rungs.export`) gives a standalone model with the same
+Physical removal of the same channels (:meth:`NestedWidths.export`) gives a standalone model with the same
 outputs as the in-place rung.
 """
 
@@ -41,6 +41,16 @@ def all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` by name (tied ones under each of their names)."""
     out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out
+
+
+def norm_buffers(model: nn.Module) -> list[str]:
+    """Names of the running statistics of every BatchNorm layer that tracks them (what a rung may hold
+    its own values of)."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            out += [f"{name}.{b}" if name else b for b in ("running_mean", "running_var")]
     return out
 
 
@@ -159,7 +169,7 @@ def nested_widths(graph: Graph, widths: Sequence[Mapping[str, int]]) -> list[dic
     return out
 
 
-class Rungs:
+class NestedWidths:
     """Switches one model between nested widths in place (see the module doc).
 
     Args:
@@ -185,11 +195,14 @@ class Rungs:
         self._owners = _owners(model)
         self._slices = [{t: _slice(dict(enumerate(self._tensors[t].shape)), dims) for t, dims in p.removals.items()}
                         for p in self.plans]
+        unknown = sorted({n for rung in self.norms for n in rung} - set(self._tensors))
+        if unknown:
+            raise ConfigError(f"norms name buffers the model lacks: {shown(unknown)}")
         touched: dict[int, nn.Module] = {}
-        for p in self.plans:
-            for name in [*p.removals, *(n for rung in self.norms for n in rung)]:
-                for mod, _, _ in self._owners[id(self._tensors[name])]:
-                    touched[id(mod)] = mod
+        names = {*(t for p in self.plans for t in p.removals), *norm_buffers(model)}
+        for name in names | {n for rung in self.norms for n in rung}:
+            for mod, _, _ in self._owners[id(self._tensors[name])]:
+                touched[id(mod)] = mod
         self._touched = touched
         self._parents = _ancestors(model, touched)
         self._saved = {id(m): (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
@@ -224,11 +237,14 @@ class Rungs:
             mod._parameters, mod._buffers = dict(params), dict(bufs)
             mod.training = training
 
-    def use(self, k: int) -> nn.Module:
+    def use(self, k: int, grad: bool = False) -> nn.Module:
         """Switch the model to rung ``k`` in place (0: the full model) and return it.
 
         The rung's parameters are views of the full ones (no copy where positions are contiguous) and
-        share their ``requires_grad``; its normalisation statistics are the rung's own when given."""
+        share their ``requires_grad``; its normalisation statistics are the rung's own when given.
+        With ``grad``, the rung's tensors are differentiable views of the full parameters instead of
+        Parameters of their own, so a backward pass through the rung accumulates gradients in the full
+        parameters (joint training of all rungs with one optimizer); call ``use(k)`` after training."""
         k = self._index(k)
         self._restore()
         cuts: dict[int, dict[str, Mapping[int, tuple[int, ...]]]] = {}
@@ -236,8 +252,12 @@ class Rungs:
         for name, cut in self._slices[k].items():
             old = self._tensors[name]
             if id(old) not in done:
-                new: Any = cut(old.detach())
-                done[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+                if grad and isinstance(old, nn.Parameter):
+                    done[id(old)] = cut(old)
+                else:
+                    new: Any = cut(old.detach())
+                    done[id(old)] = (nn.Parameter(new, requires_grad=old.requires_grad)
+                                     if isinstance(old, nn.Parameter) else new)
             for mod, attr, is_param in self._owners[id(old)]:
                 store: dict[str, Any] = mod._parameters if is_param else mod._buffers
                 store[attr] = done[id(old)]
@@ -273,4 +293,4 @@ class Rungs:
         return out
 
 
-__all__ = ["Rungs", "nested_widths", "order_channels", "orderable"]
+__all__ = ["NestedWidths", "all_tensors", "nested_widths", "norm_buffers", "order_channels", "orderable"]

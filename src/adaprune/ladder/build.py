@@ -1,0 +1,253 @@
+"""``ap.ladder``: one set of weights at several nested widths, each chosen adaptively for its budget.
+
+1. **Order.** The model is traced, its channels scored (``importance``, as in :func:`adaprune.prune`)
+   and permuted in place, most important first (:func:`~adaprune.ladder.nested.order_channels`): every
+   rung will keep a prefix of every group.
+2. **Allocate.** Rung by rung, from the largest budget to the smallest, :func:`adaprune.adapt` prunes a
+   copy of the previous rung to the rung's budget with the ``"position"`` importance (the last channels
+   of a group go first, so what it removes is a suffix) and no fine-tuning: the widths come from the
+   adaptive controller's measured sensitivity (per group, not one uniform ratio), the shared weights
+   are not changed, and since each rung starts from the one before, per-group widths never grow.
+   Every allocation run accepts any metric drop (the budgets bind; the tolerance is judged after
+   recovery, below).
+3. **Recover.** ``finetune_steps`` optimizer steps train all rungs at once over the shared weights
+   (sandwich rule and in-place distillation, :mod:`adaprune.ladder.recovery`); then every rung gets
+   its own BatchNorm statistics from the task's calibration batches.
+4. **Measure.** Each rung's costs (exact MACs, params, bytes; latency when a budget bounds it) and
+   metrics, and whether its metric stayed within ``tolerance`` of the original model's.
+
+The model passed in becomes the ladder's live model (like :func:`adaprune.prune`, in place); if
+anything fails, it is restored as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._check import as_float, as_int, check_inputs, check_instance, check_module
+from ..cost import count
+from ..cost.budget import Budget
+from ..cost.latency import measure_latency
+from ..cost.registry import static_values
+from ..errors import ConfigError
+from ..graph import Graph, ignore_items, resolve_ignore, trace
+from ..importance.registry import Context, default_loss, get_importance
+from ..plan import Plan
+from ..task import Task, as_task
+from .nested import NestedWidths, all_tensors, order_channels
+from .recovery import joint_recovery, recalibrate_rungs
+
+DEFAULT_RUNGS = (Budget(macs=0.75), Budget(macs=0.5), Budget(macs=0.25))
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One operating point of a ladder.
+
+    Attributes:
+        index: 0 for the full model, then from the largest budget to the smallest.
+        budget: the budget it was allocated for (``None`` for rung 0).
+        widths: channels kept per group (a prefix of each group).
+        costs: its exact static costs (``macs``, ``params``, ``bytes`` ...) and, when a budget bounds
+            latency, ``latency`` in ms on the budget's backend.
+        metrics: the task's metrics at this rung, after recovery.
+        budget_met: whether ``costs`` meet ``budget`` (True for rung 0).
+        drop: how far its primary metric fell below the original model's (positive: worse).
+        within_tolerance: ``drop <= tolerance``.
+    """
+
+    index: int
+    budget: Budget | None
+    widths: dict[str, int]
+    costs: dict[str, float]
+    metrics: dict[str, float]
+    budget_met: bool
+    drop: float
+    within_tolerance: bool
+
+
+class Ladder:
+    """One set of weights at nested widths: :meth:`use` switches the live model in place,
+    :meth:`export` returns a standalone pruned copy. Made by :func:`ladder`.
+
+    Attributes:
+        model: the live model (at rung :attr:`current`).
+        rungs: per rung its budget, widths, costs and metrics (:class:`Rung`).
+        original: the metrics of the model before the ladder was built.
+        finetune_steps: optimizer steps of the joint recovery (each trains up to three rungs).
+        evaluations: calls of the task's evaluation, allocation included.
+    """
+
+    def __init__(self, nested: NestedWidths, rungs: list[Rung], original: dict[str, float],
+                 finetune_steps: int, evaluations: int) -> None:
+        self.nested, self.rungs, self.original = nested, rungs, original
+        self.finetune_steps, self.evaluations = finetune_steps, evaluations
+
+    def __len__(self) -> int:
+        return len(self.rungs)
+
+    def __repr__(self) -> str:
+        return f"Ladder({len(self)} rungs, at rung {self.current})"
+
+    @property
+    def model(self) -> nn.Module:
+        return self.nested.model
+
+    @property
+    def current(self) -> int:
+        return self.nested.current
+
+    def use(self, k: int) -> nn.Module:
+        """Switch the live model to rung ``k`` in place (views of the shared weights) and return it."""
+        return self.nested.use(k)
+
+    def export(self, k: int) -> nn.Module:
+        """Rung ``k`` as a standalone, physically pruned model (works with :func:`adaprune.save` and
+        :func:`adaprune.export_onnx`); its outputs equal the in-place rung's."""
+        return self.nested.export(k)
+
+    def plan(self, k: int) -> Plan:
+        """What rung ``k`` removes from the full (ordered) model."""
+        return self.nested.plans[self.nested._index(k)]
+
+
+def widths_of(graph: Graph, full: dict[str, torch.Tensor], pruned: nn.Module) -> dict[str, int]:
+    """Each group's width in ``pruned`` (a copy of the model with channels removed), read from a
+    tensor dim the group spans alone."""
+    tensors = all_tensors(pruned)
+    out = {}
+    for g in graph.groups:
+        for slot, owner in zip(g.slots, g.channel_of):
+            if bool((owner >= 0).all()) and owner.numel() % g.size == 0 and slot.tensor in tensors:
+                out[g.name] = tensors[slot.tensor].shape[slot.dim] // (owner.numel() // g.size)
+                break
+        else:
+            raise ConfigError(f"ladder: group {g.name!r} spans no tensor dim alone; its width cannot be read")
+    return out
+
+
+def _names(model: nn.Module, ignore: Any) -> list[str]:
+    ids = resolve_ignore(model, ignore)
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def ladder(
+    model: nn.Module,
+    example_inputs: Any,
+    task: Any,
+    rungs: Iterable[Budget] = DEFAULT_RUNGS,
+    tolerance: float = 0.01,
+    *,
+    ignore: Iterable[nn.Module | str] | nn.Module | str | None = None,
+    finetune_steps: int = 0,
+    importance: Any = "l2",
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    allocation: dict[str, Any] | None = None,
+) -> Ladder:
+    """Build a ladder of nested widths over ``model``'s weights (the module doc), in place.
+
+    Args:
+        model: a trained model; it becomes the ladder's live model (channels reordered, same function).
+        example_inputs: inputs the model runs on (costs are counted on them).
+        task: a :class:`~adaprune.Task` (``evaluate``; ``training_batches`` and ``loss`` for recovery;
+            ``calibration`` for BatchNorm statistics and data-driven importance).
+        rungs: one budget per rung below the full model, from the largest to the smallest.
+        tolerance: the largest acceptable drop of the task's metric (reported per rung).
+        ignore: modules (or names) whose output width must not change (classifiers).
+        finetune_steps: optimizer steps of the joint recovery of all rungs.
+        importance: how channels are ordered (a criterion name or callable, as in :func:`adaprune.prune`).
+        loss: ``loss(output, targets)`` for gradient-based importance criteria (default cross-entropy).
+        lr: the joint recovery's learning rate (default: the task's ``lr``, else 3e-4).
+        seed: seeds the recovery's choice of middle rungs and the allocation runs.
+        allocation: extra :class:`~adaprune.adapt.AdaptConfig` options for the allocation runs.
+
+    Raises:
+        ConfigError: bad arguments (naming them), or a task without training batches when
+            ``finetune_steps > 0``. On any error the model is restored as it was.
+    """
+    check_module(model)
+    check_inputs(example_inputs)
+    task = as_task(task)
+    budgets: list[Budget] = [rungs] if isinstance(rungs, Budget) else list(rungs)
+    if not budgets:
+        raise ConfigError("ladder: rungs= is empty; give at least one Budget, e.g. [Budget(macs=0.5)]")
+    for i, b in enumerate(budgets):
+        check_instance(b, Budget, f"rungs[{i}]", "an adaprune.Budget", "e.g. rungs=[Budget(macs=0.5)]")
+    tolerance = as_float(tolerance, "tolerance", low=0.0, hint="the largest acceptable drop of the metric")
+    finetune_steps = as_int(finetune_steps, "finetune_steps", low=0)
+    rate = as_float(lr if lr is not None else getattr(task, "lr", 3e-4), "lr", low=0.0, low_open=True)
+    options = dict(allocation or {})
+    names = _names(model, ignore_items(ignore))
+    saved = {id(t): (t, t.data) for t in all_tensors(model).values()}
+    nested: NestedWidths | None = None
+    try:
+        nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
+                               importance, loss, rate, seed, options)
+        return built
+    except BaseException:
+        if nested is not None:
+            nested.use(0)
+        for t, data in saved.values():
+            t.data = data
+        raise
+
+
+def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], tolerance: float, ignore: list[str],
+           steps: int, importance: Any, loss: Any, lr: float, seed: int,
+           options: dict[str, Any]) -> tuple[NestedWidths, Ladder]:
+    from ..adapt import adapt
+
+    sign = 1.0 if task.higher_is_better else -1.0
+    calls = [0]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        calls[0] += 1
+        return task.evaluate(m)
+
+    before = evaluate(model)
+    graph = trace(model, x, ignore=ignore)
+    calibration = task.calibration()
+    scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
+    order_channels(model, graph, scores)
+    values = static_values(count(model, x))
+    latency = next((b for b in budgets if b.needs_latency), None)
+    if latency is not None:
+        values["latency"] = measure_latency(model, x, backend=latency.backend, threads=latency.threads).median_ms
+    full = all_tensors(model)
+    widths: list[dict[str, int]] = []
+    work = copy.deepcopy(model)
+    for i, b in enumerate(budgets, start=1):
+        res = adapt(work, x, task, b.absolute(values), tolerance=0.999, ignore=ignore, importance="position",
+                    finetune_steps=0, confidence=0.0, seed=seed + i, **options)
+        calls[0] += res.evaluations
+        widths.append(widths_of(graph, full, work))
+    del work
+    nested = NestedWidths(model, graph, widths)
+    task.set_teacher(model)
+    taken = joint_recovery(nested, task, steps, lr, seed)
+    if calibration is not None:
+        recalibrate_rungs(nested, list(calibration))
+    out = []
+    for k in range(len(nested)):
+        live = nested.use(k)
+        costs = static_values(count(live, x))
+        budget = budgets[k - 1] if k else None
+        if budget is not None and budget.needs_latency:
+            costs["latency"] = measure_latency(live, x, backend=budget.backend, threads=budget.threads).median_ms
+        metrics = evaluate(live)
+        drop = sign * (before[task.metric] - metrics[task.metric])
+        out.append(Rung(k, budget, dict(nested.widths[k]), costs, metrics,
+                        budget.met(costs, values) if budget is not None else True, drop, drop <= tolerance + 1e-12))
+    nested.use(0)
+    return nested, Ladder(nested, out, before, taken, calls[0])
+
+
+__all__ = ["DEFAULT_RUNGS", "Ladder", "Rung", "ladder", "widths_of"]
