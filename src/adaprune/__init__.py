@@ -20,7 +20,7 @@ from .cost.budget import Budget
 from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
-from .ladder import Ladder, ladder
+from .ladder import Governor, Ladder, ladder
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .result import PruneResult
@@ -36,6 +36,7 @@ __all__ = [
     "ClassificationTask",
     "Cost",
     "EmbeddingTask",
+    "Governor",
     "Graph",
     "Group",
     "GroupCut",
