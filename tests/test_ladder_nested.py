@@ -164,3 +164,21 @@ def test_random_nested_widths_use_equals_export(data: st.DataObject) -> None:
     for k in data.draw(st.permutations(range(len(rungs)))):
         torch.testing.assert_close(run(rungs.use(k), x), run(rungs.export(k), x), rtol=1e-4, atol=1e-5)
         assert copy.deepcopy(model)(x).shape == (2, 4)
+
+
+def test_a_rung_built_once_follows_changes_to_the_full_weights() -> None:
+    """Rung states are built once and swapped in; they follow the full weights whether those change in
+    place (an optimizer step) or are replaced (``param.data = ...``, as ``model.to(...)`` does)."""
+    model, x, graph, _ = prepared(resnet18)
+    nested = NestedWidths(model, graph, uniform_widths(graph))
+    nested.use(2)
+    nested.use(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # in place: the cached views see it
+    torch.testing.assert_close(run(nested.use(2), x), run(nested.export(2), x), rtol=1e-4, atol=1e-5)
+    nested.use(0)
+    for p in model.parameters():
+        p.data = p.data.clone() * 0.5  # new storage: the cached states are rebuilt
+    torch.testing.assert_close(run(nested.use(2), x), run(nested.export(2), x), rtol=1e-4, atol=1e-5)
+    assert run(nested.use(2), x).abs().sum() > 0

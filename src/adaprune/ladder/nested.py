@@ -205,8 +205,11 @@ class NestedWidths:
                 touched[id(mod)] = mod
         self._touched = touched
         self._parents = _ancestors(model, touched)
-        self._saved = {id(m): (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
-                       for m in [*touched.values(), *self._parents]}
+        self._modules = [*touched.values(), *self._parents]
+        self._saved = {id(m): (dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in self._modules}
+        self._norm_names = norm_buffers(model)
+        self._states: dict[int, list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]] = {}
+        self._states_key: tuple[int, ...] = ()
         self.current = 0
 
     def __len__(self) -> int:
@@ -237,15 +240,51 @@ class NestedWidths:
             mod._parameters, mod._buffers = dict(params), dict(bufs)
             mod.training = training
 
+    def set_norms(self, k: int, stats: Mapping[str, torch.Tensor]) -> None:
+        """Give rung ``k`` its own normalisation statistics (``{buffer name: tensor}`` at its width)."""
+        k = self._index(k)
+        unknown = sorted(set(stats) - set(self._norm_names))
+        if unknown:
+            raise ConfigError(f"set_norms: {shown(unknown)} are not BatchNorm statistics of the model")
+        self.norms[k] = dict(stats)
+        self._states.pop(k, None)
+
+    def _key(self) -> tuple[int, ...]:
+        """Where the full tensors' storage is: a rung's cached views are valid while it is unchanged."""
+        return tuple(t.data_ptr() for t in self._tensors.values())
+
     def use(self, k: int, grad: bool = False) -> nn.Module:
         """Switch the model to rung ``k`` in place (0: the full model) and return it.
 
         The rung's parameters are views of the full ones (no copy where positions are contiguous) and
         share their ``requires_grad``; its normalisation statistics are the rung's own when given.
+        Each rung's module states are built once and then swapped in (a dict update per module), so a
+        switch costs no slicing and no fixer calls; they are rebuilt when the full tensors moved.
         With ``grad``, the rung's tensors are differentiable views of the full parameters instead of
         Parameters of their own, so a backward pass through the rung accumulates gradients in the full
         parameters (joint training of all rungs with one optimizer); call ``use(k)`` after training."""
         k = self._index(k)
+        if grad:
+            self._build(k, grad=True)
+        else:
+            key = self._key()
+            if self._states_key != key:
+                self._states, self._states_key = {}, key
+            if k not in self._states:
+                self._build(k, grad=False)
+                self._states[k] = [(m, {a: v for a, v in m.__dict__.items() if a != "training"},
+                                    dict(m._parameters), dict(m._buffers)) for m in self._modules]
+            for mod, attrs, params, bufs in self._states[k]:
+                training = mod.training
+                d = mod.__dict__
+                d.clear()
+                d.update(attrs)
+                d["_parameters"], d["_buffers"], d["training"] = dict(params), dict(bufs), training
+        self.current = k
+        return self.model
+
+    def _build(self, k: int, grad: bool) -> None:
+        """Put rung ``k`` in place the slow way: restore the full model, slice, run the fixers."""
         self._restore()
         cuts: dict[int, dict[str, Mapping[int, tuple[int, ...]]]] = {}
         done: dict[int, Any] = {}
@@ -272,8 +311,6 @@ class NestedWidths:
                     fix_module(mod, {**self._saved[key][0], CUTS: cuts[key]})
             for mod in self._parents:
                 fix_module(mod, self._saved[id(mod)][0])
-        self.current = k
-        return self.model
 
     def export(self, k: int) -> nn.Module:
         """A standalone copy of rung ``k``, physically pruned (:func:`adaprune.remove`: smaller tensors, a

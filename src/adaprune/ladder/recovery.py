@@ -126,7 +126,7 @@ def recalibrate_rungs(nested: NestedWidths, batches: list[tuple[Any, Any]]) -> b
     for k in range(len(nested)):
         model = nested.use(k)
         buffers = dict(model.named_buffers(remove_duplicate=False))
-        nested.norms[k] = {n: buffers[n].clone() for n in names}
+        nested.set_norms(k, {n: buffers[n].clone() for n in names})
         model = nested.use(k)  # now on the rung's own copies, which the re-estimate overwrites
         recalibrate_bn(model, batches, max_batches=len(batches))
     nested.use(current)
