@@ -174,3 +174,27 @@ def test_a_failed_ladder_leaves_the_model_as_it_was(trained, fail_at: int) -> No
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     torch.testing.assert_close(outputs(model, data.x_val[:16]), outputs(base, data.x_val[:16]))
+
+
+def test_save_and_load_give_back_every_rung(trained, tmp_path) -> None:
+    from adaprune.examples.digits import DigitsCNN
+    from adaprune.io import LoadError
+
+    base, data = trained
+    model = copy.deepcopy(base)
+    lad = ladder(model, data.x_val[:1], task_of(data), [ap.Budget(macs=0.6), ap.Budget(macs=0.3)],
+                 ignore=[model.fc], finetune_steps=5)
+    lad.use(2)
+    ap.save_ladder(lad, tmp_path)
+    assert lad.current == 2
+    back = ap.load_ladder(tmp_path, lambda: DigitsCNN(8), data.x_val[:1])
+    assert back.rungs == lad.rungs and back.ignore == ["fc"] and back.current == 0
+    x = data.x_val[:16]
+    for k in range(3):
+        torch.testing.assert_close(outputs(back.use(k), x), outputs(lad.use(k), x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adaprune.json", "ladder.json", "model.safetensors",
+                                                         "norms.safetensors", "plan.json"]
+    norms = tmp_path / "norms.safetensors"
+    norms.write_bytes(norms.read_bytes()[:-8])
+    with pytest.raises(LoadError, match="norms.safetensors"):
+        ap.load_ladder(tmp_path, lambda: DigitsCNN(8), data.x_val[:1])

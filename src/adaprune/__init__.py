@@ -20,7 +20,7 @@ from .cost.budget import Budget
 from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
-from .ladder import Governor, Ladder, ladder
+from .ladder import Governor, Ladder, ladder, load_ladder, save_ladder
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .result import PruneResult
@@ -53,11 +53,13 @@ __all__ = [
     "export_onnx",
     "ladder",
     "load",
+    "load_ladder",
     "mask",
     "prune",
     "reconstruct",
     "remove",
     "save",
+    "save_ladder",
     "sensitivity",
     "sparsify",
     "trace",

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from .build import DEFAULT_RUNGS, Ladder, Rung, ladder
 from .governor import Governor, GovernorStats
+from .io import load_ladder, save_ladder
 from .nested import NestedWidths, nested_widths, order_channels, orderable
 
 __all__ = [
-    "DEFAULT_RUNGS", "Governor", "GovernorStats", "Ladder", "NestedWidths", "Rung", "ladder", "nested_widths",
-    "order_channels", "orderable",
+    "DEFAULT_RUNGS",
+    "Governor",
+    "GovernorStats",
+    "Ladder",
+    "NestedWidths",
+    "Rung",
+    "ladder",
+    "load_ladder",
+    "nested_widths",
+    "order_channels",
+    "orderable",
+    "save_ladder",
 ]

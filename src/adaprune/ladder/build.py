@@ -82,12 +82,14 @@ class Ladder:
         original: the metrics of the model before the ladder was built.
         finetune_steps: optimizer steps of the joint recovery (each trains up to three rungs).
         evaluations: calls of the task's evaluation, allocation included.
+        ignore: names of the modules kept at full width (the classifier ...).
     """
 
     def __init__(self, nested: NestedWidths, rungs: list[Rung], original: dict[str, float],
-                 finetune_steps: int, evaluations: int) -> None:
+                 finetune_steps: int, evaluations: int, ignore: Iterable[str] = ()) -> None:
         self.nested, self.rungs, self.original = nested, rungs, original
         self.finetune_steps, self.evaluations = finetune_steps, evaluations
+        self.ignore = list(ignore)
 
     def __len__(self) -> int:
         return len(self.rungs)
@@ -247,7 +249,7 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         out.append(Rung(k, budget, dict(nested.widths[k]), costs, metrics,
                         budget.met(costs, values) if budget is not None else True, drop, drop <= tolerance + 1e-12))
     nested.use(0)
-    return nested, Ladder(nested, out, before, taken, calls[0])
+    return nested, Ladder(nested, out, before, taken, calls[0], ignore)
 
 
 __all__ = ["DEFAULT_RUNGS", "Ladder", "Rung", "ladder", "widths_of"]
