@@ -101,7 +101,7 @@ class AdaptConfig:
     reconstruct_ridge: float | None = None
     confidence: float = 0.9
     probe_budget: int = 24
-    reprobe: int = 2
+    reprobe: int = 4
     time_limit: float | None = None
     max_evaluations: int | None = None
 
