@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as A
-from common import RESULTS, environment, log, save
+from common import RESULTS, environment, load, log, save
 
 import adaprune as ap
 from adaprune.ladder import NestedWidths, order_channels
@@ -74,7 +74,10 @@ def build_ladder(base: nn.Module, d: dict[str, torch.Tensor], budgets: list[floa
     return lad, time.perf_counter() - t0
 
 
-def part_a(args: argparse.Namespace, payload: dict[str, Any]) -> dict[tuple[str, int], ap.Ladder]:
+def part_a(args: argparse.Namespace, payload: dict[str, Any],
+           independent: bool = True) -> dict[tuple[str, int], tuple[ap.Ladder, dict[str, torch.Tensor]]]:
+    """The ladders (and their data) per (dataset, seed); with ``independent`` also the independent adapt runs,
+    and the results recorded in ``payload``."""
     ladders = {}
     ns = argparse.Namespace(adapt_inner_steps=0, tolerance=args.tolerance, adapt_iters=args.adapt_iters,
                             adapt_options={})
@@ -84,15 +87,18 @@ def part_a(args: argparse.Namespace, payload: dict[str, Any]) -> dict[tuple[str,
             x = d["x_val"][:1]
             per_epoch = -(-len(d["y_train"]) // A.BATCH)
             total = args.recovery * per_epoch
-            independent = []
-            for b in args.budgets:
+            runs = []
+            for b in args.budgets if independent else []:
                 rec = A.run_method("adapt", base, x, d, b, total, seed, ns)
-                independent.append({"budget": b, "acc": rec["acc"], "macs_ratio": rec["macs_ratio"],
+                runs.append({"budget": b, "acc": rec["acc"], "macs_ratio": rec["macs_ratio"],
                                     "budget_met": rec["budget_met"], "steps": rec["finetune_steps_total"],
                                     "wall_s": rec["wall_s"]})
                 log(f"{ds} s{seed} adapt {b}: acc {rec['acc']:.4f} macs {rec['macs_ratio']:.3f}")
-            steps = sum(r["steps"] for r in independent)
+            steps = sum(r["steps"] for r in runs) if independent else total * len(args.budgets)
             lad, wall = build_ladder(base, d, args.budgets, steps, seed, args)
+            ladders[(ds, seed)] = (lad, d)
+            if not independent:
+                continue
             rungs = []
             for r in lad.rungs:
                 live = A.accuracy(lad.use(r.index), d["x_test"], d["y_test"])
@@ -107,13 +113,12 @@ def part_a(args: argparse.Namespace, payload: dict[str, Any]) -> dict[tuple[str,
             held = sum(p.numel() * p.element_size() for p in lad.model.parameters())
             stats = sum(t.numel() * t.element_size() for n in lad.nested.norms for t in n.values())
             payload["runs"].append({"dataset": ds, "seed": seed, "base_acc": A.accuracy(base, d["x_test"], d["y_test"]),
-                                    "independent": independent, "ladder": rungs, "ladder_steps": lad.finetune_steps,
+                                    "independent": runs, "ladder": rungs, "ladder_steps": lad.finetune_steps,
                                     "ladder_wall_s": wall, "ladder_evaluations": lad.evaluations,
                                     "param_bytes_full": full_bytes, "param_bytes_ladder": held,
                                     "norm_stat_bytes": stats, "steps_per_epoch": per_epoch,
                                     "load_average": list(os.getloadavg())})
             save(args.out, payload)
-            ladders[(ds, seed)] = lad
     return ladders
 
 
@@ -123,29 +128,35 @@ def busy(stop: Any) -> None:
         x = (x * 1103515245 + 12345) % 2147483648
 
 
-def replay(policy: Any, x: torch.Tensor, phases: list[int], phase_s: float) -> list[tuple[float, int, float]]:
-    """Calls ``policy(x) -> (rung, ms)`` for ``phase_s`` seconds per phase, with that many busy processes."""
+def replay(policy: Any, x: torch.Tensor, phases: list[int],
+           phase_s: float) -> tuple[list[tuple[float, int, float]], list[tuple[float, float, int]]]:
+    """Calls ``policy(x) -> (rung, ms)`` for ``phase_s`` seconds per phase, with that many busy processes
+    started before the phase and stopped after it. Returns the calls ``(t, rung, ms)`` and the phases
+    ``(start, end, busy processes)`` as measured (seconds from the start)."""
     ctx = mp.get_context("spawn")
-    out = []
+    out, spans = [], []
     t_start = time.perf_counter()
     for n in phases:
         stop = ctx.Event()
         procs = [ctx.Process(target=busy, args=(stop,), daemon=True) for _ in range(n)]
         for p in procs:
             p.start()
-        time.sleep(0.3 if n else 0.0)  # let them get going
-        end = time.perf_counter() + phase_s
+        time.sleep(0.5 if n else 0.0)  # let them get going
+        begin = time.perf_counter()
+        end = begin + phase_s
         while time.perf_counter() < end:
             rung, ms = policy(x)
             out.append((time.perf_counter() - t_start, rung, ms))
+        spans.append((begin - t_start, time.perf_counter() - t_start, n))
         stop.set()
         for p in procs:
             p.join()
-    return out
+    return out, spans
 
 
 def part_b(args: argparse.Namespace, lad: ap.Ladder, d: dict[str, torch.Tensor], accs: list[float]) -> dict[str, Any]:
     x = d["x_test"][: args.batch]
+    torch.set_num_threads(args.trace_threads)
     gov = ap.Governor(lad, 1e9, example_inputs=x, repeats=50)  # the quiet latencies, then the deadline
     deadline = args.deadline * gov.base_ms[0]
     gov = ap.Governor(lad, deadline, base_ms=gov.base_ms)
@@ -163,20 +174,27 @@ def part_b(args: argparse.Namespace, lad: ap.Ladder, d: dict[str, torch.Tensor],
         return run
 
     out: dict[str, Any] = {"deadline_ms": deadline, "quiet_ms": gov.base_ms, "phases": args.phases,
-                           "phase_s": args.phase_s, "batch": args.batch, "rung_acc": accs, "policies": {}}
+                           "phase_s": args.phase_s, "batch": args.batch, "threads": args.trace_threads,
+                           "rung_acc": accs, "policies": {}}
     for name, policy in (("governor", governed), ("full", fixed(0)), ("smallest", fixed(len(lad) - 1))):
-        calls = replay(policy, x, args.phases, args.phase_s)
+        calls, spans = replay(policy, x, args.phases, args.phase_s)
         misses = sum(ms > deadline for _, _, ms in calls)
         counts = [sum(r == k for _, r, _ in calls) for k in range(len(lad))]
         out["policies"][name] = {
             "calls": len(calls), "miss_rate": misses / len(calls), "per_rung_calls": counts,
             "mean_acc": sum(accs[r] for _, r, _ in calls) / len(calls),
             "switches": gov.stats.switches if name == "governor" else 0,
-            "median_ms": statistics.median(ms for _, _, ms in calls), "calls_trace": calls}
+            "median_ms": statistics.median(ms for _, _, ms in calls), "calls_trace": calls, "phases": spans,
+            "miss_rate_by_busy": {n: _rate([ms for t, _, ms in calls if any(a <= t <= b and m == n for a, b, m in spans)],
+                                           deadline) for n in sorted(set(args.phases))}}
         log(f"governor trace {name}: {len(calls)} calls, miss rate {misses / len(calls):.3f}, "
             f"mean acc {out['policies'][name]['mean_acc']:.4f}, per rung {counts}")
     lad.use(0)
     return out
+
+
+def _rate(values: list[float], deadline: float) -> float | None:
+    return sum(v > deadline for v in values) / len(values) if values else None
 
 
 def switch_us(nested: Any, repeats: int = 400) -> float:
@@ -228,13 +246,9 @@ def plot(trace: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{name}: miss rate {p['miss_rate']:.1%}, mean test accuracy {p['mean_acc']:.3f}", fontsize=9)
         ax.set_ylabel("latency (ms)")
         ax.legend(fontsize=7, loc="upper right", markerscale=3)
-    t, edges = 0.0, []
-    for n in trace["phases"]:
-        edges.append((t, n))
-        t += trace["phase_s"] + (0.3 if n else 0.0)
-    for ax in axes:
-        for start, n in edges:
-            ax.axvline(start, color="grey", lw=0.5)
+    for ax, name in zip(axes, ("full", "governor", "smallest")):
+        for start, end, n in trace["policies"][name]["phases"]:
+            ax.axvspan(start, end, color="grey", alpha=0.06 * n, lw=0)
             ax.text(start, ax.get_ylim()[1] * 0.95, f" {n} busy", fontsize=7, va="top", color="grey")
     axes[-1].set_xlabel("seconds into the trace")
     fig.tight_layout()
@@ -250,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.5, help="adapt's tolerance (as in accuracy.py)")
     p.add_argument("--adapt-iters", type=int, default=10)
     p.add_argument("--trace-dataset", default="mnist1d", choices=sorted(A.DATASETS))
-    p.add_argument("--phases", nargs="+", type=int, default=[0, 1, 2, 1, 0, 2, 0])
+    p.add_argument("--phases", nargs="+", type=int, default=[0, 2, 1, 2, 0, 2, 1, 0])
+    p.add_argument("--trace-threads", type=int, default=1, help="torch threads while the trace is replayed")
+    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+                   help="a: rungs vs independent adapt runs; b: the governor's load trace; c: switching times. "
+                        "Without a, b and c use ladders built here and keep the file's part-a results")
     p.add_argument("--phase-s", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--deadline", type=float, default=1.3, help="the deadline, times the full model's quiet latency")
@@ -260,16 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     payload: dict[str, Any] = {"environment": environment(args.threads), "config": vars(args), "runs": []}
-    ladders = part_a(args, payload)
+    if "a" not in args.parts:
+        payload = load(args.out) or payload
+        payload.setdefault("parts_rerun", []).append({"parts": args.parts, "environment": environment(args.threads)})
+        args.datasets, args.seeds = [args.trace_dataset], args.seeds[:1]
+    ladders = part_a(args, payload, independent="a" in args.parts)
     key = (args.trace_dataset, args.seeds[0])
-    if key in ladders:
-        run = next(r for r in payload["runs"] if (r["dataset"], r["seed"]) == key)
-        _, d = base_model(*key, args.cache)
-        payload["trace"] = part_b(args, ladders[key], d, [r["acc"] for r in run["ladder"]])
+    if key in ladders and "b" in args.parts:
+        lad, d = ladders[key]
+        accs = [A.accuracy(lad.use(k), d["x_test"], d["y_test"]) for k in range(len(lad))]
+        payload["trace"] = part_b(args, lad, d, accs)
         plot(payload["trace"], FIGURE)
         for pol in payload["trace"]["policies"].values():  # keep the file small: the plot has the calls
             pol["calls_trace"] = pol["calls_trace"][:: max(1, len(pol["calls_trace"]) // 400)]
-    payload["switch_us"] = part_c(ladders)
+    if "c" in args.parts:
+        payload["switch_us"] = part_c({k: v[0] for k, v in ladders.items()})
     save(args.out, payload)
     log(f"wrote {RESULTS / (args.out + '.json')} and {FIGURE}")
     return 0

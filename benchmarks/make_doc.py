@@ -527,6 +527,11 @@ def main() -> int:
     tr = load("transformer")
     if tr and tr.get("runs"):
         lines += transformer_section(tr) + [""]
+    lad = load("ladder")
+    if lad:
+        from ladder_doc import ladder_section
+
+        lines += env_lines("ladder", lad) + [""] + ladder_section(lad) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():
