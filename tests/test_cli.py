@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "adapt", "sensitivity", "report", "export", "zoo"):
+    for command in ("demo", "adapt", "ladder", "sensitivity", "report", "export", "zoo"):
         assert command in result.output
     assert invoke("--version").stdout.startswith("adaprune ")
 

@@ -36,7 +36,10 @@ PLOT_FILES = tuple(f"plots/{n}.png" for n in ("steps", "pareto", "widths", "sens
 REPORT_FILES = ("report.json", "report.html", "report.md", *PLOT_FILES)
 SENSITIVITY_FILES = ("sensitivity.json", "sensitivity.md", "sensitivity.png", "sensitivity-cache.json")
 CLI_FILES = ("config.yaml", "inputs.safetensors", "model.onnx")
-KNOWN = frozenset((*RUN_FILES, *SAVE_FILES, *REPORT_FILES, *SENSITIVITY_FILES, *CLI_FILES))
+LADDER_FILES = (*(f"ladder/{n}" for n in (WEIGHTS, PLAN, META, NEXT_WEIGHTS, NEXT_PLAN, "ladder.json", "norms.safetensors")),
+                "ladder-report.json", "ladder-report.md", "plots/ladder.png")
+"""``adaprune ladder``: the ladder (``save_ladder`` into ``ladder/``), its report and plot."""
+KNOWN = frozenset((*RUN_FILES, *SAVE_FILES, *REPORT_FILES, *SENSITIVITY_FILES, *CLI_FILES, *LADDER_FILES))
 
 
 def split(name: str) -> tuple[str | None, str]:

@@ -177,6 +177,46 @@ def adapt(
 
 
 @app.command()
+def ladder(
+    config: ConfigArg,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="start over in a run_dir that holds a run (deleting only files adaprune wrote "
+                                     "there), or use a directory that is not a run directory"),
+    ] = False,
+    run_dir: RunDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a ladder of nested widths over one set of weights, save it, and report every rung.
+
+    CONFIG sections: those of adapt, and ladder (rungs, finetune_steps, compare, compare_steps, repeats).
+
+    Writes ladder/ (weights, per-rung plans and BatchNorm statistics), ladder-report.md/.json and
+    plots/ladder.png (the metric against MACs and latency, beside independently adapted models).
+    """
+    from .jobs import prepare
+    from .ladder_job import run_ladder
+
+    with _errors(config):
+        cfg = prepare(config, run_dir)
+        data = run_ladder(cfg, force=force, console=_err_console(), source=config)
+    out = Path(str(cfg.run_dir))
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(out), **{k: data[k] for k in ("metric", "original", "rungs",
+                                                                              "independent")}}, indent=1, default=float))
+        return
+    table = Table(title=f"ladder: {len(data['rungs'])} rungs over one set of weights ({out})")
+    for col in ("rung", "MACs", "latency ms", data["metric"], "budget met"):
+        table.add_column(col, justify="right")
+    for r in data["rungs"]:
+        lat = f"{r['latency_ms']:.2f}" if r["latency_ms"] is not None else "-"
+        table.add_row(str(r["rung"]), f"{r['costs']['macs']:,.0f}", lat, f"{r['metrics'][data['metric']]:.4f}",
+                      str(r["budget_met"]))
+    Console().print(table)
+    Console().print(f"wrote {out / 'ladder'}, {out / 'ladder-report.md'}, {out / 'plots' / 'ladder.png'}")
+
+
+@app.command()
 def sensitivity(config: ConfigArg, run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
     """Measure the metric with each group (cluster) alone pruned at each ratio; writes a table and a plot."""
     from .jobs import prepare, run_sensitivity, sensitivity_job

@@ -207,6 +207,17 @@ class ReportSpec(_Strict):
     repeats: int = Field(20, gt=0, description="timed repeats per latency measurement")
 
 
+class LadderSpec(_Strict):
+    rungs: list[dict[str, Bound]] = Field(
+        default_factory=lambda: [{"macs": 0.75}, {"macs": 0.5}, {"macs": 0.25}], min_length=1,
+        description="one budget per rung below the full model, largest first, e.g. `[{macs: 0.5}, {macs: 0.25}]`",
+    )
+    finetune_steps: int = Field(0, ge=0, description="optimizer steps of the joint recovery of all rungs")
+    compare: bool = Field(True, description="also adapt an independent model at each rung's budget (the report's baseline)")
+    compare_steps: int = Field(0, ge=0, description="fine-tuning steps of each independent model after adapt")
+    repeats: int = Field(20, gt=0, description="timed repeats per rung's latency")
+
+
 def _options_model() -> type[BaseModel]:
     """The ``options`` section: every :class:`AdaptConfig` field but tolerance, all optional."""
     hints = typing.get_type_hints(AdaptConfig)
@@ -242,6 +253,9 @@ class RunConfig(_Strict):
     )
     report: ReportSpec = Field(
         default_factory=lambda: ReportSpec.model_validate({}), description="what the report measures"
+    )
+    ladder: LadderSpec = Field(
+        default_factory=lambda: LadderSpec.model_validate({}), description="the rungs of `adaprune ladder`"
     )
 
     def adapt_options(self) -> dict[str, Any]:
