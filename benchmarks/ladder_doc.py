@@ -54,7 +54,8 @@ def ladder_section(payload: dict[str, Any]) -> list[str]:
             (f"Governor under load: batch of {trace['batch']} test inputs, {trace.get('threads', '?')} torch thread(s); "
              f"phases of {trace['phase_s']:.0f} s with {', '.join(map(str, trace['phases']))} CPU-busy processes, "
              "the same trace replayed for every policy; deadline "
-             f"{trace['deadline_ms']:.2f} ms ({cfg.get('deadline')}x the full model's quiet latency); quiet latency per "
+             f"{trace['deadline_ms']:.2f} ms ({trace['deadline_ms'] / trace['quiet_ms'][0]:.2f}x the full model's quiet "
+             "latency); quiet latency per "
              f"rung {q} ms. Mean accuracy: the test accuracy of the rung each call ran."), "",
             "| policy | calls | deadline misses | misses by busy processes | mean test accuracy | calls per rung |",
             "|---|---|---|---|---|---|"]

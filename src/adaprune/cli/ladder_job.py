@@ -2,7 +2,7 @@
 
 The run directory gets ``ladder/`` (:func:`adaprune.save_ladder`: one weights file, per-rung plans and
 BatchNorm statistics), ``ladder-report.json`` and ``ladder-report.md`` (per rung: budget, MACs, params,
-measured latency, metrics; and the independently adapted model at the same budget when
+latency of the live model switched to the rung, metrics; and the independently adapted model at the same budget when
 ``ladder.compare``), and ``plots/ladder.png`` (the metric against MACs and against measured latency,
 one point per rung, the independent models beside them). The run is not resumable: a killed run is
 started over with ``--force``.
@@ -73,13 +73,10 @@ def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | 
             lad = ap.ladder(job.model, job.x, task, budgets, cfg.tolerance, ignore=cfg.ignore,
                             finetune_steps=spec.finetune_steps, allocation=cfg.adapt_options())
         ap.save_ladder(lad, rd.subdir("ladder"))
-        rows = []
-        with spinner(console, "measuring every rung's latency"):
-            for r in lad.rungs:
-                rows.append({"rung": r.index, "budget": r.budget.bounds if r.budget else None, "costs": r.costs,
-                             "metrics": r.metrics, "budget_met": r.budget_met, "drop": r.drop,
-                             "within_tolerance": r.within_tolerance, "widths": r.widths,
-                             "latency_ms": _latency(lad.export(r.index), job.x, threads, spec.repeats)})
+        rows = [{"rung": r.index, "budget": r.budget.bounds if r.budget else None, "costs": r.costs,
+                 "metrics": r.metrics, "budget_met": r.budget_met, "drop": r.drop,
+                 "within_tolerance": r.within_tolerance, "widths": r.widths, "latency_ms": r.costs.get("latency")}
+                for r in lad.rungs]
         independent = []
         if original is not None:
             for i, b in enumerate(budgets, start=1):

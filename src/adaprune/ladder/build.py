@@ -13,7 +13,7 @@
 3. **Recover.** ``finetune_steps`` optimizer steps train all rungs at once over the shared weights
    (sandwich rule and in-place distillation, :mod:`adaprune.ladder.recovery`); then every rung gets
    its own BatchNorm statistics from the task's calibration batches.
-4. **Measure.** Each rung's costs (exact MACs, params, bytes; latency when a budget bounds it) and
+4. **Measure.** Each rung's costs (exact MACs, params, bytes; measured latency) and
    metrics, and whether its metric stayed within ``tolerance`` of the original model's.
 
 The model passed in becomes the ladder's live model (like :func:`adaprune.prune`, in place); if
@@ -54,8 +54,9 @@ class Rung:
         index: 0 for the full model, then from the largest budget to the smallest.
         budget: the budget it was allocated for (``None`` for rung 0).
         widths: channels kept per group (a prefix of each group).
-        costs: its exact static costs (``macs``, ``params``, ``bytes`` ...) and, when a budget bounds
-            latency, ``latency`` in ms on the budget's backend.
+        costs: its exact static costs (``macs``, ``params``, ``bytes`` ...) and ``latency``: the median ms
+            of the live model at this rung on the example inputs, on the latency budget's backend and
+            threads when a rung bounds latency, else on torch with one thread.
         metrics: the task's metrics at this rung, after recovery.
         budget_met: whether ``costs`` meet ``budget`` (True for rung 0).
         drop: how far its primary metric fell below the original model's (positive: worse).
@@ -221,8 +222,9 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
     order_channels(model, graph, scores)
     values = static_values(count(model, x))
     latency = next((b for b in budgets if b.needs_latency), None)
+    backend, threads = (latency.backend, latency.threads) if latency is not None else ("torch", 1)
     if latency is not None:
-        values["latency"] = measure_latency(model, x, backend=latency.backend, threads=latency.threads).median_ms
+        values["latency"] = measure_latency(model, x, backend=backend, threads=threads).median_ms
     full = all_tensors(model)
     widths: list[dict[str, int]] = []
     work = copy.deepcopy(model)
@@ -242,8 +244,7 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         live = nested.use(k)
         costs = static_values(count(live, x))
         budget = budgets[k - 1] if k else None
-        if budget is not None and budget.needs_latency:
-            costs["latency"] = measure_latency(live, x, backend=budget.backend, threads=budget.threads).median_ms
+        costs["latency"] = measure_latency(live, x, backend=backend, threads=threads).median_ms
         metrics = evaluate(live)
         drop = sign * (before[task.metric] - metrics[task.metric])
         out.append(Rung(k, budget, dict(nested.widths[k]), costs, metrics,

@@ -3,7 +3,9 @@
 The governor is a drop-in callable: ``governor(x)`` runs the ladder's model at the rung it picks and
 returns the output. It keeps, per rung, the latency measured on a quiet machine (``base_ms``, measured
 at construction or given), and one number for the machine's current state: the *load factor*, the
-median over its last ``window`` calls of measured latency / that rung's base latency. A rung is
+``quantile`` (the 75th percentile by default) over its last ``window`` calls of measured latency /
+that rung's base latency: an upper quantile rather than the median, so that the calls that ran long
+(a busy machine's scheduling delays) count, and two slow calls in eight already raise it. A rung is
 expected to take ``base_ms[k] * load``.
 
 Each call it picks:
@@ -24,6 +26,7 @@ Backends: ``"torch"`` switches the live model in place (views of one set of weig
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -77,14 +80,16 @@ class Governor:
             for the noise of one call).
         up: how far below the switch-down point a wider rung must be expected before moving up.
         patience: calls in a row the wider rung must qualify before the governor moves up.
-        window: calls the load factor is the median over.
+        window: calls the load factor is taken over.
+        quantile: which quantile of those calls' measured/quiet ratios is the load factor (0.5: the median).
         clock: a clock in seconds (default ``time.perf_counter``); injectable for tests.
         keep: how many calls ``stats.trace`` keeps.
     """
 
     def __init__(self, ladder: Ladder, deadline_ms: float, *, example_inputs: Any = None, backend: str = "torch",
                  base_ms: Sequence[float] | None = None, headroom: float = 0.9, up: float = 0.95, patience: int = 5,
-                 window: int = 5, clock: Callable[[], float] = time.perf_counter, repeats: int = 20,
+                 window: int = 8, quantile: float = 0.75, clock: Callable[[], float] = time.perf_counter,
+                 repeats: int = 20,
                  keep: int = 100_000) -> None:
         if not isinstance(ladder, Ladder):
             raise ConfigError(f"Governor: ladder is {type(ladder).__name__}; expected an adaprune.Ladder (ap.ladder)")
@@ -94,6 +99,7 @@ class Governor:
         self.up = as_float(up, "up", low=0.0, high=1.0, low_open=True, where="Governor")
         self.patience = as_int(patience, "patience", low=1, where="Governor")
         self.window = as_int(window, "window", low=1, where="Governor")
+        self.quantile = as_float(quantile, "quantile", low=0.0, high=1.0, where="Governor")
         self.keep = as_int(keep, "keep", low=0, where="Governor")
         if backend not in ("torch", "onnxruntime"):
             raise ConfigError(f"Governor: backend={backend!r}; expected 'torch' or 'onnxruntime'")
@@ -117,8 +123,12 @@ class Governor:
     # -- the policy ------------------------------------------------------------------------------
     @property
     def load(self) -> float:
-        """The load factor: median measured / quiet latency over the last ``window`` calls (1 before any)."""
-        return statistics.median(self._ratios) if self._ratios else 1.0
+        """The load factor: the ``quantile`` of measured / quiet latency over the last ``window`` calls (1
+        before any)."""
+        if not self._ratios:
+            return 1.0
+        ordered = sorted(self._ratios)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(self.quantile * len(ordered)) - 1))]
 
     def expected_ms(self, k: int) -> float:
         """Rung ``k``'s expected latency under the current load."""
