@@ -140,6 +140,21 @@ def train_base(spec: dict[str, Any], d: dict[str, torch.Tensor], seed: int) -> n
     return model
 
 
+def cached_base(spec: dict[str, Any], d: dict[str, torch.Tensor], seed: int, cache: str, ds: str) -> nn.Module:
+    """The dense base model of ``ds`` and ``seed``: from ``cache`` when an earlier invocation kept it (the same
+    deterministic training), else trained here (and kept there when ``cache`` is set)."""
+    path = Path(cache or "/nonexistent") / f"{ds}-seed{seed}.pt"
+    if cache and path.exists():
+        base = spec["model"]()
+        base.load_state_dict(torch.load(path))
+        return base.eval()
+    base = train_base(spec, d, seed)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), path)
+    return base
+
+
 # ------------------------------------------------------------------------------------------- methods
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     return int(ap.count(model, x).macs)
@@ -298,16 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{ds} with {min(args.recovery)} recovery epochs: lower them, or raise --recovery")
         for seed in args.seeds:
             t = time.perf_counter()
-            cache = Path(args.cache or "/nonexistent") / f"{ds}-seed{seed}.pt"
-            if args.cache and cache.exists():  # the same deterministic training, kept from an earlier invocation
-                base = spec["model"]()
-                base.load_state_dict(torch.load(cache))
-                base.eval()
-            else:
-                base = train_base(spec, d, seed)
-                if args.cache:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(base.state_dict(), cache)
+            base = cached_base(spec, d, seed, args.cache, ds)
             base_acc = accuracy(base, d["x_test"], d["y_test"])
             log(f"{ds} seed {seed}: dense test acc {base_acc:.4f} ({time.perf_counter() - t:.1f}s)")
             payload["bases"] = [b for b in payload["bases"] if (b["dataset"], b["seed"]) != (ds, seed)]

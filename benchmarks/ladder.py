@@ -47,18 +47,10 @@ FIGURE = Path(__file__).resolve().parent.parent / "docs" / "ladder_governor.png"
 
 
 def base_model(ds: str, seed: int, cache: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The accuracy benchmark's base model (and data) of ``ds`` and ``seed``, through its cache."""
     spec = A.DATASETS[ds]
     d = spec["data"]()
-    path = Path(cache or "/nonexistent") / f"{ds}-seed{seed}.pt"
-    if cache and path.exists():
-        base = spec["model"]()
-        base.load_state_dict(torch.load(path))
-    else:
-        base = A.train_base(spec, d, seed)
-        if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(base.state_dict(), path)
-    return base.eval(), d
+    return A.cached_base(spec, d, seed, cache, ds), d
 
 
 def build_ladder(base: nn.Module, d: dict[str, torch.Tensor], budgets: list[float], steps: int, seed: int,

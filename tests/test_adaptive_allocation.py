@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 import adaprune as ap
 from adaprune.allocate import AdaptiveAllocation, ClusterProbe, allocate_adaptive
 from adaprune.allocate.adaptive import STEPS, cost_per_harm, probe_field, ratios_at, shares
+from sensitive_task import SensitiveLayer
 
 PROPS = settings(
     max_examples=150,
@@ -276,29 +277,6 @@ def test_zero_harm_everywhere_weighs_by_saving_alone(data: st.DataObject) -> Non
 
 
 # -- on a real model ---------------------------------------------------------------------------
-
-class SensitiveLayer:
-    """A digits classification task whose ``loss`` (what the controller's probes measure) rises by
-    ``penalty`` times the fraction of ``layer``'s output channels that are zero or gone. Accuracy
-    (what accepts or rolls back a step) is the real one, so only the allocation sees the injected harm."""
-
-    metric, higher_is_better = "accuracy", True
-
-    def __init__(self, task: ap.ClassificationTask, layer: str, width: int, penalty: float = 10.0) -> None:
-        self.task, self.layer, self.width, self.penalty = task, layer, width, penalty
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        out = self.task.evaluate(model)
-        weight = model.get_submodule(self.layer).weight.detach()
-        alive = int((weight.flatten(1).abs().sum(1) > 0).sum())
-        return {**out, "loss": out["loss"] + self.penalty * (1.0 - alive / self.width)}
-
-    def finetune(self, model: torch.nn.Module, steps: int) -> None:
-        self.task.finetune(model, steps)
-
-    def calibration(self) -> list:
-        return self.task.calibration()
-
 
 @pytest.mark.usefixtures("one_thread")
 def test_adapt_cuts_a_sensitive_layer_less_than_uniform_pruning() -> None:

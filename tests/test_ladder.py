@@ -26,6 +26,7 @@ from adaprune.errors import ConfigError
 from adaprune.ladder import ladder
 from adaprune.ladder import recovery as rec
 from adaprune.ladder.nested import NestedWidths, norm_buffers
+from sensitive_task import SensitiveLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,26 +77,6 @@ def test_rungs_meet_budgets_nest_and_share_one_set_of_weights(trained) -> None:
     stats = [lad.nested.norms[k][last] for k in range(4)]
     assert all(not torch.allclose(stats[0][: s.numel()], s) for s in stats[1:])  # each rung its own
     assert lad.rungs[0].metrics["accuracy"] > 0.8
-
-
-class SensitiveLayer:
-    """Digits classification whose ``loss`` (what adapt's probes measure) rises by ``penalty`` times
-    the fraction of ``layer``'s output channels that are gone (removed, or masked to zero by a probe);
-    accuracy is the real one."""
-
-    metric, higher_is_better = "accuracy", True
-
-    def __init__(self, task: ap.ClassificationTask, layer: str, width: int, penalty: float = 10.0) -> None:
-        self.task, self.layer, self.width, self.penalty = task, layer, width, penalty
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        out = self.task.evaluate(model)
-        weight = model.get_submodule(self.layer).weight.detach()
-        kept = int((weight.flatten(1).abs().sum(1) > 0).sum())
-        return {**out, "loss": out["loss"] + self.penalty * (1.0 - kept / self.width)}
-
-    def calibration(self) -> list:
-        return self.task.calibration()
 
 
 def test_widths_are_adaptive_a_sensitive_layer_is_kept_wider_than_uniform(trained) -> None:

@@ -120,7 +120,7 @@ class Ladder:
         return self.nested.plans[self.nested._index(k)]
 
 
-def widths_of(graph: Graph, full: dict[str, torch.Tensor], pruned: nn.Module) -> dict[str, int]:
+def widths_of(graph: Graph, pruned: nn.Module) -> dict[str, int]:
     """Each group's width in ``pruned`` (a copy of the model with channels removed), read from a
     tensor dim the group spans alone."""
     tensors = all_tensors(pruned)
@@ -225,14 +225,13 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
     backend, threads = (latency.backend, latency.threads) if latency is not None else ("torch", 1)
     if latency is not None:
         values["latency"] = measure_latency(model, x, backend=backend, threads=threads).median_ms
-    full = all_tensors(model)
     widths: list[dict[str, int]] = []
     work = copy.deepcopy(model)
     for i, b in enumerate(budgets, start=1):
         res = adapt(work, x, task, b.absolute(values), tolerance=0.999, ignore=ignore, importance="position",
                     finetune_steps=0, confidence=0.0, seed=seed + i, **options)
         calls[0] += res.evaluations
-        widths.append(widths_of(graph, full, work))
+        widths.append(widths_of(graph, work))
     del work
     nested = NestedWidths(model, graph, widths)
     task.set_teacher(model)
