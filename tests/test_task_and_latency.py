@@ -10,7 +10,7 @@ from torch import nn
 
 import adaprune as ap
 from adaprune.cost.energy import energy_uj
-from adaprune.cost.latency import measure_latency
+from adaprune.cost.latency import measure_latency, quiet_median
 from adaprune.errors import ConfigError
 from adaprune.examples.digits import DigitsCNN, load_digits_data
 from adaprune.task import recalibrate_bn
@@ -72,6 +72,15 @@ def test_latency_backends(backend):
     lat = measure_latency(model, torch.randn(4, 3, 16, 16), backend=backend, threads=1, repeats=5)
     assert lat.median_ms > 0 and lat.p90_ms >= lat.median_ms
     assert (lat.backend, lat.threads, lat.batch_size, lat.repeats) == (backend, 1, 4, 5)
+
+
+def test_quiet_median_keeps_the_undisturbed_block():
+    # 30 passes of 1 ms, the first 20 slowed to 3 ms by load from elsewhere: the plain median reports the
+    # burst (3 ms), the least disturbed block the model's own time
+    times = [3.0] * 20 + [1.0] * 10
+    assert quiet_median(times) == 1.0
+    assert quiet_median([2.0, 1.0, 3.0]) == 2.0  # too few passes for blocks: the plain median
+    assert quiet_median([1.0] * 10 + [3.0] * 20) == 1.0  # wherever the quiet block falls
 
 
 def test_latency_rejects_unknown_backend():

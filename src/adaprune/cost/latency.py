@@ -30,7 +30,13 @@ from ..errors import ConfigError, shown
 
 @dataclass(frozen=True)
 class Latency:
-    """A median latency and the conditions it was measured under."""
+    """A latency and the conditions it was measured under.
+
+    ``median_ms`` is the steady-state time of one pass: the passes are timed in consecutive blocks
+    (:func:`quiet_median`) and the lowest block median is kept. Load from elsewhere on the machine only
+    ever adds time and comes and goes in bursts; a plain median over all passes moves with a burst that
+    covers half of them, which made a budget's ratio depend on when the original model was timed.
+    ``p90_ms`` is over all passes (it shows the disturbance the median leaves out)."""
 
     median_ms: float
     p90_ms: float
@@ -157,6 +163,19 @@ class OnnxRuntimeCPU(Backend):
         return _time(lambda: sess.run(None, feed), warmup, repeats, lambda: None)
 
 
+BLOCKS = 5
+"""How many consecutive blocks :func:`quiet_median` splits the timed passes into."""
+
+
+def quiet_median(times: list[float], blocks: int = BLOCKS) -> float:
+    """The lowest median of ``blocks`` consecutive blocks of ``times`` (in the order they were measured;
+    the plain median when there are fewer than ``3 * blocks`` of them)."""
+    if len(times) < 3 * blocks:
+        return statistics.median(times)
+    size = len(times) // blocks
+    return min(statistics.median(times[i * size:(i + 1) * size]) for i in range(blocks))
+
+
 def measure_latency(
     model: nn.Module,
     example_inputs: Any,
@@ -166,14 +185,16 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 20,
 ) -> Latency:
-    """Median latency of one forward pass on ``example_inputs`` (its batch size is the batch size)."""
+    """Latency of one forward pass on ``example_inputs`` (its batch size is the batch size): the least
+    disturbed block median of ``repeats`` timed passes (:class:`Latency`)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ConfigError(f"backend={shown(backend)} is not one of {', '.join(BACKENDS.names())}")
     if threads < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("threads and repeats must be >= 1 and warmup >= 0")
-    times = sorted(BACKENDS.get(backend)().timings(model, example_inputs, threads, warmup, repeats))
+    raw = BACKENDS.get(backend)().timings(model, example_inputs, threads, warmup, repeats)
+    times = sorted(raw)
     return Latency(
-        median_ms=statistics.median(times),
+        median_ms=quiet_median(raw),
         p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
         backend=backend,
         threads=threads,
