@@ -21,15 +21,19 @@ import time
 import adaprune as ap
 
 
-def make(train, val, delay=0.0):
+def make(train, val, delay=0.0, evaluate_delay=0.0):
     task = ap.ClassificationTask(train, val)
-    finetune = task.finetune
+    finetune, evaluate = task.finetune, task.evaluate
 
     def slow(model, steps):
         time.sleep(delay)
         finetune(model, steps)
 
-    task.finetune = slow
+    def slow_evaluate(model):
+        time.sleep(evaluate_delay)
+        return evaluate(model)
+
+    task.finetune, task.evaluate = slow, slow_evaluate
     return task
 """
 

@@ -1,15 +1,22 @@
 """``adaprune ladder CONFIG.yaml``: the ladder saved in the run directory, a report beside independent
-adapt runs, --json, a second run refused without --force, a bad rung named."""
+adapt runs, --json, a second run refused without --force, a bad rung named, Ctrl-C during the build
+and --resume."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
 import adaprune as ap
 from adaprune.examples.digits import DigitsCNN, load_digits_data
-from cli_helpers import config, invoke
+from cli_helpers import SRC, config, invoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,3 +52,39 @@ def test_a_bad_rung_is_named(workdir):
     result = invoke("ladder", cfg)
     assert result.exit_code == 2
     assert "ladder.rungs[1]" in result.stderr and "flops" in result.stderr
+
+
+def test_sigint_during_the_build_leaves_it_resumable(workdir):
+    """SIGINT once the first rung is allocated: exit 130 naming --resume; --resume keeps that rung's widths."""
+    cfg = config(workdir, "ladint", ladder={"rungs": [{"macs": 0.6}, {"macs": 0.3}], "finetune_steps": 4,
+                                            "compare": False, "repeats": 3},
+                 task={"factory": "slowtask.py:make", "kwargs": {"evaluate_delay": 0.3}},
+                 options={"max_iterations": 6})
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "adaprune", "ladder", str(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    state = workdir / "runs" / "ladint" / "ladder-state.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if state.exists() and len(json.loads(state.read_text())["widths"]) >= 1:
+                break
+            assert child.poll() is None, child.communicate()
+            time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    saved = json.loads(state.read_text())
+    assert len(saved["widths"]) >= 1 and not (state.parent / "ladder" / "ladder.json").exists()
+    raw = yaml.safe_load(cfg.read_text())
+    raw["task"]["kwargs"]["evaluate_delay"] = 0.0  # how fast the task is does not change the build
+    cfg.write_text(yaml.safe_dump(raw))
+    assert invoke("ladder", cfg).exit_code == 2  # a build is there: --resume or --force
+    result = invoke("ladder", cfg, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["widths"] for r in out["rungs"][1:len(saved["widths"]) + 1]] == saved["widths"]
+    assert all(r["budget_met"] for r in out["rungs"]) and json.loads(state.read_text())["steps"] == 4

@@ -19,3 +19,4 @@ def test_the_readme_ladder_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     assert [line.split()[0] for line in printed[:4]] == ["0", "1", "2", "3"]
     assert all(line.split()[-1] == "True" for line in printed[:4])  # every rung meets its budget
     assert (tmp_path / "out" / "ladder" / "ladder.json").is_file()
+    assert (tmp_path / "runs" / "ladder" / "ladder-state.json").is_file()  # the build's stages, to resume

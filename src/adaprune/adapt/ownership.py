@@ -27,6 +27,9 @@ from ..errors import AdapruneError
 from ..io import META, NEXT_PLAN, NEXT_WEIGHTS, PLAN, WEIGHTS
 
 MARK, LOCK, STATE = ".adaprune-run", ".adaprune-lock", "state.json"
+LADDER_STATE, LADDER_ORDERED = "ladder-state.json", "ladder-ordered.safetensors"
+STATES = (STATE, LADDER_STATE)
+"""The commit points of the runs a run directory can hold (``adapt``'s, ``ladder``'s)."""
 RUN_FILES = (STATE, "weights-*.safetensors")
 """What the controller writes."""
 SAVE_FILES = tuple(f"model/{n}" for n in (WEIGHTS, PLAN, META, NEXT_WEIGHTS, NEXT_PLAN))
@@ -39,7 +42,10 @@ CLI_FILES = ("config.yaml", "inputs.safetensors", "model.onnx")
 LADDER_FILES = (*(f"ladder/{n}" for n in (WEIGHTS, PLAN, META, NEXT_WEIGHTS, NEXT_PLAN, "ladder.json", "norms.safetensors")),
                 "ladder-report.json", "ladder-report.md", "plots/ladder.png")
 """``adaprune ladder``: the ladder (``save_ladder`` into ``ladder/``), its report and plot."""
-KNOWN = frozenset((*RUN_FILES, *SAVE_FILES, *REPORT_FILES, *SENSITIVITY_FILES, *CLI_FILES, *LADDER_FILES))
+LADDER_RUN_FILES = (LADDER_STATE, LADDER_ORDERED, "ladder-rung-*.safetensors", "ladder-recovery-*.safetensors")
+"""What ``adaprune.ladder(run_dir=...)`` writes to resume (:mod:`adaprune.ladder.run`)."""
+KNOWN = frozenset((*RUN_FILES, *SAVE_FILES, *REPORT_FILES, *SENSITIVITY_FILES, *CLI_FILES, *LADDER_FILES,
+                   *LADDER_RUN_FILES))
 
 
 def split(name: str) -> tuple[str | None, str]:

@@ -37,7 +37,7 @@ from torch import nn
 from .. import fs
 from ..errors import FileFormatError, RunDirError, RunDirLockedError, shown
 from . import ownership
-from .ownership import KNOWN, LOCK, MARK, RUN_FILES, STATE
+from .ownership import KNOWN, LOCK, MARK, RUN_FILES, STATE, STATES
 from .state import WEIGHTS_PATTERN, ControllerState
 
 try:  # POSIX; elsewhere runs are not locked (the mark and atomic writes still hold)
@@ -115,9 +115,9 @@ class RunDir:
                     "force=True to use it anyway (adaprune then writes only names that are free and deletes "
                     "nothing)"
                 )
-        elif self.exists() and not (resume or force or restart):
+        elif self.holds_run() and not (resume or force or restart):
             raise RunDirError(
-                f"run_dir: {self.path} already holds a run ({STATE}); continue it with --resume / "
+                f"run_dir: {self.path} already holds a run ({self.holds_run()}); continue it with --resume / "
                 "resume=True, or start over with --force / force=True"
             )
         taken = ownership.conflicts(self.path, names, owned or [], protected)
@@ -163,7 +163,7 @@ class RunDir:
             mark = self._read_mark() or _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
                                              created=_now(), names=owned or [])
             self._mark = mark
-            if (force or restart) and owned is not None and not (resume and self.exists()):
+            if (force or restart) and owned is not None and not (resume and self.holds_run()):
                 ownership.reset(self.path, mark.names, self._protected)
                 self._mark = mark.model_copy(update={"run_id": uuid.uuid4().hex, "created": _now(), "names": []})
             self._mark = self._mark.model_copy(update={"names": sorted({*self._mark.names, *names})})
@@ -301,8 +301,12 @@ class RunDir:
         return fs.write_atomic(target, data, what=what or name)
 
     def exists(self) -> bool:
-        """Whether a run's state is here."""
+        """Whether an ``adapt`` run's state is here."""
         return (self.path / STATE).is_file()
+
+    def holds_run(self) -> str | None:
+        """The commit point of the run held here (``adapt``'s or a ladder's), or None."""
+        return next((n for n in STATES if (self.path / n).is_file()), None)
 
     def save(self, state: ControllerState, model: nn.Module) -> None:
         """Write the working model's weights, then ``state.json`` naming them (the commit point)."""

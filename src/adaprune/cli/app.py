@@ -179,6 +179,7 @@ def adapt(
 @app.command()
 def ladder(
     config: ConfigArg,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the build in run_dir")] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="start over in a run_dir that holds a run (deleting only files adaprune wrote "
@@ -193,13 +194,27 @@ def ladder(
 
     Writes ladder/ (weights, per-rung plans and BatchNorm statistics), ladder-report.md/.json and
     plots/ladder.png (the metric against MACs and latency, beside independently adapted models).
+
+    The build is saved after each rung's allocation and every ladder.checkpoint_every recovery steps:
+    after Ctrl-C, --resume continues it.
     """
+    from ..adapt.ownership import LADDER_STATE
     from .jobs import prepare
     from .ladder_job import run_ladder
 
     with _errors(config):
         cfg = prepare(config, run_dir)
-        data = run_ladder(cfg, force=force, console=_err_console(), source=config)
+        try:
+            with _interruptible():
+                data = run_ladder(cfg, resume=resume, force=force, console=_err_console(), source=config)
+        except KeyboardInterrupt:
+            if (Path(str(cfg.run_dir)) / LADDER_STATE).is_file():
+                note = (f"interrupted: {cfg.run_dir} keeps the build's last saved stage; continue with: "
+                        f"adaprune ladder {config} --resume")
+            else:
+                note = "interrupted before the build's first stage was saved; nothing to resume"
+            typer.echo(note, err=True)
+            raise typer.Exit(130) from None
     out = Path(str(cfg.run_dir))
     if as_json:
         typer.echo(json.dumps({"run_dir": str(out), **{k: data[k] for k in ("metric", "original", "rungs",

@@ -213,6 +213,8 @@ class LadderSpec(_Strict):
         description="one budget per rung below the full model, largest first, e.g. `[{macs: 0.5}, {macs: 0.25}]`",
     )
     finetune_steps: int = Field(0, ge=0, description="optimizer steps of the joint recovery of all rungs")
+    checkpoint_every: int = Field(100, ge=0, description="recovery steps between checkpoints in the run "
+                                                         "directory (0: only after the last); --resume continues from one")
     compare: bool = Field(True, description="also adapt an independent model at each rung's budget (the report's baseline)")
     compare_steps: int = Field(0, ge=0, description="fine-tuning steps of each independent model after adapt")
     repeats: int = Field(20, gt=0, description="timed repeats per rung's latency")

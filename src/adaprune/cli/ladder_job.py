@@ -4,8 +4,9 @@ The run directory gets ``ladder/`` (:func:`adaprune.save_ladder`: one weights fi
 BatchNorm statistics), ``ladder-report.json`` and ``ladder-report.md`` (per rung: budget, MACs, params,
 latency of the live model switched to the rung, metrics; and the independently adapted model at the same budget when
 ``ladder.compare``), and ``plots/ladder.png`` (the metric against MACs and against measured latency,
-one point per rung, the independent models beside them). The run is not resumable: a killed run is
-started over with ``--force``.
+one point per rung, the independent models beside them). The build records its stages in the run
+directory (:mod:`adaprune.ladder.run`): a killed run continues with ``--resume`` (the independent
+models of the comparison are adapted again; they are not part of the build).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 import adaprune as ap
 
 from .. import fs, report
-from ..adapt.ownership import LADDER_FILES
+from ..adapt.ownership import LADDER_FILES, LADDER_RUN_FILES
 from ..adapt.rundir import RunDir
 from ..errors import AdapruneError
 from ..task import as_task
@@ -28,7 +29,7 @@ from .build import build_job
 from .config import CliError, RunConfig, dump_config
 
 CONFIG, INPUTS = "config.yaml", "inputs.safetensors"
-NAMES = (CONFIG, INPUTS, *LADDER_FILES)
+NAMES = (CONFIG, INPUTS, *LADDER_FILES, *LADDER_RUN_FILES)
 """Every name an ``adaprune ladder`` run writes in its run directory."""
 
 
@@ -49,15 +50,16 @@ def _latency(model: Any, x: Any, threads: int, repeats: int) -> float | None:
     return rows[0].get("median_ms") if rows else None
 
 
-def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | None = None) -> dict[str, Any]:
+def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | None = None,
+               resume: bool = False) -> dict[str, Any]:
     """Build, save and report the ladder (the module doc). Returns the report data."""
     from .jobs import save_inputs, spinner
 
     rd = RunDir(Path(str(cfg.run_dir)))
     protect = [source] if source is not None else []
-    rd.check(force=force, names=NAMES, protect=protect)
+    rd.check(resume=resume, force=force, names=NAMES, protect=protect)
     if (rd.path / "ladder" / "ladder.json").is_file() and not force:
-        raise CliError(f"run_dir: {rd.path} already holds a ladder; start over with --force (deleting only the "
+        raise CliError(f"run_dir: {rd.path} already holds a finished ladder; start over with --force (deleting only the "
                        "files adaprune wrote there), or choose another run_dir")
     budgets = rung_budgets(cfg)
     with spinner(console, "building the model, the data and the task"):
@@ -65,13 +67,14 @@ def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | 
         task = as_task(job.task)
     threads = cfg.budget.threads if cfg.budget else 1
     spec = cfg.ladder
-    with rd.open(force=force, names=NAMES, protect=protect):
+    with rd.open(resume=resume, force=force, names=NAMES, protect=protect):
         rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
         rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")
         original = copy.deepcopy(job.model) if spec.compare else None
         with spinner(console, f"building {len(budgets)} rungs over one set of weights"):
             lad = ap.ladder(job.model, job.x, task, budgets, cfg.tolerance, ignore=cfg.ignore,
-                            finetune_steps=spec.finetune_steps, allocation=cfg.adapt_options())
+                            finetune_steps=spec.finetune_steps, allocation=cfg.adapt_options(), run_dir=rd,
+                            resume=resume, checkpoint_every=spec.checkpoint_every)
         ap.save_ladder(lad, rd.subdir("ladder"))
         rows = [{"rung": r.index, "budget": r.budget.bounds if r.budget else None, "costs": r.costs,
                  "metrics": r.metrics, "budget_met": r.budget_met, "drop": r.drop,

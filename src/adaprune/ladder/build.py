@@ -23,6 +23,7 @@ anything fails, it is restored as it was.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,18 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._check import as_float, as_int, check_inputs, check_instance, check_module
+from .._check import as_bool, as_float, as_int, check_inputs, check_instance, check_module
+from ..adapt.ownership import LADDER_RUN_FILES
+from ..adapt.rundir import RunDir
+from ..adapt.state import model_signature
 from ..cost import count
 from ..cost.budget import Budget
 from ..cost.latency import measure_latency
 from ..cost.registry import static_values
-from ..errors import ConfigError
+from ..errors import ArgumentTypeError, ConfigError
 from ..graph import Graph, ignore_items, resolve_ignore, trace
 from ..importance.registry import Context, default_loss, get_importance
 from ..plan import Plan
 from ..task import Task, as_task
 from .nested import NestedWidths, all_tensors, order_channels
 from .recovery import joint_recovery, recalibrate_rungs
+from .run import LadderRun, LadderState, settings_of
 
 DEFAULT_RUNGS = (Budget(macs=0.75), Budget(macs=0.5), Budget(macs=0.25))
 
@@ -154,6 +159,10 @@ def ladder(
     lr: float | None = None,
     seed: int = 0,
     allocation: dict[str, Any] | None = None,
+    run_dir: str | os.PathLike[str] | RunDir | None = None,
+    resume: bool = False,
+    force: bool = False,
+    checkpoint_every: int = 100,
 ) -> Ladder:
     """Build a ladder of nested widths over ``model``'s weights (the module doc), in place.
 
@@ -171,10 +180,20 @@ def ladder(
         lr: the joint recovery's learning rate (default: the task's ``lr``, else 3e-4).
         seed: seeds the recovery's choice of middle rungs and the allocation runs.
         allocation: extra :class:`~adaprune.adapt.AdaptConfig` options for the allocation runs.
+        run_dir: a directory where the build records each stage (:mod:`adaprune.ladder.run`): the
+            ordered weights, each rung's widths once allocated, a checkpoint of the joint recovery
+            every ``checkpoint_every`` steps. New, empty or an adaprune run directory; locked while
+            the build runs.
+        resume: continue the build in ``run_dir`` (the same model as it was before the build, the same
+            rungs and options); a killed build so ends with the ladder an uninterrupted one builds
+            when the task's batches and evaluation are deterministic.
+        force: start over in a ``run_dir`` that holds a build (deleting only the files adaprune wrote).
+        checkpoint_every: recovery steps between checkpoints in ``run_dir`` (0: only after the last).
 
     Raises:
         ConfigError: bad arguments (naming them), or a task without training batches when
             ``finetune_steps > 0``. On any error the model is restored as it was.
+        RunDirError: ``run_dir`` is not usable, or its build cannot be resumed with these arguments.
     """
     check_module(model)
     check_inputs(example_inputs)
@@ -186,26 +205,81 @@ def ladder(
         check_instance(b, Budget, f"rungs[{i}]", "an adaprune.Budget", "e.g. rungs=[Budget(macs=0.5)]")
     tolerance = as_float(tolerance, "tolerance", low=0.0, hint="the largest acceptable drop of the metric")
     finetune_steps = as_int(finetune_steps, "finetune_steps", low=0)
+    every = as_int(checkpoint_every, "checkpoint_every", low=0)
     rate = as_float(lr if lr is not None else getattr(task, "lr", 3e-4), "lr", low=0.0, low_open=True)
+    resume, force = as_bool(resume, "resume"), as_bool(force, "force")
     options = dict(allocation or {})
     names = _names(model, ignore_items(ignore))
-    saved = {id(t): (t, t.data) for t in all_tensors(model).values()}
-    nested: NestedWidths | None = None
+    if resume and run_dir is None:
+        raise ConfigError("ladder: resume=True needs run_dir= (the directory of the build to continue)")
+    if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
+        raise ArgumentTypeError(f"ladder: run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
+    opened = rd is not None and not rd.is_open
+    if rd is not None and opened:
+        rd.open(resume=resume, force=force, names=LADDER_RUN_FILES)
     try:
-        nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
-                               importance, loss, rate, seed, options)
-        return built
-    except BaseException:
-        if nested is not None:
-            nested.use(0)
-        for t, data in saved.values():
-            t.data = data
-        raise
+        run = LadderRun(rd) if rd is not None else None
+        settings = settings_of(budgets, tolerance, names, finetune_steps, importance, rate, seed, options)
+        state = run.load(settings, model) if run is not None and resume and run.exists() else None
+        stages = _Stages(run, state, settings, every)
+        saved = {id(t): (t, t.data.clone()) for t in all_tensors(model).values()}  # (the recovery updates in place)
+        nested: NestedWidths | None = None
+        try:
+            nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
+                                   importance, loss, rate, seed, options, stages)
+            return built
+        except BaseException:
+            if nested is not None:
+                nested.use(0)
+            for t, data in saved.values():
+                t.data = data
+            raise
+    finally:
+        if rd is not None and opened:
+            rd.close()
+
+
+class _Stages:
+    """Where the build records and finds its stages: a :class:`~adaprune.ladder.run.LadderRun`, or
+    nothing without a run directory (every method then does nothing)."""
+
+    def __init__(self, run: LadderRun | None, state: LadderState | None, settings: dict[str, Any], every: int) -> None:
+        self.run, self.state, self.settings, self.every = run, state, settings, every
+
+    def start(self, model: nn.Module, original: dict[str, float], values: dict[str, float], evaluations: int) -> None:
+        """The channels are ordered: record the ordered weights and the original metrics and costs."""
+        if self.run is None:
+            return
+        self.state = LadderState(format="adaprune-ladder-run", version=1, settings=self.settings,
+                                 signature=model_signature(model), original=dict(original), values=dict(values),
+                                 evaluations=evaluations, steps=0, checkpoint="")
+        self.run.save_ordered(model)
+        self.run.commit(self.state)
+
+    def allocated(self, work: nn.Module, widths: list[dict[str, int]], evaluations: int) -> None:
+        """A rung is allocated: record its model (the next is cut from it) and the widths so far."""
+        if self.run is not None and self.state is not None:
+            self.state.widths, self.state.evaluations = [dict(w) for w in widths], evaluations
+            self.run.save_rung(self.state, work)
+
+    def rung(self, model: nn.Module, graph: Graph, widths: list[dict[str, int]]) -> nn.Module:
+        """The last rung allocated before the build was resumed, as its allocation left it."""
+        assert self.run is not None
+        work = NestedWidths(model, graph, widths).export(len(widths))
+        self.run.load_rung(work, len(widths))
+        return work
+
+    def checkpoint(self, model: nn.Module) -> Callable[[int, torch.optim.Optimizer], None] | None:
+        if self.run is None or self.state is None:
+            return None
+        run, state = self.run, self.state
+        return lambda steps, opt: run.save_recovery(state, model, opt, steps)
 
 
 def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], tolerance: float, ignore: list[str],
            steps: int, importance: Any, loss: Any, lr: float, seed: int,
-           options: dict[str, Any]) -> tuple[NestedWidths, Ladder]:
+           options: dict[str, Any], stages: _Stages) -> tuple[NestedWidths, Ladder]:
     from ..adapt import adapt
 
     sign = 1.0 if task.higher_is_better else -1.0
@@ -215,27 +289,44 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         calls[0] += 1
         return task.evaluate(m)
 
-    before = evaluate(model)
-    graph = trace(model, x, ignore=ignore)
-    calibration = task.calibration()
-    scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
-    order_channels(model, graph, scores)
-    values = static_values(count(model, x))
     latency = next((b for b in budgets if b.needs_latency), None)
     backend, threads = (latency.backend, latency.threads) if latency is not None else ("torch", 1)
-    if latency is not None:
-        values["latency"] = measure_latency(model, x, backend=backend, threads=threads).median_ms
-    widths: list[dict[str, int]] = []
-    work = copy.deepcopy(model)
-    for i, b in enumerate(budgets, start=1):
-        res = adapt(work, x, task, b.absolute(values), tolerance=0.999, ignore=ignore, importance="position",
-                    finetune_steps=0, confidence=0.0, seed=seed + i, **options)
+    resumed = stages.state
+    calibration = task.calibration()
+    if resumed is None:
+        before = evaluate(model)
+        graph = trace(model, x, ignore=ignore)
+        scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
+        order_channels(model, graph, scores)
+        values = static_values(count(model, x))
+        if latency is not None:
+            values["latency"] = measure_latency(model, x, backend=backend, threads=threads).median_ms
+        widths: list[dict[str, int]] = []
+        stages.start(model, before, values, calls[0])
+    else:  # the ordered weights, the original's metrics and costs, the rungs allocated: as recorded
+        assert stages.run is not None
+        stages.run.load_ordered(model)
+        graph = trace(model, x, ignore=ignore)
+        before, values, widths = dict(resumed.original), dict(resumed.values), [dict(w) for w in resumed.widths]
+        calls[0] = resumed.evaluations
+    # each rung is cut from the previous one as its allocation left it, so per-group widths never grow
+    work = stages.rung(model, graph, widths) if widths else copy.deepcopy(model)
+    for i in range(len(widths) + 1, len(budgets) + 1):
+        res = adapt(work, x, task, budgets[i - 1].absolute(values), tolerance=0.999, ignore=ignore,
+                    importance="position", finetune_steps=0, confidence=0.0, seed=seed + i, **options)
         calls[0] += res.evaluations
         widths.append(widths_of(graph, work))
+        stages.allocated(work, widths, calls[0])
     del work
     nested = NestedWidths(model, graph, widths)
-    task.set_teacher(model)
-    taken = joint_recovery(nested, task, steps, lr, seed)
+    task.set_teacher(model)  # the ordered model before any recovery step
+    start, optimizer_state = 0, None
+    if resumed is not None and resumed.checkpoint:
+        assert stages.run is not None
+        optimizer_state = stages.run.load_recovery(resumed, model)
+        start = resumed.steps
+    taken = joint_recovery(nested, task, steps, lr, seed, start=start, optimizer_state=optimizer_state,
+                           checkpoint=stages.checkpoint(model), every=stages.every)
     if calibration is not None:
         recalibrate_rungs(nested, list(calibration))
     out = []

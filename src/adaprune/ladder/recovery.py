@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,8 +61,20 @@ class _Capture:
         self.output = logits_of(output).detach()
 
 
-def joint_recovery(nested: NestedWidths, task: Task, steps: int, lr: float, seed: int = 0) -> int:
-    """``steps`` optimizer steps training every rung at once (the module doc); returns the steps taken.
+Checkpoint = Callable[[int, torch.optim.Optimizer], None]
+
+
+def joint_recovery(nested: NestedWidths, task: Task, steps: int, lr: float, seed: int = 0, *, start: int = 0,
+                   optimizer_state: dict[str, torch.Tensor] | None = None, checkpoint: Checkpoint | None = None,
+                   every: int = 0) -> int:
+    """Optimizer steps ``start`` to ``steps`` of training every rung at once (the module doc); returns
+    the steps taken in all (``start`` included).
+
+    Resuming (``start > 0``): the optimizer's state is ``optimizer_state`` (from
+    :func:`adaprune.ladder.run.optimizer_tensors`), the first ``start`` batches are skipped and the
+    random middle rungs of the first ``start`` steps drawn again, so the steps that follow are the
+    ones an uninterrupted run takes. ``checkpoint(taken, optimizer)`` is called with the model at rung 0
+    every ``every`` steps (when ``every > 0``) and after the last step.
 
     The model ends at rung 0 with its own Parameters (the full ones) and in the training mode it was in.
 
@@ -70,8 +82,8 @@ def joint_recovery(nested: NestedWidths, task: Task, steps: int, lr: float, seed
         ConfigError: the task has no training batches (:meth:`Task.training_batches`).
         NonFiniteError: a loss was NaN or infinite (naming the step and the rung); the steps before stay applied.
     """
-    if steps <= 0:
-        return 0
+    if steps <= start:
+        return start
     batches: Iterator[tuple[Any, Any]] | None = task.training_batches()
     if batches is None:
         raise ConfigError(
@@ -81,12 +93,18 @@ def joint_recovery(nested: NestedWidths, task: Task, steps: int, lr: float, seed
     model = nested.model
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    if optimizer_state:
+        from .run import load_optimizer
+
+        load_optimizer(opt, optimizer_state)
     rng = random.Random(seed)
+    for _ in range(start):
+        sandwich(len(nested), rng)
     capture = _Capture()
     flags = {m: m.training for m in model.modules()}
-    taken = 0
+    taken = start
     try:
-        for step, (x, y) in enumerate(itertools.islice(batches, steps)):
+        for step, (x, y) in enumerate(itertools.islice(batches, start, steps), start=start):
             opt.zero_grad(set_to_none=True)
             for k in sandwich(len(nested), rng):
                 nested.use(k, grad=True).train()
@@ -106,6 +124,9 @@ def joint_recovery(nested: NestedWidths, task: Task, steps: int, lr: float, seed
                 loss.backward()
             opt.step()
             taken += 1
+            if checkpoint is not None and (taken == steps or (every > 0 and taken % every == 0)):
+                nested.use(0)
+                checkpoint(taken, opt)
     finally:
         nested.use(0)
         for m, f in flags.items():
