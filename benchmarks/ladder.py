@@ -256,14 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.5, help="adapt's tolerance (as in accuracy.py)")
     p.add_argument("--adapt-iters", type=int, default=10)
     p.add_argument("--trace-dataset", default="mnist1d", choices=sorted(A.DATASETS))
-    p.add_argument("--phases", nargs="+", type=int, default=[0, 2, 1, 2, 0, 2, 2, 1, 0])
+    p.add_argument("--phases", nargs="+", type=int, default=[0, 2, 1, 2, 0, 2, 2, 1, 2])
     p.add_argument("--trace-threads", type=int, default=1, help="torch threads while the trace is replayed")
     p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
                    help="a: rungs vs independent adapt runs; b: the governor's load trace; c: switching times. "
                         "Without a, b and c use ladders built here and keep the file's part-a results")
     p.add_argument("--phase-s", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--deadline", type=float, default=1.2, help="the deadline, times the full model's quiet latency")
+    p.add_argument("--deadline", type=float, default=1.1, help="the deadline, times the full model's quiet latency")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="")
     p.add_argument("--out", default="ladder")
