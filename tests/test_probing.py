@@ -179,11 +179,16 @@ def test_a_step_evaluates_at_most_the_probe_budget_plus_its_own(monkeypatch) -> 
     assert all(h.refit == "" for h in res.history)
 
 
+def taylor(model: nn.Module, graph: object, batches: object) -> object:
+    """The Taylor scores on ``batches``, as the controller hands them to ``first_order``."""
+    return lambda: get_importance("taylor")(model, graph.groups, Context(batches, default_loss))  # type: ignore[attr-defined]
+
+
 def test_the_prober_measures_the_budget_and_estimates_the_rest() -> None:
     model, task = stack_and_task(calibrate=True)
     graph = trace(model, X[:2], ignore=[model.head])
     scores = get_importance("l2")(model, graph.groups, Context())
-    estimate = probing.first_order(model, graph.groups, task.calibration(), default_loss, scores, "l2")
+    estimate = probing.first_order(model, graph.groups, task.calibration(), taylor(model, graph, task.calibration()), scores, "l2")
     assert estimate is not None and set(estimate) == {g.name for g in graph.groups}
     predictor = CostPredictor(model, X[:2])
     now = task.evaluate(model)
@@ -224,8 +229,8 @@ def test_first_order_is_none_without_batches_and_the_scores_for_taylor() -> None
     model, _ = stack_and_task()
     graph = trace(model, X[:2], ignore=[model.head])
     scores = get_importance("l2")(model, graph.groups, Context())
-    assert probing.first_order(model, graph.groups, None, default_loss, scores, "l2") is None
-    assert probing.first_order(model, graph.groups, None, default_loss, scores, "taylor") is scores
+    assert probing.first_order(model, graph.groups, None, taylor(model, graph, None), scores, "l2") is None
+    assert probing.first_order(model, graph.groups, None, taylor(model, graph, None), scores, "taylor") is scores
 
 
 def test_later_steps_reprobe_and_calibrate_each_unit_by_its_own_ratio() -> None:
@@ -235,7 +240,7 @@ def test_later_steps_reprobe_and_calibrate_each_unit_by_its_own_ratio() -> None:
     model, task = stack_and_task(calibrate=True)
     graph = trace(model, X[:2], ignore=[model.head])
     scores = get_importance("l2")(model, graph.groups, Context())
-    estimate = probing.first_order(model, graph.groups, task.calibration(), default_loss, scores, "l2")
+    estimate = probing.first_order(model, graph.groups, task.calibration(), taylor(model, graph, task.calibration()), scores, "l2")
     assert estimate is not None
     predictor = CostPredictor(model, X[:2])
     now = task.evaluate(model)

@@ -17,6 +17,7 @@ import copy
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,6 +102,29 @@ class Task(ABC):
         """The training loss of ``model`` on one batch. Default: cross-entropy on the model's logits
         (:func:`adaprune.importance.default_loss`)."""
         return default_loss(call_model(model, x), y)
+
+    def criteria(self) -> list[Criterion]:
+        """What a step is judged on. Default: the primary metric, within adapt's tolerance (a
+        :class:`~adaprune.MultiTask` gives one per task, each with its own)."""
+        return [Criterion("", self.metric, bool(self.higher_is_better))]
+
+    def evaluate_criteria(self, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The metrics and, per criterion name, the per-example values of its metric (the criteria
+        without any left out). Default: :meth:`evaluate_examples` as criterion ``""``."""
+        metrics, values = self.evaluate_examples(model)
+        return metrics, ({} if values is None else {"": values})
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One thing a step of :func:`adaprune.adapt` is judged on: the metric ``metric`` (a key of the
+    task's metrics) may drop at most ``tolerance`` (absolute, in its own direction; None: adapt's
+    ``tolerance``). ``name`` is "" for a single task, the task's name in a :class:`~adaprune.MultiTask`."""
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    tolerance: float | None = None
 
 
 def _overrides(task: Task, name: str) -> bool:

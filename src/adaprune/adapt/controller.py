@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,11 +42,12 @@ from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
 from ..graph import Graph, Group, trace
-from ..importance import IMPORTANCE, Context, default_loss, get_importance
+from ..importance import IMPORTANCE, Context, default_loss
+from ..multitask import task_scores
 from ..plan import Plan, plan_from_choice
 from ..surgery import reconstruct, remove
 from ..surgery.check import find_broken
-from ..task import Task, recalibrate_bn
+from ..task import Criterion, Task, recalibrate_bn
 from .fill import fill
 from .latency_table import LatencyTable
 from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
@@ -208,6 +209,21 @@ def as_number(key: str, value: Any) -> float:
     )
 
 
+Examples = dict[str, torch.Tensor]
+"""Per criterion name, a model's per-example values of that criterion's metric."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One criterion's judgement of a step: the point drop of its metric, the number judged against its
+    tolerance (the interval's upper end, else the point drop) and the interval."""
+
+    criterion: Criterion
+    drop: float
+    judged: float
+    interval: Interval | None
+
+
 class Controller:
     def __init__(
         self,
@@ -228,7 +244,9 @@ class Controller:
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.started = time.monotonic()
         self.lineage = 0  # the weights' lineage: a new one when a step changed the surviving weights
-        self.baseline_values: torch.Tensor | None = None  # the original model's per-example values
+        # what a step is judged on: the task's metric, or one per task of a MultiTask (each its own tolerance)
+        self.criteria = [c if c.tolerance is not None else replace(c, tolerance=config.tolerance) for c in task.criteria()]
+        self.baseline_values: dict[str, torch.Tensor] = {}  # per criterion, the original model's per-example values
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
         self.shapes.update({n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)})
         self.sign = 1.0 if task.higher_is_better else -1.0
@@ -246,18 +264,26 @@ class Controller:
         self.evaluations += 1
         return self.checked(self.task.evaluate(model))
 
-    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
-        """:meth:`metrics` plus the per-example values (``task.evaluate_examples``), checked against the
-        metric and the original model's example count (None when the task has none, or the metric is
-        not finite)."""
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Examples]:
+        """:meth:`metrics` plus, per criterion, the per-example values (``task.evaluate_criteria``),
+        checked against its metric and the original model's example count (left out when the task
+        has none, or the metric is not finite)."""
         self.evaluations += 1
-        out, values = self.task.evaluate_examples(model)
+        out, found = self.task.evaluate_criteria(model)
         metrics = self.checked(out)
-        value = metrics[self.task.metric]
-        if values is None or not math.isfinite(value):
-            return metrics, None
-        expected = None if self.baseline_values is None else self.baseline_values.numel()
-        return metrics, check_examples(values, value, self.task.metric, expected)
+        values: Examples = {}
+        for c in self.criteria:
+            if c.metric not in metrics:
+                raise ConfigError(f"task.evaluate returned no {c.metric!r} (the metric of task {c.name!r}); "
+                                  f"it returned {shown(sorted(metrics), 60)}")
+            value, given = metrics[c.metric], found.get(c.name)
+            if given is None or not math.isfinite(value):
+                continue
+            base = self.baseline_values.get(c.name)
+            checked = check_examples(given, value, c.metric, None if base is None else base.numel())
+            if checked is not None:
+                values[c.name] = checked
+        return metrics, values
 
     def checked(self, out: Any) -> dict[str, float]:
         if not isinstance(out, Mapping):
@@ -272,7 +298,7 @@ class Controller:
             )
         return {str(k): as_number(str(k), v) for k, v in out.items()}
 
-    def baseline(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+    def baseline(self, model: nn.Module) -> tuple[dict[str, float], Examples]:
         """The original model's metrics (which every step is measured against: they must be finite) and
         per-example values."""
         metrics, values = self.evaluate(model)
@@ -285,15 +311,27 @@ class Controller:
             )
         return metrics, values
 
-    def judge(self, state: ControllerState, metrics: dict[str, float],
-              values: torch.Tensor | None) -> tuple[float, Interval | None]:
-        """The step's metric drop and, with per-example values, its paired interval; the number judged
-        against the tolerance is the interval's upper end (the point drop without values)."""
-        point = self.drop(state, metrics)
-        if values is None or self.baseline_values is None or values.numel() != self.baseline_values.numel():
-            return point, None
-        interval = paired_interval(self.baseline_values, values, self.sign, self.cfg.confidence)
-        return interval.high, interval
+    def judge(self, state: ControllerState, metrics: dict[str, float], values: Examples) -> list[Verdict]:
+        """Per criterion, the step's metric drop and, with per-example values, its paired interval; the
+        number judged against the criterion's tolerance is the interval's upper end (else the point drop)."""
+        out = []
+        for c in self.criteria:
+            sign = 1.0 if c.higher_is_better else -1.0
+            point = sign * (state.baseline[c.metric] - metrics[c.metric])
+            now, base = values.get(c.name), self.baseline_values.get(c.name)
+            if now is None or base is None or now.numel() != base.numel():
+                out.append(Verdict(c, point, point, None))
+            else:
+                interval = paired_interval(base, now, sign, self.cfg.confidence)
+                out.append(Verdict(c, point, interval.high, interval))
+        return out
+
+    def said(self, v: Verdict) -> str:
+        """A verdict in words: the drop (its interval at the confidence, when measured), the task named
+        when there are several."""
+        text = (f"metric drop {v.interval.describe()} (upper end at {self.cfg.confidence:.0%} confidence)"
+                if v.interval is not None and self.cfg.confidence > 0 else f"metric drop {v.drop:.4f}")
+        return f"task {v.criterion.name!r} {text}" if len(self.criteria) > 1 else text
 
     @staticmethod
     def current_metrics(state: ControllerState) -> dict[str, float]:
@@ -326,6 +364,14 @@ class Controller:
         """How much masking hurt: the rise of the task's ``loss`` when it reports one (smooth, so small
         differences between clusters are seen), else the drop of its metric. A NaN or inf result is the
         most harm there is (``inf``): that cluster is not cut."""
+        if len(self.criteria) > 1:  # several tasks: the one that needs the unit most, in units of its tolerance
+            worst = 0.0
+            for c in self.criteria:
+                lost = (1.0 if c.higher_is_better else -1.0) * (now[c.metric] - masked.get(c.metric, math.nan))
+                if not math.isfinite(lost):
+                    return math.inf
+                worst = max(worst, lost / max(float(c.tolerance or 0.0), 1e-6))
+            return worst
         if "loss" in now and "loss" in masked:
             lost = masked["loss"] - now["loss"]
         else:
@@ -414,22 +460,22 @@ class Controller:
             return self.cfg.reconstruct
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules())
 
-    def worse(self, fitted: tuple[dict[str, float], torch.Tensor | None],
-              plain: tuple[dict[str, float], torch.Tensor | None]) -> bool:
+    def worse(self, fitted: tuple[dict[str, float], Examples], plain: tuple[dict[str, float], Examples]) -> bool:
         """Whether the refit model measurably lowers the task's metric below the plain cut: with per-example
         values, the upper end of the paired interval of the refit's gain is below 0; without, its metric is
         lower. A refit within noise of the plain cut is kept: later steps refit toward this step's model, and
         dropping refits on noise compounded (MNIST-1D CNN at 1/16 of the MACs, seed 0: validation accuracy
         0.834 with refits dropped on noise, 0.916 with them kept)."""
         key = self.task.metric
-        (a, va), (b, vb) = fitted, plain
+        (a, fa), (b, fb) = fitted, plain
+        va, vb = fa.get(self.criteria[0].name), fb.get(self.criteria[0].name)
         if va is not None and vb is not None and va.numel() == vb.numel() and self.cfg.confidence > 0:
             gain = paired_interval(vb, va, self.sign, self.cfg.confidence)  # plain minus refit: the refit's loss
             return gain.low > 0
         return self.sign * (a[key] - b[key]) < 0
 
     def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan,
-                step: int) -> tuple[dict[str, float], torch.Tensor | None, str, str]:
+                step: int) -> tuple[dict[str, float], Examples, str, str]:
         """Reconstruct (kept only if it helps), recover and evaluate the cut model. Returns its (finite)
         metrics, its per-example values, what failed when something came out NaN or inf (fine-tuning
         diverged; else ``""``) and what the reconstruction did (``""`` when not tried).
@@ -441,7 +487,7 @@ class Controller:
         batches = self.task.calibration() if self.refits(work) else None
         refit = ""
         metrics: dict[str, float] = {}
-        values: torch.Tensor | None = None
+        values: Examples = {}
         doing = "recovery"
         try:
             if batches is not None:
@@ -471,15 +517,15 @@ class Controller:
             doing = "task.evaluate"
             metrics, values = self.evaluate(work)
         except NonFiniteError as exc:
-            return {}, None, f"{doing} failed ({type(exc).__name__}: {shown(str(exc), 200)})", refit
+            return {}, {}, f"{doing} failed ({type(exc).__name__}: {shown(str(exc), 200)})", refit
         return self.finished(work, metrics, values, refit)
 
     @staticmethod
-    def finished(work: nn.Module, metrics: dict[str, float], values: torch.Tensor | None,
-                 refit: str) -> tuple[dict[str, float], torch.Tensor | None, str, str]:
+    def finished(work: nn.Module, metrics: dict[str, float], values: Examples,
+                 refit: str) -> tuple[dict[str, float], Examples, str, str]:
         bad = non_finite_weights(work)
         if bad:
-            return {}, None, f"non-finite weights after recovery: {bad}", refit
+            return {}, {}, f"non-finite weights after recovery: {bad}", refit
         bad = non_finite_metrics(metrics)
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         return finite, values, f"non-finite metrics after the step: {bad}" if bad else "", refit
@@ -493,10 +539,12 @@ class Controller:
         target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
         ctx = Context(self.task.calibration(), self.loss)
-        scores = get_importance(self.cfg.importance)(work, graph.groups, ctx)
+        scores = task_scores(self.task, self.cfg.importance, work, graph.groups, self.loss)
         predictor = CostPredictor(work, self.x)
         version = sum(h.accepted for h in state.history)
-        estimate = (first_order(work, graph.groups, ctx.calibration, self.loss, scores, self.cfg.importance)
+        estimate = (first_order(work, graph.groups, ctx.calibration,
+                                lambda: task_scores(self.task, "taylor", work, graph.groups, self.loss), scores,
+                                self.cfg.importance)
                     if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
 
         def canonical(probe: Plan) -> str:  # the masked model: every channel of the original it lacks
@@ -529,18 +577,18 @@ class Controller:
         remove(work, plan)
         metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step)
         new_values = self.costs(work)
-        judged, interval = (math.inf, None) if failure else self.judge(state, metrics, examples)
+        verdicts = [] if failure else self.judge(state, metrics, examples)
+        over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
+        binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
+        interval = None if binding is None else binding.interval
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
         # measure() ran one recovery, whatever it decided: its optimizer steps are spent
         record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps(),
                             None if interval is None else [interval.low, interval.high], refit)
         state.history.append(record)
-        said = (f"metric drop {interval.describe()} (upper end at {self.cfg.confidence:.0%} confidence)"
-                if interval is not None and self.cfg.confidence > 0 else f"metric drop {self.drop(state, metrics):.4f}"
-                if not failure else "")
-        if judged <= self.cfg.tolerance + 1e-12:
+        if not failure and not over:
             record.accepted = True
-            record.reason = f"{said} within tolerance {self.cfg.tolerance}"
+            record.reason = "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}" for v in verdicts)
             if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
                 self.lineage += 1
             compose(state.removals, self.shapes, plan)
@@ -548,14 +596,14 @@ class Controller:
                 table.calibrate(self.macs_by_cluster(plan, probes, predictor),
                                 values["latency"] - new_values["latency"], values["latency"] / max(values["macs"], 1.0))
                 state.latency_table = table.table
-            if self.drop(state, metrics) < self.cfg.tolerance / 2:
+            if all(v.drop < float(v.criterion.tolerance or 0.0) / 2 for v in verdicts):
                 state.step_size = min(self.cfg.max_step, state.step_size * self.cfg.grow)
                 record.reason += "; slack left, step grows"
             return work
         hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
         note = self.protect(state, probes[hurt].groups, hurt) if hurt is not None else ""
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
-        why = failure or f"{said} exceeds tolerance {self.cfg.tolerance}"
+        why = failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}" for v in over)
         record.reason = f"{why}: rolled back, step halved{note}"
         state.rejected.append(tried)
         return snapshot
@@ -607,16 +655,25 @@ class Controller:
             if state.stopped:  # a run ended by a limit goes on, under the limits it is resumed with
                 state.done, state.stopped, state.message = False, "", ""
             if state.baseline_examples:
-                self.baseline_values = torch.tensor(state.baseline_examples, dtype=torch.float64)
+                self.baseline_values[""] = torch.tensor(state.baseline_examples, dtype=torch.float64)
+            for name, kept in state.task_examples.items():
+                self.baseline_values[name] = torch.tensor(kept, dtype=torch.float64)
         else:
             work = copy.deepcopy(self.model)
             state = ControllerState(step_size=self.cfg.step, config=config, signature=signature)
             self.task.set_teacher(self.model)  # before anything is measured: a distilling task measures against it
             state.baseline, self.baseline_values = self.baseline(work)  # finite, or NonFiniteError
-            if self.baseline_values is not None:
-                state.baseline_examples = self.baseline_values.tolist()
-                small = resolvable(self.baseline_values, self.cfg.tolerance, self.cfg.confidence)
+            for c in self.criteria:
+                if c.name not in self.baseline_values:
+                    continue
+                base = self.baseline_values[c.name]
+                if c.name:
+                    state.task_examples[c.name] = base.tolist()
+                else:
+                    state.baseline_examples = base.tolist()
+                small = resolvable(base, float(c.tolerance or 0.0), self.cfg.confidence)
                 if small and self.cfg.confidence > 0:
+                    small = f"task {c.name!r}: {small}" if c.name else small
                     warnings.warn(small, SmallValidationWarning, stacklevel=3)  # (user -> adapt -> run)
                     state.warnings.append(small)
             state.evaluations = self.evaluations

@@ -46,7 +46,6 @@ from ..cost.budget import static_values
 from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, TraceError
 from ..graph import Graph, Group
-from ..importance import Context, get_importance
 from ..plan import Plan, plan_from_choice
 from ..sensitivity import clusters
 from ..surgery import mask
@@ -178,17 +177,18 @@ class Prober:
         return out
 
 
-def first_order(work: nn.Module, groups: list[Group], batches: Any, loss: Callable[[Any, Any], torch.Tensor],
+def first_order(work: nn.Module, groups: list[Group], batches: Any, taylor: Callable[[], dict[str, torch.Tensor]],
                 scores: dict[str, torch.Tensor], importance: str) -> dict[str, torch.Tensor] | None:
     """Per-channel first-order Taylor estimates of the loss each channel's removal costs (the step's own
-    scores when the criterion is already ``taylor``); None when the task gives no calibration batches or
-    its loss does not fit the model's output (the prober then clusters what it cannot measure)."""
+    scores when the criterion is already ``taylor``; else ``taylor()``); None when the task gives no
+    calibration batches or its loss does not fit the model's output (the prober then clusters what it
+    cannot measure)."""
     if importance == "taylor":
         return scores
     if batches is None:
         return None
     try:
-        found: dict[str, torch.Tensor] = get_importance("taylor")(work, groups, Context(batches, loss))
+        found: dict[str, torch.Tensor] = taylor()  # the task's Taylor scores (per task, combined, for a MultiTask)
     except (ConfigError, NonFiniteError):
         return None
     return found

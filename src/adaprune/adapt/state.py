@@ -76,6 +76,7 @@ class ControllerState:
     stopped: str = ""  # the limit (time_limit / max_evaluations) that ended the run, if one did
     warnings: list[str] = field(default_factory=list)  # what the run warned about (a too-small validation set)
     probe_ratios: dict[str, float] = field(default_factory=dict)  # unit -> measured / estimated probe harm
+    task_examples: dict[str, list[float]] = field(default_factory=dict)  # a MultiTask's, per task (else baseline_examples)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -151,6 +152,7 @@ class _StateFile(_Strict):
     stopped: str = ""
     warnings: list[str] = Field(default_factory=list)
     probe_ratios: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+    task_examples: dict[str, list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:

@@ -1,0 +1,156 @@
+"""``ap.MultiTask``: one model judged by several tasks, each with its own tolerance and direction.
+
+On a two-head digits network (classification: accuracy, higher is better; a regression target derived
+from the image: MSE, lower is better):
+
+- multi-task adapt keeps BOTH tasks within their tolerances, where adapt guided by the classification
+  task alone ruins the regression (fails if the MultiTask judged only its first task);
+- every accepted step is within every task's tolerance, in each metric's own direction, and a
+  rollback names the task that caused it;
+- a task without a tolerance, a tolerance or weight for no task, a bad name: clear ConfigErrors;
+- per-task importance is normalised per task before it is combined (a task's loss scale does not
+  decide), ``combine="max"`` keeps what any task needs;
+- a killed multi-task run resumes to the same plan.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import adaprune as ap
+from adaprune.errors import ConfigError
+from adaprune.multitask import task_scores
+from multitask_model import HeadTask, tasks, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = {"digit": 0.03, "ink": 0.05}
+
+
+@pytest.fixture(scope="module")
+def base() -> tuple[torch.nn.Module, dict[str, Any]]:
+    return trained(0)
+
+
+def drops(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each task's drop in its own direction (accuracy falling, MSE rising: positive)."""
+    return {"digit": before["digit/accuracy"] - after["digit/accuracy"], "ink": after["ink/mse"] - before["ink/mse"]}
+
+
+def test_multitask_adapt_keeps_every_task_where_single_task_adapt_breaks_the_other(base) -> None:
+    model, data = base
+    x = data["xv"][:1]
+    multi = copy.deepcopy(model)
+    res = ap.adapt(multi, x, ap.MultiTask(tasks(data), TOL), ap.Budget(macs=0.5), finetune_steps=20, max_iterations=12)
+    assert res.costs_after["macs"] < 0.6 * res.costs_before["macs"]
+    assert set(res.after) >= {"digit/accuracy", "ink/mse"}
+    assert all(d <= TOL[n] for n, d in drops(res.before, res.after).items()), (res.before, res.after)
+    for h in res.history:  # every accepted step within every task's tolerance, each in its own direction
+        if h.accepted:
+            assert all(d <= TOL[n] + 1e-9 for n, d in drops(res.before, h.metrics).items()), h.reason
+    assert any(not h.accepted and "task 'ink'" in h.reason and "exceeds tolerance 0.05" in h.reason for h in res.history)
+    assert all("task 'digit'" in h.reason and "task 'ink'" in h.reason for h in res.history if h.accepted)
+
+    single = copy.deepcopy(model)
+    only = tasks(data)
+    ap.adapt(single, x, only["digit"], ap.Budget(macs=0.5), tolerance=TOL["digit"], finetune_steps=20, max_iterations=12)
+    check = tasks(data)
+    ink_single = check["ink"].evaluate(single)["mse"] - check["ink"].evaluate(model)["mse"]
+    assert ink_single > 5 * TOL["ink"], ink_single  # guided by one task, the other is ruined
+
+
+def test_bad_tolerances_weights_and_names_are_named(base) -> None:
+    _, data = base
+    t = tasks(data)
+    with pytest.raises(ConfigError, match="task 'ink' has no tolerance"):
+        ap.MultiTask(t, {"digit": 0.01})
+    with pytest.raises(ConfigError, match="tolerance names 'depth'"):
+        ap.MultiTask(t, {**TOL, "depth": 0.1})
+    with pytest.raises(ConfigError, match="weights must be > 0"):
+        ap.MultiTask(t, TOL, weights={"ink": 0.0})
+    with pytest.raises(ConfigError, match="without '/'"):
+        ap.MultiTask({"a/b": t["digit"]}, {"a/b": 0.1})
+    with pytest.raises(ConfigError, match="combine"):
+        ap.MultiTask(t, TOL, combine="mean")
+    with pytest.raises(ConfigError, match=r"tolerance\['ink'\]"):
+        ap.MultiTask(t, {"digit": 0.01, "ink": -1.0})
+    mt = ap.MultiTask(t, TOL)
+    assert mt.metric == "digit/accuracy" and mt.higher_is_better
+    assert [(c.name, c.metric, c.higher_is_better, c.tolerance) for c in mt.criteria()] == \
+        [("digit", "digit/accuracy", True, 0.03), ("ink", "ink/mse", False, 0.05)]
+
+
+def test_importance_is_normalised_per_task_then_combined(base) -> None:
+    model, data = base
+    graph = ap.trace(model, data["xv"][:1], ignore=["cls", "reg.2"])
+
+    class Scaled(HeadTask):  # the same task with its loss 1000x larger
+        def loss_fn(self, output: Any, y: torch.Tensor) -> torch.Tensor:
+            return 1000.0 * super().loss_fn(output, y)
+
+    t = tasks(data)
+    big = Scaled("reg", data["x"], data["t"], data["xv"], data["tv"])
+    plain = task_scores(ap.MultiTask(t, TOL), "taylor", model, graph.groups, ap.importance.default_loss)
+    scaled = task_scores(ap.MultiTask({"digit": t["digit"], "ink": big}, TOL), "taylor", model, graph.groups,
+                         ap.importance.default_loss)
+    for g in plain:
+        torch.testing.assert_close(plain[g], scaled[g], rtol=1e-4, atol=1e-7)
+    one = {n: task_scores(task, "taylor", model, graph.groups, task.loss_fn) for n, task in t.items()}
+    biggest = task_scores(ap.MultiTask(t, TOL, combine="max"), "taylor", model, graph.groups, ap.importance.default_loss)
+    for n, scores in one.items():
+        scale = float(torch.cat([s.reshape(-1) for s in scores.values()]).abs().mean())
+        for g in scores:
+            assert bool((biggest[g] >= scores[g] / scale - 1e-6).all()), (n, g)
+
+
+def test_a_killed_multitask_run_resumes_to_the_same_plan(base, tmp_path) -> None:
+    model, data = base
+    x = data["xv"][:1]
+    options: dict[str, Any] = {"finetune_steps": 10, "max_iterations": 6}
+    reference = ap.adapt(copy.deepcopy(model), x, ap.MultiTask(tasks(data), TOL), ap.Budget(macs=0.6),
+                         run_dir=tmp_path / "ref", **options)
+
+    class Stop(ap.MultiTask):
+        calls = 0
+
+        def evaluate_criteria(self, m: torch.nn.Module) -> Any:
+            type(self).calls += 1
+            if type(self).calls == 8:
+                raise KeyboardInterrupt
+            return super().evaluate_criteria(m)
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        ap.adapt(copy.deepcopy(model), x, Stop(tasks(data), TOL), ap.Budget(macs=0.6), run_dir=run_dir, **options)
+    resumed = ap.adapt(copy.deepcopy(model), x, ap.MultiTask(tasks(data), TOL), ap.Budget(macs=0.6), run_dir=run_dir,
+                       resume=True, **options)
+    assert resumed.plan.to_dict() == reference.plan.to_dict()
+    assert [h.reason for h in resumed.history] == [h.reason for h in reference.history]
+
+
+def test_a_head_is_scored_by_its_own_task_only(base) -> None:
+    model, data = base
+    graph = ap.trace(model, data["xv"][:1], ignore=["cls", "reg.2"])
+    t = tasks(data)
+    heads = {"digit": ["cls"], "ink": ["reg"]}
+    own = ap.MultiTask(t, TOL, heads=heads)
+    shared = ap.MultiTask(t, TOL)
+    from adaprune.multitask import head_owners
+
+    owners = head_owners(own, model, graph.groups)
+    head = [g for g, n in owners.items() if n == "ink"]
+    assert head and all(g not in owners for g in (x.name for x in graph.groups) if g not in head)  # the trunk: shared
+    with_heads = task_scores(own, "activation", model, graph.groups, ap.importance.default_loss)
+    without = task_scores(shared, "activation", model, graph.groups, ap.importance.default_loss)
+    ink_only = task_scores(t["ink"], "activation", model, graph.groups, ap.importance.default_loss)
+    scale = float(torch.cat([s.reshape(-1) for s in ink_only.values()]).abs().mean())
+    for g in head:  # the digit task's inputs flow through the ink head too: without heads= they count
+        torch.testing.assert_close(with_heads[g], (ink_only[g] / scale).float())
+        assert not torch.allclose(without[g], with_heads[g])
+    with pytest.raises(ConfigError, match="heads\\['ink'\\] names 'regression'"):
+        task_scores(ap.MultiTask(t, TOL, heads={"ink": ["regression"]}), "activation", model, graph.groups,
+                    ap.importance.default_loss)
