@@ -21,10 +21,12 @@ from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
 from .ladder import Governor, Ladder, ladder, load_ladder, save_ladder
+from .multitask import MultiTask
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .result import PruneResult
 from .sensitivity import Sensitivity, sensitivity
+from .specialize import Specialized, specialize
 from .surgery import NM, mask, reconstruct, remove, sparsify
 from .surgery.check import apply_plan
 from .task import ClassificationTask, Task
@@ -41,9 +43,11 @@ __all__ = [
     "Group",
     "GroupCut",
     "Ladder",
+    "MultiTask",
     "Plan",
     "PruneResult",
     "Sensitivity",
+    "Specialized",
     "Task",
     "__version__",
     "adapt",
@@ -62,5 +66,6 @@ __all__ = [
     "save_ladder",
     "sensitivity",
     "sparsify",
+    "specialize",
     "trace",
 ]

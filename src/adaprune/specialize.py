@@ -1,0 +1,207 @@
+"""``ap.specialize``: from one base model, the smallest model per task, and what they share.
+
+One :func:`adaprune.adapt` run per task, each on its own copy of the base with its own tolerance and
+the same budget, so every task gets a model pruned for it alone. Then the **overlap** of their plans
+(all on the base model's channels, so they compare directly):
+
+- per group, the channels each task keeps and the Jaccard overlap of those sets (over all tasks, and
+  per pair of tasks): where the tasks need the same channels, and where they part;
+- storage: every specialised model stored on its own (the sum of their parameters) against "shared
+  weights stored once plus each task's extra weights" (the union of the kept weights: a weight kept
+  by several tasks counted once; by inclusion-exclusion over the tasks, per parameter tensor).
+
+With ``run_dir``, each task's run is a resumable run directory ``run_dir/<task>/`` and the overlap
+report is written beside them (``overlap.json``, ``overlap.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import fs
+from ._check import as_float, check_inputs, check_module
+from .adapt import AdaptResult, adapt
+from .cost.budget import Budget
+from .errors import ArgumentTypeError, ConfigError, RunDirError, shown
+from .graph import ignore_items, resolve_ignore, trace
+from .plan import Plan
+
+OVERLAP_JSON, OVERLAP_MD = "overlap.json", "overlap.md"
+
+
+@dataclass
+class GroupOverlap:
+    """One group's channels kept per task, and their overlap (1.0: the tasks keep the same channels)."""
+
+    group: str
+    size: int
+    kept: dict[str, int]
+    jaccard: float  # |kept by every task| / |kept by any task|
+    pairwise: dict[str, float] = field(default_factory=dict)  # "a & b" -> Jaccard of the two tasks
+
+
+@dataclass
+class Overlap:
+    """What the specialised models share (the module doc)."""
+
+    tasks: list[str]
+    groups: list[GroupOverlap]
+    params_original: int
+    params_per_task: dict[str, int]
+    params_separate: int  # every specialised model stored on its own
+    params_shared: int  # each weight kept by any task stored once
+
+    @property
+    def saving(self) -> float:
+        """The fraction of ``params_separate`` that storing shared weights once saves."""
+        return 1.0 - self.params_shared / self.params_separate if self.params_separate else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "saving": self.saving}
+
+    def markdown(self) -> str:
+        lines = ["# Specialised models: what they share", "",
+                 f"Tasks: {', '.join(self.tasks)}. Parameters: original {self.params_original:,}; per task "
+                 + ", ".join(f"{t} {n:,}" for t, n in self.params_per_task.items()) + ".", "",
+                 (f"Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
+                 f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less)."), "",
+                 "| group | channels | " + " | ".join(f"kept by {t}" for t in self.tasks) + " | Jaccard (all tasks) |",
+                 "|---|---|" + "---|" * len(self.tasks) + "---|"]
+        for g in self.groups:
+            lines.append(f"| {g.group} | {g.size} | " + " | ".join(str(g.kept[t]) for t in self.tasks)
+                         + f" | {g.jaccard:.2f} |")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Specialized:
+    """What :func:`specialize` made: per task its pruned model and adapt result, and their overlap."""
+
+    models: dict[str, nn.Module]
+    results: dict[str, AdaptResult]
+    overlap: Overlap
+
+
+def overlap(model: nn.Module, example_inputs: Any, plans: Mapping[str, Plan], ignore: Any = None) -> Overlap:
+    """The overlap of ``plans`` (each task's plan on ``model``, the unpruned base): the module doc."""
+    names = list(plans)
+    graph = trace(model, example_inputs, ignore=ignore)
+    groups = []
+    for g in graph.groups:
+        found = {t: _kept_channels(g, plans[t]) for t in names}
+        sets: dict[str, set[int]] = {t: k for t, k in found.items() if k is not None}
+        if len(sets) != len(names):
+            continue
+        groups.append(GroupOverlap(g.name, g.size, {t: len(s) for t, s in sets.items()}, _jaccard(list(sets.values())),
+                                   {f"{a} & {b}": _jaccard([sets[a], sets[b]]) for a, b in itertools.combinations(names, 2)}))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    per_task = {t: sum(math.prod(len(k) for k in _kept_dims(shape, plans[t].removals.get(n, {})))
+                       for n, shape in shapes.items()) for t in names}
+    shared = 0
+    for n, shape in shapes.items():
+        kept = {t: _kept_dims(shape, plans[t].removals.get(n, {})) for t in names}
+        for r in range(1, len(names) + 1):
+            sign = 1 if r % 2 else -1
+            for subset in itertools.combinations(names, r):
+                shared += sign * math.prod(len(set.intersection(*(kept[t][d] for t in subset))) for d in range(len(shape)))
+    return Overlap(names, groups, sum(math.prod(s) for s in shapes.values()), per_task, sum(per_task.values()), shared)
+
+
+def _kept_dims(shape: tuple[int, ...], removed: Mapping[int, Iterable[int]]) -> list[set[int]]:
+    return [set(range(size)) - set(removed.get(d, ())) for d, size in enumerate(shape)]
+
+
+def _kept_channels(group: Any, plan: Plan) -> set[int] | None:
+    """The channels of ``group`` that ``plan`` keeps (a channel goes when any position it owns goes),
+    read from a slot whose positions all belong to channels; None when the group has none."""
+    for slot, owner in zip(group.slots, group.channel_of):
+        if bool((owner >= 0).all()):
+            removed = plan.removals.get(slot.tensor, {}).get(slot.dim, ())
+            gone = {int(owner[p]) for p in removed if p < owner.numel()}
+            return set(range(group.size)) - gone
+    return None
+
+
+def _jaccard(sets: list[set[int]]) -> float:
+    union = set.union(*sets)
+    return len(set.intersection(*sets)) / len(union) if union else 1.0
+
+
+def specialize(
+    model: nn.Module,
+    example_inputs: Any,
+    tasks: Mapping[str, Any],
+    budget: Budget,
+    tolerance: float | Mapping[str, float] = 0.01,
+    *,
+    ignore: Any = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    **options: Any,
+) -> Specialized:
+    """One model per task from ``model`` (left unchanged), each adapted to ``budget`` within its task's
+    tolerance, and their overlap (the module doc).
+
+    Args:
+        tasks: ``{name: task}`` (names are plain: they name the run directories).
+        tolerance: one tolerance for every task, or ``{name: tolerance}`` for each.
+        run_dir: a directory holding each task's run (``<name>/``) and the overlap report.
+        resume, force: passed to every task's :func:`adaprune.adapt` run.
+        options: further :func:`adaprune.adapt` options (``finetune_steps``, ``max_iterations`` ...).
+
+    Raises:
+        ConfigError: no tasks, a task without a tolerance (named), a bad name.
+        RunDirError: ``run_dir`` holds files that are not this command's.
+    """
+    check_module(model)
+    check_inputs(example_inputs)
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise ArgumentTypeError(f"specialize: tasks must be a non-empty dict of name -> task, got {shown(tasks)}")
+    for name in tasks:
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name.startswith(".") \
+                or name in (OVERLAP_JSON, OVERLAP_MD):
+            raise ConfigError(f"specialize: task name {shown(name)} must be a plain file name (it names a run directory)")
+    if isinstance(tolerance, Mapping):
+        missing = [n for n in tasks if n not in tolerance]
+        if missing:
+            raise ConfigError(f"specialize: task {missing[0]!r} has no tolerance; give tolerance={{{missing[0]!r}: ...}}")
+        unknown = sorted(map(str, set(tolerance) - set(tasks)))
+        if unknown:
+            raise ConfigError(f"specialize: tolerance names {unknown[0]!r}, which is not one of the tasks {sorted(tasks)}")
+        tolerances = {n: as_float(tolerance[n], f"tolerance[{n!r}]", low=0.0) for n in tasks}
+    else:
+        tolerances = {n: as_float(tolerance, "tolerance", low=0.0) for n in tasks}
+    items = ignore_items(ignore)
+    resolve_ignore(model, items)
+    names = [n for n, m in model.named_modules() if id(m) in resolve_ignore(model, items)]
+    root = Path(run_dir) if run_dir is not None else None
+    if root is not None and root.is_dir() and not force:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in {*tasks, OVERLAP_JSON, OVERLAP_MD})
+        if foreign:
+            raise RunDirError(f"specialize: {root} holds {', '.join(foreign[:4])}, which specialize did not write; "
+                              "choose another run_dir, or pass force=True")
+    models, results = {}, {}
+    for name, task in tasks.items():
+        work = copy.deepcopy(model)
+        results[name] = adapt(work, example_inputs, task, budget, tolerances[name], ignore=names,
+                              run_dir=None if root is None else root / name, resume=resume, force=force, **options)
+        models[name] = work
+    found = overlap(model, example_inputs, {n: r.plan for n, r in results.items()}, ignore=names)
+    if root is not None:
+        fs.write_atomic(root / OVERLAP_JSON, json.dumps(found.to_dict(), indent=1).encode("utf-8"), what="the overlap report")
+        fs.write_atomic(root / OVERLAP_MD, found.markdown().encode("utf-8"), what="the overlap report")
+    return Specialized(models, results, found)
+
+
+__all__ = ["GroupOverlap", "Overlap", "Specialized", "overlap", "specialize"]
