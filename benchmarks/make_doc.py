@@ -532,6 +532,11 @@ def main() -> int:
         from ladder_doc import ladder_section
 
         lines += env_lines("ladder", lad) + [""] + ladder_section(lad) + [""]
+    mt = load("multitask")
+    if mt:
+        from multitask_doc import multitask_section
+
+        lines += env_lines("multitask", mt) + [""] + multitask_section(mt) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():

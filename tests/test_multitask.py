@@ -23,8 +23,8 @@ import torch
 
 import adaprune as ap
 from adaprune.errors import ConfigError
+from adaprune.examples.multihead import HeadTask, tasks, trained
 from adaprune.multitask import task_scores
-from multitask_model import HeadTask, tasks, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,9 @@ from torch import nn
 
 import adaprune as ap
 from adaprune.errors import ConfigError, RunDirError
+from adaprune.examples.multihead import tasks, trained
 from adaprune.plan import Plan
 from adaprune.specialize import overlap
-from multitask_model import tasks, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,11 @@
-"""A two-head network on sklearn digits for the multi-task tests: a shared trunk, a classification head
-(accuracy, higher is better) and a regression head for a target derived from the image (how much more
-ink its top half holds than its bottom half; mean squared error, lower is better)."""
+"""Two tasks on one trunk, from sklearn's digits: a real multi-task setting that needs no download.
+
+The trunk (two linear layers) feeds a classification head (the digit; accuracy, higher is better)
+and a regression head for a target derived from the image: how much more ink its top half holds
+than its bottom half, standardised (mean squared error, lower is better). The two tasks need
+different features, so pruning guided by one of them can ruin the other. Used by the multi-task
+tests and ``benchmarks/multitask.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaprune.examples.digits import load_digits_data
+from .digits import load_digits_data
 
 
 class TwoHead(nn.Module):
+    """A shared MLP trunk, a classifier head (``"logits"``) and a regression head (``"value"``)."""
+
     def __init__(self, width: int = 48) -> None:
         super().__init__()
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
@@ -26,19 +33,19 @@ class TwoHead(nn.Module):
 
 
 def ink(x: torch.Tensor) -> torch.Tensor:
-    """The regression target: top half's mean intensity minus the bottom half's, standardised."""
-    t = x[:, 0, :4].mean(dim=(1, 2)) - x[:, 0, 4:].mean(dim=(1, 2))
-    return (t - 0.0) / 0.1
+    """The regression target: the top half's mean intensity minus the bottom half's, over 0.1."""
+    return (x[:, 0, :4].mean(dim=(1, 2)) - x[:, 0, 4:].mean(dim=(1, 2))) / 0.1
 
 
 class HeadTask:
-    """One head's task (the task protocol, not a subclass): ``kind`` "cls" (accuracy) or "reg" (MSE)."""
+    """One head's task (the task protocol): ``kind`` ``"cls"`` (accuracy of ``"logits"``) or ``"reg"``
+    (mean squared error of ``"value"``), evaluated on ``(xv, yv)``, trained on ``(x, y)``."""
 
-    def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor) -> None:
-        self.kind, self.x, self.y, self.xv, self.yv = kind, x, y, xv, yv
+    def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                 lr: float = 1e-3) -> None:
+        self.kind, self.x, self.y, self.xv, self.yv, self.lr = kind, x, y, xv, yv, lr
         self.metric = "accuracy" if kind == "cls" else "mse"
         self.higher_is_better = kind == "cls"
-        self.calls = 0
 
     def loss_fn(self, output: Any, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "cls":
@@ -49,7 +56,6 @@ class HeadTask:
         return self.loss_fn(model(x), y)
 
     def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
-        self.calls += 1
         was = model.training
         model.eval()
         with torch.no_grad():
@@ -73,36 +79,48 @@ class HeadTask:
                 yield self.x[i:i + 64], self.y[i:i + 64]
 
     def finetune(self, model: nn.Module, steps: int) -> None:
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        flags = {m: m.training for m in model.modules()}
         model.train()
-        for _, (x, y) in zip(range(steps), self.training_batches()):
-            opt.zero_grad()
-            self.loss(model, x, y).backward()
-            opt.step()
+        try:
+            for _, (x, y) in zip(range(steps), self.training_batches()):
+                opt.zero_grad()
+                self.loss(model, x, y).backward()
+                opt.step()
+        finally:
+            for m, f in flags.items():
+                m.training = f
 
 
-def trained(seed: int = 0, epochs: int = 40) -> tuple[TwoHead, dict[str, Any]]:
-    """The two-head model trained on both heads, and the data: train, validation and test splits."""
-    torch.manual_seed(seed)
+def load_data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Digits' train / validation / test splits (``x``, ``xv``, ``xt``) with both targets: the digit
+    (``y``, ``yv``, ``yt``) and the ink difference (``t``, ``tv``, ``tt``)."""
     d = load_digits_data(seed)
-    data = {"x": d.x_train, "y": d.y_train, "t": ink(d.x_train), "xv": d.x_val, "yv": d.y_val, "tv": ink(d.x_val),
+    return {"x": d.x_train, "y": d.y_train, "t": ink(d.x_train), "xv": d.x_val, "yv": d.y_val, "tv": ink(d.x_val),
             "xt": d.x_test, "yt": d.y_test, "tt": ink(d.x_test)}
-    model = TwoHead()
+
+
+def trained(seed: int = 0, width: int = 48, epochs: int = 40) -> tuple[TwoHead, dict[str, torch.Tensor]]:
+    """A :class:`TwoHead` trained on both heads (the sum of the two losses), and its data."""
+    torch.manual_seed(seed)
+    data = load_data(seed)
+    model = TwoHead(width)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         for i in range(0, len(data["x"]), 64):
-            x = data["x"][i:i + 64]
-            out = model(x)
+            out = model(data["x"][i:i + 64])
             loss = nn.functional.cross_entropy(out["logits"], data["y"][i:i + 64]) + \
                 nn.functional.mse_loss(out["value"], data["t"][i:i + 64])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
-    return model, data
+    return model.eval(), data
 
 
-def tasks(data: dict[str, Any], split: str = "v") -> dict[str, HeadTask]:
+def tasks(data: dict[str, torch.Tensor], split: str = "v") -> dict[str, HeadTask]:
     """The two heads' tasks, evaluated on the validation split (``"v"``) or the test split (``"t"``)."""
     xs, ys, ts = data[f"x{split}"], data[f"y{split}"], data[f"t{split}"]
     return {"digit": HeadTask("cls", data["x"], data["y"], xs, ys), "ink": HeadTask("reg", data["x"], data["t"], xs, ts)}
+
+
+__all__ = ["HeadTask", "TwoHead", "ink", "load_data", "tasks", "trained"]
