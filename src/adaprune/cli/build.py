@@ -316,16 +316,31 @@ def loaders(cfg: RunConfig) -> Loaders:
 
 
 def make_task(cfg: RunConfig, train: Iterable[Any], val: Iterable[Any]) -> Any:
-    t = cfg.task
+    if cfg.tasks is not None:
+        if cfg.task != type(cfg.task).model_validate({}):
+            raise CliError("give either task: (one task) or tasks: (several, each with its tolerance), not both")
+        if not cfg.tasks:
+            raise CliError("tasks: is empty; name at least one task, e.g. tasks: {digit: {tolerance: 0.01}}")
+        made = {name: _one_task(entry, train, val, f"tasks.{name}") for name, entry in cfg.tasks.items()}
+        try:
+            return ap.MultiTask(made, {n: e.tolerance for n, e in cfg.tasks.items()},
+                                {n: e.weight for n, e in cfg.tasks.items()},
+                                heads={n: e.head for n, e in cfg.tasks.items() if e.head})
+        except AdapruneError as exc:
+            raise CliError(f"tasks: {exc}") from None
+    return _one_task(cfg.task, train, val, "task")
+
+
+def _one_task(t: Any, train: Iterable[Any], val: Iterable[Any], where: str) -> Any:
     if t.factory is None:
         return ap.ClassificationTask(
             train, val, lr=t.lr, distill=t.distill, temperature=t.temperature, alpha=t.alpha
         )
-    fn = import_ref(t.factory, "task.factory")
+    fn = import_ref(t.factory, f"{where}.factory")
     try:
         return fn(train, val, **t.kwargs)
     except Exception as exc:  # noqa: BLE001  (the user's task factory failed)
-        raise CliError(f"task.factory: {t.factory}(...) failed: {type(exc).__name__}: {shown(str(exc), 200)}") from None
+        raise CliError(f"{where}.factory: {t.factory}(...) failed: {type(exc).__name__}: {shown(str(exc), 200)}") from None
 
 
 def example_inputs(val: Iterable[tuple[Any, Any]], batch_size: int) -> Any:

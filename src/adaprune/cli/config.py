@@ -127,6 +127,15 @@ class TaskSpec(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss, in [0, 1]")
 
 
+class TaskEntry(TaskSpec):
+    """One task of the ``tasks`` section (several tasks judged together: :class:`adaprune.MultiTask`)."""
+
+    tolerance: float = Field(ge=0.0, description="the largest acceptable drop of this task's metric (absolute, in "
+                                                 "its own direction)")
+    weight: float = Field(1.0, gt=0, description="this task's weight in the combined loss and importance")
+    head: list[str] = Field(default_factory=list, description="modules only this task uses (scored by it alone)")
+
+
 class _BudgetChecks(_Strict):
     """The checks of the ``budget`` section; its fields come from the cost registry (:func:`budget_spec`)."""
 
@@ -239,6 +248,11 @@ class RunConfig(_Strict):
     data: DataSpec = Field(description="the data: kind digits, npz, imagefolder or callable")
     task: TaskSpec = Field(
         default_factory=lambda: TaskSpec.model_validate({}), description="the task (default: classification)"
+    )
+    tasks: dict[str, TaskEntry] | None = Field(
+        None, description="several tasks judged together, each with its own tolerance (instead of `task`): "
+                          "`tasks: {name: {factory: ..., kwargs: ..., tolerance: 0.01}}`; every task's factory "
+                          "gets the same loaders"
     )
     budget: BudgetSpec | None = Field(None, description="the cost bounds, e.g. `budget: {macs: 0.5}`")
     tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="largest acceptable metric drop, in [0, 1)")

@@ -222,6 +222,7 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
         metric=metric,
         higher_is_better=bool(job.task.higher_is_better),
         tolerance=cfg.tolerance,
+        criteria=job.task.criteria() if hasattr(job.task, "criteria") else None,
         budget={**cfg.budget.model_dump(exclude_none=True)} if cfg.budget else None,
         widths_before=widths_before,
         widths_after=report.layer_widths(res.model),

@@ -123,4 +123,40 @@ def tasks(data: dict[str, torch.Tensor], split: str = "v") -> dict[str, HeadTask
     return {"digit": HeadTask("cls", data["x"], data["y"], xs, ys), "ink": HeadTask("reg", data["x"], data["t"], xs, ts)}
 
 
-__all__ = ["HeadTask", "TwoHead", "ink", "load_data", "tasks", "trained"]
+def loaders(seed: int = 0, batch_size: int = 64) -> tuple[Any, Any]:
+    """Train and validation loaders whose targets hold both tasks' (``{"digit": ..., "ink": ...}``): the
+    command line's ``data: {kind: callable, factory: adaprune.examples.multihead:loaders}``."""
+    from torch.utils.data import DataLoader, Dataset
+
+    data = load_data(seed)
+
+    class Both(Dataset):  # type: ignore[type-arg]
+        def __init__(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+            self.x, self.y, self.t = x, y, t
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return self.x[i], {"digit": self.y[i], "ink": self.t[i]}
+
+    return (DataLoader(Both(data["x"], data["y"], data["t"]), batch_size=batch_size),
+            DataLoader(Both(data["xv"], data["yv"], data["tv"]), batch_size=batch_size))
+
+
+def head_task(train: Any, val: Any, head: str = "digit", lr: float = 1e-3) -> HeadTask:
+    """One head's :class:`HeadTask` from loaders like :func:`loaders`' (``head``: ``"digit"`` or ``"ink"``):
+    the command line's ``tasks: {digit: {factory: adaprune.examples.multihead:head_task, ...}}``."""
+    if head not in ("digit", "ink"):
+        raise ValueError(f"head must be 'digit' or 'ink', got {head!r}")
+
+    def stack(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*((x, y[head]) for x, y in loader))
+        return torch.cat(xs), torch.cat(ys)
+
+    x, y = stack(train)
+    xv, yv = stack(val)
+    return HeadTask("cls" if head == "digit" else "reg", x, y, xv, yv, lr=lr)
+
+
+__all__ = ["HeadTask", "TwoHead", "head_task", "ink", "load_data", "loaders", "tasks", "trained"]

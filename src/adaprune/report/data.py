@@ -152,6 +152,7 @@ def build(
     metric: str | None = None,
     higher_is_better: bool = True,
     tolerance: float | None = None,
+    criteria: Any = None,
     budget: Any = None,
     widths_before: dict[str, dict[str, Any]] | None = None,
     widths_after: dict[str, dict[str, Any]] | None = None,
@@ -180,6 +181,9 @@ def build(
         "metric": metric,
         "higher_is_better": bool(higher_is_better),
         "tolerance": tolerance,
+        "criteria": [{"name": c.name, "metric": c.metric, "higher_is_better": bool(c.higher_is_better),
+                      "tolerance": tolerance if c.tolerance is None else float(c.tolerance)}
+                     for c in (criteria or []) if c.name],  # several tasks: one curve each in the steps plot
         "budget": _budget(budget),
         "budget_met": bool(result.budget_met),
         "message": str(result.message),

@@ -86,24 +86,26 @@ def steps(data: dict[str, Any]) -> bytes | None:
     history = data["history"]
     if not history:
         return None
-    metric = data["metric"]
-    fig = _figure(8, 5.5)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    base = _value(data["before"].get(metric))
-    if base is not None:
-        top.axhline(base, color="#888888", linewidth=1, linestyle="--", label="original")
-        tol = _value(data.get("tolerance"))
-        floor = None if tol is None else _value(base - tol if data.get("higher_is_better", True) else base + tol)
-        if floor is not None:
-            top.axhline(floor, color="#cf222e", linewidth=1, linestyle=":", label="tolerance limit")
-    for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
-        pts = _points((h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted)
-        if pts:
-            xs, ys = zip(*pts)
-            top.scatter(xs, ys, s=40, **style)
-    top.set_ylabel(metric)
-    top.legend(fontsize=8, loc="best")
-    top.set_title("metric and cost after every step")
+    panels = [(c["metric"], c.get("higher_is_better", True), c.get("tolerance")) for c in data.get("criteria") or []]
+    panels = panels or [(data["metric"], data.get("higher_is_better", True), data.get("tolerance"))]
+    fig = _figure(8, 3.2 + 2.3 * len(panels))
+    *tops, bottom = fig.subplots(len(panels) + 1, 1, sharex=True)
+    for top, (metric, higher, tolerance) in zip(tops, panels):  # one panel per task's metric
+        base = _value(data["before"].get(metric))
+        if base is not None:
+            top.axhline(base, color="#888888", linewidth=1, linestyle="--", label="original")
+            tol = _value(tolerance)
+            floor = None if tol is None else _value(base - tol if higher else base + tol)
+            if floor is not None:
+                top.axhline(floor, color="#cf222e", linewidth=1, linestyle=":", label="tolerance limit")
+        for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
+            pts = _points((h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted)
+            if pts:
+                xs, ys = zip(*pts)
+                top.scatter(xs, ys, s=40, **style)
+        top.set_ylabel(metric)
+        top.legend(fontsize=8, loc="best")
+    tops[0].set_title("metric" + ("s" if len(panels) > 1 else "") + " and cost after every step")
     for key in _cost_keys(data):
         for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
             pts = _points((h["step"], _fraction(data, h["costs"], key)) for h in history if h["accepted"] == accepted)

@@ -77,6 +77,13 @@ class Onnx(_Loose):
     error: str | None = None
 
 
+class Criterion(_Loose):
+    name: str
+    metric: str
+    higher_is_better: bool = True
+    tolerance: Number | None = None
+
+
 class ReportFile(_Loose):
     format: Literal["adaprune-report"]
     version: Literal[1]
@@ -88,6 +95,7 @@ class ReportFile(_Loose):
     metric: str
     higher_is_better: bool = True
     tolerance: Number | None = None
+    criteria: list[Criterion] = Field(default_factory=list)  # a MultiTask's tasks (one metric curve each)
     budget: dict[str, str | Number | None] = Field(default_factory=dict)
     budget_met: bool = False
     message: str = ""
