@@ -67,3 +67,33 @@ def test_a_task_without_tolerance_and_task_with_tasks_are_refused(root) -> None:
     both = config(root, "both", task={"factory": f"{EX}:head_task"})
     result = invoke("adapt", both)
     assert result.exit_code == 2 and "either task" in result.stderr, result.stderr
+
+
+def test_specialize_command_saves_a_model_per_task_and_the_overlap_report(root, tmp_path) -> None:
+    import subprocess
+
+    import adaprune as ap
+    from adaprune.examples.multihead import TwoHead
+    from test_report import _chromium
+
+    cfg = config(root, "sp")
+    result = invoke("specialize", cfg, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    run = root / "runs" / "sp"
+    assert set(out["tasks"]) == {"digit", "ink"} and out["overlap"]["tasks"] == ["digit", "ink"]
+    for name in ("digit", "ink"):
+        model = ap.load(run / name / "model", lambda: TwoHead(48))
+        assert ap.count(model, torch.zeros(1, 1, 8, 8)).macs == pytest.approx(out["tasks"][name]["costs_after"]["macs"])
+    for f in ("overlap.json", "overlap.md", "overlap.html", "specialize.json"):
+        assert (run / f).is_file(), f
+    again = invoke("specialize", cfg)
+    assert again.exit_code == 2 and "--resume" in again.stderr  # the runs are there: --resume or --force
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (`make test` installs it with apt-get when run as root)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'p'}", "--dump-dom", (run / "overlap.html").resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<td>trunk.1</td>" in dom.stdout and "Jaccard" in dom.stdout

@@ -100,6 +100,11 @@ class MultiTask(Task):
         self.metric = f"{first}/{self.tasks[first].metric}"  # shown where one metric is needed; every task is judged
         self.higher_is_better = bool(self.tasks[first].higher_is_better)
 
+    @property
+    def members(self) -> dict[str, Any]:
+        """The tasks as they were given (``{name: task}``)."""
+        return dict(self._given)
+
     def __repr__(self) -> str:
         return f"MultiTask({', '.join(f'{n}: {t.metric} ±{self.tolerance[n]}' for n, t in self.tasks.items())})"
 

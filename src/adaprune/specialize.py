@@ -11,12 +11,13 @@ the same budget, so every task gets a model pruned for it alone. Then the **over
   by several tasks counted once; by inclusion-exclusion over the tasks, per parameter tensor).
 
 With ``run_dir``, each task's run is a resumable run directory ``run_dir/<task>/`` and the overlap
-report is written beside them (``overlap.json``, ``overlap.md``).
+report is written beside them (``overlap.json``, ``overlap.md``, ``overlap.html``).
 """
 
 from __future__ import annotations
 
 import copy
+import html
 import itertools
 import json
 import math
@@ -36,7 +37,10 @@ from .errors import ArgumentTypeError, ConfigError, RunDirError, shown
 from .graph import ignore_items, resolve_ignore, trace
 from .plan import Plan
 
-OVERLAP_JSON, OVERLAP_MD = "overlap.json", "overlap.md"
+OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML = "overlap.json", "overlap.md", "overlap.html"
+SUMMARY = "specialize.json"  # what `adaprune specialize` adds: per task its metrics and costs
+OWN_FILES = (OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML, SUMMARY)
+"""The files specialize (and its command) write beside the per-task run directories."""
 
 
 @dataclass
@@ -81,6 +85,24 @@ class Overlap:
             lines.append(f"| {g.group} | {g.size} | " + " | ".join(str(g.kept[t]) for t in self.tasks)
                          + f" | {g.jaccard:.2f} |")
         return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        """The report as a standalone HTML page (every name escaped)."""
+        e = html.escape
+        head = "".join(f"<th>kept by {e(t)}</th>" for t in self.tasks)
+        rows = "".join(
+            f"<tr><td>{e(g.group)}</td><td>{g.size}</td>" + "".join(f"<td>{g.kept[t]}</td>" for t in self.tasks)
+            + f"<td>{g.jaccard:.2f}</td></tr>" for g in self.groups)
+        per_task = ", ".join(f"{e(t)} {n:,}" for t, n in self.params_per_task.items())
+        return ("<!doctype html><html><head><meta charset='utf-8'><title>adaprune: specialised models</title>"
+                "<style>body{font-family:sans-serif;margin:2rem}table{border-collapse:collapse}"
+                "td,th{border:1px solid #ccc;padding:.2rem .6rem;text-align:right}</style></head><body>"
+                f"<h1>Specialised models: what they share</h1><p>Tasks: {e(', '.join(self.tasks))}. Parameters: "
+                f"original {self.params_original:,}; per task {per_task}.</p>"
+                f"<p>Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
+                f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less).</p>"
+                f"<table><tr><th>group</th><th>channels</th>{head}<th>Jaccard (all tasks)</th></tr>{rows}</table>"
+                "</body></html>\n")
 
 
 @dataclass
@@ -170,7 +192,7 @@ def specialize(
         raise ArgumentTypeError(f"specialize: tasks must be a non-empty dict of name -> task, got {shown(tasks)}")
     for name in tasks:
         if not isinstance(name, str) or not name or name != os.path.basename(name) or name.startswith(".") \
-                or name in (OVERLAP_JSON, OVERLAP_MD):
+                or name in OWN_FILES:
             raise ConfigError(f"specialize: task name {shown(name)} must be a plain file name (it names a run directory)")
     if isinstance(tolerance, Mapping):
         missing = [n for n in tasks if n not in tolerance]
@@ -187,7 +209,7 @@ def specialize(
     names = [n for n, m in model.named_modules() if id(m) in resolve_ignore(model, items)]
     root = Path(run_dir) if run_dir is not None else None
     if root is not None and root.is_dir() and not force:
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in {*tasks, OVERLAP_JSON, OVERLAP_MD})
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in {*tasks, *OWN_FILES})
         if foreign:
             raise RunDirError(f"specialize: {root} holds {', '.join(foreign[:4])}, which specialize did not write; "
                               "choose another run_dir, or pass force=True")
@@ -201,6 +223,7 @@ def specialize(
     if root is not None:
         fs.write_atomic(root / OVERLAP_JSON, json.dumps(found.to_dict(), indent=1).encode("utf-8"), what="the overlap report")
         fs.write_atomic(root / OVERLAP_MD, found.markdown().encode("utf-8"), what="the overlap report")
+        fs.write_atomic(root / OVERLAP_HTML, found.html().encode("utf-8"), what="the overlap report")
     return Specialized(models, results, found)
 
 

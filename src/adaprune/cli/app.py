@@ -232,6 +232,44 @@ def ladder(
 
 
 @app.command()
+def specialize(
+    config: ConfigArg,
+    resume: Annotated[bool, typer.Option("--resume", help="continue every task's run in run_dir")] = False,
+    force: Annotated[bool, typer.Option("--force", help="start every task's run over (deleting only files "
+                                                       "adaprune wrote)")] = False,
+    run_dir: RunDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One pruned model per task of the tasks: section (each within its own tolerance, the same budget), and
+    what they share.
+
+    Writes <task>/ (each task's adapt run, its model in <task>/model/), overlap.json/.md/.html (per group the
+    channels each task keeps and their overlap; storage shared against separate) and specialize.json.
+    """
+    from .jobs import prepare
+    from .specialize_job import run_specialize
+
+    with _errors(config):
+        cfg = prepare(config, run_dir)
+        data = run_specialize(cfg, resume=resume, force=force, console=_err_console())
+    out = Path(str(cfg.run_dir))
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(out), **data}, indent=1, default=float))
+        return
+    table = Table(title=f"one model per task ({out})")
+    for col in ("task", "metric", "before", "after", "MACs after / before", "budget met"):
+        table.add_column(col, justify="right")
+    for name, t in data["tasks"].items():
+        m = t["metric"]
+        table.add_row(name, m, f"{t['before'][m]:.4f}", f"{t['after'][m]:.4f}",
+                      f"{t['costs_after']['macs'] / max(t['costs_before']['macs'], 1.0):.1%}", str(t["budget_met"]))
+    Console().print(table)
+    o = data["overlap"]
+    Console().print(f"storage: {o['params_separate']:,} parameters as separate models, {o['params_shared']:,} with shared "
+                    f"weights stored once ({o['saving']:.1%} less); overlap report: {out / 'overlap.html'}")
+
+
+@app.command()
 def sensitivity(config: ConfigArg, run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
     """Measure the metric with each group (cluster) alone pruned at each ratio; writes a table and a plot."""
     from .jobs import prepare, run_sensitivity, sensitivity_job
