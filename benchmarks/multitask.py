@@ -89,10 +89,13 @@ def main() -> int:
     p.add_argument("--tol-ink", type=float, default=0.02, help="MSE rise allowed (absolute; unpruned ~0.002)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps every model takes in all")
     p.add_argument("--inner-steps", type=int, default=40, help="adapt's fine-tuning steps per step")
-    p.add_argument("--iterations", type=int, default=25, help="adapt's max_iterations")
+    p.add_argument("--iterations", type=int, default=15, help="adapt's max_iterations")
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--out", default="multitask")
     args = p.parse_args()
+    if args.inner_steps * args.iterations > args.steps:
+        raise SystemExit(f"adapt could take {args.inner_steps} x {args.iterations} optimizer steps inside its loop, more "
+                         f"than the {args.steps} every method gets: lower --inner-steps or --iterations")
     torch.set_num_threads(1)
     tol = {"digit": args.tol_digit, "ink": args.tol_ink}
     payload: dict[str, Any] = {"environment": environment(1), "config": {**vars(args), "tolerance": tol}, "runs": [],

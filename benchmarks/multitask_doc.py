@@ -30,6 +30,10 @@ def multitask_section(payload: dict[str, Any]) -> list[str]:
               "step), single-task-guided adapt on its own task only. Mean ± standard error over seeds "
               f"{seeds}; 'within' counts the seeds whose test metric moved by at most the task's tolerance from the "
               "unpruned model's; 'met' the seeds whose run met the MACs budget."), "",
+             ("Optimizer steps per run: " + ", ".join(sorted({str(r["optimizer_steps"]) for r in runs}))
+              + " (the same for every run)." if len({r["optimizer_steps"] for r in runs}) == 1 else
+              "**Optimizer steps differ between runs**: " + ", ".join(sorted({str(r["optimizer_steps"]) for r in runs}))
+              + "."), "",
              "| MACs | method | budget met | digit accuracy | digit within | ink MSE | ink within |",
              "|---|---|---|---|---|---|---|"]
     for budget in cfg["budgets"]:
