@@ -55,6 +55,8 @@ def test_tasks_section_judges_every_task_and_reports_each(root) -> None:
     assert any("task 'ink'" in h["reason"] and not h["accepted"] for h in data["history"])
     assert data["after"]["ink/mse"] - data["before"]["ink/mse"] <= 0.05 + 0.02  # within its tolerance (and noise)
     assert (root / "runs" / "mt" / "plots" / "steps.png").is_file()
+    html = (root / "runs" / "mt" / "report.html").read_text()
+    assert "tolerances 0.03 (digit/accuracy drop), 0.05 (ink/mse rise)" in html
 
 
 def test_a_task_without_tolerance_and_task_with_tasks_are_refused(root) -> None:

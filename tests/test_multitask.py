@@ -126,6 +126,11 @@ def test_a_killed_multitask_run_resumes_to_the_same_plan(base, tmp_path) -> None
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         ap.adapt(copy.deepcopy(model), x, Stop(tasks(data), TOL), ap.Budget(macs=0.6), run_dir=run_dir, **options)
+    from adaprune.errors import RunDirError
+
+    for other in (ap.MultiTask(tasks(data), {**TOL, "ink": 5.0}), tasks(data)["digit"]):  # another judge: refused
+        with pytest.raises(RunDirError, match="tasks differ"):
+            ap.adapt(copy.deepcopy(model), x, other, ap.Budget(macs=0.6), run_dir=run_dir, resume=True, **options)
     resumed = ap.adapt(copy.deepcopy(model), x, ap.MultiTask(tasks(data), TOL), ap.Budget(macs=0.6), run_dir=run_dir,
                        resume=True, **options)
     assert resumed.plan.to_dict() == reference.plan.to_dict()
@@ -154,3 +159,31 @@ def test_a_head_is_scored_by_its_own_task_only(base) -> None:
     with pytest.raises(ConfigError, match="heads\\['ink'\\] names 'regression'"):
         task_scores(ap.MultiTask(t, TOL, heads={"ink": ["regression"]}), "activation", model, graph.groups,
                     ap.importance.default_loss)
+
+
+def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
+    """A refit that ruins one task is dropped though another gained; a head whose task has no calibration
+    batches is still scored (by the others); tasks without training batches are asked for no steps."""
+    from adaprune.adapt.controller import AdaptConfig, Controller
+
+    model, data = base
+    mt = ap.MultiTask(tasks(data), TOL)
+    c = Controller(model, data["xv"][:1], mt, ap.Budget(macs=0.5), AdaptConfig(confidence=0.0), [], None)
+    plain = ({"digit/accuracy": 0.900, "ink/mse": 0.01}, {})
+    assert c.worse(({"digit/accuracy": 0.901, "ink/mse": 5.0}, {}), plain)  # ink ruined: the refit is worse
+    assert not c.worse(({"digit/accuracy": 0.901, "ink/mse": 0.009}, {}), plain)
+
+    class NoBatches(HeadTask):
+        def calibration(self) -> None:  # type: ignore[override]
+            return None
+
+        def training_batches(self) -> None:  # type: ignore[override]
+            return None
+
+    t = tasks(data)
+    blind = NoBatches("reg", data["x"], data["t"], data["xv"], data["tv"])
+    graph = ap.trace(model, data["xv"][:1], ignore=["cls", "reg.2"])
+    scores = task_scores(ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL, heads={"ink": ["reg"]}), "taylor",
+                         model, graph.groups, ap.importance.default_loss)
+    assert set(scores) == {g.name for g in graph.groups}
+    assert ap.MultiTask(t, TOL).fine_tunes and not ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL).fine_tunes

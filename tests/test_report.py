@@ -266,3 +266,17 @@ def test_report_renders_in_headless_chromium(real_run, tmp_path):
     assert pixels.shape[:2] == (3000, 1200)
     assert float(pixels.var()) > 0 and bool((pixels < 0.95).any()), "the screenshot is blank"
     assert float((pixels < 0.95).mean()) > 0.02, "almost nothing was painted"
+
+
+def test_a_task_name_with_dollars_is_drawn_as_text() -> None:
+    """Task names come from YAML: matplotlib must not parse them as math (``a$\\q$`` is not a symbol)."""
+    from adaprune.report import plots
+
+    m = "a$\\q$/accuracy"
+    data = {"metric": m, "higher_is_better": True, "tolerance": 0.01, "budget": {"macs": 0.5},
+            "criteria": [{"name": "a$\\q$", "metric": m, "higher_is_better": True, "tolerance": 0.01},
+                         {"name": "b", "metric": "b/mse", "higher_is_better": False, "tolerance": 0.05}],
+            "before": {m: 0.9, "b/mse": 0.1}, "costs_before": {"macs": 100.0},
+            "history": [{"step": 0, "accepted": True, "metrics": {m: 0.89, "b/mse": 0.11}, "costs": {"macs": 60.0}}]}
+    png = plots.steps(data)
+    assert png is not None and png.startswith(b"\x89PNG")

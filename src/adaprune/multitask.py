@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -169,6 +170,12 @@ class MultiTask(Task):
         assert isinstance(total, torch.Tensor)
         return total
 
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether :meth:`finetune` can train: every task has training batches (else adapt asks for 0 steps,
+        as for a task that does not fine-tune)."""
+        return all(t.training_batches() is not None for t in self.tasks.values())
+
     def finetune(self, model: nn.Module, steps: int) -> None:
         """``steps`` Adam steps on :meth:`loss`, one batch of every task per step, in train mode."""
         check_module(model)
@@ -213,19 +220,41 @@ def _per_task(tasks: Mapping[str, Any], given: Mapping[str, float], field: str, 
     return out
 
 
-def task_scores(task: Task, importance: Any, model: nn.Module, groups: list[Group],
-                loss: Callable[[Any, Any], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-channel importance of ``groups`` for ``task``: the criterion on the task's calibration
-    batches with ``loss``, or for a :class:`MultiTask` per task, normalised and combined (module doc)."""
-    criterion = get_importance(importance)
+def task_settings(task: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues, for several tasks: their names, metrics,
+    directions, tolerances, weights, combination and heads (``{}`` for one task)."""
     if not isinstance(task, MultiTask):
-        return criterion(model, groups, Context(task.calibration(), loss))
+        return {}
+    return {"tasks": json.dumps({"criteria": [[c.name, c.metric, c.higher_is_better, c.tolerance] for c in task.criteria()],
+                                 "weights": task.weights, "combine": task.combine, "heads": task.heads}, sort_keys=True)}
+
+
+def calibration_of(task: Task) -> Any:
+    """The task's calibration batches, drawn once (a loader that shuffles gives other batches on every
+    call): for a :class:`MultiTask`, ``{name: batches or None}`` per task; else ``task.calibration()``
+    as a list (or None)."""
+    if isinstance(task, MultiTask):
+        return {n: (None if (b := t.calibration()) is None else list(b)) for n, t in task.tasks.items()}
+    found = task.calibration()
+    return None if found is None else list(found)
+
+
+def task_scores(task: Task, importance: Any, model: nn.Module, groups: list[Group],
+                loss: Callable[[Any, Any], torch.Tensor], batches: Any = None) -> dict[str, torch.Tensor]:
+    """Per-channel importance of ``groups`` for ``task``: the criterion on ``batches`` (from
+    :func:`calibration_of`; drawn here when None) with ``loss``, or for a :class:`MultiTask` per task,
+    normalised and combined (module doc)."""
+    criterion = get_importance(importance)
+    if batches is None:
+        batches = calibration_of(task)
+    if not isinstance(task, MultiTask):
+        return criterion(model, groups, Context(batches, loss))
     owner = head_owners(task, model, groups)
     per_task: dict[str, dict[str, torch.Tensor]] = {}
-    for name, sub in task.tasks.items():
-        batches = sub.calibration()
-        if batches is not None:
-            per_task[name] = criterion(model, groups, Context(batches, task.task_loss(name)))
+    for name in task.tasks:
+        mine = batches.get(name)
+        if mine is not None:
+            per_task[name] = criterion(model, groups, Context(mine, task.task_loss(name)))
     if not per_task:  # no task has batches: a weight-only criterion, once (a data-driven one says what it needs)
         return criterion(model, groups, Context(None, loss))
     combined: dict[str, torch.Tensor] = {}
@@ -233,7 +262,7 @@ def task_scores(task: Task, importance: Any, model: nn.Module, groups: list[Grou
         flat = [s.detach().double().reshape(-1) for s in scores.values()]
         scale = float(torch.cat(flat).abs().mean()) if flat else 0.0
         for g, s in scores.items():
-            if owner.get(g, name) != name:  # another task's head: not this task's to judge
+            if owner.get(g, name) != name and owner[g] in per_task:  # another task's head: that task judges it
                 continue
             t = s.detach().double() * (task.weights[name] / scale if scale > 0 else 0.0)
             prev = combined.get(g)
@@ -263,4 +292,4 @@ def head_owners(task: MultiTask, model: nn.Module, groups: list[Group]) -> dict[
     return out
 
 
-__all__ = ["COMBINE", "MultiTask", "head_owners", "task_scores"]
+__all__ = ["COMBINE", "MultiTask", "calibration_of", "head_owners", "task_scores", "task_settings"]

@@ -74,12 +74,13 @@ class Overlap:
         return {**asdict(self), "saving": self.saving}
 
     def markdown(self) -> str:
+        tasks = [t.replace("|", "\\|") for t in self.tasks]  # a task name in a table cell
         lines = ["# Specialised models: what they share", "",
                  f"Tasks: {', '.join(self.tasks)}. Parameters: original {self.params_original:,}; per task "
                  + ", ".join(f"{t} {n:,}" for t, n in self.params_per_task.items()) + ".", "",
                  (f"Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
                  f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less)."), "",
-                 "| group | channels | " + " | ".join(f"kept by {t}" for t in self.tasks) + " | Jaccard (all tasks) |",
+                 "| group | channels | " + " | ".join(f"kept by {t}" for t in tasks) + " | Jaccard (all tasks) |",
                  "|---|---|" + "---|" * len(self.tasks) + "---|"]
         for g in self.groups:
             lines.append(f"| {g.group} | {g.size} | " + " | ".join(str(g.kept[t]) for t in self.tasks)

@@ -182,15 +182,20 @@ def check_resume(
     tolerance: float = 0.01,
     *,
     ignore: Iterable[nn.Module | str] | None = None,
+    task: Any = None,
     **options: Any,
 ) -> None:
     """Raise :class:`~adaprune.errors.RunDirError` if the run in ``run_dir`` cannot be resumed with these
-    settings on this model. Reads only: call it before writing anything into the run directory."""
+    settings on this model (and ``task``: several tasks must be the same, with the same tolerances).
+    Reads only: call it before writing anything into the run directory."""
+    from ..multitask import task_settings
+
     config = AdaptConfig(tolerance=tolerance, **options)
     ids = resolve_ignore(model, ignore)
     names = [n for n, m in model.named_modules() if id(m) in ids]
     state = run_dir.load()
-    check_resumable(state, run_settings(config, budget, names), model_signature(model), str(run_dir.path))
+    settings = run_settings(config, budget, names, task_settings(task) if task is not None else None)
+    check_resumable(state, settings, model_signature(model), str(run_dir.path))
     replay(copy.deepcopy(model), state, str(run_dir.path))  # (a copy: the caller's model is not touched)
 
 

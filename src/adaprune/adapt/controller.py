@@ -42,8 +42,8 @@ from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
 from ..graph import Graph, Group, trace
-from ..importance import IMPORTANCE, Context, default_loss
-from ..multitask import task_scores
+from ..importance import IMPORTANCE, default_loss
+from ..multitask import calibration_of, task_scores, task_settings
 from ..plan import Plan, plan_from_choice
 from ..surgery import reconstruct, remove
 from ..surgery.check import find_broken
@@ -466,13 +466,16 @@ class Controller:
         lower. A refit within noise of the plain cut is kept: later steps refit toward this step's model, and
         dropping refits on noise compounded (MNIST-1D CNN at 1/16 of the MACs, seed 0: validation accuracy
         0.834 with refits dropped on noise, 0.916 with them kept)."""
-        key = self.task.metric
         (a, fa), (b, fb) = fitted, plain
-        va, vb = fa.get(self.criteria[0].name), fb.get(self.criteria[0].name)
-        if va is not None and vb is not None and va.numel() == vb.numel() and self.cfg.confidence > 0:
-            gain = paired_interval(vb, va, self.sign, self.cfg.confidence)  # plain minus refit: the refit's loss
-            return gain.low > 0
-        return self.sign * (a[key] - b[key]) < 0
+        for c in self.criteria:  # several tasks: worse when any of them is measurably worse
+            sign = 1.0 if c.higher_is_better else -1.0
+            va, vb = fa.get(c.name), fb.get(c.name)
+            if va is not None and vb is not None and va.numel() == vb.numel() and self.cfg.confidence > 0:
+                if paired_interval(vb, va, sign, self.cfg.confidence).low > 0:  # plain minus refit: the refit's loss
+                    return True
+            elif sign * (a[c.metric] - b[c.metric]) < 0:
+                return True
+        return False
 
     def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan,
                 step: int) -> tuple[dict[str, float], Examples, str, str]:
@@ -538,12 +541,12 @@ class Controller:
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
         target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
-        ctx = Context(self.task.calibration(), self.loss)
-        scores = task_scores(self.task, self.cfg.importance, work, graph.groups, self.loss)
+        batches = calibration_of(self.task)  # drawn once per step: a shuffling loader gives other batches per call
+        scores = task_scores(self.task, self.cfg.importance, work, graph.groups, self.loss, batches)
         predictor = CostPredictor(work, self.x)
         version = sum(h.accepted for h in state.history)
-        estimate = (first_order(work, graph.groups, ctx.calibration,
-                                lambda: task_scores(self.task, "taylor", work, graph.groups, self.loss), scores,
+        estimate = (first_order(work, graph.groups, batches,
+                                lambda: task_scores(self.task, "taylor", work, graph.groups, self.loss, batches), scores,
                                 self.cfg.importance)
                     if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
 
@@ -641,7 +644,7 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
-        config = run_settings(self.cfg, self.budget, self.ignore)
+        config = run_settings(self.cfg, self.budget, self.ignore, task_settings(self.task))
         signature = model_signature(self.model)
         resumed = resume and self.run_dir is not None and self.run_dir.exists()
         if resumed:

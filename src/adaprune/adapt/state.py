@@ -165,11 +165,12 @@ class _StateFile(_Strict):
         return self
 
 
-def run_settings(config: Any, budget: Any, ignore: list[str]) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues: the controller's options, the budget and
-    the modules kept whole (``ignore``, by name)."""
+def run_settings(config: Any, budget: Any, ignore: list[str], task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the controller's options, the budget,
+    the modules kept whole (``ignore``, by name) and, for several tasks, what judges them (``task``:
+    :func:`adaprune.multitask.task_settings`)."""
     options = {k: v for k, v in asdict(config).items() if k not in RUN_LIMITS}
-    return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore))}))
+    return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore)), **(task or {})}))
 
 
 RUN_LIMITS = ("time_limit", "max_evaluations")

@@ -187,7 +187,7 @@ def run_adapt(
     options = cfg.adapt_options()
     with rd.open(resume=resume, force=force, names=names, protect=protect):
         if resume and rd.exists():
-            check_resume(rd, job.model, the_budget, cfg.tolerance, ignore=cfg.ignore, **options)
+            check_resume(rd, job.model, the_budget, cfg.tolerance, ignore=cfg.ignore, task=job.task, **options)
         if not own_config:
             rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
         rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")

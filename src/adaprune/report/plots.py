@@ -103,7 +103,7 @@ def steps(data: dict[str, Any]) -> bytes | None:
             if pts:
                 xs, ys = zip(*pts)
                 top.scatter(xs, ys, s=40, **style)
-        top.set_ylabel(metric)
+        top.set_ylabel(metric.replace("$", r"\$"))  # a name is text, never math
         top.legend(fontsize=8, loc="best")
     tops[0].set_title("metric" + ("s" if len(panels) > 1 else "") + " and cost after every step")
     for key in _cost_keys(data):

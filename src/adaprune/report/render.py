@@ -169,6 +169,10 @@ def budget_text(data: dict[str, Any]) -> str:
     where = f"backend {b.get('backend', 'torch')}, {b.get('threads', 1)} thread(s)" if b else ""
     tol = data.get("tolerance")
     tol_text = f"; tolerance {tol} ({data['metric']} drop)" if tol is not None else ""
+    if data.get("criteria"):  # several tasks: each its own
+        tol_text = "; tolerances " + ", ".join(
+            f"{c['tolerance']} ({c['metric']} {'drop' if c.get('higher_is_better', True) else 'rise'})"
+            for c in data["criteria"])
     return (", ".join(parts) + (f" ({where})" if where else "") + tol_text) or "no budget recorded"
 
 
