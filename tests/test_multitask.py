@@ -187,3 +187,31 @@ def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
                          model, graph.groups, ap.importance.default_loss)
     assert set(scores) == {g.name for g in graph.groups}
     assert ap.MultiTask(t, TOL).fine_tunes and not ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL).fine_tunes
+
+
+def test_a_step_draws_calibration_batches_once_for_scores_and_estimate(monkeypatch) -> None:
+    """A shuffling loader gives other batches on every call: the step's importance scores and its
+    first-order estimate must be computed on the same draw (one call of ``calibration()``)."""
+    import importlib
+
+    from adaprune.examples.digits import DigitsCNN, load_digits_data, train
+
+    ctl = importlib.import_module("adaprune.adapt.controller")  # (adaprune.adapt is also the function)
+
+    torch.manual_seed(0)
+    data = load_digits_data(0)
+    model = DigitsCNN(8)
+    train(model, data, epochs=1, seed=0)
+    seen: list[Any] = []
+    real = ctl.task_scores
+
+    def spy(task: Any, importance: Any, work: Any, groups: Any, loss: Any, batches: Any = None) -> Any:
+        seen.append((importance, batches))
+        return real(task, importance, work, groups, loss, batches)
+
+    monkeypatch.setattr(ctl, "task_scores", spy)
+    task = ap.ClassificationTask(data.loader("train", shuffle=True), data.loader("val"))
+    ap.adapt(model, data.x_val[:1], task, ap.Budget(macs=0.7), tolerance=0.5, ignore=[model.fc], max_iterations=1,
+             probe_budget=2, reprobe=2, finetune_steps=0)
+    assert [imp for imp, _ in seen] == ["l2", "taylor"], seen
+    assert seen[0][1] is not None and seen[0][1] is seen[1][1]  # one draw, shared
