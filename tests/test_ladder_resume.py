@@ -185,3 +185,21 @@ def test_a_full_disk_at_any_file_replacement_leaves_the_build_resumable(trained,
         _, resumed = run(d, resume=True)
         assert [r.widths for r in resumed.rungs] == [r.widths for r in reference.rungs], points[k]
         assert [r.metrics for r in resumed.rungs] == [r.metrics for r in reference.rungs], points[k]
+
+
+def test_resume_refuses_another_kind_of_run_and_resume_with_force(trained, tmp_path) -> None:
+    from adaprune.errors import ConfigError
+
+    base, data = trained
+    x = data.x_val[:1]
+    task = Stopping(data, tmp_path / "unused")
+    with pytest.raises(ConfigError, match="contradict"):
+        build(base, data, task, run_dir=tmp_path / "a", resume=True, force=True)
+    adapt_dir = tmp_path / "adapt"
+    ap.adapt(copy.deepcopy(base), x, task.task, ap.Budget(macs=0.8), ignore=["fc"], run_dir=adapt_dir, max_iterations=1)
+    with pytest.raises(RunDirError, match=r"another kind of run \(state.json\)"):
+        build(base, data, task, run_dir=adapt_dir, resume=True)
+    ladder_dir = tmp_path / "ladder"
+    build(base, data, Stopping(data, ladder_dir), run_dir=ladder_dir)
+    with pytest.raises(RunDirError, match=r"another kind of run \(ladder-state.json\)"):
+        ap.adapt(copy.deepcopy(base), x, task.task, ap.Budget(macs=0.8), ignore=["fc"], run_dir=ladder_dir, resume=True)

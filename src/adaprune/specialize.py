@@ -189,6 +189,8 @@ def specialize(
     """
     check_module(model)
     check_inputs(example_inputs)
+    if resume and force:
+        raise ConfigError("specialize: resume=True and force=True contradict each other: continue the runs, or start over")
     if not isinstance(tasks, Mapping) or not tasks:
         raise ArgumentTypeError(f"specialize: tasks must be a non-empty dict of name -> task, got {shown(tasks)}")
     for name in tasks:

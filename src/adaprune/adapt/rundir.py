@@ -92,6 +92,7 @@ class RunDir:
         restart: bool = False,
         names: Iterable[str] = RUN_FILES,
         protect: Iterable[str | os.PathLike[str]] = (),
+        state: str = STATE,
     ) -> None:
         """Every check of :meth:`open`, reading only: run it before slow work, and before writing anything."""
         names = _known(names)
@@ -115,6 +116,11 @@ class RunDir:
                     "force=True to use it anyway (adaprune then writes only names that are free and deletes "
                     "nothing)"
                 )
+        elif resume and self.holds_run() not in (None, state):
+            raise RunDirError(
+                f"run_dir: {self.path} holds another kind of run ({self.holds_run()}), not one this command can "
+                f"continue ({state}); choose its own run_dir, or start over with --force / force=True"
+            )
         elif self.holds_run() and not (resume or force or restart):
             raise RunDirError(
                 f"run_dir: {self.path} already holds a run ({self.holds_run()}); continue it with --resume / "
@@ -135,6 +141,7 @@ class RunDir:
         restart: bool = False,
         names: Iterable[str] = RUN_FILES,
         protect: Iterable[str | os.PathLike[str]] = (),
+        state: str = STATE,
     ) -> RunDir:
         """Claim the directory for a run: all checks, then the lock; nothing is written before both pass.
 
@@ -146,19 +153,21 @@ class RunDir:
                 output directory); a directory that is not adaprune's is still refused.
             names: the names (patterns from :data:`~adaprune.adapt.ownership.KNOWN`) this run writes.
             protect: files that must never be written or deleted (the user's input config).
+            state: the commit point of the kind of run this is (``state.json`` for adapt, the ladder's
+                ``ladder-state.json``): a resume refuses a directory that holds another kind.
         """
         if self.is_open:
             return self
         names = _known(names)
         self._protected = [Path(p) for p in protect]
-        self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected)
+        self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected, state=state)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirError(f"run_dir: cannot create {self.path} ({exc.strerror})") from None
         self._lock()
         try:  # again, under the lock (another process may have changed the directory meanwhile)
-            self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected)
+            self.check(resume=resume, force=force, restart=restart, names=names, protect=self._protected, state=state)
             owned = self._owned()
             mark = self._read_mark() or _Mark(format="adaprune-run", version=1, run_id=uuid.uuid4().hex,
                                              created=_now(), names=owned or [])

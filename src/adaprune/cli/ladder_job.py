@@ -21,7 +21,7 @@ from rich.console import Console
 import adaprune as ap
 
 from .. import fs, report
-from ..adapt.ownership import LADDER_FILES, LADDER_RUN_FILES
+from ..adapt.ownership import LADDER_FILES, LADDER_RUN_FILES, LADDER_STATE
 from ..adapt.rundir import RunDir
 from ..errors import AdapruneError
 from ..task import as_task
@@ -55,9 +55,11 @@ def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | 
     """Build, save and report the ladder (the module doc). Returns the report data."""
     from .jobs import save_inputs, spinner
 
+    if resume and force:
+        raise CliError("--resume and --force contradict each other: continue the build, or start it over")
     rd = RunDir(Path(str(cfg.run_dir)))
     protect = [source] if source is not None else []
-    rd.check(resume=resume, force=force, names=NAMES, protect=protect)
+    rd.check(resume=resume, force=force, names=NAMES, protect=protect, state=LADDER_STATE)
     if (rd.path / "ladder" / "ladder.json").is_file() and not force:
         raise CliError(f"run_dir: {rd.path} already holds a finished ladder; start over with --force (deleting only the "
                        "files adaprune wrote there), or choose another run_dir")
@@ -67,7 +69,7 @@ def run_ladder(cfg: RunConfig, *, force: bool, console: Console, source: Path | 
         task = as_task(job.task)
     threads = cfg.budget.threads if cfg.budget else 1
     spec = cfg.ladder
-    with rd.open(resume=resume, force=force, names=NAMES, protect=protect):
+    with rd.open(resume=resume, force=force, names=NAMES, protect=protect, state=LADDER_STATE):
         rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
         rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")
         original = copy.deepcopy(job.model) if spec.compare else None

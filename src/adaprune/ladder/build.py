@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._check import as_bool, as_float, as_int, check_inputs, check_instance, check_module
-from ..adapt.ownership import LADDER_RUN_FILES
+from ..adapt.ownership import LADDER_RUN_FILES, LADDER_STATE
 from ..adapt.rundir import RunDir
 from ..adapt.state import model_signature
 from ..cost import count
@@ -212,12 +212,14 @@ def ladder(
     names = _names(model, ignore_items(ignore))
     if resume and run_dir is None:
         raise ConfigError("ladder: resume=True needs run_dir= (the directory of the build to continue)")
+    if resume and force:
+        raise ConfigError("ladder: resume=True and force=True contradict each other: continue the build, or start over")
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"ladder: run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
-        rd.open(resume=resume, force=force, names=LADDER_RUN_FILES)
+        rd.open(resume=resume, force=force, names=LADDER_RUN_FILES, state=LADDER_STATE)
     try:
         run = LadderRun(rd) if rd is not None else None
         settings = settings_of(budgets, tolerance, names, finetune_steps, importance, rate, seed, options)
