@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,11 +132,6 @@ def main() -> int:
     payload["environment"]["load_average_at_end"] = list(__import__("os").getloadavg())
     print(f"wrote {save(args.out, payload)}")
     return 0
-
-
-def summary(values: list[float]) -> str:
-    m = statistics.fmean(values)
-    return f"{m:.4f}" if len(values) < 2 else f"{m:.4f} ± {statistics.stdev(values) / len(values) ** 0.5:.4f}"
 
 
 if __name__ == "__main__":

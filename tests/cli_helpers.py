@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +97,26 @@ def config(workdir: Path, name: str, **overrides) -> Path:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def interrupt_when(command: str, cfg: Path, state: Path, ready: Callable[[dict], bool]) -> tuple[int, str]:
+    """Run ``python -m adaprune COMMAND CFG`` in a child process and send it SIGINT once the JSON file
+    ``state`` exists and ``ready(its contents)``; returns the child's exit code and stderr."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "adaprune", command, str(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if state.exists() and ready(json.loads(state.read_text())):
+                break
+            assert child.poll() is None, child.communicate()
+            time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    return child.returncode, err
 
 
 def invoke(*args: str):

@@ -23,3 +23,15 @@ def workdir(tmp_path_factory):
     from cli_helpers import make_workdir
 
     return make_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """For the ladder tests: a digits CNN of width 8 trained 3 epochs (seed 0), and its data."""
+    from adaprune.examples.digits import DigitsCNN, load_digits_data, train
+
+    torch.manual_seed(0)
+    data = load_digits_data(0)
+    base = DigitsCNN(8)
+    train(base, data, epochs=3, seed=0)
+    return base, data

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from cli_helpers import CLI_MODULE, SRC, config, invoke
+from cli_helpers import CLI_MODULE, config, interrupt_when, invoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -254,22 +249,9 @@ def test_sigint_leaves_a_resumable_run(workdir):
         task={"factory": "slowtask.py:make", "kwargs": {"delay": 1.0}},
         report={"onnx": False, "latency": False},
     )
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "adaprune", "adapt", str(cfg)]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     state = workdir / "runs" / "interrupted" / "state.json"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            if state.exists() and json.loads(state.read_text())["step"] >= 1:
-                break
-            assert child.poll() is None, child.communicate()
-            time.sleep(0.1)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
-    finally:
-        child.kill()
-    assert child.returncode == 130, err
+    code, err = interrupt_when("adapt", cfg, state, lambda s: s["step"] >= 1)
+    assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
     saved = json.loads(state.read_text())
     assert saved["done"] is False and saved["step"] >= 1 and saved["history"]

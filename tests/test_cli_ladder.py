@@ -5,18 +5,13 @@ and --resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
 import adaprune as ap
 from adaprune.examples.digits import DigitsCNN, load_digits_data
-from cli_helpers import SRC, config, invoke
+from cli_helpers import config, interrupt_when, invoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,22 +55,9 @@ def test_sigint_during_the_build_leaves_it_resumable(workdir):
                                             "compare": False, "repeats": 3},
                  task={"factory": "slowtask.py:make", "kwargs": {"evaluate_delay": 0.3}},
                  options={"max_iterations": 6})
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "adaprune", "ladder", str(cfg)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
     state = workdir / "runs" / "ladint" / "ladder-state.json"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            if state.exists() and len(json.loads(state.read_text())["widths"]) >= 1:
-                break
-            assert child.poll() is None, child.communicate()
-            time.sleep(0.1)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
-    finally:
-        child.kill()
-    assert child.returncode == 130, err
+    code, err = interrupt_when("ladder", cfg, state, lambda s: len(s["widths"]) >= 1)
+    assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
     saved = json.loads(state.read_text())
     assert len(saved["widths"]) >= 1 and not (state.parent / "ladder" / "ladder.json").exists()

@@ -31,17 +31,6 @@ from sensitive_task import SensitiveLayer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, Any]:
-    from adaprune.examples.digits import DigitsCNN, load_digits_data, train
-
-    torch.manual_seed(0)
-    data = load_digits_data(0)
-    base = DigitsCNN(8)
-    train(base, data, epochs=3, seed=0)
-    return base, data
-
-
 def task_of(data: Any) -> ap.ClassificationTask:
     return ap.ClassificationTask(data.loader("train", shuffle=True), data.loader("val"))
 

@@ -27,17 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUNGS = [ap.Budget(macs=0.6), ap.Budget(macs=0.3)]
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, Any]:
-    from adaprune.examples.digits import DigitsCNN, load_digits_data, train
-
-    torch.manual_seed(0)
-    data = load_digits_data(0)
-    base = DigitsCNN(8)
-    train(base, data, epochs=3, seed=0)
-    return base, data
-
-
 class Stopping:
     """A deterministic classification task that stops the build (KeyboardInterrupt) once: at the first
     evaluation after ``run_dir`` records ``rungs`` allocated rungs, or at training batch ``batch``."""

@@ -34,7 +34,7 @@ from ._check import as_float, check_inputs, check_module
 from .adapt import AdaptResult, adapt
 from .cost.budget import Budget
 from .errors import ArgumentTypeError, ConfigError, RunDirError, shown
-from .graph import ignore_items, resolve_ignore, trace
+from .graph import ignore_items, ignore_names, trace
 from .plan import Plan
 
 OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML = "overlap.json", "overlap.md", "overlap.html"
@@ -207,9 +207,7 @@ def specialize(
         tolerances = {n: as_float(tolerance[n], f"tolerance[{n!r}]", low=0.0) for n in tasks}
     else:
         tolerances = {n: as_float(tolerance, "tolerance", low=0.0) for n in tasks}
-    items = ignore_items(ignore)
-    resolve_ignore(model, items)
-    names = [n for n, m in model.named_modules() if id(m) in resolve_ignore(model, items)]
+    names = ignore_names(model, ignore_items(ignore))
     root = Path(run_dir) if run_dir is not None else None
     if root is not None and root.is_dir() and not force:
         foreign = sorted(p.name for p in root.iterdir() if p.name not in {*tasks, *OWN_FILES})

@@ -18,7 +18,7 @@ from ..calls import eval_call
 from ..cost.budget import Budget
 from ..cost.registry import cost_order
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
-from ..graph import ignore_items, resolve_ignore
+from ..graph import ignore_items, ignore_names
 from ..plan import Plan
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
@@ -132,10 +132,8 @@ def adapt(
                else "the options are the fields of adaprune.AdaptConfig (tolerance, importance, step, finetune_steps ...)")
         )
     ignore = ignore_items(ignore)  # a generator is read once, here
-    resolve_ignore(model, ignore)
+    names = ignore_names(model, ignore)
     config = AdaptConfig(tolerance=tolerance, **options)
-    ids = resolve_ignore(model, ignore)
-    names = [n for n, m in model.named_modules() if id(m) in ids]
     if resume and run_dir is None:
         raise ConfigError("resume=True needs run_dir= (the directory of the run to continue)")
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
@@ -191,8 +189,7 @@ def check_resume(
     from ..multitask import task_settings
 
     config = AdaptConfig(tolerance=tolerance, **options)
-    ids = resolve_ignore(model, ignore)
-    names = [n for n, m in model.named_modules() if id(m) in ids]
+    names = ignore_names(model, ignore)
     state = run_dir.load()
     settings = run_settings(config, budget, names, task_settings(task) if task is not None else None)
     check_resumable(state, settings, model_signature(model), str(run_dir.path))

@@ -63,6 +63,13 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str] | nn.Modu
     return ids
 
 
+def ignore_names(model: nn.Module, ignore: Any) -> list[str]:
+    """The names (in ``model.named_modules()`` order) of the modules ``ignore`` resolves to (checked as by
+    :func:`resolve_ignore`)."""
+    ids = resolve_ignore(model, ignore)
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,

@@ -40,7 +40,7 @@ from ..cost.budget import Budget
 from ..cost.latency import measure_latency
 from ..cost.registry import static_values
 from ..errors import ArgumentTypeError, ConfigError
-from ..graph import Graph, ignore_items, resolve_ignore, trace
+from ..graph import Graph, ignore_items, ignore_names, trace
 from ..importance.registry import Context, default_loss, get_importance
 from ..plan import Plan
 from ..task import Task, as_task
@@ -140,11 +140,6 @@ def widths_of(graph: Graph, pruned: nn.Module) -> dict[str, int]:
     return out
 
 
-def _names(model: nn.Module, ignore: Any) -> list[str]:
-    ids = resolve_ignore(model, ignore)
-    return [n for n, m in model.named_modules() if id(m) in ids]
-
-
 def ladder(
     model: nn.Module,
     example_inputs: Any,
@@ -209,7 +204,7 @@ def ladder(
     rate = as_float(lr if lr is not None else getattr(task, "lr", 3e-4), "lr", low=0.0, low_open=True)
     resume, force = as_bool(resume, "resume"), as_bool(force, "force")
     options = dict(allocation or {})
-    names = _names(model, ignore_items(ignore))
+    names = ignore_names(model, ignore_items(ignore))
     if resume and run_dir is None:
         raise ConfigError("ladder: resume=True needs run_dir= (the directory of the build to continue)")
     if resume and force:

@@ -165,7 +165,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"model/{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    return {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
@@ -187,7 +187,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
     for i, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            out[f"adam/{i}/{key}"] = t.detach().contiguous().cpu().clone()
+            out[f"adam/{i}/{key}"] = t.detach().contiguous().cpu()
     return out
 
 

@@ -1,0 +1,36 @@
+"""README's runtime-adaptation and several-tasks examples run as printed (each in a temporary directory:
+they write a ladder and run directories)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_section(heading: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the first python block under README's ``## heading`` with ``tmp_path`` as working directory."""
+    block = README.read_text().split(f"## {heading}")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, f"README.md ({heading})", "exec"), {})  # noqa: S102  (our own README)
+
+
+def test_the_readme_ladder_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run_section("Runtime adaptation", tmp_path, monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[:4]] == ["0", "1", "2", "3"]
+    assert all(line.split()[-1] == "True" for line in printed[:4])  # every rung meets its budget
+    assert (tmp_path / "out" / "ladder" / "ladder.json").is_file()
+    assert (tmp_path / "runs" / "ladder" / "ladder-state.json").is_file()  # the build's stages, to resume
+
+
+def test_the_readme_multitask_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run_section("Several tasks", tmp_path, monkeypatch)
+    printed = capsys.readouterr().out
+    assert "digit/accuracy" in printed and "ink/mse" in printed and "Jaccard" in printed
+    assert (tmp_path / "runs" / "specialize" / "overlap.json").is_file()
+    assert (tmp_path / "runs" / "specialize" / "ink" / "state.json").is_file()
