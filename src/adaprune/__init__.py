@@ -30,6 +30,7 @@ from .specialize import Specialized, specialize
 from .surgery import NM, mask, reconstruct, remove, sparsify
 from .surgery.check import apply_plan
 from .task import ClassificationTask, Task
+from .updates import check, diff
 
 __all__ = [
     "NM",
@@ -52,7 +53,9 @@ __all__ = [
     "__version__",
     "adapt",
     "apply_plan",
+    "check",
     "count",
+    "diff",
     "errors",
     "export_onnx",
     "ladder",

@@ -286,6 +286,17 @@ def _find(root: Path, named: str, usual: str, digest: str | None, what: str) -> 
     )
 
 
+def read_plan(directory: str | os.PathLike[str]) -> Plan:
+    """The plan of a save directory (checked against the hash recorded when it was saved)."""
+    root = Path(directory)
+    meta = read_meta(root)
+    plan_path = _find(root, meta.plan_file, PLAN, meta.plan_sha256, "the plan")
+    try:
+        return Plan.from_json(fs.read_text(plan_path, what="plan.json"))
+    except FileFormatError as exc:
+        raise LoadError(str(exc)) from None
+
+
 def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Module]) -> nn.Module:
     """Rebuild a saved pruned model: ``model_factory()`` gives the unpruned architecture.
 
@@ -311,11 +322,7 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
     if fs.kind(root, what="load: directory", error=LoadError) != "dir":
         raise LoadError(f"{shown(str(root), 200)} is not a directory written by adaprune.save")
     meta = read_meta(root)
-    plan_path = _find(root, meta.plan_file, PLAN, meta.plan_sha256, "the plan")
-    try:
-        plan = Plan.from_json(fs.read_text(plan_path, what="plan.json"))
-    except FileFormatError as exc:
-        raise LoadError(str(exc)) from None
+    plan = read_plan(root)
     weights = _find(root, meta.weights_file, WEIGHTS, meta.weights_sha256, "the weights")
     model = model_factory()
     if not isinstance(model, nn.Module):

@@ -63,12 +63,15 @@ class Plan:
     Checked when built: ``removals`` maps tensor names (``str``) to ``{dim: indices}`` with dims and
     indices non-negative integers, the indices distinct; they are stored as plain dicts of sorted
     tuples of ``int`` (NumPy integers, lists, 1-D integer arrays or tensors are converted). ``groups``
-    is a tuple (or list) of :class:`GroupCut`. Anything else raises :class:`~adaprune.errors.PlanError`
-    naming the tensor and the dim.
+    is a tuple (or list) of :class:`GroupCut`. ``sizes`` (optional) records, per tensor and dim the plan
+    cuts, that dim's size in the model the plan was made for: :meth:`check` then refuses a model whose
+    size differs, and :func:`adaprune.updates.map_plan` tells a resized layer from a kept one. Anything
+    else raises :class:`~adaprune.errors.PlanError` naming the tensor and the dim.
     """
 
     removals: Mapping[str, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
     groups: tuple[GroupCut, ...] = ()
+    sizes: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         raw: Any = self.removals
@@ -89,6 +92,11 @@ class Plan:
             raise PlanError(f"Plan(groups={shown(groups)}): expected a tuple of GroupCut")
         object.__setattr__(self, "removals", removals)
         object.__setattr__(self, "groups", tuple(groups))
+        object.__setattr__(self, "sizes", _sizes_of(self.sizes, removals))
+
+    def size_of(self, tensor: str, dim: int) -> int | None:
+        """The size of ``dim`` of ``tensor`` in the model the plan was made for, when recorded."""
+        return self.sizes.get(tensor, {}).get(dim)
 
     @property
     def is_empty(self) -> bool:
@@ -105,6 +113,8 @@ class Plan:
             "groups": [
                 {"name": g.name, "size": g.size, "removed": list(g.removed)} for g in self.groups
             ],
+            **({"sizes": {name: {str(d): n for d, n in sorted(dims.items())} for name, dims in sorted(self.sizes.items())}}
+               if self.sizes else {}),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -141,7 +151,17 @@ class Plan:
         groups = data.get("groups", [])
         if not isinstance(groups, list):
             raise PlanError(f"plan field 'groups' must be a list of {{name, size, removed}}, got {shown(groups)}")
-        return cls(removals, tuple(_group(g) for g in groups))
+        sizes = data.get("sizes", {})
+        if not isinstance(sizes, dict) or not all(isinstance(v, dict) for v in sizes.values()):
+            raise PlanError(f"plan field 'sizes' must be an object {{tensor: {{dim: size}}}}, got {shown(sizes)}")
+        dims_of: dict[str, dict[int, Any]] = {}
+        for name, dims in sizes.items():
+            for d, n in dims.items():
+                dim = _dim(d)
+                if dim is None:
+                    raise PlanError(f"plan sizes[{shown(name)}] has a dim {shown(d)} that is not a non-negative integer")
+                dims_of.setdefault(str(name), {})[dim] = n
+        return cls(removals, tuple(_group(g) for g in groups), dims_of)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
@@ -171,6 +191,13 @@ class Plan:
             for d, idx in dims.items():
                 if not 0 <= d < t.dim():
                     raise PlanMismatchError(f"the plan cuts dim {shown(d)} of {shown(name)}, which has {t.dim()} dims")
+                made_for = self.size_of(name, d)
+                if made_for is not None and made_for != t.shape[d]:
+                    raise PlanMismatchError(
+                        f"the plan was made for a model whose {shown(name)} has {made_for} entries along dim {d}; "
+                        f"this one has {t.shape[d]} (another architecture, or an already pruned copy); "
+                        "adaprune.updates.map_plan maps a plan onto an updated model and reports what does not map"
+                    )
                 if idx and idx[-1] >= t.shape[d]:
                     raise PlanMismatchError(
                         f"the plan removes index {shown(idx[-1])} of dim {d} of {shown(name)}, whose size is "
@@ -320,4 +347,28 @@ def plan_from_choice(graph: Graph, chosen: Mapping[str, Sequence[int]]) -> Plan:
                 for d, pos in dims.items():
                     removals.setdefault(tensor, {}).setdefault(d, set()).update(pos)
     frozen = {t: {d: tuple(sorted(p)) for d, p in dims.items()} for t, dims in removals.items()}
-    return Plan(frozen, tuple(cuts))
+    sizes: dict[str, dict[int, int]] = {s.tensor: {} for g in graph.groups for s in g.slots if s.tensor in frozen}
+    for g in graph.groups:
+        for s in g.slots:
+            if s.tensor in frozen and s.dim in frozen[s.tensor]:
+                sizes[s.tensor][s.dim] = s.size
+    return Plan(frozen, tuple(cuts), {t: d for t, d in sizes.items() if d})
+
+
+def _sizes_of(raw: Any, removals: Mapping[str, Mapping[int, tuple[int, ...]]]) -> dict[str, dict[int, int]]:
+    """``Plan.sizes`` checked: per tensor and dim a whole size >= 1, above every index the plan removes there."""
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"Plan(sizes={shown(raw)}): expected a mapping {{tensor name: {{dim: size}}}}")
+    out: dict[str, dict[int, int]] = {}
+    for name, dims in raw.items():
+        if not isinstance(name, str) or not isinstance(dims, Mapping):
+            raise PlanError(f"Plan sizes: {shown(name)}: {shown(dims)} is not tensor name -> {{dim: size}}")
+        for d, n in dims.items():
+            dim, size = _dim_of(name, d), _whole(n)
+            if size is None or size < 1:
+                raise PlanError(f"Plan sizes[{shown(name)}][{dim}] = {shown(n)} is not a whole size >= 1")
+            cut = removals.get(name, {}).get(dim, ())
+            if cut and cut[-1] >= size:
+                raise PlanError(f"Plan removes index {cut[-1]} of dim {dim} of {shown(name)}, whose recorded size is {size}")
+            out.setdefault(name, {})[dim] = size
+    return out

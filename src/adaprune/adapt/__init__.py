@@ -26,6 +26,11 @@ from ..task import as_task
 from .controller import AdaptConfig, Controller, as_plan, replay
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
+from .warm import warm_key
+
+
+class WarmStartWarning(UserWarning):
+    """Part of a warm start's previous plan did not map onto the updated model (the message says which)."""
 
 
 @dataclass
@@ -40,7 +45,14 @@ class AdaptResult:
     ``evaluations`` counts the task's evaluations (the original, every probe measured, every step's
     model; a resumed run includes the ones before it was killed). ``stopped`` names the limit
     (``time_limit`` / ``max_evaluations``) that ended the run, ``""`` when none did; ``warnings`` is
-    what the run warned about (a validation set too small for the tolerance).
+    what the run warned about (a validation set too small for the tolerance, parts of a warm start's
+    plan that did not map).
+
+    ``warm_start`` (with ``adapt(warm_start=)``): what the warm start did (:mod:`adaprune.adapt.warm`):
+    ``outcome`` (``"kept"``: the previous plan held; ``"grown back"``: it held with the groups in
+    ``restored`` uncut; ``"abandoned"``), ``tries``, the mapped plan's channels per group (``removed``),
+    what did not map (``dropped``) and what the mapping also cut (``extended``), and the measured
+    ``harms`` per group when the whole plan was rolled back; ``None`` without a warm start.
     """
 
     model: nn.Module
@@ -57,9 +69,14 @@ class AdaptResult:
     evaluations: int = 0
     stopped: str = ""
     warnings: list[str] = field(default_factory=list)
+    warm_start: dict[str, Any] | None = None
 
     def summary(self) -> str:
         lines = [self.message]
+        if self.warm_start is not None:
+            w = self.warm_start
+            lines.append(f"warm start: {w['outcome'] or 'not finished'} after {w['tries']} tries"
+                         + (f"; grown back: {', '.join(w['restored'])}" if w["restored"] else ""))
         for k in sorted(set(self.before) & set(self.after)):
             lines.append(f"{k}: {self.before[k]:.4f} -> {self.after[k]:.4f}")
         for k in cost_order(self.costs_before):  # every registered cost measured, in registry order
@@ -86,6 +103,7 @@ def adapt(
     resume: bool = False,
     force: bool = False,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    warm_start: Any = None,
     **options: Any,
 ) -> AdaptResult:
     """Prune ``model`` in place, in measured steps, until ``budget`` is met or ``tolerance`` binds.
@@ -110,6 +128,12 @@ def adapt(
             the task's calibration batches, as in :func:`adaprune.prune`; default: cross-entropy on the
             model's logits (:func:`adaprune.importance.default_loss`). Not part of the run's settings: a
             resumed run takes the one it is given.
+        warm_start: a previous result to start from, when ``model`` is an update of the model it pruned:
+            an :class:`AdaptResult`, a :class:`~adaprune.plan.Plan`, a run directory, a directory written
+            by :func:`adaprune.save` or a plan JSON file. Its plan is mapped onto ``model`` by tensor
+            name (:func:`adaprune.updates.map_plan`; what does not map is in ``warnings`` and
+            ``warm_start``), tried first as one step, and grown back where the update needs what it cut
+            (:mod:`adaprune.adapt.warm`). A plan for another model is a ``PlanMismatchError``.
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:
@@ -139,7 +163,15 @@ def adapt(
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
-    controller = Controller(model, example_inputs, task, budget, config, names, rd, loss)  # checks the weights
+    mapped = None
+    if warm_start is not None:
+        from ..mapping import map_plan
+        from .previous import plan_of
+
+        mapped = map_plan(plan_of(warm_start), model, example_inputs, ignore=names)
+        for line in mapped.dropped:
+            warnings.warn(f"warm start: not mapped: {line}", WarmStartWarning, stacklevel=2)
+    controller = Controller(model, example_inputs, task, budget, config, names, rd, loss, mapped)  # checks the weights
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
         rd.open(resume=resume, force=force)
@@ -147,7 +179,7 @@ def adapt(
         with warnings.catch_warnings():  # the working copy's config: said once, for the result, below
             warnings.simplefilter("ignore", UnsaveableConfigWarning)
             work, state = controller.run(resume)
-        plan = as_plan(state.removals)
+        plan = as_plan(state.removals, state.sizes)
         after = controller.current_metrics(state)  # as measured on exactly these weights
         costs_after = _final_costs(state)
         _apply(model, plan, work, example_inputs)
@@ -170,6 +202,7 @@ def adapt(
         evaluations=state.evaluations,
         stopped=state.stopped,
         warnings=list(state.warnings),
+        warm_start=None if state.warm is None else dict(state.warm),
     )
 
 
@@ -181,6 +214,8 @@ def check_resume(
     *,
     ignore: Iterable[nn.Module | str] | None = None,
     task: Any = None,
+    warm_start: Any = None,
+    example_inputs: Any = None,
     **options: Any,
 ) -> None:
     """Raise :class:`~adaprune.errors.RunDirError` if the run in ``run_dir`` cannot be resumed with these
@@ -191,7 +226,13 @@ def check_resume(
     config = AdaptConfig(tolerance=tolerance, **options)
     names = ignore_names(model, ignore)
     state = run_dir.load()
-    settings = run_settings(config, budget, names, task_settings(task) if task is not None else None)
+    warm = None
+    if warm_start is not None:  # the same previous plan, mapped the same way
+        from ..mapping import map_plan
+        from .previous import plan_of
+
+        warm = map_plan(plan_of(warm_start), model, example_inputs, ignore=names)
+    settings = run_settings(config, budget, names, {**(task_settings(task) if task is not None else {}), **warm_key(warm)})
     check_resumable(state, settings, model_signature(model), str(run_dir.path))
     replay(copy.deepcopy(model), state, str(run_dir.path))  # (a copy: the caller's model is not touched)
 
@@ -225,4 +266,5 @@ def _apply(model: nn.Module, plan: Plan, work: nn.Module, example_inputs: Any) -
         raise
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "ControllerState", "RunDir", "StepRecord", "adapt", "check_resume"]
+__all__ = ["AdaptConfig", "AdaptResult", "ControllerState", "RunDir", "StepRecord", "WarmStartWarning", "adapt",
+           "check_resume"]

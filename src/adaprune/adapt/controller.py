@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,6 +54,13 @@ from .noise import Interval, SmallValidationWarning, check_examples, paired_inte
 from .probing import Probe, Prober, first_order
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
+from .warm import warm_key, warm_state, warm_step
+
+if TYPE_CHECKING:
+    from ..mapping import MappedPlan
+
+WARM_RECOVERY = 1
+"""A warm start's recovery, in units of ``finetune_steps`` (``AdaptConfig.warm_finetune_steps`` overrides it)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class AdaptConfig:
     reprobe: int = 4
     time_limit: float | None = None
     max_evaluations: int | None = None
+    warm_finetune_steps: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -130,6 +138,8 @@ class AdaptConfig:
                                        hint="seconds of wall time, checked before every step"))
         if self.max_evaluations is not None:
             put("max_evaluations", as_int(self.max_evaluations, "max_evaluations", low=1))
+        if self.warm_finetune_steps is not None:
+            put("warm_finetune_steps", as_int(self.warm_finetune_steps, "warm_finetune_steps", low=0))
         for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1),
                           ("min_channels", 1), ("round_to", 1), ("probe_budget", 1), ("reprobe", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
@@ -157,15 +167,18 @@ def compose(removals: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[i
             removals.setdefault(tensor, {})[str(d)] = sorted(done)
 
 
-def as_plan(removals: dict[str, dict[str, list[int]]]) -> Plan:
-    return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()})
+def as_plan(removals: dict[str, dict[str, list[int]]], sizes: dict[str, dict[str, int]] | None = None) -> Plan:
+    """The run's removals (relative to the original model) as a :class:`Plan`, with the original sizes of
+    the dims it cuts when known (``state.sizes``)."""
+    return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()}, (),
+                {t: {int(d): n for d, n in dims.items()} for t, dims in (sizes or {}).items()})
 
 
 def replay(model: nn.Module, state: ControllerState, where: str) -> None:
     """Cut ``model`` (a copy of the original) as the run's removals say; removals that do not fit it are a
     damaged or foreign ``state.json``, refused with the model unchanged."""
     try:
-        remove(model, as_plan(state.removals))
+        remove(model, as_plan(state.removals, state.sizes))
     except PlanError as exc:
         raise RunDirError(
             f"cannot resume {where}: state.json's removals do not fit the model ({shown(str(exc), 160)})"
@@ -235,8 +248,10 @@ class Controller:
         ignore: list[str],
         run_dir: RunDir | None,
         loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        warm: MappedPlan | None = None,
     ) -> None:
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
+        self.warm = warm  # a previous plan mapped onto this model (adaprune.adapt.warm), tried first
         self.ignore, self.run_dir = ignore, run_dir
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
@@ -430,17 +445,24 @@ class Controller:
         original = group.size * self.shapes[slot.tensor][slot.dim] / max(slot.size, 1)
         return max(0.0, 1.0 - self.cfg.min_width * original / group.size)
 
-    def recovery_steps(self) -> int:
-        """The optimizer steps one recovery asks of the task: ``finetune_steps`` when the task
-        fine-tunes (``task.fine_tunes``: it has its own ``finetune``), else 0. Every step the controller
-        tries (accepted or rolled back) spends them."""
-        return self.cfg.finetune_steps if self.task.fine_tunes else 0
+    def recovery_steps(self, steps: int | None = None) -> int:
+        """The optimizer steps one recovery asks of the task: ``steps`` (by default ``finetune_steps``)
+        when the task fine-tunes (``task.fine_tunes``: it has its own ``finetune``), else 0. Every step
+        the controller tries (accepted or rolled back) spends them."""
+        return (self.cfg.finetune_steps if steps is None else steps) if self.task.fine_tunes else 0
 
-    def recover(self, work: nn.Module, step: int) -> int:
+    def warm_steps(self) -> int:
+        """The optimizer steps of a warm start's recovery: ``warm_finetune_steps``, by default
+        ``WARM_RECOVERY`` times ``finetune_steps`` (the warm step cuts in one step what a run from scratch
+        cuts in several, each followed by a recovery)."""
+        return self.cfg.warm_finetune_steps if self.cfg.warm_finetune_steps is not None \
+            else WARM_RECOVERY * self.cfg.finetune_steps
+
+    def recover(self, work: nn.Module, step: int, steps: int | None = None) -> int:
         """Fine-tune (the task's ``finetune``), then recalibrate BatchNorm; returns the optimizer steps
         asked of the task (a fine-tune that failed part-way may have taken fewer)."""
         torch.manual_seed(self.cfg.seed * 100_003 + step)
-        steps = self.recovery_steps()
+        steps = self.recovery_steps(steps)
         if steps > 0:
             self.task.finetune(work, steps)
         self.recalibrate(work)
@@ -477,8 +499,8 @@ class Controller:
                 return True
         return False
 
-    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan,
-                step: int) -> tuple[dict[str, float], Examples, str, str]:
+    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int,
+                steps: int | None = None) -> tuple[dict[str, float], Examples, str, str]:
         """Reconstruct (kept only if it helps), recover and evaluate the cut model. Returns its (finite)
         metrics, its per-example values, what failed when something came out NaN or inf (fine-tuning
         diverged; else ``""``) and what the reconstruction did (``""`` when not tried).
@@ -513,10 +535,10 @@ class Controller:
                     work.load_state_dict(trial.state_dict())
                 refit = (f"refit {'kept' if kept else 'dropped'} ({key} {plain[0][key]:.4f} without, "
                          f"{fitted[0][key]:.4f} with)")
-                if self.recovery_steps() == 0:
+                if self.recovery_steps(steps) == 0:
                     metrics, values = fitted if kept else plain
                     return self.finished(work, metrics, values, refit)
-            self.recover(work, step)
+            self.recover(work, step, steps)
             doing = "task.evaluate"
             metrics, values = self.evaluate(work)
         except NonFiniteError as exc:
@@ -576,25 +598,9 @@ class Controller:
         if tried in state.rejected:  # rolled back on these very weights before: not measured again
             state.step_size = size * self.cfg.shrink
             return work
-        snapshot = copy.deepcopy(work)
-        remove(work, plan)
-        metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step)
-        new_values = self.costs(work)
-        verdicts = [] if failure else self.judge(state, metrics, examples)
-        over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
-        binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
-        interval = None if binding is None else binding.interval
-        cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
-        # measure() ran one recovery, whatever it decided: its optimizer steps are spent
-        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps(),
-                            None if interval is None else [interval.low, interval.high], refit)
-        state.history.append(record)
-        if not failure and not over:
-            record.accepted = True
-            record.reason = "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}" for v in verdicts)
-            if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
-                self.lineage += 1
-            compose(state.removals, self.shapes, plan)
+        snapshot, record, verdicts = self.attempt(work, state, plan, size)
+        new_values = record.costs
+        if record.accepted:
             if "latency" in values:
                 table.calibrate(self.macs_by_cluster(plan, probes, predictor),
                                 values["latency"] - new_values["latency"], values["latency"] / max(values["macs"], 1.0))
@@ -606,10 +612,41 @@ class Controller:
         hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
         note = self.protect(state, probes[hurt].groups, hurt) if hurt is not None else ""
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
-        why = failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}" for v in over)
-        record.reason = f"{why}: rolled back, step halved{note}"
+        record.reason += f": rolled back, step halved{note}"
         state.rejected.append(tried)
         return snapshot
+
+    def attempt(self, work: nn.Module, state: ControllerState, plan: Plan, size: float,
+                steps: int | None = None) -> tuple[nn.Module, StepRecord, list[Verdict]]:
+        """Cut ``plan`` from ``work``, recover (``steps`` optimizer steps, by default ``finetune_steps``),
+        measure and judge; record the step in the history. Accepted: the removals are folded into the
+        state and ``work`` is the model to go on with. Rolled back: the record's reason says why, and the
+        returned snapshot (``work`` as it was) is. Returns the snapshot, the record and the verdicts."""
+        snapshot = copy.deepcopy(work)
+        remove(work, plan)
+        metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step, steps)
+        new_values = self.costs(work)
+        verdicts = [] if failure else self.judge(state, metrics, examples)
+        over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
+        binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
+        interval = None if binding is None else binding.interval
+        cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
+        # measure() ran one recovery, whatever it decided: its optimizer steps are spent
+        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps(steps),
+                            None if interval is None else [interval.low, interval.high], refit)
+        state.history.append(record)
+        if failure or over:
+            record.reason = failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}"
+                                                 for v in over)
+            return snapshot, record, verdicts
+        record.accepted = True
+        record.reason = "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}" for v in verdicts)
+        if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
+            self.lineage += 1
+        compose(state.removals, self.shapes, plan)
+        for tensor, dims in plan.removals.items():
+            state.sizes.setdefault(tensor, {}).update({str(d): self.shapes[tensor][d] for d in dims})
+        return snapshot, record, verdicts
 
     def limit_reached(self) -> str:
         """Which of ``time_limit`` / ``max_evaluations`` the run has reached (``""``: neither)."""
@@ -644,7 +681,7 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
-        config = run_settings(self.cfg, self.budget, self.ignore, task_settings(self.task))
+        config = run_settings(self.cfg, self.budget, self.ignore, {**task_settings(self.task), **warm_key(self.warm)})
         signature = model_signature(self.model)
         resumed = resume and self.run_dir is not None and self.run_dir.exists()
         if resumed:
@@ -682,6 +719,9 @@ class Controller:
             state.evaluations = self.evaluations
             # every relative latency bound is a fraction of this one number: measured three times as long
             state.original_costs = self.costs(work, repeats=3 * self.cfg.latency_repeats)
+            if self.warm is not None:
+                state.warm = warm_state(self.warm)
+                state.warnings.extend(f"warm start: not mapped: {d}" for d in self.warm.dropped)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
         if resumed:
@@ -702,7 +742,8 @@ class Controller:
                 state.done, state.stopped = True, limit
                 state.message = self.unmet(state, values, f"stopped: {limit}; the last accepted model is returned")
                 break
-            work = self.step(work, state, values)
+            warming = state.warm is not None and not state.warm["outcome"]
+            work = warm_step(self, work, state, values) if warming else self.step(work, state, values)
             state.step += 1
             state.evaluations = self.evaluations
             if state.history and state.history[-1].accepted and state.history[-1].step == state.step - 1:

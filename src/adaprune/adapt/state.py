@@ -77,6 +77,8 @@ class ControllerState:
     warnings: list[str] = field(default_factory=list)  # what the run warned about (a too-small validation set)
     probe_ratios: dict[str, float] = field(default_factory=dict)  # unit -> measured / estimated probe harm
     task_examples: dict[str, list[float]] = field(default_factory=dict)  # a MultiTask's, per task (else baseline_examples)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # per tensor and dim cut, its size in the original
+    warm: dict[str, Any] | None = None  # a warm start's progress (adaprune.adapt.warm), None without one
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -130,6 +132,17 @@ class _StepFile(_Strict):
     refit: str = ""
 
 
+class _WarmFile(_Strict):
+    key: str = Field(pattern=r"^[0-9a-f]{16}$")
+    removed: dict[str, list[Annotated[int, Field(ge=0)]]]
+    dropped: list[str]
+    extended: list[str]
+    harms: dict[str, Annotated[float, Field(allow_inf_nan=False)]]
+    restored: list[str]
+    tries: int = Field(ge=0)
+    outcome: Literal["", "kept", "grown back", "abandoned"]
+
+
 class _StateFile(_Strict):
     version: Literal[1]
     step: int = Field(ge=0, le=MAX_STEP)
@@ -153,6 +166,8 @@ class _StateFile(_Strict):
     warnings: list[str] = Field(default_factory=list)
     probe_ratios: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     task_examples: dict[str, list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default_factory=dict)
+    sizes: dict[str, dict[str, Annotated[int, Field(ge=1)]]] = Field(default_factory=dict)
+    warm: _WarmFile | None = None
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:

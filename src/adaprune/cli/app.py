@@ -140,6 +140,11 @@ def adapt(
         ),
     ] = False,
     run_dir: RunDirOpt = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option("--warm-start", help="start from a previous run's plan (its run directory, a saved model "
+                     "directory or a plan JSON file): for an updated model (overrides the config's warm_start)"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prune the configured model in measured steps until the budget is met or the tolerance binds.
@@ -156,6 +161,8 @@ def adapt(
 
     with _errors(config):
         cfg = prepare(config, run_dir)
+        if warm_start is not None:
+            cfg = cfg.model_copy(update={"warm_start": str(warm_start.resolve())})
         try:
             with _interruptible():
                 data = run_adapt(cfg, resume=resume, force=force, console=_err_console(), source=config)
@@ -373,6 +380,64 @@ def export(
                 f"{r['p90_ms']:.3f}",
             )
     Console().print(table)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[Path, typer.Argument(help="the run directory of an adapt run (its config rebuilds the model)")],
+    run_b: Annotated[Path, typer.Argument(help="the run directory of another adapt run of the same model")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="also write the diff to FILE.md (Markdown) or FILE.html (a page)")
+    ] = None,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--factory",
+            help="'module:function' or 'file.py:function' building the unpruned model (called with RUN_A's "
+            "config's model.kwargs); default: RUN_A's config, if it names no code",
+        ),
+    ] = None,
+    trust_config: Annotated[
+        bool,
+        typer.Option(
+            "--trust-config",
+            help="build the model with the code RUN_A's config.yaml names (only for run directories you made "
+            "or trust: importing it runs it)",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare the plans of two adapt runs of one model: per group, the channels both keep, those only one
+    keeps, and what each set costs (MACs, parameters).
+
+    The dense model is rebuilt from RUN_A's config.yaml (as export does) and costs are counted on RUN_A's
+    example inputs; RUN_B's config must name the same model.
+    """
+    from rich.text import Text
+
+    from .diff_job import run_diff
+
+    with _errors():
+        found = run_diff(run_a, run_b, factory=factory, trust=trust_config, out=out, console=_err_console())
+    if as_json:
+        typer.echo(json.dumps({"run_a": str(run_a), "run_b": str(run_b), "out": None if out is None else str(out),
+                               **found.to_dict()}, indent=1))
+        return
+    a, b = found.names
+    table = Table(title=Text(f"plan diff: {a} against {b}"))
+    for col in ("group", "channels", "kept by both", f"only {a}", f"only {b}", "Jaccard", f"MACs only {a}",
+                f"MACs only {b}"):
+        table.add_column(Text(col), justify="left" if col == "group" else "right")
+    for g in [*found.groups, found.total]:
+        table.add_row(Text(g.group), f"{g.size:,}", f"{g.both:,}", f"{g.only_a:,}", f"{g.only_b:,}",
+                      f"{g.jaccard:.2f}", f"{g.cost_only_a['macs']:,}", f"{g.cost_only_b['macs']:,}")
+    console = Console()
+    console.print(table)
+    console.print(found.summary, markup=False, highlight=False)
+    for line in found.dropped:
+        console.print(f"not mapped: {line}", markup=False, highlight=False)
+    if out is not None:
+        console.print(f"wrote {out}", markup=False, highlight=False)
 
 
 def _zoo_script() -> Path | None:

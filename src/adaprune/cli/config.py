@@ -261,6 +261,11 @@ class RunConfig(_Strict):
         None, description="the run directory (default: runs/<config file name>, under the working directory)"
     )
     title: str | None = Field(None, description="the report's title")
+    warm_start: str | None = Field(
+        None, description="start from a previous run's plan (its run directory, a directory adaprune.save wrote, or a "
+                          "plan JSON file), mapped onto this model: for an updated model, re-pruned in a fraction of "
+                          "the time (see adaprune.adapt.warm)"
+    )
     options: Options = Field(  # type: ignore[valid-type]
         default_factory=Options, description="adapt options (AdaptConfig fields)"
     )
@@ -427,7 +432,8 @@ def _resolve_paths(cfg: RunConfig, base: Path, source: str) -> RunConfig:
     )
     # the default run directory is under the working directory, like `make demo`'s runs/demo
     run_dir = _abs(cfg.run_dir, base) if cfg.run_dir else str(Path("runs", Path(source).stem).resolve())
-    return cfg.model_copy(update={"model": model, "data": data, "task": task, "run_dir": run_dir})
+    warm = _abs(cfg.warm_start, base) if cfg.warm_start else None
+    return cfg.model_copy(update={"model": model, "data": data, "task": task, "run_dir": run_dir, "warm_start": warm})
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -176,6 +176,9 @@ def run_adapt(
     if resume and force:
         raise CliError("--resume and --force contradict each other: continue the run, or start it over")
     rd = RunDir(Path(str(cfg.run_dir)))
+    if cfg.warm_start is not None and Path(cfg.warm_start).resolve() == rd.path.resolve():
+        raise CliError(f"warm_start is this run's own directory ({rd.path}): pass the previous run's directory and a "
+                       "new run_dir for the re-pruned model")
     own_config = source is not None and _same(source, rd.path / CONFIG)  # adapt runs/x/config.yaml --resume
     names = [n for n in ADAPT_NAMES if not (own_config and n == CONFIG)]
     protect = [source] if source is not None else []
@@ -187,7 +190,8 @@ def run_adapt(
     options = cfg.adapt_options()
     with rd.open(resume=resume, force=force, names=names, protect=protect):
         if resume and rd.exists():
-            check_resume(rd, job.model, the_budget, cfg.tolerance, ignore=cfg.ignore, task=job.task, **options)
+            check_resume(rd, job.model, the_budget, cfg.tolerance, ignore=cfg.ignore, task=job.task,
+                         warm_start=cfg.warm_start, example_inputs=job.x, **options)
         if not own_config:
             rd.write(CONFIG, dump_config(cfg).encode("utf-8"), what="the run's config.yaml")
         rd.write(INPUTS, lambda tmp: save_inputs(job.x, Path(tmp)), what="the example inputs")
@@ -211,7 +215,7 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
     with watch(run_dir / STATE, total, metric, console):
         res = ap.adapt(
             job.model, job.x, job.task, the_budget, cfg.tolerance,
-            ignore=cfg.ignore, run_dir=rd, resume=resume, **options,
+            ignore=cfg.ignore, run_dir=rd, resume=resume, warm_start=cfg.warm_start, **options,
         )
     with spinner(console, "saving, exporting and measuring the pruned model"):
         ap.save(res, rd.subdir(MODEL), base=cfg.model.factory)
@@ -384,6 +388,14 @@ def export_factory(cfg: RunConfig, factory: str | None, trust: bool) -> Any:
     return lambda: fn(**kwargs)
 
 
+def dense_builder(cfg: RunConfig, factory: str | None, trust: bool) -> Callable[[], torch.nn.Module]:
+    """Builds the unpruned architecture of a run directory's config (no weights: ``export`` loads the pruned
+    ones, ``diff`` needs only the structure), from ``--factory`` or the config's own factory when allowed
+    (:func:`export_factory`); checked by :func:`build_model`."""
+    make = export_factory(cfg, factory, trust)
+    return lambda: build_model(cfg, make, weights=False, label=factory)
+
+
 def run_export(
     run_dir: Path, threads: int, repeats: int, console: Console, *, factory: str | None = None,
     trust: bool = False,
@@ -398,11 +410,11 @@ def run_export(
         if state is None or not state.done or not (run_dir / MODEL).is_dir():
             raise CliError(f"{run_dir}: the adapt run did not finish (no {MODEL}/); resume it first")
         cfg = load_config(cfg_file)
-        make = export_factory(cfg, factory, trust)
+        build = dense_builder(cfg, factory, trust)
         x = load_inputs(run_dir / INPUTS)
         with spinner(console, "loading the pruned model"):
             try:
-                model = ap.load(run_dir / MODEL, lambda: build_model(cfg, make, weights=False, label=factory))
+                model = ap.load(run_dir / MODEL, build)
             except ap.errors.AdapruneError as exc:
                 raise CliError(f"{run_dir / MODEL}: {exc}") from None
         with spinner(console, "exporting to ONNX and measuring latency"):
