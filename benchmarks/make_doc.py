@@ -537,6 +537,11 @@ def main() -> int:
         from multitask_doc import multitask_section
 
         lines += env_lines("multitask", mt) + [""] + multitask_section(mt) + [""]
+    up = load("updates")
+    if up:
+        from updates_doc import updates_section
+
+        lines += env_lines("updates", up) + [""] + updates_section(up) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():

@@ -114,7 +114,8 @@ def run(dense: nn.Module, d: DigitsData, args: argparse.Namespace, seed: int, wa
     task = task_of(d, seed)
     start = time.perf_counter()
     res = ap.adapt(model, d.x_test[:1], task, ap.Budget(macs=args.budget), args.tolerance, ignore=["fc"],
-                   finetune_steps=args.finetune_steps, seed=seed, warm_start=warm)
+                   finetune_steps=args.finetune_steps, seed=seed, warm_start=warm,
+                   **({} if warm is None or args.warm_finetune_steps is None else {"warm_finetune_steps": args.warm_finetune_steps}))
     wall = time.perf_counter() - start
     row = {"wall_s": round(wall, 2), "steps": len(res.history), "evaluations": res.evaluations,
            "optimizer_steps": res.optimizer_steps, "budget_met": res.budget_met,
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the base model")
     p.add_argument("--update-epochs", type=int, default=15, help="fine-tuning epochs of each update")
     p.add_argument("--update-lr", type=float, default=1e-3, help="the updates' initial learning rate")
+    p.add_argument("--warm-finetune-steps", type=int, default=None,
+                   help="the warm step's recovery (default: adapt's, finetune_steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="updates")
     args = p.parse_args(argv)

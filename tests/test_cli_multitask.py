@@ -87,15 +87,18 @@ def test_specialize_command_saves_a_model_per_task_and_the_overlap_report(root, 
     for name in ("digit", "ink"):
         model = ap.load(run / name / "model", lambda: TwoHead(48))
         assert ap.count(model, torch.zeros(1, 1, 8, 8)).macs == pytest.approx(out["tasks"][name]["costs_after"]["macs"])
-    for f in ("overlap.json", "overlap.md", "overlap.html", "specialize.json"):
+    for f in ("overlap.json", "overlap.md", "overlap.html", "specialize.json", "report.md", "report.html"):
         assert (run / f).is_file(), f
+    md = (run / "report.md").read_text()  # the run's report: per task, then the overlap
+    assert md.index("## Per task") < md.index("## Overlap") < md.index("Jaccard")
+    assert "| digit | digit/accuracy |" in md or "| digit | accuracy |" in md
     again = invoke("specialize", cfg)
     assert again.exit_code == 2 and "--resume" in again.stderr  # the runs are there: --resume or --force
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (`make test` installs it with apt-get when run as root)")
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'p'}", "--dump-dom", (run / "overlap.html").resolve().as_uri()],
+                          f"--user-data-dir={tmp_path / 'p'}", "--dump-dom", (run / "report.html").resolve().as_uri()],
                          capture_output=True, text=True, timeout=120, check=False)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<td>trunk.1</td>" in dom.stdout and "Jaccard" in dom.stdout
+    assert "<td>trunk.1</td>" in dom.stdout and "Jaccard" in dom.stdout and "<h2>Per task</h2>" in dom.stdout

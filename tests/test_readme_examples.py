@@ -1,4 +1,4 @@
-"""README's runtime-adaptation and several-tasks examples run as printed (each in a temporary directory:
+"""README's runtime-adaptation, several-tasks and model-updates examples run as printed (each in a temporary directory:
 they write a ladder and run directories)."""
 
 from __future__ import annotations
@@ -34,3 +34,11 @@ def test_the_readme_multitask_example_runs(tmp_path: Path, monkeypatch: pytest.M
     assert "digit/accuracy" in printed and "ink/mse" in printed and "Jaccard" in printed
     assert (tmp_path / "runs" / "specialize" / "overlap.json").is_file()
     assert (tmp_path / "runs" / "specialize" / "ink" / "state.json").is_file()
+
+
+def test_the_readme_model_updates_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run_section("Model updates", tmp_path, monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("within tolerance: ")  # the drift check's verdict
+    assert printed[-2].split()[0] in ("kept", "grown", "abandoned") and printed[-2].endswith("step(s)")
+    assert printed[-1].startswith("a and b ") and "MACs a " in printed[-1]  # the diff of the two plans

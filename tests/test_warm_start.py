@@ -216,3 +216,26 @@ def test_an_empty_previous_plan_warm_starts_nothing(digits_run):
         res = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.03,
                        ignore=["fc"], finetune_steps=20, warm_start=Plan())
     assert res.warm_start is not None and res.warm_start["outcome"] == "abandoned" and res.budget_met
+
+
+def test_cli_warm_start_reports_what_it_did_and_the_plan_diff(workdir):
+    from cli_helpers import config, invoke
+
+    first = config(workdir, "warm-a", budget={"macs": 0.6}, options={"finetune_steps": 5, "max_iterations": 4, "step": 0.3},
+                   report={"latency": False, "onnx": False})
+    assert invoke("adapt", first).exit_code == 0
+    prev = workdir / "runs" / "warm-a"
+    second = config(workdir, "warm-b", budget={"macs": 0.6}, options={"finetune_steps": 5, "max_iterations": 4, "step": 0.3},
+                    report={"latency": False, "onnx": False})
+    result = invoke("adapt", second, "--warm-start", prev, "--json")
+    assert result.exit_code == 0, result.output
+    run = workdir / "runs" / "warm-b"
+    data = json.loads((run / "report.json").read_text())
+    w = data["warm_start"]
+    assert w["source"] == str(prev.resolve()) and w["outcome"] == "kept" and w["tries"] == 1
+    assert w["diff"]["names"] == ["previous", "this run"] and w["diff"]["total"]["only_a"] == 0  # the same plan
+    html = (run / "report.html").read_text()
+    assert "<h2>Warm start</h2>" in html and "kept by both" in html and "the previous plan held as it was" in html
+    assert "## Warm start" in (run / "report.md").read_text()
+    own = invoke("adapt", second, "--warm-start", run, "--force")
+    assert own.exit_code == 2 and "this run's own directory" in own.stderr

@@ -11,7 +11,9 @@ the same budget, so every task gets a model pruned for it alone. Then the **over
   by several tasks counted once; by inclusion-exclusion over the tasks, per parameter tensor).
 
 With ``run_dir``, each task's run is a resumable run directory ``run_dir/<task>/`` and the overlap
-report is written beside them (``overlap.json``, ``overlap.md``, ``overlap.html``).
+report is written beside them (``overlap.json``, ``overlap.md``, ``overlap.html``), and the run's report
+(``report.html``, ``report.md``): per task its metric before and after, tolerance, costs and whether the
+budget was met, then the overlap.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from .plan import Plan
 
 OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML = "overlap.json", "overlap.md", "overlap.html"
 SUMMARY = "specialize.json"  # what `adaprune specialize` adds: per task its metrics and costs
-OWN_FILES = (OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML, SUMMARY)
+REPORT_MD, REPORT_HTML = "report.md", "report.html"  # per task, then the overlap
+OWN_FILES = (OVERLAP_JSON, OVERLAP_MD, OVERLAP_HTML, SUMMARY, REPORT_MD, REPORT_HTML)
 """The files specialize (and its command) write beside the per-task run directories."""
 
 
@@ -73,9 +76,13 @@ class Overlap:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "saving": self.saving}
 
-    def markdown(self) -> str:
+    def markdown(self, per_task: Table | None = None) -> str:
+        """The overlap as Markdown; ``per_task`` (a table: :func:`task_table`) goes first."""
+        from .report.render import _md_table
+
         tasks = [t.replace("|", "\\|") for t in self.tasks]  # a task name in a table cell
         lines = ["# Specialised models: what they share", "",
+                 *([ "## Per task", "", _md_table(per_task), "", "## Overlap", ""] if per_task else []),
                  f"Tasks: {', '.join(self.tasks)}. Parameters: original {self.params_original:,}; per task "
                  + ", ".join(f"{t} {n:,}" for t, n in self.params_per_task.items()) + ".", "",
                  (f"Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
@@ -87,23 +94,48 @@ class Overlap:
                          + f" | {g.jaccard:.2f} |")
         return "\n".join(lines) + "\n"
 
-    def html(self) -> str:
-        """The report as a standalone HTML page (every name escaped)."""
+    def html(self, per_task: Table | None = None) -> str:
+        """The report as a standalone HTML page (every name escaped); ``per_task`` (a table:
+        :func:`task_table`) goes first."""
+        from .report.render import _html_table
+
         e = html.escape
         head = "".join(f"<th>kept by {e(t)}</th>" for t in self.tasks)
         rows = "".join(
             f"<tr><td>{e(g.group)}</td><td>{g.size}</td>" + "".join(f"<td>{g.kept[t]}</td>" for t in self.tasks)
             + f"<td>{g.jaccard:.2f}</td></tr>" for g in self.groups)
-        per_task = ", ".join(f"{e(t)} {n:,}" for t, n in self.params_per_task.items())
+        params = ", ".join(f"{e(t)} {n:,}" for t, n in self.params_per_task.items())
         return ("<!doctype html><html><head><meta charset='utf-8'><title>adaprune: specialised models</title>"
                 "<style>body{font-family:sans-serif;margin:2rem}table{border-collapse:collapse}"
                 "td,th{border:1px solid #ccc;padding:.2rem .6rem;text-align:right}</style></head><body>"
-                f"<h1>Specialised models: what they share</h1><p>Tasks: {e(', '.join(self.tasks))}. Parameters: "
-                f"original {self.params_original:,}; per task {per_task}.</p>"
+                "<h1>Specialised models: what they share</h1>"
+                + (f"<h2>Per task</h2>{_html_table(per_task)}<h2>Overlap</h2>" if per_task else "")
+                + f"<p>Tasks: {e(', '.join(self.tasks))}. Parameters: "
+                f"original {self.params_original:,}; per task {params}.</p>"
                 f"<p>Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
                 f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less).</p>"
                 f"<table><tr><th>group</th><th>channels</th>{head}<th>Jaccard (all tasks)</th></tr>{rows}</table>"
                 "</body></html>\n")
+
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def task_table(results: Mapping[str, AdaptResult], tasks: Mapping[str, Any], tolerances: Mapping[str, float]) -> Table:
+    """Per task: its metric before and after (validation, as adapt measured it), the drop in the metric's
+    own direction against the tolerance, the MACs and parameters kept, whether the budget was met."""
+    from .task import as_task
+
+    head = ["task", "metric", "before", "after", "drop", "tolerance", "MACs kept", "params kept", "budget met"]
+    rows = []
+    for name, r in results.items():
+        task = as_task(tasks[name])
+        b, a = r.before[task.metric], r.after[task.metric]
+        drop = (b - a) if task.higher_is_better else (a - b)
+        kept = [f"{r.costs_after[k] / r.costs_before[k]:.1%}" if r.costs_before.get(k) else "-" for k in ("macs", "params")]
+        rows.append([name, task.metric, f"{b:.4f}", f"{a:.4f}", f"{drop:.4f}", f"{tolerances[name]}", *kept,
+                     "yes" if r.budget_met else "no"])
+    return head, rows
 
 
 @dataclass
@@ -222,10 +254,13 @@ def specialize(
         models[name] = work
     found = overlap(model, example_inputs, {n: r.plan for n, r in results.items()}, ignore=names)
     if root is not None:
+        per_task = task_table(results, tasks, tolerances)
         fs.write_atomic(root / OVERLAP_JSON, json.dumps(found.to_dict(), indent=1).encode("utf-8"), what="the overlap report")
         fs.write_atomic(root / OVERLAP_MD, found.markdown().encode("utf-8"), what="the overlap report")
         fs.write_atomic(root / OVERLAP_HTML, found.html().encode("utf-8"), what="the overlap report")
+        fs.write_atomic(root / REPORT_MD, found.markdown(per_task).encode("utf-8"), what="the report")
+        fs.write_atomic(root / REPORT_HTML, found.html(per_task).encode("utf-8"), what="the report")
     return Specialized(models, results, found)
 
 
-__all__ = ["GroupOverlap", "Overlap", "Specialized", "overlap", "specialize"]
+__all__ = ["GroupOverlap", "Overlap", "Specialized", "overlap", "specialize", "task_table"]

@@ -235,10 +235,28 @@ def _adapt_in(rd: RunDir, job: Job, the_budget: ap.Budget, options: dict[str, An
         sensitivity=sens,
         title=cfg.title or f"adaprune: {cfg.model.factory.rpartition(':')[2]} on {cfg.data.kind}",
         model_name=cfg.model.factory,
+        warm_source=cfg.warm_start,
+        plan_diff=_warm_diff(cfg, res, job.x),
     )
     rd.subdir(report.PLOTS)
     report.write(data, run_dir)
     return data
+
+
+def _warm_diff(cfg: RunConfig, res: Any, x: Any) -> dict[str, Any] | None:
+    """A warm-started run: the previous plan against this run's, on the model's architecture (built again
+    from the config, without weights: the diff needs its structure only). None without a warm start; a
+    diff that fails is said in the result's warnings, not fatal (the run is done)."""
+    if cfg.warm_start is None:
+        return None
+    from ..updates import diff
+
+    try:
+        dense = dense_builder(cfg, None, True)()  # the config's own factory: it built the model this run pruned
+        return diff(cfg.warm_start, res.plan, dense, x, ignore=cfg.ignore, names=("previous", "this run")).to_dict()
+    except ap.errors.AdapruneError as exc:
+        res.warnings.append(f"the plan diff against the warm start failed: {exc}")
+        return None
 
 
 def _same(a: Path, b: Path) -> bool:

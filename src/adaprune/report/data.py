@@ -163,8 +163,13 @@ def build(
     title: str = "adaprune report",
     model_name: str = "",
     status: str = "finished",
+    warm_source: str | None = None,
+    plan_diff: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report dict of an adapt result (an :class:`AdaptResult` or any object with its fields)."""
+    """The report dict of an adapt result (an :class:`AdaptResult` or any object with its fields). A
+    warm-started run's report says what the warm start did (``result.warm_start``, from ``warm_source``)
+    and, with ``plan_diff`` (``PlanDiff.to_dict()`` of the previous plan against this run's), how the plans
+    differ."""
     before = {k: float(v) for k, v in result.before.items()}
     if metric is None:
         metric = "accuracy" if "accuracy" in before else next(iter(before), "metric")
@@ -200,7 +205,15 @@ def build(
         "onnx": onnx or {},
         "sensitivity": _sensitivity(sensitivity, metric),
         "comparison": comparison,
+        "warm_start": _warm(getattr(result, "warm_start", None), warm_source, plan_diff),
     }
+
+
+def _warm(warm: Any, source: str | None, plan_diff: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not warm:
+        return None
+    keep = ("outcome", "tries", "restored", "dropped", "extended")
+    return {**{k: warm.get(k) for k in keep}, "source": source, "diff": plan_diff}
 
 
 def collect(

@@ -176,6 +176,42 @@ def budget_text(data: dict[str, Any]) -> str:
     return (", ".join(parts) + (f" ({where})" if where else "") + tol_text) or "no budget recorded"
 
 
+DIFF_KEYS = ("macs", "params")
+
+
+def diff_tables(diff: dict[str, Any]) -> tuple[Table, Table]:
+    """A plan diff (``PlanDiff.to_dict()``) as two tables: the models' costs, and per group (then all groups
+    at once) the channels kept by both plans or only one, their Jaccard and what each set costs."""
+    a, b = diff["names"]
+    costs = (["model", "MACs", "params"],
+             [[label, f"{diff['costs'][k]['macs']:,}", f"{diff['costs'][k]['params']:,}"]
+              for label, k in (("original", "original"), (a, "a"), (b, "b"), ("kept by both", "both"))])
+    head = ["group", "channels", "kept by both", f"only {a}", f"only {b}", "Jaccard", f"MACs only {a}",
+            f"params only {a}", f"MACs only {b}", f"params only {b}", f"MACs both (in {a})", f"params both (in {a})"]
+    rows = [[g["group"], f"{g['size']:,}", f"{g['both']:,}", f"{g['only_a']:,}", f"{g['only_b']:,}",
+             f"{g['jaccard']:.2f}", *(f"{g[c][k]:,}" for c in ("cost_only_a", "cost_only_b", "cost_both") for k in DIFF_KEYS)]
+            for g in [*diff["groups"], diff["total"]]]
+    return costs, (head, rows)
+
+
+def warm_text(data: dict[str, Any]) -> list[str]:
+    """What a warm-started run did, in sentences (none without a warm start)."""
+    w = data.get("warm_start")
+    if not w:
+        return []
+    outcome = {"kept": "the previous plan held as it was", "grown back": "the previous plan held with groups grown back",
+               "abandoned": "the warm start was abandoned; the run adapted the updated model from its full width"}
+    out = [(f"Warm start from {w.get('source') or 'a previous plan'}: {outcome.get(w.get('outcome', ''), 'not finished')} "
+           f"({w.get('tries', 0)} tries).")]
+    if w.get("restored"):
+        out.append("Grown back (the update needs them): " + ", ".join(map(str, w["restored"])) + ".")
+    out += [f"Not mapped: {d}" for d in w.get("dropped") or []]
+    out += [f"Also cut: {x}" for x in w.get("extended") or []]
+    if w.get("diff"):
+        out.append(str(w["diff"].get("summary", "")))
+    return out
+
+
 def onnx_text(data: dict[str, Any]) -> str:
     onnx = data.get("onnx") or {}
     if onnx.get("error"):
@@ -269,6 +305,11 @@ def to_html(data: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
             f"<h2>{e(comp.get('title', 'Comparison'))}</h2>",
             _html_table((comp["columns"], comp["rows"])),
         ]
+    warm = warm_text(data)
+    if warm:
+        parts += ["<h2>Warm start</h2>", *(f"<p>{e(line)}</p>" for line in warm)]
+        if data["warm_start"].get("diff"):
+            parts += [_html_table(t) for t in diff_tables(data["warm_start"]["diff"])]
     for name in ("steps", "pareto"):
         if name in plots:
             parts.append(_figure(name, *plots[name]))
@@ -336,6 +377,11 @@ def to_markdown(data: dict[str, Any], plot_files: dict[str, tuple[str, str]]) ->
     comp = data.get("comparison")
     if comp:
         out += [f"## {comp.get('title', 'Comparison')}", "", _md_table((comp["columns"], comp["rows"])), ""]
+    warm = warm_text(data)
+    if warm:
+        out += ["## Warm start", "", *(f"{line}\n" for line in warm)]
+        if data["warm_start"].get("diff"):
+            out += [x for t in diff_tables(data["warm_start"]["diff"]) for x in (_md_table(t), "")]
     out += img("steps") + img("pareto")
     out += ["## Steps", "", _md_table(steps_table(data)), "", "## Layer widths", ""] + img("widths")
     out += [_md_table(layers_table(data)), ""]

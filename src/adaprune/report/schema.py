@@ -96,6 +96,7 @@ class ReportFile(_Loose):
     higher_is_better: bool = True
     tolerance: Number | None = None
     criteria: list[Criterion] = Field(default_factory=list)  # a MultiTask's tasks (one metric curve each)
+    warm_start: dict[str, Any] | None = None  # what a warm start did, and the plan diff (report.render.warm_text)
     budget: dict[str, str | Number | None] = Field(default_factory=dict)
     budget_met: bool = False
     message: str = ""

@@ -111,17 +111,9 @@ class PlanDiff:
             raise ConfigError(f"PlanDiff.from_dict: not a diff written by PlanDiff.to_dict ({shown(str(exc))})") from None
 
     def _tables(self) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]:
-        a, b = self.names
-        costs = (["model", "MACs", "params"],
-                 [[label, f"{self.costs[k]['macs']:,}", f"{self.costs[k]['params']:,}"]
-                  for label, k in (("original", "original"), (a, "a"), (b, "b"), ("kept by both", "both"))])
-        head = ["group", "channels", "kept by both", f"only {a}", f"only {b}", "Jaccard", f"MACs only {a}",
-                f"params only {a}", f"MACs only {b}", f"params only {b}", f"MACs both (in {a})",
-                f"params both (in {a})"]
-        rows = [[g.group, f"{g.size:,}", f"{g.both:,}", f"{g.only_a:,}", f"{g.only_b:,}", f"{g.jaccard:.2f}",
-                 *(f"{cost[k]:,}" for cost in (g.cost_only_a, g.cost_only_b, g.cost_both) for k in KEYS)]
-                for g in [*self.groups, self.total]]
-        return costs, (head, rows)
+        from ..report.render import diff_tables
+
+        return diff_tables(self.to_dict())
 
     def _legend(self) -> str:
         a, b = self.names
