@@ -6,8 +6,10 @@ digits (with ``adaprune.examples.digits.DigitsCNN``); both ship offline. The seq
 - v0: the CNN trained on classes 0-5 (a 6-way head), then adapted to ``--budget`` of its MACs: the
   deployed model;
 - v1: the dense model updated for classes 0-7 (its head grown to 8 outputs, the old rows kept, then
-  fine-tuned on the new training data); v2: classes 0-9; v3: all classes on shifted data (every input
-  moved by one position (digits: one pixel right and down), plus Gaussian noise), fine-tuned again.
+  fine-tuned on the new training data); v2: classes 0-9; v3: all classes on shifted data, fine-tuned
+  again: MNIST-1D generated again by its own generator with more noise (``--corr-noise``, ``--iid-noise``
+  instead of 0.25 and 0.02, another seed); digits moved one pixel right and down, plus Gaussian noise
+  (``--noise`` standard deviations).
 
 For every update, two runs on a copy of the updated dense model, with the same budget, tolerance, task
 (its training and validation data) and options: (a) ``ap.adapt(..., warm_start=deployed)``, where
@@ -46,27 +48,43 @@ STAGES: list[tuple[str, int, bool]] = [("classes 0-5", 6, False), ("classes 0-7"
 """(name, classes, shifted) of the base model and of each update."""
 
 
-def stage_data(d: Data, classes: int, shifted: bool, seed: int, noise: float) -> DigitsData:
-    """The examples of the first ``classes`` classes; shifted: moved by one position along every spatial
-    axis, plus Gaussian noise of ``noise`` times the data's standard deviation."""
-    g = torch.Generator().manual_seed(seed + 77)
+def stage_data(d: Data, classes: int, seed: int) -> DigitsData:
+    """The examples of the first ``classes`` classes."""
     out = {}
     for split in ("train", "val", "test"):
         x, y = d[f"x_{split}"], d[f"y_{split}"]
         keep = y < classes
-        x, y = x[keep], y[keep]
-        if shifted:
-            axes = tuple(range(2, x.dim()))
-            x = torch.roll(x, (1,) * len(axes), axes) + noise * float(d["x_train"].std()) * torch.randn(x.shape, generator=g)
-        out[f"x_{split}"], out[f"y_{split}"] = x, y
+        out[f"x_{split}"], out[f"y_{split}"] = x[keep], y[keep]
     return DigitsData(**out)
 
 
-DATASETS: dict[str, tuple[Any, Any]] = {
-    "mnist1d": (A.mnist1d_data, lambda width, classes: A.CNN1D(width, classes)),
-    "digits": (A.digits_data, lambda width, classes: DigitsCNN(width, classes)),
+def mnist1d_shifted(args: argparse.Namespace) -> Data:
+    """MNIST-1D from its own generator with more noise and another seed (same sizes and splits as
+    ``accuracy.mnist1d_data``)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    spec = get_dataset_args()
+    spec.corr_noise_scale, spec.iid_noise_scale, spec.seed = args.corr_noise, args.iid_noise, 4242
+    d = make_dataset(spec)
+    x, y = torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1), torch.tensor(d["y"], dtype=torch.long)
+    xt, yt = torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1), torch.tensor(d["y_test"], dtype=torch.long)
+    return {"x_train": x[:-500], "y_train": y[:-500], "x_val": x[-500:], "y_val": y[-500:], "x_test": xt, "y_test": yt}
+
+
+def digits_shifted(args: argparse.Namespace) -> Data:
+    """The digits moved one pixel right and down, plus Gaussian noise of ``--noise`` standard deviations."""
+    d = A.digits_data()
+    g = torch.Generator().manual_seed(77)
+    scale = args.noise * float(d["x_train"].std())
+    return {k: torch.roll(v, (1, 1), (2, 3)) + scale * torch.randn(v.shape, generator=g) if k.startswith("x_") else v
+            for k, v in d.items()}
+
+
+DATASETS: dict[str, tuple[Any, Any, Any]] = {
+    "mnist1d": (A.mnist1d_data, mnist1d_shifted, lambda width, classes: A.CNN1D(width, classes)),
+    "digits": (A.digits_data, digits_shifted, lambda width, classes: DigitsCNN(width, classes)),
 }
-"""name -> (the data, the model of a width and a number of classes)."""
+"""name -> (the data, the shifted data of the last update, the model of a width and a number of classes)."""
 
 
 def grown(model: nn.Module, classes: int) -> nn.Module:
@@ -138,17 +156,18 @@ def overlap(dense: nn.Module, a: Any, b: Any, x: torch.Tensor) -> float:
 
 
 def one_seed(seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    make_data, make_model = DATASETS[args.dataset]
-    base = make_data()
+    make_data, make_shifted, make_model = DATASETS[args.dataset]
+    base, shifted_data = make_data(), make_shifted(args)
     rows = []
     dense: nn.Module | None = None
     deployed = None
     for k, (name, classes, shifted) in enumerate(STAGES):
-        d = stage_data(base, classes, shifted, seed, args.noise)
+        d = stage_data(shifted_data if shifted else base, classes, seed)
         if dense is None:
             torch.manual_seed(seed)
             dense = fit(make_model(args.width, classes), d, args.epochs, seed)
         else:
+            torch.manual_seed(1000 * seed + k)  # the new head rows: the same whatever ran before
             dense = fit(grown(dense, classes), d, args.update_epochs, seed + k, lr=args.update_lr)
         row: dict[str, Any] = {"seed": seed, "update": k, "stage": name, "dense_test_acc": round(accuracy(dense, d), 2)}
         scratch, row["scratch"] = run(dense, d, args, seed)
@@ -189,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--noise", type=float, default=0.1, help="the shifted update's noise, in data standard deviations")
+    p.add_argument("--noise", type=float, default=0.1, help="digits: the shifted update's noise, in standard deviations")
+    p.add_argument("--corr-noise", type=float, default=0.3, help="MNIST-1D: the shifted update's correlated noise")
+    p.add_argument("--iid-noise", type=float, default=0.03, help="MNIST-1D: the shifted update's iid noise")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the dense model's MACs")
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--finetune-steps", type=int, default=50)
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-epochs", type=int, default=15, help="fine-tuning epochs of each update")
     p.add_argument("--update-lr", type=float, default=1e-3, help="the updates' initial learning rate")
     p.add_argument("--warm-finetune-steps", type=int, default=None,
-                   help="the warm step's recovery (default: adapt's, finetune_steps)")
+                   help="the warm step's recovery (default: adapt's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="updates")
     args = p.parse_args(argv)

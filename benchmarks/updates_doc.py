@@ -22,8 +22,11 @@ def updates_section(payload: dict[str, Any]) -> list[str]:
               f"{a['budget']} of its MACs (tolerance {a['tolerance']}, {a['finetune_steps']} fine-tuning steps per "
               "adapt step, Adam lr 1e-3 on the update's training data): the deployed model. Each update fine-tunes "
               f"the dense model ({a['update_epochs']} epochs, cosine from lr {a['update_lr']}): v1 adds classes 6-7 "
-              "(head grown to 8 outputs), v2 classes 8-9, v3 shifts every input by one position and adds noise "
-              f"({a['noise']} standard deviations). Per update, on copies of the updated dense model with the same "
+              "(head grown to 8 outputs), v2 classes 8-9, v3 shifts the data: "
+              + (f"MNIST-1D generated again by its own generator with more noise (correlated {a['corr_noise']}, iid "
+                 f"{a['iid_noise']}, against 0.25 and 0.02) and another seed" if a["dataset"] == "mnist1d" else
+                 f"every image moved one pixel right and down, plus noise of {a['noise']} standard deviations")
+              + ". Per update, on copies of the updated dense model with the same "
               "task, budget and tolerance: `adapt(..., warm_start=deployed)` (the previous update's warm-started "
               "result) and `adapt` from scratch. The warm step's recovery: "
               + (f"{warm_steps} optimizer steps" if warm_steps is not None else "`finetune_steps` (the default)")

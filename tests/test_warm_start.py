@@ -84,7 +84,7 @@ def test_removed_layers_and_resized_dims_are_reported_never_guessed(resnet_plan)
     block.conv1, block.bn1 = torch.nn.Conv2d(64, 128, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(128)
     block.conv2 = torch.nn.Conv2d(128, 64, 3, 1, 1, bias=False)
     mapped = map_plan(extra, wide, X64, ignore=["fc"])
-    assert any("the updated model has no 'gone.weight'" in d for d in mapped.dropped)
+    assert "module 'gone' (1 tensor: weight): not in the updated model" in mapped.dropped
     assert any("'layer1.0.conv1.weight' dim 0" in d and "from 64 to 128" in d for d in mapped.dropped)
     assert "layer1.0.conv1" not in mapped.removed  # its size changed: not cut at all
     assert "conv1" in mapped.removed  # the stem kept its size: mapped
@@ -95,6 +95,23 @@ def test_a_plan_for_another_model_is_a_mismatch(resnet_plan):
     _, plan = resnet_plan
     with pytest.raises(PlanMismatchError, match="made for a different model"):
         map_plan(plan, torchvision.models.mobilenet_v2(), X64)
+    narrow = torchvision.models.resnet18(num_classes=10, width_per_group=64)
+    shrunk = {n: tuple(range(0, s, 2)) for n, s in [("conv1.weight", 64)]}
+    tiny = Plan({"conv1.weight": {0: shrunk["conv1.weight"]}}, (), {"conv1.weight": {0: 96}})
+    with pytest.raises(PlanMismatchError, match="nothing of the plan maps"):  # every part resized
+        map_plan(tiny, narrow, X64, ignore=["fc"])
+
+
+def test_a_named_slot_that_does_not_map_leaves_its_group_uncut(resnet_plan):
+    m, plan = resnet_plan
+    bad = {**plan.removals, "bn1.weight": {0: (*plan.removals["bn1.weight"][0], 999)}}  # one index beyond
+    mapped = map_plan(Plan(bad, (), {}), copy.deepcopy(m), X64, ignore=["fc"])
+    assert "conv1" not in mapped.removed  # the stem's group: the BatchNorm weight it names did not map
+    assert any("'bn1.weight' dim 0" in d and "beyond" in d for d in mapped.dropped)
+    assert any(d.startswith("group 'conv1'") and "did not map" in d for d in mapped.dropped)
+    assert not any("'bn1.weight'" in e for e in mapped.extended)
+    assert mapped.notes and "no sizes" in mapped.notes[0]  # a plan without sizes: said, since sizes go unchecked
+    assert "layer1.0.conv1" in mapped.removed and not map_plan(plan, copy.deepcopy(m), X64, ignore=["fc"]).notes
 
 
 # -- warm start on a trained model ---------------------------------------------------------------
@@ -118,9 +135,11 @@ def test_a_plan_that_still_fits_costs_one_step(digits_run):
     base, data, _, prev = digits_run
     model = copy.deepcopy(base)
     res = ap.adapt(model, data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.03, ignore=["fc"],
-                   finetune_steps=20, warm_start=prev)
+                   finetune_steps=20, max_step=0.3, warm_start=prev)
     assert res.warm_start is not None and res.warm_start["outcome"] == "kept"
     assert len(res.history) == 1 and res.history[0].accepted and "warm start" in res.history[0].reason
+    # its recovery: finetune_steps for each of the fewest ordinary steps (at most max_step) cutting as much
+    assert 0.3 < res.history[0].step_size <= 0.6 and res.history[0].optimizer_steps == 2 * 20
     assert res.budget_met
     assert res.plan.removals == prev.plan.removals  # the previous plan, exactly
     assert res.evaluations <= 4  # the original, (the refit's two) and the step: no probes
@@ -162,11 +181,12 @@ def test_a_plan_the_update_breaks_grows_back_what_is_needed(trained):
 def test_unmapped_parts_are_reported_and_the_run_goes_on(digits_run):
     base, data, _, prev = digits_run
     plan = Plan({**prev.plan.removals, "head.weight": {1: (0, 1)}}, (), prev.plan.sizes)
-    with pytest.warns(WarmStartWarning, match="'head.weight'"):
+    with pytest.warns(WarmStartWarning, match="module 'head' .1 tensor: weight.: not in the updated model"):
         res = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.03,
                        ignore=["fc"], finetune_steps=20, warm_start=plan)
-    assert any("head.weight" in d for d in res.warm_start["dropped"])
-    assert any("not mapped" in x for x in res.warnings) and res.budget_met
+    assert res.warm_start["dropped"] == ["module 'head' (1 tensor: weight): not in the updated model"]
+    assert res.warm_start["outcome"] == "kept" and res.budget_met  # the rest mapped, and the run went on
+    assert "1 part of the previous plan did not map" in res.summary()
 
 
 def test_a_plan_for_another_model_is_refused_before_anything_runs(digits_run):
@@ -200,13 +220,46 @@ def test_a_killed_warm_start_resumes_to_the_same_plan_and_refuses_another_warm_s
     cut = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.02, run_dir=run,
                    max_evaluations=4, **kw)  # stops inside the warm start
     assert cut.stopped and json.loads((run / "state.json").read_text())["warm"]["tries"] >= 1
-    with pytest.raises(RunDirError, match="warm_start"):
+    with pytest.raises(RunDirError, match="warm-started from another plan"):
         ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.02, run_dir=run,
                  resume=True, **{**kw, "warm_start": Plan()})
+    with pytest.raises(RunDirError, match="pass the same warm_start"):
+        ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.02, run_dir=run,
+                 resume=True, **{**kw, "warm_start": None})
     again = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.02, run_dir=run,
                      resume=True, **kw)
     assert again.plan.removals == whole.plan.removals
     assert again.warm_start == whole.warm_start
+
+
+def test_warm_starts_under_a_latency_budget_and_from_unfinished_runs(digits_run, tmp_path):
+    from adaprune.adapt.previous import UnfinishedRunWarning
+
+    base, data, _, prev = digits_run
+    res = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(latency=0.9), 0.03, ignore=["fc"],
+                   finetune_steps=5, latency_repeats=3, max_iterations=2, warm_start=prev)  # sized by MACs
+    assert res.warm_start["tries"] >= 1 and "warm start (try 1)" in res.history[0].reason
+    run = tmp_path / "stopped"
+    ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.03, ignore=["fc"],
+             finetune_steps=5, run_dir=run, max_evaluations=2)
+    with pytest.warns(UnfinishedRunWarning, match="did not finish"):
+        plan_of(run)
+    with pytest.raises(ap.errors.ConfigError, match="own run_dir"):
+        ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), run_dir=run, force=True,
+                 warm_start=run)
+    (tmp_path / "other.json").write_text('{"version": 1}')
+    with pytest.raises(ap.errors.ConfigError, match="warm_start: .* is not a plan JSON file"):
+        ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=0.5),
+                 warm_start=tmp_path / "other.json")
+    with pytest.warns(UnfinishedRunWarning):  # a run's state.json stands for its run directory
+        assert plan_of(run / "state.json").removals == plan_of(run).removals
+
+
+def test_a_budget_that_holds_already_leaves_the_warm_start_untried(digits_run):
+    base, data, _, prev = digits_run
+    res = ap.adapt(copy.deepcopy(base), data.x_test[:1], task_of(data), ap.Budget(macs=1.0), 0.03, ignore=["fc"],
+                   warm_start=prev)
+    assert res.warm_start["outcome"] == "not tried" and not res.history and "not tried after 0 tries" in res.summary()
 
 
 def test_an_empty_previous_plan_warm_starts_nothing(digits_run):

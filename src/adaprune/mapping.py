@@ -36,13 +36,15 @@ from .plan import Plan, plan_from_choice
 @dataclass
 class MappedPlan:
     """A plan mapped onto a model: ``plan`` (with one :class:`~adaprune.plan.GroupCut` per group of the
-    model), the channels it removes per group (``removed``), what did not map (``dropped``) and the
-    tensors cut with a mapped group that the plan did not name (``extended``)."""
+    model), the channels it removes per group (``removed``), what did not map (``dropped``, one line per
+    module or group), the groups a mapped cut also extends to slots the plan did not name (``extended``)
+    and what the mapping could not check (``notes``: a plan without recorded sizes)."""
 
     plan: Plan
     removed: dict[str, tuple[int, ...]]
     dropped: list[str] = field(default_factory=list)
     extended: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -52,15 +54,20 @@ class MappedPlan:
     def report(self) -> str:
         """What was mapped and what was not, in words (one line per finding)."""
         n = sum(len(c) for c in self.removed.values())
-        lines = [f"mapped {n} channels in {len(self.removed)} groups"
-                 + ("" if self.complete else f"; {len(self.dropped)} parts of the plan did not map")]
+        lines = [f"mapped {n} channels in {_count(len(self.removed), 'group')}"
+                 + ("" if self.complete else f"; {_count(len(self.dropped), 'part')} of the plan did not map")]
         lines += [f"not mapped: {d}" for d in self.dropped]
         lines += [f"also cut: {e}" for e in self.extended]
+        lines += [f"note: {x}" for x in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"removed": {g: list(c) for g, c in self.removed.items()}, "dropped": list(self.dropped),
-                "extended": list(self.extended)}
+                "extended": list(self.extended), "notes": list(self.notes)}
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def map_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, *, ignore: Iterable[Any] | None = None,
@@ -68,7 +75,8 @@ def map_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, *, ignore
     """``plan`` (made for an earlier version of ``model``) mapped onto ``model``: the module doc.
 
     ``graph`` is ``model``'s traced graph (traced from ``example_inputs`` with ``ignore`` when not given).
-    Raises :class:`~adaprune.errors.PlanMismatchError` when the model has none of the plan's tensors.
+    Raises :class:`~adaprune.errors.PlanMismatchError` when nothing of a plan that removes channels maps
+    (the model has none of its tensors, or every part of it was dropped).
     """
     if not isinstance(plan, Plan):
         raise ArgumentTypeError(f"map_plan: plan must be an adaprune.Plan, got {type(plan).__name__}")
@@ -84,32 +92,48 @@ def map_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, *, ignore
             f"(its tensors are named like {shown(list(shapes)[:3], 120)}): the plan was made for a different model"
         )
     dropped: list[str] = []
+    missing: dict[str, list[str]] = {}  # module -> its tensors the model no longer has
+    refused: set[tuple[str, int]] = set()  # named slots that did not map: their groups are not cut
     usable: dict[tuple[str, int], torch.Tensor] = {}
+    unsized = 0
     for t, dims in sorted(cut.items()):
+        if t not in shapes:
+            missing.setdefault(t.rpartition(".")[0], []).append(t.rpartition(".")[2])
+            continue
         for d, idx in sorted(dims.items()):
             where = f"{t!r} dim {d} ({len(idx)} removed)"
-            if t not in shapes:
-                dropped.append(f"{where}: the updated model has no {t!r}")
-            elif d >= len(shapes[t]):
+            made = plan.size_of(t, d)
+            unsized += made is None
+            if d >= len(shapes[t]):
                 dropped.append(f"{where}: {t!r} now has {len(shapes[t])} dims")
-            elif (made := plan.size_of(t, d)) is not None and made != shapes[t][d]:
+            elif made is not None and made != shapes[t][d]:
                 dropped.append(f"{where}: its size changed from {made} to {shapes[t][d]}")
             elif idx[-1] >= shapes[t][d]:
                 dropped.append(f"{where}: index {idx[-1]} is beyond its size {shapes[t][d]}")
             else:
                 usable[(t, d)] = torch.tensor(idx, dtype=torch.long)
+                continue
+            refused.add((t, d))
+    for module, names in sorted(missing.items()):
+        dropped.insert(0, f"module {module or '(root)'!r} ({_count(len(names), 'tensor')}: {', '.join(names[:4])}"
+                          f"{' ...' if len(names) > 4 else ''}): not in the updated model")
+    notes = ([(f"the plan records no sizes for {_count(unsized, 'cut dim')} (a plan written by hand, or "
+              "by an adaprune that did not record them): a layer resized by the update cannot be told from a kept one there")] if unsized else [])
     if graph is None:
         if example_inputs is None:
             raise ConfigError("map_plan needs example_inputs (to trace the model's groups) or graph=")
         graph = trace(model, example_inputs, ignore=ignore)
     removed: dict[str, tuple[int, ...]] = {}
     extended: list[str] = []
-    reported: set[tuple[str, int]] = set()  # slots of groups left uncut (already said)
+    reported: set[tuple[str, int]] = set(refused)  # slots already said
     for g in graph.groups:
+        gone = [s for s in g.slots if (s.tensor, s.dim) in refused]
         found = _group_cut(g, usable)
         if found is None:
             continue
         channels, problem, unnamed = found
+        if gone and not problem:
+            problem = f"{_count(len(gone), 'slot')} of it did not map ({gone[0].tensor!r} dim {gone[0].dim}, above)"
         if problem:
             dropped.append(f"group {g.name!r}: {problem}; the group is not cut")
             reported.update((s.tensor, s.dim) for s in g.slots)
@@ -117,15 +141,22 @@ def map_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, *, ignore
             removed[g.name] = channels
             if unnamed:
                 names = [f"{s.tensor!r} dim {s.dim}" for s in unnamed]
-                extended.append(f"group {g.name!r} also cuts {len(names)} slots the plan does not name (coupled to "
-                                f"it in the updated model): {', '.join(names[:4])}" + (" ..." if len(names) > 4 else ""))
+                extended.append(f"group {g.name!r} also cuts {_count(len(names), 'slot')} the plan does not name "
+                                f"(coupled to it in the updated model): {', '.join(names[:4])}"
+                                + (" ..." if len(names) > 4 else ""))
     mapped = plan_from_choice(graph, removed)
+    kept_whole: dict[str, int] = {}
     for (t, d), positions in sorted(usable.items()):
         left = set(positions.tolist()) - set(mapped.removals.get(t, {}).get(d, ()))
         if left and (t, d) not in reported:
-            dropped.append(f"{t!r} dim {d}: {len(left)} removed entries fall on channels the updated model "
-                           "cannot remove (kept whole by ignore=, or frozen by an op without a rule)")
-    return MappedPlan(mapped, removed, dropped, extended)
+            kept_whole[t.rpartition(".")[0]] = kept_whole.get(t.rpartition(".")[0], 0) + len(left)
+    dropped += [f"module {m!r}: {n} removed entries fall on channels the updated model keeps whole (the module or "
+                "one it feeds is in ignore=, or an op adaprune does not know freezes them)" for m, n in kept_whole.items()]
+    if not removed:
+        raise PlanMismatchError(
+            "nothing of the plan maps onto this model (" + "; ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else "")
+            + "): it was made for another model, or the update resized every layer it cuts")
+    return MappedPlan(mapped, removed, dropped, extended, notes)
 
 
 def _group_cut(group: Group, usable: dict[tuple[str, int], torch.Tensor]

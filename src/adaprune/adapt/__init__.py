@@ -45,14 +45,14 @@ class AdaptResult:
     ``evaluations`` counts the task's evaluations (the original, every probe measured, every step's
     model; a resumed run includes the ones before it was killed). ``stopped`` names the limit
     (``time_limit`` / ``max_evaluations``) that ended the run, ``""`` when none did; ``warnings`` is
-    what the run warned about (a validation set too small for the tolerance, parts of a warm start's
-    plan that did not map).
+    what the run warned about (a validation set too small for the tolerance).
 
     ``warm_start`` (with ``adapt(warm_start=)``): what the warm start did (:mod:`adaprune.adapt.warm`):
     ``outcome`` (``"kept"``: the previous plan held; ``"grown back"``: it held with the groups in
-    ``restored`` uncut; ``"abandoned"``), ``tries``, the mapped plan's channels per group (``removed``),
-    what did not map (``dropped``) and what the mapping also cut (``extended``), and the measured
-    ``harms`` per group when the whole plan was rolled back; ``None`` without a warm start.
+    ``restored`` uncut; ``"abandoned"``; ``"not tried"``: the budget held without it), ``tries``, the mapped
+    plan's channels per group (``removed``), what did not map (``dropped``, also warned as
+    :class:`WarmStartWarning`), what the mapping also cut (``extended``) or could not check (``notes``),
+    and the measured ``harms`` per group when the whole plan was rolled back; ``None`` without a warm start.
     """
 
     model: nn.Module
@@ -75,8 +75,11 @@ class AdaptResult:
         lines = [self.message]
         if self.warm_start is not None:
             w = self.warm_start
-            lines.append(f"warm start: {w['outcome'] or 'not finished'} after {w['tries']} tries"
-                         + (f"; grown back: {', '.join(w['restored'])}" if w["restored"] else ""))
+            tries = f"{w['tries']} {'try' if w['tries'] == 1 else 'tries'}"
+            lines.append(f"warm start: {w['outcome'] or 'not finished'} after {tries}"
+                         + (f"; grown back: {', '.join(w['restored'])}" if w["restored"] and w["outcome"] != "abandoned" else "")
+                         + (f"; {len(w['dropped'])} part{'s' if len(w['dropped']) > 1 else ''} of the previous plan did not map "
+                            "(warm_start['dropped'])" if w["dropped"] else ""))
         for k in sorted(set(self.before) & set(self.after)):
             lines.append(f"{k}: {self.before[k]:.4f} -> {self.after[k]:.4f}")
         for k in cost_order(self.costs_before):  # every registered cost measured, in registry order
@@ -165,12 +168,14 @@ def adapt(
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
     mapped = None
     if warm_start is not None:
-        from ..mapping import map_plan
-        from .previous import plan_of
-
-        mapped = map_plan(plan_of(warm_start), model, example_inputs, ignore=names)
-        for line in mapped.dropped:
-            warnings.warn(f"warm start: not mapped: {line}", WarmStartWarning, stacklevel=2)
+        if rd is not None and isinstance(warm_start, (str, os.PathLike)) and \
+                os.path.realpath(warm_start) == os.path.realpath(rd.path):
+            raise ConfigError(f"warm_start is this run's own run_dir ({rd.path}): pass the previous run's directory "
+                              "and a new run_dir for the re-pruned model")
+        mapped = _warm_mapping(warm_start, model, example_inputs, names)
+        for line in [*mapped.dropped, *mapped.notes]:
+            warnings.warn(f"warm start: {'not mapped' if line in mapped.dropped else 'note'}: {line}",
+                          WarmStartWarning, stacklevel=2)
     controller = Controller(model, example_inputs, task, budget, config, names, rd, loss, mapped)  # checks the weights
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
@@ -228,13 +233,24 @@ def check_resume(
     state = run_dir.load()
     warm = None
     if warm_start is not None:  # the same previous plan, mapped the same way
-        from ..mapping import map_plan
-        from .previous import plan_of
-
-        warm = map_plan(plan_of(warm_start), model, example_inputs, ignore=names)
+        warm = _warm_mapping(warm_start, model, example_inputs, names)
     settings = run_settings(config, budget, names, {**(task_settings(task) if task is not None else {}), **warm_key(warm)})
     check_resumable(state, settings, model_signature(model), str(run_dir.path))
     replay(copy.deepcopy(model), state, str(run_dir.path))  # (a copy: the caller's model is not touched)
+
+
+def _warm_mapping(warm_start: Any, model: nn.Module, example_inputs: Any, names: list[str]) -> Any:
+    """``warm_start``'s plan mapped onto ``model`` (:func:`adaprune.mapping.map_plan`); a plan that does not fit
+    is a ``PlanMismatchError`` naming ``warm_start``."""
+    from ..errors import PlanError
+    from ..mapping import map_plan
+    from .previous import plan_of
+
+    plan = plan_of(warm_start, "warm_start")
+    try:
+        return map_plan(plan, model, example_inputs, ignore=names)
+    except PlanError as exc:
+        raise type(exc)(f"warm_start: {exc}") from None
 
 
 def _final_costs(state: ControllerState) -> dict[str, float]:

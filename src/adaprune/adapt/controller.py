@@ -59,9 +59,6 @@ from .warm import warm_key, warm_state, warm_step
 if TYPE_CHECKING:
     from ..mapping import MappedPlan
 
-WARM_RECOVERY = 1
-"""A warm start's recovery, in units of ``finetune_steps`` (``AdaptConfig.warm_finetune_steps`` overrides it)."""
-
 
 @dataclass(frozen=True)
 class AdaptConfig:
@@ -451,12 +448,14 @@ class Controller:
         the controller tries (accepted or rolled back) spends them."""
         return (self.cfg.finetune_steps if steps is None else steps) if self.task.fine_tunes else 0
 
-    def warm_steps(self) -> int:
-        """The optimizer steps of a warm start's recovery: ``warm_finetune_steps``, by default
-        ``WARM_RECOVERY`` times ``finetune_steps`` (the warm step cuts in one step what a run from scratch
-        cuts in several, each followed by a recovery)."""
-        return self.cfg.warm_finetune_steps if self.cfg.warm_finetune_steps is not None \
-            else WARM_RECOVERY * self.cfg.finetune_steps
+    def warm_steps(self, size: float) -> int:
+        """The optimizer steps of a warm start's recovery after cutting ``size`` of the binding cost:
+        ``warm_finetune_steps``, by default ``finetune_steps`` for each of the fewest ordinary steps that
+        could cut as much (``ceil(size / max_step)``): the warm step cuts at once what a run from scratch
+        cuts in several steps, each followed by its recovery."""
+        if self.cfg.warm_finetune_steps is not None:
+            return self.cfg.warm_finetune_steps
+        return self.cfg.finetune_steps * max(1, math.ceil(size / self.cfg.max_step - 1e-9))
 
     def recover(self, work: nn.Module, step: int, steps: int | None = None) -> int:
         """Fine-tune (the task's ``finetune``), then recalibrate BatchNorm; returns the optimizer steps
@@ -719,9 +718,8 @@ class Controller:
             state.evaluations = self.evaluations
             # every relative latency bound is a fraction of this one number: measured three times as long
             state.original_costs = self.costs(work, repeats=3 * self.cfg.latency_repeats)
-            if self.warm is not None:
+            if self.warm is not None:  # (what did not map: in state.warm, warned by adapt())
                 state.warm = warm_state(self.warm)
-                state.warnings.extend(f"warm start: not mapped: {d}" for d in self.warm.dropped)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
         if resumed:
@@ -730,6 +728,8 @@ class Controller:
         while not state.done:
             if self.budget.met(values, state.original_costs):
                 state.done, state.message = True, "budget met: " + self.budget.describe(values, state.original_costs)
+                if state.warm is not None and not state.warm["outcome"]:
+                    state.warm["outcome"] = "not tried"  # the budget held before the previous plan was needed
                 break
             if state.step_size < self.cfg.min_step or state.step >= self.cfg.max_iterations:
                 state.done = True

@@ -137,10 +137,12 @@ class _WarmFile(_Strict):
     removed: dict[str, list[Annotated[int, Field(ge=0)]]]
     dropped: list[str]
     extended: list[str]
+    notes: list[str] = Field(default_factory=list)
     harms: dict[str, Annotated[float, Field(allow_inf_nan=False)]]
     restored: list[str]
+    grow: list[str] = Field(default_factory=list)
     tries: int = Field(ge=0)
-    outcome: Literal["", "kept", "grown back", "abandoned"]
+    outcome: Literal["", "kept", "grown back", "abandoned", "not tried"]
 
 
 class _StateFile(_Strict):
@@ -196,6 +198,15 @@ def check_resumable(state: ControllerState, settings: dict[str, Any], signature:
     """Refuse (before anything is changed) to resume ``state`` with other settings or on another model."""
     from ..errors import RunDirError
 
+    if state.config.get("warm_start") != settings.get("warm_start"):
+        raise RunDirError(
+            f"cannot resume {where}: " + (
+                "it was warm-started; pass the same warm_start= (--warm-start) to resume it"
+                if "warm_start" not in settings else
+                "it was not warm-started; resume it without warm_start= (--warm-start)"
+                if "warm_start" not in state.config else
+                "it was warm-started from another plan; pass the same warm_start= (--warm-start) to resume it")
+            + ", or start over with --force / force=True")
     if state.config != settings:
         changed = sorted(k for k in set(state.config) | set(settings) if state.config.get(k) != settings.get(k))
         raise RunDirError(

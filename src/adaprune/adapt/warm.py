@@ -4,7 +4,8 @@
 (:func:`adaprune.updates.map_plan`: by tensor name, through the updated model's groups; what does not
 map is reported in the result, never guessed) and spends its first steps on it:
 
-1. the whole mapped plan is tried as one step (recovery: ``warm_finetune_steps``) and judged like any
+1. the whole mapped plan is tried as one step (recovery: ``warm_finetune_steps``, by default
+   ``finetune_steps`` for each of the fewest ordinary steps that could cut as much) and judged like any
    step, against the tolerance on the task as it is now. Accepted: the run goes on as usual from there,
    so a plan that still fits costs one evaluation plus one recovery, and any budget left unmet is cut
    by ordinary steps (which probe the updated model, so they cut where it now has slack);
@@ -12,7 +13,8 @@ map is reported in the result, never guessed) and spends its first steps on it:
    alone on the updated model (its channels masked, one evaluation per group, at most ``probe_budget``
    groups: those with the most channels removed) and the groups whose cut costs the most harm per cost
    saved are **grown back** (half of the groups still cut, at least one): the next try cuts the plan
-   without them from the updated model, so they keep the updated model's own weights;
+   without them from the updated model, so they keep the updated model's own weights (``state.warm``:
+   ``grow`` holds them until that try starts, ``restored`` the groups grown back in the tries that ran);
 3. after ``WARM_TRIES`` tries rolled back, or when nothing is left to cut, the warm start is abandoned
    and the run continues from the unpruned updated model like a run from scratch.
 
@@ -53,7 +55,7 @@ def warm_state(mapped: MappedPlan) -> dict[str, Any]:
     removed = {g: list(c) for g, c in sorted(mapped.removed.items())}
     key = hashlib.sha256(json.dumps(removed, sort_keys=True).encode()).hexdigest()[:16]
     return {"key": key, "removed": removed, "dropped": list(mapped.dropped), "extended": list(mapped.extended),
-            "harms": {}, "restored": [], "tries": 0, "outcome": ""}
+            "notes": list(mapped.notes), "harms": {}, "restored": [], "grow": [], "tries": 0, "outcome": ""}
 
 
 def warm_key(mapped: MappedPlan | None) -> dict[str, str]:
@@ -66,6 +68,11 @@ def warm_step(ctl: Controller, work: nn.Module, state: ControllerState, values: 
     w = state.warm
     assert w is not None
     torch.manual_seed(ctl.cfg.seed * 100_003 + state.step)  # as every step: a resumed run replays it identically
+    if not w["removed"]:
+        w["outcome"] = "abandoned"
+        state.warnings.append("warm start: the previous plan removes nothing; adapting from the full width")
+        return work
+    w["restored"], w["grow"] = [*w["restored"], *w["grow"]], []  # this try leaves them uncut
     restored = set(w["restored"])
     graph = trace(work, ctl.x, ignore=ctl.ignore)
     known = {g.name for g in graph.groups}
@@ -80,29 +87,31 @@ def warm_step(ctl: Controller, work: nn.Module, state: ControllerState, values: 
         plan = plan_from_choice(graph, chosen)
     if plan.is_empty:
         w["outcome"] = "abandoned"
-        state.warnings.append("warm start abandoned: nothing of the previous plan is left to cut")
+        state.warnings.append("warm start abandoned: every group of the previous plan breaks the updated model")
         return work
     field, _ = ctl.binding(state, values)
+    field = "macs" if field == "latency" else field  # a latency cut is sized by the MACs it saves, as in a step
     predictor = CostPredictor(work, ctl.x)
     size = 1.0 - static_values(predictor(plan))[field] / max(values[field], 1e-12)
     w["tries"] += 1
     label = (f"warm start (try {w['tries']}): the previous plan" if not w["restored"] else
-             f"warm start (try {w['tries']}): the previous plan with {len(w['restored'])} groups grown back "
+             f"warm start (try {w['tries']}): the previous plan with {len(w['restored'])} group"
+             f"{'s' if len(w['restored']) > 1 else ''} grown back "
              f"({', '.join(w['restored'][:6])}{' ...' if len(w['restored']) > 6 else ''})")
-    snapshot, record, _ = ctl.attempt(work, state, plan, size, ctl.warm_steps())
+    snapshot, record, _ = ctl.attempt(work, state, plan, size, ctl.warm_steps(size))
     if record.accepted:
         w["outcome"] = "kept" if not w["restored"] else "grown back"
         record.reason = f"{label}: {record.reason}"
         return work
     if not w["harms"]:  # measured once, on the updated model, for every group the plan cuts
-        w["harms"] = cut_harms(ctl, snapshot, graph, chosen, state, "macs" if field == "latency" else field)
+        w["harms"] = cut_harms(ctl, snapshot, graph, chosen, state, field)
     order = sorted(chosen, key=lambda g: w["harms"].get(g, 0.0), reverse=True)
     grow = order[:max(1, len(order) // 2)]
-    w["restored"] = [*w["restored"], *grow]
     if w["tries"] >= WARM_TRIES or len(grow) == len(order):
         w["outcome"] = "abandoned"
         record.reason = f"{label}: {record.reason}: rolled back; warm start abandoned, adapting the updated model from its full width"
     else:
+        w["grow"] = grow
         record.reason = f"{label}: {record.reason}: rolled back; growing back {', '.join(grow)}"
     return snapshot
 

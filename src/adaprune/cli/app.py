@@ -111,6 +111,10 @@ def _print_summary(data: dict[str, Any], run_dir: Path) -> None:
         table.add_row(*r)
     console.print(table)
     console.print(data["message"])
+    from ..report.render import warm_text
+
+    for line in warm_text(data):
+        console.print(line, markup=False, highlight=False)
     steps = data["history"]
     console.print(f"{len(steps)} steps, {sum(1 for h in steps if h['accepted'])} accepted")
     console.print(f"report: {run_dir / 'report.html'} (also report.md, report.json)")
@@ -149,7 +153,8 @@ def adapt(
 ) -> None:
     """Prune the configured model in measured steps until the budget is met or the tolerance binds.
 
-    CONFIG sections: model, data, budget, tolerance, ignore, run_dir, options, task, sensitivity, report.
+    CONFIG sections: model, data, budget, tolerance, ignore, run_dir, options, task (or tasks), warm_start,
+    sensitivity, report.
 
     model.factory: 'pkg.module:fn', 'file.py:fn', 'torchvision:resnet18' or an HF config class.
 
@@ -162,6 +167,9 @@ def adapt(
     with _errors(config):
         cfg = prepare(config, run_dir)
         if warm_start is not None:
+            if not warm_start.exists():
+                raise CliError(f"--warm-start {warm_start}: no such file or directory (pass a previous run's directory, "
+                               "a directory adaprune.save wrote, or a plan JSON file)")
             cfg = cfg.model_copy(update={"warm_start": str(warm_start.resolve())})
         try:
             with _interruptible():
@@ -410,8 +418,8 @@ def diff(
     """Compare the plans of two adapt runs of one model: per group, the channels both keep, those only one
     keeps, and what each set costs (MACs, parameters).
 
-    The dense model is rebuilt from RUN_A's config.yaml (as export does) and costs are counted on RUN_A's
-    example inputs; RUN_B's config must name the same model.
+    The dense model is rebuilt from RUN_A's config.yaml (as export does) and costs are counted on RUN_A's example
+    inputs; RUN_B's config must name the same model.
     """
     from rich.text import Text
 
@@ -426,14 +434,15 @@ def diff(
     a, b = found.names
     table = Table(title=Text(f"plan diff: {a} against {b}"))
     for col in ("group", "channels", "kept by both", f"only {a}", f"only {b}", "Jaccard", f"MACs only {a}",
-                f"MACs only {b}"):
-        table.add_column(Text(col), justify="left" if col == "group" else "right")
+                f"MACs only {b}"):  # the group's name wraps rather than being cut short
+        table.add_column(Text(col), justify="left" if col == "group" else "right",
+                         overflow="fold" if col == "group" else "ellipsis", min_width=12 if col == "group" else None)
     for g in [*found.groups, found.total]:
         table.add_row(Text(g.group), f"{g.size:,}", f"{g.both:,}", f"{g.only_a:,}", f"{g.only_b:,}",
                       f"{g.jaccard:.2f}", f"{g.cost_only_a['macs']:,}", f"{g.cost_only_b['macs']:,}")
     console = Console()
     console.print(table)
-    console.print(found.summary, markup=False, highlight=False)
+    console.print(found.summary(), markup=False, highlight=False)
     for line in found.dropped:
         console.print(f"not mapped: {line}", markup=False, highlight=False)
     if out is not None:

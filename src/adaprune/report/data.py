@@ -212,7 +212,7 @@ def build(
 def _warm(warm: Any, source: str | None, plan_diff: dict[str, Any] | None) -> dict[str, Any] | None:
     if not warm:
         return None
-    keep = ("outcome", "tries", "restored", "dropped", "extended")
+    keep = ("outcome", "tries", "restored", "dropped", "extended", "notes")
     return {**{k: warm.get(k) for k in keep}, "source": source, "diff": plan_diff}
 
 

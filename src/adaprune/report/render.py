@@ -200,13 +200,16 @@ def warm_text(data: dict[str, Any]) -> list[str]:
     if not w:
         return []
     outcome = {"kept": "the previous plan held as it was", "grown back": "the previous plan held with groups grown back",
-               "abandoned": "the warm start was abandoned; the run adapted the updated model from its full width"}
+               "abandoned": "the warm start was abandoned; the run adapted the updated model from its full width",
+               "not tried": "not tried: the budget held without it"}
+    tries = w.get("tries", 0)
     out = [(f"Warm start from {w.get('source') or 'a previous plan'}: {outcome.get(w.get('outcome', ''), 'not finished')} "
-           f"({w.get('tries', 0)} tries).")]
-    if w.get("restored"):
+            f"({tries} {'try' if tries == 1 else 'tries'}).")]
+    if w.get("restored") and w.get("outcome") != "abandoned":
         out.append("Grown back (the update needs them): " + ", ".join(map(str, w["restored"])) + ".")
     out += [f"Not mapped: {d}" for d in w.get("dropped") or []]
     out += [f"Also cut: {x}" for x in w.get("extended") or []]
+    out += [f"Note: {x}" for x in w.get("notes") or []]
     if w.get("diff"):
         out.append(str(w["diff"].get("summary", "")))
     return out

@@ -107,7 +107,8 @@ class DriftReport:
         lines = [f"within tolerance: {'yes' if self.within else 'no'}"]
         lines += [f"  {c.describe(self.confidence)}{'' if c.within else ' (exceeded)'}" for c in self.criteria]
         if self.harms:
-            lines.append("groups that hurt most (each cut alone on the dense model): "
+            lines.append("groups that hurt most (each cut masked alone on the dense model, no recovery: this ranks the cuts, it is "
+                         "not the deployed model's drop): "
                          + "; ".join(h.describe() for h in self.harms[:top]))
         elif not self.removed:
             lines.append("the plan removes nothing that maps onto the dense model")
@@ -154,7 +155,7 @@ class DriftReport:
                        f"| {'yes' if c.within else 'no'} |")
         if self.harms:
             labels = [c.label for c in self.criteria]
-            out += ["", "### Groups that hurt most (each cut alone on the dense model)", "",
+            out += ["", "### Groups that hurt most (each cut masked alone on the dense model, no recovery: a ranking of the cuts, not the deployed model's drop)", "",
                     "| group | removed | " + " | ".join(f"{k} drop" for k in labels) + " | harm (x tolerance) |",
                     "|---|---|" + "---|" * len(labels) + "---|"]
             for h in self.harms:
@@ -191,8 +192,8 @@ def check(pruned: Any, dense: nn.Module, task: Any, tolerance: float = 0.01, *, 
         confidence: the two-sided confidence of the drop's interval, in [0, 1) (0: the point drop).
         max_groups: measure at most this many cut groups (those with most channels removed first).
     """
+    dense = check_module(dense, "dense")  # first: swapped arguments are named as such
     model, plan = _pruned_and_plan(pruned, plan)
-    dense = check_module(dense, "dense")
     if model is dense:
         raise ConfigError("check: pruned and dense are the same model; pass the deployed pruned model and its "
                           "(updated) dense parent")

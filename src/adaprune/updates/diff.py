@@ -78,7 +78,6 @@ class PlanDiff:
         """Whether both plans keep the same channels everywhere (and everything mapped)."""
         return not (self.total.only_a or self.total.only_b or self.dropped)
 
-    @property
     def summary(self) -> str:
         """The diff in one line."""
         a, b = self.names
@@ -94,11 +93,11 @@ class PlanDiff:
                     f"({_costs(t.cost_only_b)} in {b}), {t.both:,} by both (Jaccard {t.jaccard:.2f})")
         tail = (f"; MACs {a} {c['a']['macs']:,}, {b} {c['b']['macs']:,}; params {a} {c['a']['params']:,}, "
                 f"{b} {c['b']['params']:,} (original {c['original']['macs']:,} MACs, {c['original']['params']:,} params)")
-        more = f"; {len(self.dropped)} parts of the plans did not map" if self.dropped else ""
+        more = (f"; {len(self.dropped)} part{'s' if len(self.dropped) > 1 else ''} of the plans did not map" if self.dropped else "")
         return head + tail + more
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "names": list(self.names), "summary": self.summary}
+        return {**asdict(self), "names": list(self.names), "summary": self.summary()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanDiff:
@@ -130,7 +129,7 @@ class PlanDiff:
 
         costs, groups = self._tables()
         a, b = (n.replace("\n", " ") for n in self.names)
-        lines = [f"# Plan diff: {a} against {b}", "", self.summary.replace("\n", " "), "", _md_table(costs), "",
+        lines = [f"# Plan diff: {a} against {b}", "", self.summary().replace("\n", " "), "", _md_table(costs), "",
                  _md_table(groups), "", " ".join(self._legend().split())]
         notes = self._notes()
         if notes:
@@ -149,7 +148,7 @@ class PlanDiff:
         notes = "".join(f"<li>{e(n)}</li>" for n in self._notes())
         return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n<h1>{e(title)}</h1>\n"
-                f"<p class=\"status\">{e(self.summary)}</p>\n{_html_table(costs)}\n{_html_table(groups)}\n"
+                f"<p class=\"status\">{e(self.summary())}</p>\n{_html_table(costs)}\n{_html_table(groups)}\n"
                 f"<p class=\"muted\">{e(self._legend())}</p>\n"
                 + (f"<h2>Notes</h2><ul>{notes}</ul>\n" if notes else "") + "</body></html>\n")
 
