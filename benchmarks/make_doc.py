@@ -537,11 +537,12 @@ def main() -> int:
         from multitask_doc import multitask_section
 
         lines += env_lines("multitask", mt) + [""] + multitask_section(mt) + [""]
-    up = load("updates")
-    if up:
-        from updates_doc import updates_section
+    for name in ("updates", "updates-eighth"):  # the model-updates sequence at 1/4 and at 1/8 of the MACs
+        up = load(name)
+        if up:
+            from updates_doc import updates_section
 
-        lines += env_lines("updates", up) + [""] + updates_section(up) + [""]
+            lines += env_lines(name, up) + [""] + updates_section(up, name) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():

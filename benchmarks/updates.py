@@ -6,10 +6,11 @@ digits (with ``adaprune.examples.digits.DigitsCNN``); both ship offline. The seq
 - v0: the CNN trained on classes 0-5 (a 6-way head), then adapted to ``--budget`` of its MACs: the
   deployed model;
 - v1: the dense model updated for classes 0-7 (its head grown to 8 outputs, the old rows kept, then
-  fine-tuned on the new training data); v2: classes 0-9; v3: all classes on shifted data, fine-tuned
-  again: MNIST-1D generated again by its own generator with more noise (``--corr-noise``, ``--iid-noise``
-  instead of 0.25 and 0.02, another seed); digits moved one pixel right and down, plus Gaussian noise
-  (``--noise`` standard deviations).
+  fine-tuned on the new training data); v2: classes 0-9; v3: new data of the same kind (MNIST-1D: 5,000
+  fresh samples from its generator with another seed; digits: another split); v4: shifted data (MNIST-1D
+  generated again with more noise, ``--corr-noise`` / ``--iid-noise`` instead of 0.25 / 0.02; digits
+  moved one pixel right and down plus ``--noise`` standard deviations of Gaussian noise). Every update
+  fine-tunes the previous dense model.
 
 For every update, two runs on a copy of the updated dense model, with the same budget, tolerance, task
 (its training and validation data) and options: (a) ``ap.adapt(..., warm_start=deployed)``, where
@@ -43,9 +44,9 @@ from adaprune.examples.digits import DigitsCNN, DigitsData
 
 Data = dict[str, torch.Tensor]
 
-STAGES: list[tuple[str, int, bool]] = [("classes 0-5", 6, False), ("classes 0-7", 8, False),
-                                       ("classes 0-9", 10, False), ("shifted, classes 0-9", 10, True)]
-"""(name, classes, shifted) of the base model and of each update."""
+STAGES: list[tuple[str, int, str]] = [("classes 0-5", 6, "base"), ("classes 0-7", 8, "base"), ("classes 0-9", 10, "base"),
+                                      ("new data, classes 0-9", 10, "fresh"), ("shifted data, classes 0-9", 10, "shifted")]
+"""(name, classes, which data) of the base model and of each update."""
 
 
 def stage_data(d: Data, classes: int, seed: int) -> DigitsData:
@@ -58,17 +59,27 @@ def stage_data(d: Data, classes: int, seed: int) -> DigitsData:
     return DigitsData(**out)
 
 
-def mnist1d_shifted(args: argparse.Namespace) -> Data:
-    """MNIST-1D from its own generator with more noise and another seed (same sizes and splits as
-    ``accuracy.mnist1d_data``)."""
+def mnist1d_fresh(args: argparse.Namespace, noisier: bool = False) -> Data:
+    """MNIST-1D from its own generator with another seed (same sizes and splits as ``accuracy.mnist1d_data``);
+    ``noisier``: with ``--corr-noise`` / ``--iid-noise``."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     spec = get_dataset_args()
-    spec.corr_noise_scale, spec.iid_noise_scale, spec.seed = args.corr_noise, args.iid_noise, 4242
+    spec.seed = 4242
+    if noisier:
+        spec.corr_noise_scale, spec.iid_noise_scale = args.corr_noise, args.iid_noise
     d = make_dataset(spec)
     x, y = torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1), torch.tensor(d["y"], dtype=torch.long)
     xt, yt = torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1), torch.tensor(d["y_test"], dtype=torch.long)
     return {"x_train": x[:-500], "y_train": y[:-500], "x_val": x[-500:], "y_val": y[-500:], "x_test": xt, "y_test": yt}
+
+
+def digits_fresh(args: argparse.Namespace) -> Data:
+    """Another split of the digits (other training images)."""
+    from adaprune.examples.digits import load_digits_data
+
+    d = load_digits_data(seed=1)
+    return {k: getattr(d, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
 
 
 def digits_shifted(args: argparse.Namespace) -> Data:
@@ -80,11 +91,13 @@ def digits_shifted(args: argparse.Namespace) -> Data:
             for k, v in d.items()}
 
 
-DATASETS: dict[str, tuple[Any, Any, Any]] = {
-    "mnist1d": (A.mnist1d_data, mnist1d_shifted, lambda width, classes: A.CNN1D(width, classes)),
-    "digits": (A.digits_data, digits_shifted, lambda width, classes: DigitsCNN(width, classes)),
+DATASETS: dict[str, tuple[dict[str, Any], Any]] = {
+    "mnist1d": ({"base": lambda a: A.mnist1d_data(), "fresh": mnist1d_fresh,
+                 "shifted": lambda a: mnist1d_fresh(a, noisier=True)}, lambda width, classes: A.CNN1D(width, classes)),
+    "digits": ({"base": lambda a: A.digits_data(), "fresh": digits_fresh, "shifted": digits_shifted},
+               lambda width, classes: DigitsCNN(width, classes)),
 }
-"""name -> (the data, the shifted data of the last update, the model of a width and a number of classes)."""
+"""name -> ({which data: its maker}, the model of a width and a number of classes)."""
 
 
 def grown(model: nn.Module, classes: int) -> nn.Module:
@@ -122,14 +135,14 @@ def accuracy(model: nn.Module, d: DigitsData) -> float:
         return 100.0 * float((model(d.x_test).argmax(1) == d.y_test).float().mean())
 
 
-def task_of(d: DigitsData, seed: int) -> ap.ClassificationTask:
+def task_of(d: DigitsData, seed: int, lr: float) -> ap.ClassificationTask:
     torch.manual_seed(seed)
-    return ap.ClassificationTask(d.loader("train", shuffle=True), d.loader("val", batch_size=512), lr=1e-3)
+    return ap.ClassificationTask(d.loader("train", shuffle=True), d.loader("val", batch_size=512), lr=lr)
 
 
 def run(dense: nn.Module, d: DigitsData, args: argparse.Namespace, seed: int, warm: Any = None) -> tuple[Any, dict[str, Any]]:
     model = copy.deepcopy(dense)
-    task = task_of(d, seed)
+    task = task_of(d, seed, args.lr)
     start = time.perf_counter()
     res = ap.adapt(model, d.x_test[:1], task, ap.Budget(macs=args.budget), args.tolerance, ignore=["fc"],
                    finetune_steps=args.finetune_steps, seed=seed, warm_start=warm,
@@ -156,13 +169,13 @@ def overlap(dense: nn.Module, a: Any, b: Any, x: torch.Tensor) -> float:
 
 
 def one_seed(seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    make_data, make_shifted, make_model = DATASETS[args.dataset]
-    base, shifted_data = make_data(), make_shifted(args)
+    makers, make_model = DATASETS[args.dataset]
+    data = {which: make(args) for which, make in makers.items()}
     rows = []
     dense: nn.Module | None = None
     deployed = None
-    for k, (name, classes, shifted) in enumerate(STAGES):
-        d = stage_data(shifted_data if shifted else base, classes, seed)
+    for k, (name, classes, which) in enumerate(STAGES):
+        d = stage_data(data[which], classes, seed)
         if dense is None:
             torch.manual_seed(seed)
             dense = fit(make_model(args.width, classes), d, args.epochs, seed)
@@ -214,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the dense model's MACs")
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--finetune-steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-4, help="the task's fine-tuning learning rate (Adam)")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the base model")
     p.add_argument("--update-epochs", type=int, default=15, help="fine-tuning epochs of each update")

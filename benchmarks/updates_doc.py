@@ -13,23 +13,27 @@ def _pm(values: list[float], digits: int) -> str:
     return f"{m:.{digits}f} ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
 
 
-def updates_section(payload: dict[str, Any]) -> list[str]:
+def updates_section(payload: dict[str, Any], name: str = "updates") -> list[str]:
     a, rows = payload["args"], payload["rows"]
     seeds = sorted({r["seed"] for r in rows})
     warm_steps = a.get("warm_finetune_steps")
-    lines = ["## Model updates: warm start against adapt from scratch (`benchmarks/updates.py`)", "",
+    lines = [(f"## Model updates at {a['budget']} of the MACs: warm start against adapt from scratch "
+             f"(`benchmarks/updates.py`, `{name}.json`)"), "",
              (f"{a['dataset']}, CNN of width {a['width']}: trained on classes 0-5 ({a['epochs']} epochs), adapted to "
               f"{a['budget']} of its MACs (tolerance {a['tolerance']}, {a['finetune_steps']} fine-tuning steps per "
-              "adapt step, Adam lr 1e-3 on the update's training data): the deployed model. Each update fine-tunes "
+              f"adapt step, Adam lr {a['lr']} on the update's training data): the deployed model. Each update fine-tunes "
               f"the dense model ({a['update_epochs']} epochs, cosine from lr {a['update_lr']}): v1 adds classes 6-7 "
-              "(head grown to 8 outputs), v2 classes 8-9, v3 shifts the data: "
-              + (f"MNIST-1D generated again by its own generator with more noise (correlated {a['corr_noise']}, iid "
-                 f"{a['iid_noise']}, against 0.25 and 0.02) and another seed" if a["dataset"] == "mnist1d" else
-                 f"every image moved one pixel right and down, plus noise of {a['noise']} standard deviations")
+              "(head grown to 8 outputs), v2 classes 8-9, v3 brings new data of the same kind ("
+              + ("5,000 fresh MNIST-1D samples from its generator, another seed" if a["dataset"] == "mnist1d" else
+                 "another split of the digits") + "), v4 shifts the data ("
+              + (f"MNIST-1D generated again with more noise: correlated {a['corr_noise']}, iid {a['iid_noise']}, against "
+                 "0.25 and 0.02" if a["dataset"] == "mnist1d" else
+                 f"every image moved one pixel right and down, plus noise of {a['noise']} standard deviations") + ")"
               + ". Per update, on copies of the updated dense model with the same "
               "task, budget and tolerance: `adapt(..., warm_start=deployed)` (the previous update's warm-started "
               "result) and `adapt` from scratch. The warm step's recovery: "
-              + (f"{warm_steps} optimizer steps" if warm_steps is not None else "`finetune_steps` (the default)")
+              + (f"{warm_steps} optimizer steps" if warm_steps is not None else
+                 "adapt's default, `finetune_steps` for each of the fewest ordinary steps that could cut as much")
               + f". Mean ± standard error over seeds {seeds}; accuracy on the update's held-out test split; "
               "wall time of the adapt call alone (one thread)."), "",
              ("| update | budget met (warm / scratch) | test acc. scratch | test acc. warm | warm − scratch | "

@@ -178,6 +178,44 @@ def test_a_plan_the_update_breaks_grows_back_what_is_needed(trained):
     assert res.budget_met  # and later steps cut where there is slack until the budget holds
 
 
+def _permuted(base, removed):
+    """``base`` with the output channels of features.3 reordered (the same function): the positions in
+    ``removed`` now hold the channels with the largest weights, the ones the model needs most."""
+    model = copy.deepcopy(base)
+    conv, bn, nxt = model.features[3], model.features[4], model.features[7]
+    strongest = conv.weight.detach().flatten(1).norm(dim=1).argsort(descending=True).tolist()
+    order = [-1] * conv.out_channels
+    for pos, ch in zip(sorted(removed), strongest):
+        order[pos] = ch
+    rest = iter(c for c in range(conv.out_channels) if c not in order)
+    order = torch.tensor([c if c >= 0 else next(rest) for c in order])
+    with torch.no_grad():
+        for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.copy_(t[order])
+        nxt.weight.copy_(nxt.weight[:, order])
+    return model
+
+
+def test_an_update_that_needs_the_pruned_channels_grows_them_back(digits_run):
+    """The update reorders features.3 (a retrained model's channels have no fixed order): by index, the
+    previous plan now removes the channels the model needs most. The warm start sees the tolerance broken,
+    grows features.3 back (from the updated model's own weights) and ends within tolerance."""
+    base, data, _, prev = digits_run
+    removed = next(g.removed for g in map_plan(prev.plan, base, data.x_test[:1], ignore=["fc"]).plan.groups
+                   if g.name == "features.3")
+    updated = _permuted(base, removed)
+    x = data.x_val
+    assert torch.allclose(updated(x), base(x), atol=1e-5)  # the same function, another channel order
+    res = ap.adapt(copy.deepcopy(updated), data.x_test[:1], task_of(data), ap.Budget(macs=0.5), 0.03,
+                   ignore=["fc"], finetune_steps=2, reconstruct=False, warm_start=prev)
+    w = res.warm_start
+    assert not res.history[0].accepted and "warm start (try 1)" in res.history[0].reason
+    assert "features.3" in w["restored"] and w["outcome"] == "grown back"
+    assert max(w["harms"], key=w["harms"].get) == "features.3"
+    assert res.after["accuracy"] >= res.before["accuracy"] - 0.03 - 1e-9  # within tolerance of the update
+    assert res.history[1].accepted and "features.3" not in res.history[1].cuts  # grown back: its own weights
+
+
 def test_unmapped_parts_are_reported_and_the_run_goes_on(digits_run):
     base, data, _, prev = digits_run
     plan = Plan({**prev.plan.removals, "head.weight": {1: (0, 1)}}, (), prev.plan.sizes)
