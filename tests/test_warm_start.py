@@ -330,3 +330,37 @@ def test_cli_warm_start_reports_what_it_did_and_the_plan_diff(workdir):
     assert "## Warm start" in (run / "report.md").read_text()
     own = invoke("adapt", second, "--warm-start", run, "--force")
     assert own.exit_code == 2 and "this run's own directory" in own.stderr
+
+
+class _Settling(ap.Task):
+    """A task whose verdict on a cut model depends on how much it was fine-tuned since the cut: 3 of 200
+    examples lost (a point drop of 0.015, whose interval reaches past 0.02) until 2 x 20 steps, none after."""
+
+    metric, higher_is_better = "score", True
+
+    def __init__(self, full: int) -> None:
+        self.full, self.steps = full, 0
+
+    def finetune(self, model, steps):
+        self.steps += steps
+
+    def evaluate_examples(self, model):
+        values = torch.ones(200, dtype=torch.float64)
+        if sum(p.numel() for p in model.parameters()) == self.full:
+            self.steps = 0  # the unpruned model: a new cut starts here
+        elif self.steps < 40:
+            values[:3] = 0.0
+        return {"score": float(values.mean())}, values
+
+    def evaluate(self, model):
+        return self.evaluate_examples(model)[0]
+
+
+def test_an_undecided_warm_try_recovers_more_before_growing_anything_back(digits_run):
+    base, data, _, prev = digits_run
+    task = _Settling(sum(p.numel() for p in base.parameters()))
+    res = ap.adapt(copy.deepcopy(base), data.x_test[:1], task, ap.Budget(macs=0.5), 0.02, ignore=["fc"],
+                   finetune_steps=20, reconstruct=False, warm_start=prev)
+    first = res.history[0]
+    assert first.accepted and "undecided after the first recovery" in first.reason and "recovered 20 steps more" in first.reason
+    assert first.optimizer_steps == 20 + 20 and res.warm_start["outcome"] == "kept" and not res.warm_start["harms"]

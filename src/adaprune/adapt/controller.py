@@ -616,17 +616,33 @@ class Controller:
         return snapshot
 
     def attempt(self, work: nn.Module, state: ControllerState, plan: Plan, size: float,
-                steps: int | None = None) -> tuple[nn.Module, StepRecord, list[Verdict]]:
+                steps: int | None = None, more: int = 0) -> tuple[nn.Module, StepRecord, list[Verdict]]:
         """Cut ``plan`` from ``work``, recover (``steps`` optimizer steps, by default ``finetune_steps``),
         measure and judge; record the step in the history. Accepted: the removals are folded into the
         state and ``work`` is the model to go on with. Rolled back: the record's reason says why, and the
-        returned snapshot (``work`` as it was) is. Returns the snapshot, the record and the verdicts."""
+        returned snapshot (``work`` as it was) is. Returns the snapshot, the record and the verdicts.
+
+        ``more``: when the verdict is undecided (every point drop within its tolerance, an interval's upper
+        end above it), recover ``more`` steps further and judge once again (the warm start's first try)."""
         snapshot = copy.deepcopy(work)
         remove(work, plan)
         metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step, steps)
-        new_values = self.costs(work)
         verdicts = [] if failure else self.judge(state, metrics, examples)
         over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
+        extended = ""
+        if over and more > 0 and self.recovery_steps(more) and all(
+                v.drop <= float(v.criterion.tolerance or 0.0) for v in verdicts):
+            first = "; ".join(self.said(v) for v in over)
+            try:
+                self.recover(work, state.step + 1_000_000, more)  # (its own seed: not the first recovery's draw)
+                metrics, examples, failure, _ = self.finished(work, *self.evaluate(work), refit)
+            except NonFiniteError as exc:
+                metrics, examples, failure = {}, {}, f"recovery failed ({type(exc).__name__}: {shown(str(exc), 200)})"
+            verdicts = [] if failure else self.judge(state, metrics, examples)
+            over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
+            steps = (self.recovery_steps(steps) + self.recovery_steps(more))
+            extended = f"undecided after the first recovery ({first}), recovered {more} steps more: "
+        new_values = self.costs(work)
         binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
         interval = None if binding is None else binding.interval
         cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
@@ -635,11 +651,12 @@ class Controller:
                             None if interval is None else [interval.low, interval.high], refit)
         state.history.append(record)
         if failure or over:
-            record.reason = failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}"
-                                                 for v in over)
+            record.reason = extended + (failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}"
+                                                             for v in over))
             return snapshot, record, verdicts
         record.accepted = True
-        record.reason = "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}" for v in verdicts)
+        record.reason = extended + "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}"
+                                             for v in verdicts)
         if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
             self.lineage += 1
         compose(state.removals, self.shapes, plan)

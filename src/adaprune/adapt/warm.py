@@ -6,7 +6,10 @@ map is reported in the result, never guessed) and spends its first steps on it:
 
 1. the whole mapped plan is tried as one step (recovery: ``warm_finetune_steps``, by default
    ``finetune_steps`` for each of the fewest ordinary steps that could cut as much) and judged like any
-   step, against the tolerance on the task as it is now. Accepted: the run goes on as usual from there,
+   step, against the tolerance on the task as it is now; a verdict the validation set leaves undecided
+   (every point drop within tolerance, an interval's upper end above it) gets ``finetune_steps`` more
+   recovery and is judged once again, before anything is grown back (cheaper than a grow-back, which costs
+   a recovery per try). Accepted: the run goes on as usual from there,
    so a plan that still fits costs one evaluation plus one recovery, and any budget left unmet is cut
    by ordinary steps (which probe the updated model, so they cut where it now has slack);
 2. rolled back: the update needs some of the channels the plan removes. Each cut group's harm is measured
@@ -98,7 +101,7 @@ def warm_step(ctl: Controller, work: nn.Module, state: ControllerState, values: 
              f"warm start (try {w['tries']}): the previous plan with {len(w['restored'])} group"
              f"{'s' if len(w['restored']) > 1 else ''} grown back "
              f"({', '.join(w['restored'][:6])}{' ...' if len(w['restored']) > 6 else ''})")
-    snapshot, record, _ = ctl.attempt(work, state, plan, size, ctl.warm_steps(size))
+    snapshot, record, _ = ctl.attempt(work, state, plan, size, ctl.warm_steps(size), more=ctl.cfg.finetune_steps)
     if record.accepted:
         w["outcome"] = "kept" if not w["restored"] else "grown back"
         record.reason = f"{label}: {record.reason}"
