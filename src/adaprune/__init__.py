@@ -7,6 +7,7 @@ The curated public API::
     ap.count(model, x)            # Cost(macs, params, bytes)
     graph = ap.trace(model, x)    # groups of coupled channels
     lad = ap.ladder(model, x, task, [ap.Budget(macs=0.5)])  # nested widths over one set of weights
+    sh = ap.share(model, bits=4)  # k-means weight sharing (sh.undo() / sh.bake())
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .result import PruneResult
 from .sensitivity import Sensitivity, sensitivity
+from .share import ShareResult, share
 from .specialize import Specialized, specialize
 from .surgery import NM, mask, reconstruct, remove, sparsify
 from .surgery.check import apply_plan
@@ -48,6 +50,7 @@ __all__ = [
     "Plan",
     "PruneResult",
     "Sensitivity",
+    "ShareResult",
     "Specialized",
     "Task",
     "__version__",
@@ -68,6 +71,7 @@ __all__ = [
     "save",
     "save_ladder",
     "sensitivity",
+    "share",
     "sparsify",
     "specialize",
     "trace",
