@@ -8,6 +8,7 @@ The curated public API::
     graph = ap.trace(model, x)    # groups of coupled channels
     lad = ap.ladder(model, x, task, [ap.Budget(macs=0.5)])  # nested widths over one set of weights
     sh = ap.share(model, bits=4)  # k-means weight sharing (sh.undo() / sh.bake())
+    q = ap.quantize(model, x)     # int8 through ONNX Runtime; q(x) runs it, q.bytes its size
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .ladder import Governor, Ladder, ladder, load_ladder, save_ladder
 from .multitask import MultiTask
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
+from .quantize import Quantized, quantize
 from .result import PruneResult
 from .sensitivity import Sensitivity, sensitivity
 from .share import ShareResult, share
@@ -49,6 +51,7 @@ __all__ = [
     "MultiTask",
     "Plan",
     "PruneResult",
+    "Quantized",
     "Sensitivity",
     "ShareResult",
     "Specialized",
@@ -66,6 +69,7 @@ __all__ = [
     "load_ladder",
     "mask",
     "prune",
+    "quantize",
     "reconstruct",
     "remove",
     "save",

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from . import fs
-from ._check import as_int, check_inputs, check_module, check_path
+from ._check import as_bool, as_int, check_inputs, check_module, check_path
 from .errors import ArgumentTypeError, ConfigError, StorageError, TraceError
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], opset: int = 17, *,
+                dynamic_batch: bool = False) -> Path:
     """Export ``model`` to ONNX (TorchScript-based exporter, constant folding on), written atomically.
 
     Args:
@@ -23,11 +24,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         example_inputs: what ``model`` is called with (a tuple is positional arguments, a dict keywords).
         path: the ``.onnx`` file to write; its directory must exist.
         opset: the ONNX opset, in the range torch's TorchScript exporter supports (7 to 20 in torch 2.14).
+        dynamic_batch: leave the first dimension of every input free (named ``batch``; the inputs are
+            named ``input_0``, ``input_1`` ...), so the file runs on any batch size. Needs
+            ``example_inputs`` to be a tensor or a tuple of tensors with at least one dimension.
 
     Raises:
         ArgumentTypeError: an argument of the wrong type (``model`` not an ``nn.Module``, ``path`` not a
             path, ``opset`` not an integer, ``example_inputs`` ``None``).
-        ConfigError: an empty ``path`` or an ``opset`` outside the supported range.
+        ConfigError: an empty ``path``, an ``opset`` outside the supported range, or
+            ``dynamic_batch=True`` with inputs that are not tensors of at least one dimension.
         TraceError: ``model`` fails to run on ``example_inputs``.
         StorageError: the file's directory does not exist or cannot be written.
     """
@@ -57,6 +62,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     kwargs = example_inputs if isinstance(example_inputs, dict) else None
     if kwargs is not None:
         args = ()
+    names: list[str] | None = None
+    axes: dict[str, dict[int, str]] | None = None
+    if as_bool(dynamic_batch, "dynamic_batch", where="export_onnx"):
+        if kwargs is not None or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in args):
+            raise ConfigError(
+                "export_onnx: dynamic_batch=True needs example_inputs to be a tensor or a tuple of tensors, "
+                "each with a batch dimension; pass dynamic_batch=False for other inputs"
+            )
+        names = [f"input_{i}" for i in range(len(args))]
+        axes = {n: {0: "batch"} for n in names}
     flags = {m: m.training for m in model.modules()}
     model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -76,7 +91,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             warnings.simplefilter("ignore", DeprecationWarning)
             fs.write_atomic(
                 target,
-                lambda tmp: torch.onnx.export(model, args, tmp, kwargs=kwargs, dynamo=False, opset_version=opset),
+                lambda tmp: torch.onnx.export(model, args, tmp, kwargs=kwargs, dynamo=False, opset_version=opset,
+                                              input_names=names, dynamic_axes=axes),
                 what="the ONNX model",
             )
     finally:
