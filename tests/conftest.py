@@ -8,13 +8,24 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run the test with one torch thread (timings and training comparable under pytest-xdist)."""
+def _single_thread() -> Iterator[None]:
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with one torch thread (timings and training comparable under pytest-xdist)."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """One torch thread for a whole module, its module-scoped fixtures included (a first training step on
+    2 cores is several times slower with more threads)."""
+    yield from _single_thread()
 
 
 @pytest.fixture(scope="module")

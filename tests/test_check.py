@@ -42,12 +42,8 @@ def inverted(loader):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def one_torch_thread(one_thread_module):
     """One torch thread for the module (the first training step is several times slower with more)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

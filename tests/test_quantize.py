@@ -103,3 +103,15 @@ def test_resnet18_quantizes_dynamically_and_keeps_its_output_shape() -> None:
     with ap.quantize(net, torch.randn(1, 3, 64, 64)) as q:
         assert q(torch.randn(2, 3, 64, 64)).shape == (2, 10)
         assert q.bytes < 0.35 * q.bytes_float
+
+
+def test_the_calibration_reader_serves_strides_when_onnx_runtime_asks_for_them():
+    from onnxruntime import quantization
+
+    from adaprune.quantize import _reader
+
+    feeds = [{"input_0": i} for i in range(4)]
+    reader = _reader(quantization, feeds)
+    assert [reader.get_next() for _ in range(5)] == [*feeds, None] and len(reader) == 4
+    reader.set_range(1, 3)  # ONNX Runtime's strided calibration: only these batches
+    assert [reader.get_next() for _ in range(3)] == [feeds[1], feeds[2], None]

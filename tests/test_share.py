@@ -20,11 +20,8 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """One torch thread for every test (conftest's)."""
 
 
 @pytest.fixture(scope="module")

@@ -59,19 +59,20 @@ def _reader(quantization: Any, feeds: list[dict[str, Any]]) -> Any:
 
     class Batches(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
-            self.index = 0
+            self.index, self.items = 0, feeds
 
         def get_next(self) -> dict[str, Any] | None:
-            if self.index >= len(feeds):
+            if self.index >= len(self.items):
                 return None
             self.index += 1
-            return feeds[self.index - 1]
+            return self.items[self.index - 1]
 
         def __len__(self) -> int:
             return len(feeds)
 
         def set_range(self, start_index: int, end_index: int) -> None:
-            raise NotImplementedError("calibration in strides is not used")
+            """Calibrate in strides (ONNX Runtime's strided calibration): only ``feeds[start:end]`` from now on."""
+            self.index, self.items = 0, feeds[start_index:end_index]
 
         def rewind(self) -> None:
             self.index = 0

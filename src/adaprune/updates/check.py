@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._check import as_float, as_int, check_inputs, check_module, check_plan
+from ..adapt.controller import as_number
 from ..adapt.noise import Interval, check_examples, paired_interval
 from ..adapt.previous import plan_of
 from ..errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
@@ -267,23 +268,12 @@ def _checked(out: Any, criteria: list[Criterion]) -> dict[str, float]:
     if not isinstance(out, Mapping):
         raise ConfigError(f"check: task.evaluate returned {shown(out)} ({type(out).__name__}); it must return a "
                           "dict of metric name -> number")
-    metrics = {str(k): _number(str(k), v) for k, v in out.items()}
+    metrics = {str(k): as_number(str(k), v) for k, v in out.items()}
     for c in criteria:
         if c.metric not in metrics:
             raise ConfigError(f"check: task.evaluate returned {shown(sorted(metrics), 60)}, without the metric "
                               f"{c.metric!r}" + (f" (of task {c.name!r})" if c.name else ""))
     return metrics
-
-
-def _number(key: str, value: Any) -> float:
-    """One value of ``task.evaluate``'s dict as a float (a Python or NumPy number, a one-element tensor)."""
-    if not isinstance(value, (bool, str, bytes)) and hasattr(type(value), "__float__"):
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise ConfigError(f"check: task.evaluate returned {key!r}: {shown(value)} ({type(value).__name__}), which is not "
-                      "a number; every value of its dict must be a number (a float, an int or a one-element tensor)")
 
 
 def _measure(task: Task, model: nn.Module, criteria: list[Criterion]
