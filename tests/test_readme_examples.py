@@ -42,3 +42,11 @@ def test_the_readme_model_updates_example_runs(tmp_path: Path, monkeypatch: pyte
     assert printed[0].startswith("within tolerance: ")  # the drift check's verdict
     assert printed[-2].split()[0] in ("kept", "grown", "abandoned") and printed[-2].endswith("step(s)")
     assert printed[-1].startswith("a and b ") and "MACs a " in printed[-1]  # the diff of the two plans
+
+
+def test_the_readme_compression_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run_section("Compression", tmp_path, monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("compress: ") and "budget met" in printed[0]
+    size = (tmp_path / "out" / "small" / "model.safetensors.zst").stat().st_size
+    assert printed[-1] == f"{size} bytes on disk"

@@ -17,6 +17,7 @@ from . import errors
 from ._version import __version__
 from .adapt import AdaptResult, adapt
 from .api import prune
+from .compress import CompressResult, compress
 from .cost import Cost, count
 from .cost.budget import Budget
 from .embedding import EmbeddingTask
@@ -41,6 +42,7 @@ __all__ = [
     "AdaptResult",
     "Budget",
     "ClassificationTask",
+    "CompressResult",
     "Cost",
     "EmbeddingTask",
     "Governor",
@@ -60,6 +62,7 @@ __all__ = [
     "adapt",
     "apply_plan",
     "check",
+    "compress",
     "count",
     "diff",
     "errors",

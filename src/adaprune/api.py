@@ -85,6 +85,8 @@ def prune(
         raise ConfigError("pass ratio= or budget=, not both: a budget chooses the ratio itself")
     if budget is not None and not isinstance(budget, Budget):
         raise ConfigError(f"budget must be an adaprune.Budget, got {type(budget).__name__}")
+    if budget is not None:
+        budget.refuse_disk("prune")
     if budget is not None and budget.needs_latency:
         raise ConfigError(
             "prune() is one-shot and does not measure latency: use adaprune.adapt(...) for a latency "

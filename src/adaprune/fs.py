@@ -290,7 +290,7 @@ def read_bytes(path: str | os.PathLike[str], *, what: str = "", limit: int = MAX
         if size > limit:
             raise FileFormatError(f"{label}: {p} is {size:,} bytes, more than the {limit:,} adaprune reads")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
+            data = f.read(min(size, limit) + 1)
     finally:
         os.close(fd)
     if len(data) > limit:

@@ -33,6 +33,7 @@ from typing import Any, Final, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import fs
 from ._check import check_path
@@ -53,6 +54,10 @@ PLAN: Final = "plan.json"
 META: Final = "adaprune.json"
 NEXT_WEIGHTS: Final = "model.next.safetensors"
 NEXT_PLAN: Final = "plan.next.json"
+ZWEIGHTS: Final = "model.safetensors.zst"
+NEXT_ZWEIGHTS: Final = "model.next.safetensors.zst"
+#: the largest compressed weights file load reads
+MAX_BLOB: Final = 1 << 36
 
 
 class LoadError(FileFormatError, PlanError):
@@ -60,6 +65,19 @@ class LoadError(FileFormatError, PlanError):
 
 
 _SHA = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Compressed(BaseModel):
+    """How a compressed save's weights file was written (``save(..., compress=True)``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    codec: Literal["zstd"]
+    level: int = Field(ge=1, le=22)
+    raw_bytes: int = Field(ge=0)
+    disk_bytes: int = Field(ge=0)
+    shared: list[str] = Field(default_factory=list)
+    int8: list[str] = Field(default_factory=list)
 
 
 class SaveMeta(BaseModel):
@@ -74,10 +92,13 @@ class SaveMeta(BaseModel):
     base_model: str | None = None
     params: int = Field(ge=0)
     weights_sha256: str = _SHA
-    weights_file: Literal["model.safetensors", "model.next.safetensors"] = WEIGHTS
+    weights_file: Literal[
+        "model.safetensors", "model.next.safetensors", "model.safetensors.zst", "model.next.safetensors.zst"
+    ] = WEIGHTS
     plan_file: Literal["plan.json", "plan.next.json"] = PLAN
     plan_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     layers: dict[str, dict[str, int]] = Field(default_factory=dict)
+    compressed: Compressed | None = None
 
 
 def versions() -> dict[str, str]:
@@ -149,6 +170,8 @@ def save(
     *,
     plan: Plan | None = None,
     base: str | None = None,
+    compress: bool = False,
+    level: int | None = None,
 ) -> Path:
     """Write weights, plan and metadata of a pruned model (or a prune/adapt result) to ``directory``.
 
@@ -159,14 +182,18 @@ def save(
             it are left alone).
         plan: the plan, when a bare model is given (default: an empty plan, i.e. unpruned).
         base: a reference to the base model (a hub name, a torchvision name, a factory path).
+        compress: write the compressed artifact (:mod:`adaprune.artifact`): shared weights as
+            bit-packed indices and codebooks, int8 weights as int8 and scales, all of it
+            zstandard-coded into ``model.safetensors.zst``; :func:`load` restores the shared and int8
+            weights as the same parametrizations. Without it, a shared or int8 model is saved as
+            plain float weights (the values it computes with).
+        level: zstandard's level for ``compress`` (1-22, default :data:`adaprune.artifact.LEVEL`).
 
     Raises:
         ArgumentTypeError: not a model or a result; ``plan`` not a Plan.
         StorageError: the disk is full or the directory is not writable; the previous save in
             ``directory`` is still loadable.
     """
-    from safetensors.torch import save_model
-
     model: Any
     if isinstance(result_or_model, nn.Module):  # a model (an HF model has a .model attribute of its own)
         model, result_plan = result_or_model, None
@@ -186,6 +213,14 @@ def save(
         raise ArgumentTypeError("save: directory is None; pass the directory to save into")
     if base is not None and not isinstance(base, str):
         raise ArgumentTypeError(f"save: base= must be a str (a reference to the base model), got {shown(base)}")
+    from ._check import as_bool, as_int
+
+    compress = as_bool(compress, "compress", where="save")
+    if level is not None and not compress:
+        raise ConfigError("save: level= sets the compression of compress=True; pass compress=True too")
+    from .artifact import LEVEL
+
+    level = LEVEL if level is None else as_int(level, "level", low=1, high=22, where="save")
     out = Path(directory)
     if fs.kind(out, what="save: directory", error=StorageError) not in ("dir", None):
         raise StorageError(f"save: {shown(str(out), 200)} is not a directory; pass a directory to save into")
@@ -195,32 +230,65 @@ def save(
         raise StorageError(f"save: cannot create the directory {out} ({exc.strerror})") from None
     _check_ours(out)
     _settle(out)
-    weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: save_model(model, tmp), what="the weights")
+    compressed = None
+    if compress:
+        from .artifact import encode, to_blob
+
+        encoded = encode(model)
+        data, raw_bytes = to_blob(encoded, plan.to_json(), level)
+        weights = fs.write_atomic(out / NEXT_ZWEIGHTS, data, what="the compressed weights")
+        compressed = Compressed(
+            codec="zstd", level=level, raw_bytes=raw_bytes, disk_bytes=len(data),
+            shared=sorted(k for k, v in encoded.specs.items() if v["kind"] == "shared"),
+            int8=sorted(k for k, v in encoded.specs.items() if v["kind"] == "int8"),
+        )
+    else:
+        weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: _save_plain(model, tmp), what="the weights")
     plan_file = fs.write_text(out / NEXT_PLAN, plan.to_json(indent=1), what="the plan")
+    cls = parametrize.type_before_parametrizations(model)  # not torch's Parametrized<class> of a parametrized root
     config = getattr(model, "config", None)
     name_or_path = getattr(config, "_name_or_path", None)
     meta = SaveMeta(
         format="adaprune",
         format_version=FORMAT_VERSION,
         versions=versions(),
-        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        model_class=f"{cls.__module__}.{cls.__qualname__}",
         base_model=base or (name_or_path if isinstance(name_or_path, str) and name_or_path else None),
         params=sum(p.numel() for p in model.parameters()),
         weights_sha256=fs.sha256(weights),
-        weights_file=NEXT_WEIGHTS,
+        weights_file=NEXT_ZWEIGHTS if compress else NEXT_WEIGHTS,
         plan_file=NEXT_PLAN,
         plan_sha256=fs.sha256(plan_file),
         layers=layer_sizes(model, plan),
+        compressed=compressed,
     )
     fs.write_json(out / META, meta.model_dump(), what="the save's metadata")  # the commit point
     _settle(out)
     return out
 
 
+def _save_plain(model: nn.Module, path: str) -> None:
+    """The plain safetensors file of ``model``: a parametrized weight as the value it computes with."""
+    from safetensors.torch import save_model
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        save_model(model, path)
+        return
+    from .artifact.codec import plain_state
+
+    state = plain_state(model)
+
+    class _Plain(nn.Module):  # what safetensors' save_model reads: the plain state dict, ties kept
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return state
+
+    save_model(_Plain(), path)
+
+
 def _check_ours(out: Path) -> None:
     """Refuse to replace files of the save's names that another program wrote: they are adaprune's only
     beside an ``adaprune.json`` that adaprune wrote."""
-    present = [n for n in (META, WEIGHTS, PLAN, NEXT_WEIGHTS, NEXT_PLAN) if (out / n).exists() or (out / n).is_symlink()]
+    present = [n for n in (META, WEIGHTS, PLAN, NEXT_WEIGHTS, NEXT_PLAN, ZWEIGHTS, NEXT_ZWEIGHTS) if (out / n).exists() or (out / n).is_symlink()]
     if not present:
         return
     try:
@@ -246,7 +314,8 @@ def _settle(out: Path) -> None:
     except LoadError:
         return  # nothing loadable to protect; the next commit replaces it
     update: dict[str, str] = {}
-    for key, usual in (("weights_file", WEIGHTS), ("plan_file", PLAN)):
+    weights_usual = ZWEIGHTS if meta.compressed is not None else WEIGHTS
+    for key, usual in (("weights_file", weights_usual), ("plan_file", PLAN)):
         name = getattr(meta, key)
         if name != usual and (out / name).is_file():
             fs.rename(out / name, out / usual, what=f"the save's {usual}")
@@ -254,6 +323,9 @@ def _settle(out: Path) -> None:
             update[key] = usual
     if update:
         fs.write_json(out / META, meta.model_copy(update=update).model_dump(), what="the save's metadata")
+    stale = WEIGHTS if meta.compressed is not None else ZWEIGHTS  # the other format's file, from an older save
+    if (out / stale).is_file():
+        fs.remove_file(out / stale)
 
 
 def read_meta(directory: str | os.PathLike[str]) -> SaveMeta:
@@ -323,7 +395,9 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
         raise LoadError(f"{shown(str(root), 200)} is not a directory written by adaprune.save")
     meta = read_meta(root)
     plan = read_plan(root)
-    weights = _find(root, meta.weights_file, WEIGHTS, meta.weights_sha256, "the weights")
+    usual = ZWEIGHTS if meta.compressed is not None else WEIGHTS
+    weights = _find(root, meta.weights_file, usual, meta.weights_sha256, "the weights")
+    state, parts = _read_compressed(weights, meta.compressed, plan) if meta.compressed is not None else (None, {})
     model = model_factory()
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"load: model_factory() returned a {type(model).__name__}, not an nn.Module")
@@ -334,7 +408,44 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
 
     try:
         with removal(model, plan):  # a failure restores the factory's model as it was built
-            load_model(model, str(weights), strict=True)
+            if state is None:
+                load_model(model, str(weights), strict=True)
+            else:
+                _load_state(model, state, weights)
+                if parts:
+                    from .share.result import Sharing
+
+                    Sharing(model, {name.rpartition(".")[0]: part for name, part in parts.items()})
     except (SafetensorError, RuntimeError) as exc:
         raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {shown(str(exc), 300)}") from exc
     return model
+
+
+def _read_compressed(path: Path, info: Compressed, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """The decoded state dict and parametrizations of a compressed weights file."""
+    from .artifact import CodecError, decode, from_blob
+
+    try:
+        data = fs.read_bytes(path, what="the compressed weights", limit=MAX_BLOB)
+        if len(data) != info.disk_bytes:
+            raise CodecError(f"{path} is {len(data):,} bytes, {info.disk_bytes:,} were saved: it is truncated")
+        encoded, plan_json = from_blob(data, info.raw_bytes)
+        if Plan.from_json(plan_json) != plan:
+            raise CodecError(f"{path} holds another plan than plan.json beside it")
+        return decode(encoded)
+    except FileFormatError as exc:
+        raise LoadError(f"{path}: {exc}") from None
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Load a decoded state dict strictly: every key the model has, no other, each of its shape."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise PlanMismatchError(
+            f"the weights in {weights} do not fit the replayed model: "
+            + (f"missing {', '.join(missing[:5])}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {', '.join(extra[:5])}" if extra else "")
+        )
+    model.load_state_dict(state, strict=True)

@@ -176,6 +176,62 @@ class Plan:
             raise PlanError(f"the plan is not valid JSON ({shown(str(exc), 120)})") from None
         return cls.from_dict(data)
 
+    # -- composition ---------------------------------------------------------------------------
+    def then(self, later: Plan, model: nn.Module | None = None) -> Plan:
+        """The plan that cuts what this plan cuts and then what ``later`` cuts from the model this
+        plan left, stated on the original model (what :func:`adaprune.save` replays).
+
+        ``later``'s indices count the entries this plan kept; a tensor and dim this plan does not cut
+        keeps ``later``'s indices as they are. The original size of a dim comes from this plan's
+        recorded sizes, else from ``model`` (the original), else from ``later``'s sizes plus what this
+        plan removed; a dim whose size is nowhere is a :class:`PlanError`."""
+        originals: dict[str, torch.Tensor] = {}
+        if model is not None:
+            originals.update(dict(model.named_parameters(remove_duplicate=False)))
+            originals.update(dict(model.named_buffers(remove_duplicate=False)))
+
+        def original_size(name: str, d: int, first: tuple[int, ...]) -> int:
+            size = self.size_of(name, d)
+            if size is None and name in originals and d < originals[name].dim():
+                size = int(originals[name].shape[d])
+            if size is None and later.size_of(name, d) is not None:
+                size = int(later.size_of(name, d) or 0) + len(first)
+            if size is None:
+                raise PlanError(f"Plan.then: the size of dim {d} of {shown(name)} is recorded nowhere; pass model= "
+                                "(the original model) to compose the plans")
+            return size
+
+        def lift(first: tuple[int, ...], second: tuple[int, ...], size: int) -> tuple[int, ...]:
+            cut = set(first)
+            kept = [i for i in range(size) if i not in cut]
+            if second and second[-1] >= len(kept):
+                raise PlanError(f"Plan.then: the later plan removes index {second[-1]} of {len(kept)} kept entries")
+            return tuple(sorted(cut | {kept[j] for j in second}))
+
+        removals: dict[str, dict[int, tuple[int, ...]]] = {}
+        sizes: dict[str, dict[int, int]] = {}
+        for name in sorted(set(self.removals) | set(later.removals)):
+            a, b = self.removals.get(name, {}), later.removals.get(name, {})
+            for d in sorted(set(a) | set(b)):
+                first, second = a.get(d, ()), b.get(d, ())
+                if first:
+                    size = original_size(name, d, first)
+                    removals.setdefault(name, {})[d] = lift(first, second, size)
+                    sizes.setdefault(name, {})[d] = size
+                else:
+                    removals.setdefault(name, {})[d] = second
+                    recorded = later.size_of(name, d)
+                    if recorded is not None:
+                        sizes.setdefault(name, {})[d] = recorded
+        groups = {g.name: g for g in self.groups}
+        for g in later.groups:
+            before = groups.get(g.name)
+            if before is None:
+                groups[g.name] = g
+            else:
+                groups[g.name] = GroupCut(g.name, before.size, lift(before.removed, g.removed, before.size))
+        return Plan(removals, tuple(groups.values()), sizes)
+
     # -- checks and predictions ----------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PlanMismatchError` unless every entry fits ``model``."""

@@ -148,6 +148,7 @@ def adapt(
     check_inputs(example_inputs)
     task = as_task(task)  # checked, and a protocol object wrapped: its hooks are resolved once, here
     check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.5)")
+    budget.refuse_disk("adapt")
     resume, force = as_bool(resume, "resume"), as_bool(force, "force")
     if loss is not None:
         check_callable(loss, "loss", "a callable loss(output, targets) -> scalar tensor")

@@ -263,7 +263,7 @@ class Controller:
         return self.sign * (state.baseline[self.task.metric] - metrics[self.task.metric])
 
     def costs(self, model: nn.Module, repeats: int | None = None) -> dict[str, float]:
-        values = static_values(count(model, self.x))
+        values = static_values(count(model, self.x, disk=False))
         if self.budget.needs_latency:
             lat = measure_latency(
                 model, self.x, backend=self.budget.backend, threads=self.budget.threads,

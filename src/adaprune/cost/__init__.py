@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,10 +30,15 @@ class Cost:
     macs: int
     params: int
     bytes: int
+    disk_bytes: int | None = field(default=None, compare=False)
+    """Bytes of the compressed artifact (``save(..., compress=True)``'s weights file), measured by
+    :func:`count` by writing it to memory; ``None`` where not measured."""
 
     def __post_init__(self) -> None:
-        for name in ("macs", "params", "bytes"):
+        for name in ("macs", "params", "bytes", "disk_bytes"):
             value = getattr(self, name)
+            if value is None and name == "disk_bytes":
+                continue
             number = as_float(value, name, low=0.0, where="Cost")
             object.__setattr__(self, name, int(value) if isinstance(value, numbers.Integral) else number)
 
@@ -94,18 +99,34 @@ _RNN_FLOPS: dict[Any, Any] = {
 }
 
 
-def count(model: nn.Module, example_inputs: Any) -> Cost:
-    """Count MACs (one multiply-add = one MAC; flop counter's flops / 2), params and bytes.
+def count(model: nn.Module, example_inputs: Any, *, disk: bool = True) -> Cost:
+    """Count MACs (one multiply-add = one MAC; flop counter's flops / 2), params and bytes, and
+    measure ``disk_bytes``.
 
     Attention is counted as the matmuls it performs: fused kernels (which the flop counter has no
     formula for) are switched off while counting. Fused recurrent kernels (oneDNN, cuDNN) are
     counted as the weight matmuls they perform.
 
     Bytes are those of the parameters and buffers, i.e. what the weights take in memory.
+    ``disk_bytes`` (with ``disk=True``, unless a tensor is on the meta device) is the size of the
+    compressed artifact :func:`adaprune.save` writes with ``compress=True``: shared and int8 weights
+    packed, everything zstandard-coded; what the model takes on disk. A pruned model's save holds its
+    plan in the same file too (compressed: hundreds of bytes to a few kB), which ``count`` does not
+    know; :attr:`adaprune.CompressResult.disk_bytes_after` includes it.
     """
+    import dataclasses
+
+    from .._check import as_bool
+
     check_module(model)
     check_inputs(example_inputs)
-    return count_with_output(model, example_inputs)[0]
+    disk = as_bool(disk, "disk", where="count")
+    cost = count_with_output(model, example_inputs)[0]
+    if disk and not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        from ..artifact import disk_bytes
+
+        cost = dataclasses.replace(cost, disk_bytes=disk_bytes(model))
+    return cost
 
 
 def count_with_output(model: nn.Module, example_inputs: Any) -> tuple[Cost, Any]:

@@ -140,8 +140,22 @@ class Budget:
 
     @property
     def needs_latency(self) -> bool:
-        """Whether a measured cost (latency) is bounded: it needs the model run on ``backend``."""
-        return any(not static for _, _, static in self._costs.values())
+        """Whether latency is bounded: it needs the model run on ``backend``."""
+        return any(name == "latency" for name, _, _ in self._costs.values())
+
+    @property
+    def needs_disk(self) -> bool:
+        """Whether the compressed artifact's size (``disk_bytes``) is bounded: only
+        :func:`adaprune.compress` can meet that bound (pruning alone keeps float32 weights)."""
+        return any(name == "disk_bytes" for name, _, _ in self._costs.values())
+
+    def refuse_disk(self, where: str) -> None:
+        """A :class:`ConfigError` when ``disk_bytes`` is bounded: ``where`` prunes, it does not compress."""
+        if self.needs_disk:
+            raise ConfigError(
+                f"{where}: Budget(disk_bytes=...) bounds the compressed artifact, which adaprune.compress makes "
+                "(pruning, weight sharing and int8 together); bound params or bytes here, or call adaprune.compress"
+            )
 
     def limits(self, original: dict[str, float]) -> dict[str, float]:
         """Absolute bound per cost name, given the original model's values."""

@@ -138,6 +138,7 @@ class CostRegistry(Registry[CostEntry]):
     def __init__(self) -> None:
         super().__init__("cost")
         self.builtin: tuple[str, ...] = ()
+        self.fixed: tuple[str, ...] = ()  # the costs adaprune registers itself: never unregistered
         self.reserved: set[str] = set(RESERVED)
 
     def add(self, entry: CostEntry) -> CostEntry:
@@ -165,7 +166,7 @@ class CostRegistry(Registry[CostEntry]):
 
     def remove(self, name: str) -> None:
         """Unregister the cost ``name`` (a built-in cost cannot be removed)."""
-        if name in self.builtin:
+        if name in self.builtin or name in self.fixed:
             raise ValueError(f"cost {name!r} is built in and cannot be unregistered")
         self.get(name)
         del self._items[name]
@@ -230,4 +231,8 @@ register_cost(CostEntry("params", "params", "params", compute=lambda c: c.params
 register_cost(CostEntry("bytes", "bytes (weights)", "bytes", compute=lambda c: c.bytes, format=si_bytes))
 register_cost(CostEntry("energy", "energy (estimate)", "µJ", compute=_energy, format=_microjoules))
 register_cost(CostEntry("latency", "latency", "ms", absolute="latency_ms", format=_milliseconds))
-COSTS.builtin = tuple(COSTS.names())
+COSTS.builtin = tuple(COSTS.names())  # Budget's positional order and repr (run directories compare the repr)
+# the compressed artifact's size: measured by writing it (adaprune.artifact), bounded by adaprune.compress;
+# built in too, but after the costs Budget's positional arguments and repr have always listed
+register_cost(CostEntry("disk_bytes", "disk bytes (compressed)", "bytes", format=si_bytes))
+COSTS.fixed = (*COSTS.builtin, "disk_bytes")

@@ -198,6 +198,7 @@ def ladder(
         raise ConfigError("ladder: rungs= is empty; give at least one Budget, e.g. [Budget(macs=0.5)]")
     for i, b in enumerate(budgets):
         check_instance(b, Budget, f"rungs[{i}]", "an adaprune.Budget", "e.g. rungs=[Budget(macs=0.5)]")
+        b.refuse_disk("ladder")
     tolerance = as_float(tolerance, "tolerance", low=0.0, hint="the largest acceptable drop of the metric")
     finetune_steps = as_int(finetune_steps, "finetune_steps", low=0)
     every = as_int(checkpoint_every, "checkpoint_every", low=0)
@@ -295,7 +296,7 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         graph = trace(model, x, ignore=ignore)
         scores = get_importance(importance)(model, graph.groups, Context(calibration, loss or default_loss))
         order_channels(model, graph, scores)
-        values = static_values(count(model, x))
+        values = static_values(count(model, x, disk=False))
         if latency is not None:
             values["latency"] = measure_latency(model, x, backend=backend, threads=threads).median_ms
         widths: list[dict[str, int]] = []
@@ -329,7 +330,7 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
     out = []
     for k in range(len(nested)):
         live = nested.use(k)
-        costs = static_values(count(live, x))
+        costs = static_values(count(live, x, disk=False))
         budget = budgets[k - 1] if k else None
         costs["latency"] = measure_latency(live, x, backend=backend, threads=threads).median_ms
         metrics = evaluate(live)

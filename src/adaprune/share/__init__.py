@@ -1,4 +1,4 @@
-"""Weight sharing: k-means codebooks over the weights of each Linear / Conv1d / Conv2d layer.
+"""Weight sharing: k-means codebooks over the weights of each Linear / Conv1d / Conv2d / Embedding layer.
 
 ``ap.share(model, bits=4)`` replaces every such weight by ``codebook[indices]``: ``2**bits``
 centroids per layer (``scope="layer"``) or per output channel (``scope="channel"``), fitted by
@@ -26,7 +26,7 @@ from .result import LayerShare, SharedWeight, ShareResult, Sharing
 from .tune import check_finetune, finetune_codebooks, importance
 
 SCOPES = ("layer", "channel")
-LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def _targets(model: nn.Module, ignored: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -94,7 +94,7 @@ def share(
     finetune: Any = None,
     seed: int = 0,
 ) -> ShareResult:
-    """Share the weights of ``model``'s Linear / Conv1d / Conv2d layers through k-means codebooks, in place.
+    """Share the weights of ``model``'s Linear / Conv1d / Conv2d / Embedding layers through k-means codebooks, in place.
 
     Args:
         model: the ``nn.Module`` to share (changed in place; see :meth:`ShareResult.undo`).

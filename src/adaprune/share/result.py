@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,10 @@ class Sharing(Masking):
     off (the original weights come back, the same objects); ``materialize()`` writes the centroid
     values into the weights and removes the parametrizations."""
 
-    def __init__(self, model: nn.Module, shared: dict[str, SharedWeight]) -> None:
+    def __init__(self, model: nn.Module, shared: Mapping[str, nn.Module]) -> None:
         self._entries: list[tuple[nn.Module, str]] = []
         self._order: dict[int, list[str]] = {}
-        self.parts: dict[str, SharedWeight] = {}
+        self.parts: dict[str, nn.Module] = {}
         try:
             for name, part in shared.items():
                 mod = model.get_submodule(name)
@@ -143,7 +144,7 @@ class ShareResult:
 
     def codebooks(self) -> dict[str, nn.Parameter]:
         """Each shared layer's codebook parameter (groups, 2**bits), while active."""
-        return {name: part.codebook for name, part in self.sharing.parts.items()}
+        return {name: part.codebook for name, part in self.sharing.parts.items() if isinstance(part, SharedWeight)}
 
     def undo(self) -> None:
         """Remove the sharing: the original weights come back untouched (same objects, same order)."""

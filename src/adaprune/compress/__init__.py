@@ -1,0 +1,402 @@
+"""Adaptive hybrid compression: prune, share and quantize, step by step, into the smallest artifact
+that keeps the task within tolerance.
+
+``ap.compress(model, x, task, Budget(disk_bytes=0.05), tolerance=0.01)`` measures the task on the
+model and then takes steps until the compressed artifact (:mod:`adaprune.artifact`) fits the budget.
+Each step is one of:
+
+- **prune**: :func:`adaprune.adapt` cuts ``prune_step`` of the parameters (adaptively, with its own
+  recovery) within the tolerance still unspent (a step that fails is retried at half the size);
+- **quantize / share**: some layers go one rung down the ladder ``float -> int8 -> share6 -> ... ->
+  share2`` (per-channel int8; k-means codebooks of ``2**b`` centroids).
+
+Which step comes next is measured: every layer's next rung is probed on the task (no recovery) and
+ranked by the metric it costs per byte it saves; a prune step is ranked by what the last one cost per
+byte (untried: first). The best-ranked layers whose predicted harms fit half the unspent tolerance
+move together. Every step then recovers (``finetune_steps`` of the task's fine-tuning, with the
+shared codebooks trainable) and is judged on the task: past the tolerance it is rolled back (the
+worse half of its layers is dropped and the rest retried; a single layer that fails stays where it
+is; a prune step that fails ends pruning). The run stops when the budget holds, or when nothing can
+move without breaking the tolerance (then ``budget_met`` is False and the result is the smallest
+model that kept it). The history says which method each step used and what it bought.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._check import as_float, as_int, check_callable, check_inputs, check_instance, check_module
+from ..artifact import disk_bytes, float_bytes
+from ..cost.budget import Budget
+from ..errors import ConfigError, shown
+from ..graph import ignore_names
+from ..plan import Plan
+from ..task import as_task
+from .levels import FLOAT, ladder, level_bytes, realize, weight_shapes
+from .result import CompressResult, CompressStep
+
+METHODS = ("prune", "share", "quantize")
+
+
+def _metric(task: Any, model: nn.Module) -> float:
+    from ..adapt.controller import as_number
+
+    values = task.evaluate(model)
+    if not isinstance(values, dict) or task.metric not in values:
+        raise ConfigError(f"task.evaluate must return a dict holding the task's metric {task.metric!r}")
+    return as_number(task.metric, values[task.metric])
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_budget(budget: Budget, original: int) -> int:
+    check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(disk_bytes=0.05)")
+    other = sorted(set(budget.bounds) - {"disk_bytes"})
+    if other or "disk_bytes" not in budget.bounds:
+        raise ConfigError(
+            f"compress bounds the artifact's size: give Budget(disk_bytes=...) (a fraction of the float32 file, or "
+            f"bytes); it got {', '.join(other) or 'no disk_bytes'}; for MACs, params or latency use adaprune.adapt"
+        )
+    return int(budget.limits({"disk_bytes": float(original)})["disk_bytes"])
+
+
+class _Run:
+    """The controller's state: the plain working model with its encodings baked, the spec, the plan."""
+
+    def __init__(self, original: nn.Module, x: Any, task: Any, limit: int, tolerance: float, cfg: dict[str, Any],
+                 names: list[str], ignore: list[str]) -> None:
+        self.original, self.x, self.task, self.limit, self.tolerance = original, x, task, limit, tolerance
+        self.cfg, self.names, self.ignore = cfg, names, ignore
+        self.levels: list[str] = ladder(cfg["methods"], cfg["bits"])
+        self.per_channel = cfg["scope"] == "channel"
+        self.sign = 1.0 if getattr(task, "higher_is_better", True) else -1.0
+        self.work = copy.deepcopy(original)
+        self.spec = {n: FLOAT for n in names}
+        self.plan = Plan()
+        self.frozen: set[str] = set()
+        self.cache: dict[str, tuple[str, float]] = {}  # layer -> (the level probed, its harm)
+        self.rounds = 0
+        self.prune_score: float | None = math.inf if "prune" in cfg["methods"] else None
+        self.prune_step: float = cfg["prune_step"]
+        self.history: list[CompressStep] = []
+        self.callback: Callable[[CompressStep], None] | None = None
+        self.evaluations = 0
+        self.steps = 0
+        self.base = self.evaluate(self.work)
+        self.metric = self.metric_prev = self.base
+        self.disk = self.measure_disk(self.work, self.spec)
+
+    # -- measuring ---------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module) -> float:
+        self.evaluations += 1
+        return _metric(self.task, model)
+
+    def lost(self, metric: float) -> float:
+        """How far ``metric`` is below the original's (in the metric's direction)."""
+        return self.sign * (self.base - metric)
+
+    def within(self, metric: float) -> bool:
+        return self.lost(metric) <= self.tolerance + 1e-9 * max(1.0, abs(self.base))
+
+    def measure_disk(self, plain: nn.Module, spec: dict[str, str]) -> int:
+        model = copy.deepcopy(plain)
+        realize(model, spec, self.per_channel, self.cfg["seed"])
+        return disk_bytes(model, self.plan)
+
+    def estimate(self, spec: dict[str, str], model: nn.Module | None = None) -> int:
+        model = model or self.work
+        shapes = weight_shapes(model, self.names)
+        return sum(level_bytes(spec[n], shapes[n], self.per_channel) for n in self.names)
+
+    # -- candidates --------------------------------------------------------------------------------
+    def probes(self) -> list[tuple[float, str, str, float, float]]:
+        """(harm per kB, layer, next level, harm, bytes saved) for every layer that can move, best first.
+
+        A layer's probe (its next rung on the current model, no recovery) is measured again when the
+        layer moved, after a prune step, and for every layer each ``refresh`` rounds; in between, the
+        harm measured last stands (the judge after recovery catches an estimate gone stale)."""
+        scale = self.disk / max(self.estimate(self.spec) + self.fixed_bytes(), 1)
+        self.rounds += 1
+        if self.rounds % self.cfg["refresh"] == 0:
+            self.cache.clear()
+        out = []
+        for n in self.names:
+            level = self.spec[n]
+            at = self.levels.index(level)
+            if n in self.frozen or at + 1 >= len(self.levels):
+                continue
+            nxt = self.levels[at + 1]
+            shape = weight_shapes(self.work, [n])[n]
+            saved = (level_bytes(level, shape, self.per_channel) - level_bytes(nxt, shape, self.per_channel)) * scale
+            if saved <= 0:
+                self.frozen.add(n)
+                continue
+            cached = self.cache.get(n)
+            if cached is not None and cached[0] == nxt:
+                harm = cached[1]
+            else:
+                trial = copy.deepcopy(self.work)
+                realize(trial, {n: nxt}, self.per_channel, self.cfg["seed"])
+                harm = max(self.sign * (self.metric - self.evaluate(trial)), 0.0)
+                self.cache[n] = (nxt, harm)
+            out.append((self.rank(harm, saved), n, nxt, harm, saved))
+        out.sort(key=lambda c: (c[0], -c[4]))
+        return out
+
+    def rank(self, harm: float, saved: float) -> float:
+        """A move's rank: the metric it loses per kB it saves, a loss under a tenth of the tolerance
+        counted as that tenth (indistinguishable from noise), so among harmless moves the one that
+        saves the most comes first."""
+        return max(harm, 0.1 * self.tolerance, 1e-12) / (max(saved, 1.0) / 1000.0)
+
+    def fixed_bytes(self) -> int:
+        """Bytes the encodings do not touch (biases, norms, ignored layers), as float32."""
+        enc = {f"{n}.weight" for n in self.names}
+        return sum(t.numel() * t.element_size() for k, t in self.work.state_dict().items() if k not in enc)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def recover(self, model: nn.Module) -> int:
+        steps = self.cfg["finetune_steps"] if self.task.fine_tunes else 0
+        if steps:
+            self.task.finetune(model, steps)
+        return steps
+
+    def record(self, method: str, layers: dict[str, list[str]], accepted: bool, metric: float, steps: int,
+               evals: int, t0: float, rank: float | None, note: str = "") -> None:
+        self.steps += steps
+        step = CompressStep(
+            len(self.history) + 1, method, layers, accepted, metric, self.disk, _params(self.work), steps,
+            evals, time.perf_counter() - t0, rank, note,
+        )
+        self.history.append(step)
+        if self.callback is not None:
+            self.callback(step)
+
+    def try_levels(self, moves: list[tuple[float, str, str, float, float]]) -> bool:
+        """Move ``moves``' layers one rung down together, recover, judge; True when kept."""
+        t0, evals0 = time.perf_counter(), self.evaluations
+        spec = dict(self.spec)
+        for _, n, nxt, _, _ in moves:
+            spec[n] = nxt
+        trial = copy.deepcopy(self.work)
+        sharing = realize(trial, spec, self.per_channel, self.cfg["seed"])
+        steps = self.recover(trial)
+        sharing.materialize()  # the recovered codebooks and int8 values, baked into plain weights
+        metric = self.evaluate(trial)
+        kinds = sorted({"share" if nxt.startswith("share") else "quantize" for _, _, nxt, _, _ in moves})
+        layers = {n: [self.spec[n], nxt] for _, n, nxt, _, _ in moves}
+        rank = max(m[0] for m in moves)
+        if self.within(metric):
+            self.work, self.spec, self.metric = trial, spec, metric
+            for _, n, _, _, _ in moves:
+                self.cache.pop(n, None)
+            self.disk = self.measure_disk(self.work, self.spec)
+            self.record("+".join(kinds), layers, True, metric, steps, self.evaluations - evals0, t0, rank)
+            return True
+        self.record("+".join(kinds), layers, False, metric, steps, self.evaluations - evals0, t0, rank,
+                    f"lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}")
+        return False
+
+    def try_prune(self) -> bool:
+        """One prune step: adapt cuts ``step`` of the parameters within the unspent tolerance (its
+        noise-aware judge keeps what it spends well inside it); the encodings go back on, recover, and
+        the step is judged. A step that fails is retried at half the size, down to ``min_prune_step``;
+        then pruning ends."""
+        from ..adapt import adapt
+
+        t0, evals0 = time.perf_counter(), self.evaluations
+        slack = self.tolerance - self.lost(self.metric)
+        step = self.prune_step
+        trial = copy.deepcopy(self.work)
+        disk0, params0 = self.disk, _params(self.work)
+        result = adapt(
+            trial, self.x, self.task, Budget(params=1.0 - step), max(slack, 1e-9),
+            ignore=self.ignore, finetune_steps=self.cfg["finetune_steps"], **self.cfg["prune_options"],
+        )
+        self.evaluations += result.evaluations
+        steps = result.optimizer_steps
+        if hasattr(self.task, "set_teacher"):
+            self.task.set_teacher(self.original)  # adapt made the model it was given the teacher
+        metric = self.metric
+        note = f"adapt (step {step:.3g}): params {params0:,} -> {_params(trial):,}"
+        kept = not result.plan.is_empty
+        if kept:
+            if any(level != FLOAT for level in self.spec.values()):
+                sharing = realize(trial, self.spec, self.per_channel, self.cfg["seed"])
+                steps += self.recover(trial)
+                sharing.materialize()
+                metric = self.evaluate(trial)
+            else:
+                metric = result.after[self.task.metric] if self.task.metric in result.after else self.evaluate(trial)
+            kept = self.within(metric)
+            if not kept:
+                note += f"; lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}"
+        else:
+            note = f"adapt (step {step:.3g}) cut nothing within {slack:.4g}: {result.message}"
+        if kept:
+            self.work, self.plan, self.metric = trial, self.plan.then(result.plan, self.original), metric
+            self.cache.clear()
+            self.disk = self.measure_disk(self.work, self.spec)
+            self.prune_score = self.rank(self.sign * (self.metric_prev - metric), max(disk0 - self.disk, 1))
+        else:
+            self.prune_step = step / 2
+            if self.prune_step < self.cfg["min_prune_step"]:
+                self.prune_score = None
+                note += "; pruning ends"
+        self.record("prune", {}, kept, metric, steps, self.evaluations - evals0, t0,
+                    self.prune_score if kept else None, note)
+        return kept
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> str:
+        pending: list[tuple[float, str, str, float, float]] | None = None
+        while self.disk > self.limit:
+            if len(self.history) >= self.cfg["max_steps"]:
+                return f"stopped after max_steps={self.cfg['max_steps']} steps"
+            self.metric_prev = self.metric
+            if self.prune_score == math.inf:  # untried (or undone): pruning first, as Deep Compression orders it
+                self.try_prune()  # one that failed is retried at half the step
+                continue
+            cands = pending if pending else self.probes()
+            pending = None
+            best = cands[0][0] if cands else math.inf
+            if self.prune_score is not None and (not cands or self.prune_score <= best):
+                self.try_prune()
+                continue
+            if not cands:
+                return "no layer can go lower and pruning is spent: the tolerance binds"
+            slack = self.tolerance - self.lost(self.metric)
+            moves: list[tuple[float, str, str, float, float]] = []
+            harm = 0.0
+            for c in cands[: self.cfg["moves"]]:
+                if moves and harm + c[3] > slack / 2:
+                    break
+                moves.append(c)
+                harm += c[3]
+            if self.try_levels(moves):
+                continue
+            if len(moves) == 1:
+                self.frozen.add(moves[0][1])
+            else:
+                pending = [c for c in cands if c not in moves[len(moves) // 2:]]  # the better half, retried
+                pending = pending[: max(1, len(moves) // 2)] if pending else None
+        return "budget met"
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any,
+    task: Any,
+    budget: Budget,
+    tolerance: float = 0.01,
+    *,
+    methods: Iterable[str] = METHODS,
+    bits: Iterable[int] = (6, 5, 4, 3, 2),
+    scope: str = "layer",
+    ignore: Any = None,
+    keep_float: Any = None,
+    finetune_steps: int = 50,
+    prune_step: float = 0.25,
+    moves: int | None = None,
+    max_steps: int = 80,
+    seed: int = 0,
+    prune_options: dict[str, Any] | None = None,
+    callback: Callable[[CompressStep], None] | None = None,
+) -> CompressResult:
+    """Compress ``model`` by pruning, weight sharing and int8, adaptively, until its compressed
+    artifact fits ``budget`` (``Budget(disk_bytes=...)``: a fraction of the float32 file, or bytes)
+    with the task's metric within ``tolerance`` of the original's.
+
+    Args:
+        model: the model; not changed (the result holds a compressed copy).
+        example_inputs: inputs the model runs on (for pruning).
+        task: a :class:`~adaprune.Task` (``evaluate``; ``finetune`` for recovery).
+        budget: ``Budget(disk_bytes=...)``.
+        tolerance: the largest acceptable drop of the task's metric below the original's.
+        methods: any of ``"prune"``, ``"share"``, ``"quantize"``.
+        bits: the shared widths the ladder goes through (each 1..8), largest first.
+        scope: ``"layer"`` (a codebook per layer) or ``"channel"`` (per output channel).
+        ignore: modules (or names) whose output width pruning keeps (classifiers); they are still encoded.
+        keep_float: modules (or names) whose weights stay float32.
+        finetune_steps: optimizer steps of each step's recovery (and of adapt's).
+        prune_step: the fraction of the parameters one prune step cuts.
+        moves: the most layers one step moves (default: a quarter of them, at least one).
+        max_steps: the most steps, kept or rolled back.
+        seed: the k-means seed.
+        prune_options: more options for :func:`adaprune.adapt` (``importance``, ``step`` ...).
+        callback: called with every :class:`CompressStep` as it is recorded.
+
+    Returns:
+        A :class:`CompressResult`; ``adaprune.save(result, dir, compress=True)`` writes its artifact.
+    """
+    check_module(model)
+    check_inputs(example_inputs)
+    task = as_task(task)
+    tolerance = as_float(tolerance, "tolerance", low=0.0, where="compress")
+    methods = tuple(dict.fromkeys(methods if not isinstance(methods, str) else (methods,)))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ConfigError(f"compress: methods={shown(methods)}; choose any of {', '.join(METHODS)}")
+    bits_t = tuple(as_int(b, "bits", low=1, high=8, where="compress") for b in bits)
+    if "share" in methods and not bits_t:
+        raise ConfigError("compress: bits is empty; give the shared widths to try, e.g. bits=(6, 4, 3)")
+    if scope not in ("layer", "channel"):
+        raise ConfigError(f"compress: scope={shown(scope)}; choose 'layer' or 'channel'")
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod):
+            raise ConfigError("compress: the model carries parametrizations (shared, int8 or masked weights); "
+                              "bake or undo them first")
+    from ..share import _targets
+
+    keep = ignore_names(model, keep_float)
+    names, skipped = _targets(model, keep)
+    if not names and methods != ("prune",):
+        raise ConfigError("compress: the model has no Linear / Conv / Embedding weight to share or quantize")
+    cfg: dict[str, Any] = {
+        "methods": methods, "bits": bits_t, "scope": scope, "seed": as_int(seed, "seed", low=0),
+        "finetune_steps": as_int(finetune_steps, "finetune_steps", low=0),
+        "prune_step": as_float(prune_step, "prune_step", low=0.0, high=1.0, low_open=True, high_open=True),
+        "min_prune_step": 0.05,
+        "moves": as_int(moves, "moves", low=1) if moves is not None else max(1, math.ceil(len(names) / 4)),
+        "max_steps": as_int(max_steps, "max_steps", low=1),
+        "refresh": 4,
+        "prune_options": dict(prune_options or {}),
+    }
+    t0 = time.perf_counter()
+    original = copy.deepcopy(model).eval()
+    limit = _check_budget(budget, float_bytes(original))
+    if hasattr(task, "set_teacher"):
+        task.set_teacher(original)
+    run = _Run(original, example_inputs, task, limit, tolerance, cfg, names, ignore_names(model, ignore))
+    if callback is not None:
+        run.callback = check_callable(callback, "callback", "a function of one CompressStep")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg["seed"])
+        message = run.run()
+    final = copy.deepcopy(run.work)
+    realize(final, run.spec, run.per_channel, cfg["seed"])
+    final.eval()
+    after = _metric(task, final)
+    run.evaluations += 1
+    return CompressResult(
+        model=final, plan=run.plan, spec={n: lv for n, lv in run.spec.items()}, history=list(run.history),
+        budget_met=run.disk <= limit, message=message, metric=task.metric,
+        before={task.metric: run.base}, after={task.metric: after},
+        disk_bytes_before=float_bytes(original), disk_bytes_after=disk_bytes(final, run.plan),
+        params_before=_params(original), params_after=_params(run.work), limit=limit, tolerance=tolerance,
+        methods=methods, optimizer_steps=run.steps, evaluations=run.evaluations,
+        seconds=time.perf_counter() - t0, skipped=skipped,
+    )
+
+
+__all__ = ["METHODS", "CompressResult", "CompressStep", "compress"]

@@ -1,0 +1,193 @@
+"""adaprune.compress: the adaptive hybrid of pruning, weight sharing and int8 (and what it builds on:
+Plan.then, int8 weights, torchao, the disk_bytes budget)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import adaprune as ap
+from adaprune.compress.levels import level_bytes, realize
+from adaprune.errors import ArgumentTypeError, ConfigError
+from adaprune.examples.digits import DigitsCNN, load_digits_data, train
+from adaprune.quantize.weights import Int8Weight, quantize_weights
+from adaprune.share.result import SharedWeight
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """One torch thread for every test (conftest's)."""
+
+
+@pytest.fixture(scope="module")
+def digits(one_thread_module):
+    """A digits CNN of width 16 trained 4 epochs, its data and a classification task."""
+    data = load_digits_data(0)
+    torch.manual_seed(0)
+    model = DigitsCNN(16)
+    train(model, data, epochs=4)
+    task = ap.ClassificationTask(data.loader("train", shuffle=True), data.loader("val"), lr=1e-3)
+    return model.eval(), data, task
+
+
+def val_accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(data.x_val).argmax(1) == data.y_val).float().mean())
+
+
+@pytest.fixture(scope="module")
+def hybrid(digits):
+    model, data, task = digits
+    torch.manual_seed(0)
+    result = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.06), tolerance=0.02,
+                         ignore=["fc"], finetune_steps=15)
+    return result
+
+
+def test_hybrid_meets_the_disk_budget_within_tolerance(digits, hybrid):
+    model, data, _ = digits
+    r = hybrid
+    assert r.budget_met, r.summary()
+    assert r.disk_bytes_after <= r.limit == int(0.06 * r.disk_bytes_before)
+    assert r.before["accuracy"] - r.after["accuracy"] <= 0.02 + 1e-9
+    assert abs(val_accuracy(r.model, data) - r.after["accuracy"]) < 1e-6
+    used = r.methods_used()
+    assert "prune" in used and any(k in used for k in ("share", "quantize+share")), r.summary()
+    assert r.params_after < r.params_before
+    assert r.optimizer_steps == sum(s.optimizer_steps for s in r.history) > 0
+    assert "budget met" in r.summary()
+    # the input model is not changed
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert model.features[0].weight.shape[0] == 16
+
+
+def test_saved_artifact_is_the_measured_size_and_reloads_identically(digits, hybrid, tmp_path):
+    _, data, _ = digits
+    ap.save(hybrid, tmp_path / "z", compress=True)
+    size = os.path.getsize(tmp_path / "z" / "model.safetensors.zst")
+    assert size == hybrid.disk_bytes_after
+    loaded = ap.load(tmp_path / "z", lambda: DigitsCNN(16)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(data.x_val), hybrid.model.eval()(data.x_val))
+    kinds = {type(m.parametrizations.weight[0]) for m in loaded.modules() if parametrize.is_parametrized(m)}
+    assert kinds <= {SharedWeight, Int8Weight} and kinds
+
+
+def test_per_layer_levels_beat_one_level_for_all(digits, hybrid):
+    """The baseline: every layer at the one shared width that fits the hybrid's bytes, its codebooks
+    recovered with as many optimizer steps as the hybrid spent in all. It loses more."""
+    model, data, task = digits
+    plain = copy.deepcopy(model)
+    names = [n for n, m in plain.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shapes = {n: tuple(plain.get_submodule(n).weight.shape) for n in names}
+    bits = max(b for b in range(1, 9) if sum(level_bytes(f"share{b}", s, False) for s in shapes.values())
+               <= hybrid.disk_bytes_after or b == 1)
+    torch.manual_seed(0)
+    realize(plain, dict.fromkeys(names, f"share{bits}"), False, 0)
+    task.finetune(plain, hybrid.optimizer_steps)
+    uniform = val_accuracy(plain, data)
+    assert ap.artifact.disk_bytes(plain) <= hybrid.disk_bytes_after * 1.25
+    assert hybrid.after["accuracy"] > uniform + 0.01, (bits, uniform, hybrid.summary())
+
+
+def test_methods_choose_the_ladder(digits):
+    model, data, task = digits
+    r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.3), tolerance=0.05,
+                    methods=("quantize",), finetune_steps=5)
+    assert r.budget_met, r.summary()
+    assert set(r.spec.values()) <= {"float", "int8"} and "int8" in r.spec.values()
+    assert r.plan.is_empty and all(s.method == "quantize" for s in r.history)
+    assert r.params_after == r.params_before
+
+
+def test_an_unreachable_budget_keeps_the_tolerance(digits):
+    model, data, task = digits
+    r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=100), tolerance=0.0,
+                    methods=("share",), bits=(4, 2), finetune_steps=0, max_steps=6)
+    assert not r.budget_met
+    assert r.after["accuracy"] >= r.before["accuracy"] - 1e-9
+    assert r.disk_bytes_after > 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"budget": ap.Budget(macs=0.5)}, ConfigError, "disk_bytes"),
+        ({"methods": ("prune", "zip")}, ConfigError, "methods"),
+        ({"bits": (9,)}, ConfigError, "bits"),
+        ({"scope": "row"}, ConfigError, "scope"),
+        ({"callback": 3}, ArgumentTypeError, "callback"),
+        ({"prune_step": 1.5}, ConfigError, "prune_step"),
+    ],
+)
+def test_bad_arguments_raise_typed_errors(digits, kwargs, error, words):
+    model, data, task = digits
+    args = {"budget": ap.Budget(disk_bytes=0.1)} | kwargs
+    with pytest.raises(error, match=words):
+        ap.compress(model, data.x_train[:8], task, **args)
+
+
+def test_a_parametrized_model_and_disk_budgets_elsewhere_are_refused(digits):
+    model, data, task = digits
+    shared = copy.deepcopy(model)
+    ap.share(shared, bits=4)
+    with pytest.raises(ConfigError, match="parametrizations"):
+        ap.compress(shared, data.x_train[:8], task, ap.Budget(disk_bytes=0.1))
+    budget = ap.Budget(disk_bytes=0.1)
+    with pytest.raises(ConfigError, match="adaprune.compress"):
+        ap.adapt(copy.deepcopy(model), data.x_train[:8], task, budget)
+    with pytest.raises(ConfigError, match="adaprune.compress"):
+        ap.prune(copy.deepcopy(model), data.x_train[:8], budget=budget)
+    assert "disk_bytes=0.1" in repr(budget) and "disk_bytes" not in repr(ap.Budget(macs=0.5))
+
+
+def test_plan_then_composes_two_prunes_into_one_from_the_original(digits):
+    model, data, _ = digits
+    x = data.x_val[:16]
+    first = ap.prune(copy.deepcopy(model), x, budget=ap.Budget(params=0.7), ignore=["fc"], allocation="global")
+    second = ap.prune(first.model, x, budget=ap.Budget(params=0.6), ignore=["fc"], allocation="global")
+    plan = first.plan.then(second.plan, model)
+    replayed = copy.deepcopy(model)
+    ap.remove(replayed, plan)
+    with torch.no_grad():
+        assert torch.equal(replayed.eval()(x), second.model.eval()(x))
+    assert ap.Plan().then(first.plan) == first.plan
+
+
+def test_int8_weights_have_255_values_per_channel_and_come_off(digits):
+    model, data, _ = digits
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    q = quantize_weights(m)
+    assert set(q.layers) == {"features.0", "features.3", "features.7", "features.10", "fc"}
+    for name in q.layers:
+        w = m.get_submodule(name).weight
+        for row in w.reshape(w.shape[0], -1):
+            assert torch.unique(row).numel() <= 255
+        assert q.layers[name] < 0.01  # relative L2 error of int8
+    assert abs(val_accuracy(m, data) - val_accuracy(model, data)) <= 0.01
+    q.undo()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_torchao_int8_runs_linear_layers_and_says_what_it_cannot():
+    pytest.importorskip("torchao")
+    from adaprune.quantize.ao import torchao_quantize
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(8, 64)
+    ref = mlp(x)
+    q = torchao_quantize(copy.deepcopy(mlp))
+    assert type(q[0].weight).__name__ != "Parameter" or not isinstance(q[0].weight, nn.Parameter)
+    assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    with pytest.raises(ConfigError, match="Linear"):
+        torchao_quantize(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ConfigError, match="bits"):
+        torchao_quantize(copy.deepcopy(mlp), bits=6)
