@@ -543,6 +543,12 @@ def main() -> int:
             from updates_doc import updates_section
 
             lines += env_lines(name, up) + [""] + updates_section(up, name) + [""]
+    comp = load("compression")
+    if comp:
+        from compression_doc import compression_section, write_readme
+
+        lines += env_lines("compression", comp) + [""] + compression_section(comp) + [""]
+        write_readme(comp, DOC.parent.parent / "README.md")
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():

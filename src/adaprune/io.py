@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from . import fs
 from ._check import check_path
+from .artifact import save_plain
 from .errors import (
     ArgumentTypeError,
     ConfigError,
@@ -243,7 +244,7 @@ def save(
             int8=sorted(k for k, v in encoded.specs.items() if v["kind"] == "int8"),
         )
     else:
-        weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: _save_plain(model, tmp), what="the weights")
+        weights = fs.write_atomic(out / NEXT_WEIGHTS, lambda tmp: save_plain(model, tmp), what="the weights")
     plan_file = fs.write_text(out / NEXT_PLAN, plan.to_json(indent=1), what="the plan")
     cls = parametrize.type_before_parametrizations(model)  # not torch's Parametrized<class> of a parametrized root
     config = getattr(model, "config", None)
@@ -265,24 +266,6 @@ def save(
     fs.write_json(out / META, meta.model_dump(), what="the save's metadata")  # the commit point
     _settle(out)
     return out
-
-
-def _save_plain(model: nn.Module, path: str) -> None:
-    """The plain safetensors file of ``model``: a parametrized weight as the value it computes with."""
-    from safetensors.torch import save_model
-
-    if not any(parametrize.is_parametrized(m) for m in model.modules()):
-        save_model(model, path)
-        return
-    from .artifact.codec import plain_state
-
-    state = plain_state(model)
-
-    class _Plain(nn.Module):  # what safetensors' save_model reads: the plain state dict, ties kept
-        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-            return state
-
-    save_model(_Plain(), path)
 
 
 def _check_ours(out: Path) -> None:

@@ -11,10 +11,13 @@ reports it as ``Cost.disk_bytes``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..plan import Plan
-from .codec import CodecError, decode, encode, from_blob, to_blob
+from .codec import CodecError, decode, encode, from_blob, plain_state, to_blob
 
 #: zstandard's level for the artifact: past ~10 the blobs of packed indices barely shrink and
 #: compressing slows down many times over
@@ -38,12 +41,28 @@ def float_bytes(model: nn.Module) -> int:
     import os
     import tempfile
 
-    from ..io import _save_plain  # a parametrized weight as its value, as save writes it
-
     with tempfile.TemporaryDirectory(prefix="adaprune-size-") as tmp:
         path = os.path.join(tmp, "model.safetensors")
-        _save_plain(model, path)
+        save_plain(model, path)
         return os.path.getsize(path)
 
 
-__all__ = ["LEVEL", "CodecError", "blob", "decode", "disk_bytes", "encode", "float_bytes", "from_blob"]
+def save_plain(model: nn.Module, path: str) -> None:
+    """The plain safetensors file of ``model`` (what :func:`adaprune.save` writes without ``compress``):
+    a parametrized weight as the value it computes with."""
+    from safetensors.torch import save_model
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        save_model(model, path)
+        return
+    state = plain_state(model)
+
+    class _Plain(nn.Module):  # what safetensors' save_model reads: the plain state dict, ties kept
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return state
+
+    save_model(_Plain(), path)
+
+
+__all__ = ["LEVEL", "CodecError", "blob", "decode", "disk_bytes", "encode", "float_bytes", "from_blob", "save_plain",
+           "to_blob"]
