@@ -311,7 +311,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
     p.add_argument("--out", default="compression")
     p.add_argument("--fresh", action="store_true", help="discard earlier rows of this file")
+    p.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                   help="only merge these result files (runs made side by side) into --out, then stop")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [load(n) for n in args.merge]
+        if any(part is None for part in parts):
+            p.error(f"--merge: missing results among {args.merge}")
+        merged: dict[str, Any] = {"rows": [], "setups": {}, "runs": []}
+        for name, part in zip(args.merge, parts):
+            assert part is not None
+            merged["rows"] += part["rows"]
+            merged["setups"].update(part["setups"])
+            merged["runs"].append({"file": name, "environment": part["environment"], "args": part["args"]})
+        merged["environment"], merged["args"] = parts[0]["environment"], parts[0]["args"]  # type: ignore[index]
+        save(args.out, merged)
+        return 0
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
     payload = (None if args.fresh else load(args.out)) or {"rows": [], "setups": {}}

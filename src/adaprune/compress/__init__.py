@@ -6,7 +6,8 @@ model and then takes steps until the compressed artifact (:mod:`adaprune.artifac
 Each step is one of:
 
 - **prune**: :func:`adaprune.adapt` cuts ``prune_step`` of the parameters (adaptively, with its own
-  recovery) within the tolerance still unspent (a step that fails is retried at half the size);
+  recovery) within the tolerance still unspent (a step that fails is retried at half the size; one that
+  spends the tolerance over 4x as dearly per byte as the best level move is rolled back);
 - **quantize / share**: some layers go one rung down the ladder ``float -> int8 -> share6 -> ... ->
   share2`` (per-channel int8; k-means codebooks of ``2**b`` centroids).
 
@@ -154,10 +155,10 @@ class _Run:
         return out
 
     def rank(self, harm: float, saved: float) -> float:
-        """A move's rank: the metric it loses per kB it saves, a loss under a tenth of the tolerance
-        counted as that tenth (indistinguishable from noise), so among harmless moves the one that
+        """A move's rank: the metric it loses per kB it saves, a loss under a quarter of the tolerance
+        counted as that quarter (indistinguishable from noise), so among harmless moves the one that
         saves the most comes first."""
-        return max(harm, 0.1 * self.tolerance, 1e-12) / (max(saved, 1.0) / 1000.0)
+        return max(harm, 0.25 * self.tolerance, 1e-12) / (max(saved, 1.0) / 1000.0)
 
     def fixed_bytes(self) -> int:
         """Bytes the encodings do not touch (biases, norms, ignored layers), as float32."""
@@ -241,6 +242,16 @@ class _Run:
             kept = self.within(metric)
             if not kept:
                 note += f"; lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}"
+            else:
+                rank = self.rank(self.sign * (self.metric - metric), self.disk - self.measure_disk(trial, self.spec))
+                cands = self.probes()
+                if cands and rank > self.cfg["prune_rank"] * cands[0][0]:
+                    kept = False  # within tolerance, but spending it far worse per byte than a level move would
+                    self.prune_score = rank
+                    self.record("prune", {}, False, metric, steps, self.evaluations - evals0, t0, rank,
+                                note + f"; {rank:.3g} lost per kB saved, over {self.cfg['prune_rank']:g}x the best level "
+                                f"move's {cands[0][0]:.3g} ({cands[0][1]} -> {cands[0][2]}): rolled back")
+                    return False
         else:
             note = f"adapt (step {step:.3g}) cut nothing within {slack:.4g}: {result.message}"
         if kept:
@@ -370,6 +381,7 @@ def compress(
         "moves": as_int(moves, "moves", low=1) if moves is not None else max(1, math.ceil(len(names) / 4)),
         "max_steps": as_int(max_steps, "max_steps", low=1),
         "refresh": 4,
+        "prune_rank": 4.0,
         "prune_options": dict(prune_options or {}),
     }
     t0 = time.perf_counter()
