@@ -191,3 +191,19 @@ def test_torchao_int8_runs_linear_layers_and_says_what_it_cannot():
         torchao_quantize(nn.Sequential(nn.Conv2d(1, 2, 3)))
     with pytest.raises(ConfigError, match="bits"):
         torchao_quantize(copy.deepcopy(mlp), bits=6)
+
+
+def test_the_report_shows_each_steps_method_and_what_it_bought(hybrid, tmp_path):
+    out = hybrid.write_report(tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    kept = [s for s in hybrid.history if s.accepted]
+    for s in hybrid.history:
+        assert f"| {s.index} | {s.method} |" in md
+    assert "prune" in page and "<table>" in page and "x smaller" in page
+    assert (out / "compress-steps.png").stat().st_size > 1000
+    from adaprune.compress.report import steps_table
+
+    _, rows = steps_table(hybrid)
+    assert [r[2] for r in rows] == ["yes" if s.accepted else "no" for s in hybrid.history]
+    assert kept and all(r[6] != "–" for r, s in zip(rows, hybrid.history) if s.accepted)

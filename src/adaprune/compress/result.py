@@ -92,6 +92,18 @@ class CompressResult:
             out[level] = out.get(level, 0) + 1
         return out
 
+    def markdown(self) -> str:
+        """The report as Markdown: the outcome, one row per step (what it moved, what it bought), the levels."""
+        from .report import markdown
+
+        return markdown(self)
+
+    def write_report(self, directory: Any) -> Any:
+        """Write ``report.md``, ``report.html`` and the steps plot (with matplotlib) to ``directory``."""
+        from .report import write_report
+
+        return write_report(self, directory)
+
     def summary(self) -> str:
         m = self.metric
         kept = sum(s.accepted for s in self.history)
