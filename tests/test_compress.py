@@ -207,3 +207,39 @@ def test_the_report_shows_each_steps_method_and_what_it_bought(hybrid, tmp_path)
     _, rows = steps_table(hybrid)
     assert [r[2] for r in rows] == ["yes" if s.accepted else "no" for s in hybrid.history]
     assert kept and all(r[6] != "–" for r, s in zip(rows, hybrid.history) if s.accepted)
+
+
+def test_options_are_checked_before_any_work(digits):
+    model, data, task = digits
+    x, budget = data.x_train[:8], ap.Budget(disk_bytes=0.1)
+    with pytest.raises(ConfigError, match="compress sets itself"):
+        ap.compress(model, x, task, budget, prune_options={"finetune_steps": 3})
+    with pytest.raises(ConfigError, match="not options of adaprune.adapt"):
+        ap.compress(model, x, task, budget, prune_options={"stepp": 0.1})
+    with pytest.raises(ArgumentTypeError, match="prune_options"):
+        ap.compress(model, x, task, budget, prune_options=[1])
+    with pytest.raises(ConfigError, match="bits"):
+        ap.compress(model, x, task, budget, bits="4")
+    with pytest.raises(ap.errors.PlanError, match="not a Plan"):
+        ap.Plan().then(None)
+
+
+def test_one_width_and_a_plain_copy(digits, hybrid):
+    model, data, task = digits
+    r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.2), tolerance=0.05,
+                    methods=("share",), bits=4, finetune_steps=0, max_steps=3)
+    assert set(r.spec.values()) <= {"float", "share4"}
+    plain = hybrid.plain_model().eval()
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(data.x_val), hybrid.model.eval()(data.x_val))
+    assert any(parametrize.is_parametrized(m) for m in hybrid.model.modules())
+
+
+def test_int8_of_half_precision_weights_stays_finite():
+    lin = nn.Linear(16, 4).half()
+    with torch.no_grad():
+        lin.weight[0] = 1e-6  # a channel whose scale underflows in float16
+    q = quantize_weights(lin)
+    assert torch.isfinite(lin.weight.float()).all() and lin.weight.dtype == torch.float16
+    q.undo()

@@ -50,3 +50,4 @@ def test_the_readme_compression_example_runs(tmp_path: Path, monkeypatch: pytest
     assert printed[0].startswith("compress: ") and "budget met" in printed[0]
     size = (tmp_path / "out" / "small" / "model.safetensors.zst").stat().st_size
     assert printed[-1] == f"{size} bytes on disk"
+    assert (tmp_path / "out" / "report" / "report.html").is_file()

@@ -28,6 +28,8 @@ from .multitask import MultiTask
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
 from .quantize import Quantized, quantize
+from .quantize.ao import torchao_quantize
+from .quantize.weights import quantize_weights
 from .result import PruneResult
 from .sensitivity import Sensitivity, sensitivity
 from .share import ShareResult, share
@@ -73,6 +75,7 @@ __all__ = [
     "mask",
     "prune",
     "quantize",
+    "quantize_weights",
     "reconstruct",
     "remove",
     "save",
@@ -81,5 +84,6 @@ __all__ = [
     "share",
     "sparsify",
     "specialize",
+    "torchao_quantize",
     "trace",
 ]

@@ -8,6 +8,11 @@
   SHA-256 of the weights and plan files and, for transformers, the per-layer sizes (heads, KV heads,
   FFN width).
 
+``save(result, "out/", compress=True)`` writes ``model.safetensors.zst`` instead of the weights: the
+compressed artifact of :mod:`adaprune.artifact` (shared weights as bit-packed indices and codebooks,
+int8 weights as int8 and scales, zstandard-coded, the plan inside); ``load`` restores those weights
+as the same parametrizations.
+
 ``load("out/", model_factory)`` builds a fresh model with ``model_factory()``, replays the plan
 (so every module gets its pruned shape and attributes), checks the files' hashes and loads the
 weights strictly. A corrupted, truncated or mismatched directory raises a clear error; nothing read
@@ -177,8 +182,8 @@ def save(
     """Write weights, plan and metadata of a pruned model (or a prune/adapt result) to ``directory``.
 
     Args:
-        result_or_model: a :class:`~adaprune.api.PruneResult` / :class:`~adaprune.adapt.AdaptResult`,
-            or a model together with ``plan=``.
+        result_or_model: a :class:`~adaprune.api.PruneResult` / :class:`~adaprune.adapt.AdaptResult` /
+            :class:`~adaprune.CompressResult`, or a model together with ``plan=``.
         directory: created if needed; a previous save in it is replaced atomically (other files in
             it are left alone).
         plan: the plan, when a bare model is given (default: an empty plan, i.e. unpruned).
@@ -399,7 +404,7 @@ def load(directory: str | os.PathLike[str], model_factory: Callable[[], nn.Modul
                     from .share.result import Sharing
 
                     Sharing(model, {name.rpartition(".")[0]: part for name, part in parts.items()})
-    except (SafetensorError, RuntimeError) as exc:
+    except (SafetensorError, RuntimeError, ValueError) as exc:  # (ValueError: a parametrization of another dtype)
         raise PlanMismatchError(f"the weights in {weights} do not fit the replayed model: {shown(str(exc), 300)}") from exc
     return model
 

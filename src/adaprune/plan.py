@@ -185,6 +185,10 @@ class Plan:
         keeps ``later``'s indices as they are. The original size of a dim comes from this plan's
         recorded sizes, else from ``model`` (the original), else from ``later``'s sizes plus what this
         plan removed; a dim whose size is nowhere is a :class:`PlanError`."""
+        if not isinstance(later, Plan):
+            raise PlanError(f"Plan.then: later={shown(later)} is not a Plan")
+        if model is not None and not isinstance(model, nn.Module):
+            raise PlanError(f"Plan.then: model={shown(model)} is not an nn.Module (the original model)")
         originals: dict[str, torch.Tensor] = {}
         if model is not None:
             originals.update(dict(model.named_parameters(remove_duplicate=False)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch.nn.utils import parametrize
 from .._check import as_float, as_int, check_callable, check_inputs, check_instance, check_module
 from ..artifact import disk_bytes, float_bytes
 from ..cost.budget import Budget
-from ..errors import ConfigError, shown
+from ..errors import ArgumentTypeError, ConfigError, shown
 from ..graph import ignore_names
 from ..plan import Plan
 from ..task import as_task
@@ -58,6 +59,29 @@ def _metric(task: Any, model: nn.Module) -> float:
 
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _check_prune_options(options: Any, methods: tuple[str, ...]) -> dict[str, Any]:
+    """``prune_options`` checked up front: a dict of :class:`~adaprune.AdaptConfig` fields that compress
+    does not set itself."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ArgumentTypeError(f"compress: prune_options={shown(options)}; expected a dict of adapt options")
+    from ..adapt.config import AdaptConfig
+
+    own = {"tolerance", "finetune_steps", "ignore", "budget"}
+    taken = sorted(set(options) & own)
+    if taken:
+        raise ConfigError(f"compress: prune_options sets {', '.join(taken)}, which compress sets itself "
+                          "(tolerance=, finetune_steps=, ignore= of compress)")
+    unknown = sorted(set(options) - set(AdaptConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"compress: prune_options has {', '.join(map(repr, unknown))}, not options of adaprune.adapt "
+                          "(the fields of adaprune.AdaptConfig: importance, step, max_iterations ...)")
+    if options and "prune" not in methods:
+        warnings.warn("compress: prune_options is given but methods has no 'prune': it is not used", stacklevel=3)
+    return dict(options)
 
 
 def _check_budget(budget: Budget, original: int) -> int:
@@ -109,10 +133,13 @@ class _Run:
     def within(self, metric: float) -> bool:
         return self.lost(metric) <= self.tolerance + 1e-9 * max(1.0, abs(self.base))
 
-    def measure_disk(self, plain: nn.Module, spec: dict[str, str]) -> int:
-        model = copy.deepcopy(plain)
-        realize(model, spec, self.per_channel, self.cfg["seed"])
-        return disk_bytes(model, self.plan)
+    def measure_disk(self, plain: nn.Module, spec: dict[str, str], plan: Plan | None = None) -> int:
+        """The artifact's size: ``spec`` put on ``plain`` in place, measured, taken off again."""
+        sharing = realize(plain, spec, self.per_channel, self.cfg["seed"])
+        try:
+            return disk_bytes(plain, self.plan if plan is None else plan)
+        finally:
+            sharing.undo()
 
     def estimate(self, spec: dict[str, str], model: nn.Module | None = None) -> int:
         model = model or self.work
@@ -145,10 +172,12 @@ class _Run:
             cached = self.cache.get(n)
             if cached is not None and cached[0] == nxt:
                 harm = cached[1]
-            else:
-                trial = copy.deepcopy(self.work)
-                realize(trial, {n: nxt}, self.per_channel, self.cfg["seed"])
-                harm = max(self.sign * (self.metric - self.evaluate(trial)), 0.0)
+            else:  # on the working model in place (no copy per probe): the layer's level on, measured, off
+                sharing = realize(self.work, {n: nxt}, self.per_channel, self.cfg["seed"])
+                try:
+                    harm = max(self.sign * (self.metric - self.evaluate(self.work)), 0.0)
+                finally:
+                    sharing.undo()
                 self.cache[n] = (nxt, harm)
             out.append((self.rank(harm, saved), n, nxt, harm, saved))
         out.sort(key=lambda c: (c[0], -c[4]))
@@ -220,14 +249,15 @@ class _Run:
         step = self.prune_step
         trial = copy.deepcopy(self.work)
         disk0, params0 = self.disk, _params(self.work)
-        result = adapt(
-            trial, self.x, self.task, Budget(params=1.0 - step), max(slack, 1e-9),
-            ignore=self.ignore, finetune_steps=self.cfg["finetune_steps"], **self.cfg["prune_options"],
-        )
+        try:
+            result = adapt(
+                trial, self.x, self.task, Budget(params=1.0 - step), max(slack, 1e-9),
+                ignore=self.ignore, finetune_steps=self.cfg["finetune_steps"], **self.cfg["prune_options"],
+            )
+        finally:
+            self.task.set_teacher(self.original)  # adapt made the model it was given the teacher
         self.evaluations += result.evaluations
         steps = result.optimizer_steps
-        if hasattr(self.task, "set_teacher"):
-            self.task.set_teacher(self.original)  # adapt made the model it was given the teacher
         metric = self.metric
         note = f"adapt (step {step:.3g}): params {params0:,} -> {_params(trial):,}"
         kept = not result.plan.is_empty
@@ -243,7 +273,9 @@ class _Run:
             if not kept:
                 note += f"; lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}"
             else:
-                rank = self.rank(self.sign * (self.metric - metric), self.disk - self.measure_disk(trial, self.spec))
+                plan = self.plan.then(result.plan, self.original)
+                after = self.measure_disk(trial, self.spec, plan)
+                rank = self.rank(self.sign * (self.metric - metric), self.disk - after)
                 cands = self.probes()
                 if cands and rank > self.cfg["prune_rank"] * cands[0][0]:
                     kept = False  # within tolerance, but spending it far worse per byte than a level move would
@@ -255,9 +287,8 @@ class _Run:
         else:
             note = f"adapt (step {step:.3g}) cut nothing within {slack:.4g}: {result.message}"
         if kept:
-            self.work, self.plan, self.metric = trial, self.plan.then(result.plan, self.original), metric
+            self.work, self.plan, self.metric, self.disk = trial, plan, metric, after
             self.cache.clear()
-            self.disk = self.measure_disk(self.work, self.spec)
             self.prune_score = self.rank(self.sign * (self.metric_prev - metric), max(disk0 - self.disk, 1))
         else:
             self.prune_step = step / 2
@@ -358,11 +389,18 @@ def compress(
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"compress: methods={shown(methods)}; choose any of {', '.join(METHODS)}")
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        bits = (bits,)
+    if not isinstance(bits, Iterable) or isinstance(bits, (str, bytes)):
+        raise ConfigError(f"compress: bits={shown(bits)}; give the shared widths to try, e.g. bits=(6, 4, 3) or bits=4")
     bits_t = tuple(as_int(b, "bits", low=1, high=8, where="compress") for b in bits)
     if "share" in methods and not bits_t:
         raise ConfigError("compress: bits is empty; give the shared widths to try, e.g. bits=(6, 4, 3)")
     if scope not in ("layer", "channel"):
         raise ConfigError(f"compress: scope={shown(scope)}; choose 'layer' or 'channel'")
+    if callback is not None:
+        check_callable(callback, "callback", "a function of one CompressStep")
+    prune_options = _check_prune_options(prune_options, methods)
     for mod in model.modules():
         if parametrize.is_parametrized(mod):
             raise ConfigError("compress: the model carries parametrizations (shared, int8 or masked weights); "
@@ -382,7 +420,7 @@ def compress(
         "max_steps": as_int(max_steps, "max_steps", low=1),
         "refresh": 4,
         "prune_rank": 4.0,
-        "prune_options": dict(prune_options or {}),
+        "prune_options": prune_options,
     }
     t0 = time.perf_counter()
     original = copy.deepcopy(model).eval()
@@ -390,8 +428,7 @@ def compress(
     if hasattr(task, "set_teacher"):
         task.set_teacher(original)
     run = _Run(original, example_inputs, task, limit, tolerance, cfg, names, ignore_names(model, ignore))
-    if callback is not None:
-        run.callback = check_callable(callback, "callback", "a function of one CompressStep")
+    run.callback = callback
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"])
         message = run.run()
@@ -400,6 +437,9 @@ def compress(
     final.eval()
     after = _metric(task, final)
     run.evaluations += 1
+    if not run.within(after):  # re-encoding the judged weights moved an int8 scale by an ulp: say so
+        message += (f"; the returned model measures {after:.6g}, {run.lost(after):.4g} below the original "
+                    f"(tolerance {tolerance:g}), after re-encoding the judged weights")
     return CompressResult(
         model=final, plan=run.plan, spec={n: lv for n, lv in run.spec.items()}, history=list(run.history),
         budget_met=run.disk <= limit, message=message, metric=task.metric,

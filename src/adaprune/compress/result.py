@@ -45,9 +45,9 @@ class CompressResult:
 
     ``model`` carries its shared and int8 weights as parametrizations (:mod:`adaprune.compress.levels`);
     ``plan`` is the structured pruning from the original model; ``spec`` each layer's level.
-    ``disk_bytes_before`` is the original model's plain float32 safetensors file, ``disk_bytes_after``
-    the compressed artifact (:func:`adaprune.save` with ``compress=True`` writes exactly this many
-    bytes of weights). ``optimizer_steps`` counts every recovery step (the controller's and adapt's),
+    ``disk_bytes_before`` is the original model's plain safetensors file (float32 for a float32 model),
+    ``disk_bytes_after`` the compressed artifact (:func:`adaprune.save` with ``compress=True`` and the
+    default level writes exactly this many bytes of weights). ``optimizer_steps`` counts every recovery step (the controller's and adapt's),
     ``evaluations`` every evaluation of the task.
     """
 
@@ -91,6 +91,15 @@ class CompressResult:
         for level in self.spec.values():
             out[level] = out.get(level, 0) + 1
         return out
+
+    def plain_model(self) -> nn.Module:
+        """A plain copy of :attr:`model` (every shared and int8 weight written in as floats, no
+        parametrizations): what it computes, as an ordinary module to export or run. (Do not
+        ``deepcopy`` the model and remove its parametrizations: the copy shares torch's parametrized
+        class with the original, and removing them breaks the original.)"""
+        from .levels import plain_copy
+
+        return plain_copy(self.model)
 
     def markdown(self) -> str:
         """The report as Markdown: the outcome, one row per step (what it moved, what it bought), the levels."""

@@ -8,7 +8,7 @@ ordinary ``nn.Module``, and :meth:`WeightQuant.undo` or :meth:`WeightQuant.bake`
 ``adaprune.save(..., compress=True)`` stores such a weight as its int8 tensor and scales.
 
 This is weight-only quantization simulated in float: it shrinks storage, not compute. For int8
-execution see :func:`adaprune.quantize` (ONNX Runtime) and :func:`adaprune.quantize.torchao_int8`.
+execution see :func:`adaprune.quantize` (ONNX Runtime) and :func:`adaprune.torchao_quantize` (torchao).
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ class Int8Weight(nn.Module):
 
 def int8_parts(weight: torch.Tensor) -> Int8Weight:
     """The :class:`Int8Weight` of ``weight``: per output channel symmetric int8."""
-    w = weight.detach()
+    w = weight.detach().float()  # in float32: a half-precision scale of a small channel would underflow
     amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    tiny = torch.finfo(weight.dtype).tiny if weight.is_floating_point() else 1e-38
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(weight.dtype).float().clamp_min(tiny)
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.round(w / scale.reshape(shape)).clamp(-QMAX, QMAX).to(torch.int8)
-    return Int8Weight(q, scale.to(w.dtype))
+    return Int8Weight(q, scale.to(weight.dtype))  # the parametrization keeps the weight's dtype
 
 
 def int8_bytes(shape: tuple[int, ...]) -> int:
