@@ -9,7 +9,7 @@ Each step is one of:
   recovery) within the tolerance still unspent (a step that fails is retried at half the size; one that
   spends the tolerance over 4x as dearly per byte as the best level move is rolled back);
 - **quantize / share**: some layers go one rung down the ladder ``float -> int8 -> share6 -> ... ->
-  share2`` (per-channel int8; k-means codebooks of ``2**b`` centroids).
+  share1`` (per-channel int8; k-means codebooks of ``2**b`` centroids).
 
 Which step comes next is measured: every layer's next rung is probed on the task (no recovery) and
 ranked by the metric it costs per byte it saves; a prune step is ranked by what the last one cost per
@@ -299,6 +299,24 @@ class _Run:
                     self.prune_score if kept else None, note)
         return kept
 
+    def final_recovery(self, steps: int) -> None:
+        """``steps`` more optimizer steps on the final encoded model (codebooks trainable), kept when
+        the result stays within tolerance: the step-by-step recoveries were short."""
+        if steps <= 0 or not self.task.fine_tunes:
+            return
+        t0, evals0 = time.perf_counter(), self.evaluations
+        trial = copy.deepcopy(self.work)
+        sharing = realize(trial, self.spec, self.per_channel, self.cfg["seed"])
+        self.task.finetune(trial, steps)
+        sharing.materialize()
+        metric = self.evaluate(trial)
+        kept = self.within(metric)
+        if kept:
+            self.work, self.metric = trial, metric
+            self.disk = self.measure_disk(self.work, self.spec)
+        self.record("recover", {}, kept, metric, steps, self.evaluations - evals0, t0, None,
+                    "" if kept else f"lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}: the model before it kept")
+
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> str:
         pending: list[tuple[float, str, str, float, float]] | None = None
@@ -343,11 +361,12 @@ def compress(
     tolerance: float = 0.01,
     *,
     methods: Iterable[str] = METHODS,
-    bits: Iterable[int] = (6, 5, 4, 3, 2),
+    bits: Iterable[int] = (6, 5, 4, 3, 2, 1),
     scope: str = "layer",
     ignore: Any = None,
     keep_float: Any = None,
     finetune_steps: int = 50,
+    final_steps: int | None = None,
     prune_step: float = 0.25,
     moves: int | None = None,
     max_steps: int = 80,
@@ -371,6 +390,8 @@ def compress(
         ignore: modules (or names) whose output width pruning keeps (classifiers); they are still encoded.
         keep_float: modules (or names) whose weights stay float32.
         finetune_steps: optimizer steps of each step's recovery (and of adapt's).
+        final_steps: optimizer steps of a last recovery of the final model, kept when it stays within
+            tolerance (default ``10 * finetune_steps``).
         prune_step: the fraction of the parameters one prune step cuts.
         moves: the most layers one step moves (default: a quarter of them, at least one).
         max_steps: the most steps, kept or rolled back.
@@ -414,6 +435,8 @@ def compress(
     cfg: dict[str, Any] = {
         "methods": methods, "bits": bits_t, "scope": scope, "seed": as_int(seed, "seed", low=0),
         "finetune_steps": as_int(finetune_steps, "finetune_steps", low=0),
+        "final_steps": (10 * int(finetune_steps) if final_steps is None
+                        else as_int(final_steps, "final_steps", low=0)),
         "prune_step": as_float(prune_step, "prune_step", low=0.0, high=1.0, low_open=True, high_open=True),
         "min_prune_step": 0.05,
         "moves": as_int(moves, "moves", low=1) if moves is not None else max(1, math.ceil(len(names) / 4)),
@@ -432,6 +455,7 @@ def compress(
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"])
         message = run.run()
+        run.final_recovery(cfg["final_steps"])
     final = copy.deepcopy(run.work)
     realize(final, run.spec, run.per_channel, cfg["seed"])
     final.eval()

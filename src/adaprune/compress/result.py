@@ -16,7 +16,8 @@ class CompressStep:
     """One step of the hybrid controller.
 
     ``method``: ``"prune"`` (structured pruning by :func:`adaprune.adapt`), ``"quantize"`` (layers to
-    int8), ``"share"`` (layers to fewer shared bits) or ``"quantize+share"``; ``layers``: per layer
+    int8), ``"share"`` (layers to fewer shared bits), ``"quantize+share"``, or ``"recover"`` (the last
+    recovery of the final model); ``layers``: per layer
     moved, ``[level before, level after]``; ``metric``: the task's primary metric after the step's
     recovery; ``disk_bytes``: the artifact's size after it (the size before for a step rolled back);
     ``harm_per_kb``: the metric lost per kB saved as the probes predicted it (the move's rank);
