@@ -126,7 +126,8 @@ def hand_recipe(model: nn.Module, kind: str, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- one table
-def run_model(name: str, seed: int, args: argparse.Namespace, setup: dict[str, Any]) -> list[dict[str, Any]]:
+def run_model(name: str, seed: int, args: argparse.Namespace, setup: dict[str, Any],
+              saved: Any = None) -> list[dict[str, Any]]:
     base, task, x, x1, score = setup["base"], setup["task"], setup["x"], setup["x1"], setup["score"]
     dense_file = float_bytes(base)
     budget, tol, k = setup["budget"], setup["tolerance"], setup["finetune_steps"]
@@ -141,6 +142,8 @@ def run_model(name: str, seed: int, args: argparse.Namespace, setup: dict[str, A
              "params": int(cost.params), "seconds": seconds, "steps": steps, **latencies(row, model, x1, args.repeats),
              **(extra or {})}
         rows.append(r)
+        if saved is not None:
+            saved(rows)  # a long model's rows are kept as they come
         log(f"  {name} seed {seed} {row:<18} score {r['score']:.4f} disk {size:>10,} ({r['x_smaller']:.1f}x) "
             f"torch {r['torch_ms'] or 0:.3f} ms ort {r['ort_ms'] or 0:.3f} ms {seconds:.1f}s {steps} steps")
 
@@ -288,7 +291,9 @@ def minilm_setup(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             "score": lambda m: T.retrieval(m, data["test"])[0]["recall@1"], "budget": args.minilm_budget,
             "tolerance": args.minilm_tolerance, "finetune_steps": args.minilm_finetune_steps,
             "data": {"val_pairs": T.N_VAL, "test_pairs": T.N_TEST},
-            "compress_options": {"prune_step": 0.1, "prune_options": {"max_iterations": 3}},
+            "compress_options": {"methods": tuple(args.minilm_methods), "moves": args.minilm_moves,
+                                 "max_steps": args.minilm_max_steps, "prune_step": 0.1,
+                                 **({"prune_options": {"max_iterations": 2}} if "prune" in args.minilm_methods else {})},
             "adapt_options": {"max_iterations": 6}}
 
 
@@ -308,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minilm-tolerance", type=float, default=0.02)
     p.add_argument("--minilm-finetune-steps", type=int, default=20)
     p.add_argument("--minilm-lr", type=float, default=5e-5)
+    p.add_argument("--minilm-methods", nargs="+", default=["prune", "share", "quantize"],
+                   help="the hybrid's methods on MiniLM (its adapt steps take minutes each here)")
+    p.add_argument("--minilm-moves", type=int, default=None, help="the most layers one hybrid step moves on MiniLM")
+    p.add_argument("--minilm-max-steps", type=int, default=80, help="the hybrid's max_steps on MiniLM")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per latency")
     p.add_argument("--out", default="compression")
     p.add_argument("--fresh", action="store_true", help="discard earlier rows of this file")
@@ -344,11 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 setup = minilm_setup(seed, args)
             log(f"  setup {time.perf_counter() - t:.1f}s")
-            rows = run_model(name, seed, args, setup)
-            payload["rows"] = [r for r in payload["rows"] if not (r["model"] == name and r["seed"] == seed)] + rows
             payload["setups"][name] = {k: setup.get(k) for k in ("budget", "tolerance", "finetune_steps", "ignore", "data",
                                                                  "compress_options", "adapt_options")}
-            save(args.out, payload)
+            earlier = [r for r in payload["rows"] if not (r["model"] == name and r["seed"] == seed)]
+
+            def keep(rows: list[dict[str, Any]], earlier: list[dict[str, Any]] = earlier) -> None:
+                payload["rows"] = earlier + rows
+                save(args.out, payload)
+
+            keep(run_model(name, seed, args, setup, keep))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -22,6 +23,10 @@ def _pm(values: list[float], scale: float, digits: int) -> str:
     if len(values) < 2:
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {statistics.stdev(values) * scale / len(values) ** 0.5:.{digits}f}"
+
+
+def _ms(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v:.3f}"  # NaN: not measured
 
 
 def _bytes(v: float) -> str:
@@ -58,7 +63,7 @@ def model_table(model: str, rows: list[dict[str, Any]], setup: dict[str, Any]) -
         lines.append(
             f"| {label} | {_pm(score, scale, digits)} | {_bytes(summary[name]['disk'])} | {summary[name]['x']:.1f} | "
             f"{summary[name]['macs'] / 1e6:.2f} M | {_mean([r['params'] for r in rs]) / 1e3:.1f} k | "
-            f"{summary[name]['torch']:.3f} | {summary[name]['ort']:.3f} | {summary[name]['seconds']:.1f} | "
+            f"{_ms(summary[name]['torch'])} | {_ms(summary[name]['ort'])} | {summary[name]['seconds']:.1f} | "
             f"{'/'.join(map(str, steps))} |")
     return lines, summary
 
@@ -74,15 +79,18 @@ def answers(model: str, s: dict[str, dict[str, float]], limit: float | None = No
         most = max(singles, key=lambda n: s[n]["x"])
         keep = max(singles, key=lambda n: s[n]["score"])
         cost = max(singles, key=lambda n: s[n]["seconds"])
-        fast = min(singles + ["dense"], key=lambda n: s[n]["ort"])
+        timed = [n for n in singles + ["dense"] if not math.isnan(s[n]["ort"])]
+        fast = min(timed, key=lambda n: s[n]["ort"]) if timed else None
         out.append(f"- compresses most of the single methods: **{most}** ({s[most]['x']:.1f}x); keeps the score best: "
                    f"**{keep}** ({s[keep]['score']:.4g} against dense {d['score']:.4g}); costs most to apply: **{cost}** "
-                   f"({s[cost]['seconds']:.1f} s); fastest on ONNX Runtime: **{fast}** ({s[fast]['ort']:.3f} ms against "
-                   f"dense {d['ort']:.3f} ms).")
+                   f"({s[cost]['seconds']:.1f} s)"
+                   + (f"; fastest on ONNX Runtime: **{fast}** ({s[fast]['ort']:.3f} ms against dense {d['ort']:.3f} ms)."
+                      if fast else "; ONNX Runtime latency was not measured."))
     if "compress" in s:
         c = s["compress"]
         out.append(f"- the adaptive hybrid: {c['x']:.1f}x smaller, score {c['score']:.4g} (dense {d['score']:.4g}), "
-                   f"{c['seconds']:.1f} s, ONNX Runtime {c['ort']:.3f} ms.")
+                   f"{c['seconds']:.1f} s, ONNX Runtime {_ms(c['ort'])} ms, {c['macs'] / max(d['macs'], 1):.2f} of the "
+                   "dense MACs.")
         if limit:
             fit = [n for n in s if n not in ("dense", "compress") and s[n]["disk"] <= limit]
             over = [n for n in s if n not in ("dense", "compress") and s[n]["disk"] > limit]
