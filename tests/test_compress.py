@@ -96,6 +96,42 @@ def test_per_layer_levels_beat_one_level_for_all(digits, hybrid):
     assert hybrid.after["accuracy"] > uniform + 0.01, (bits, uniform, hybrid.summary())
 
 
+def test_pruning_cuts_only_what_the_levels_cannot_give(digits, hybrid):
+    """Pruning comes first, and only as far as measured need: a budget that int8 alone meets cheaply
+    prunes nothing (a pruner that always goes first cuts a quarter here); under a tight one every prune
+    step of the phase comes before the first level move."""
+    model, data, task = digits
+    torch.manual_seed(0)
+    r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.3), tolerance=0.02, ignore=["fc"],
+                    finetune_steps=5)
+    assert r.budget_met, r.summary()
+    assert r.plan.is_empty and r.params_after == r.params_before, r.summary()
+    assert "prune" not in r.methods_used() and not any(s.method == "prune" for s in r.history)
+    kept = [s.method for s in hybrid.history if s.accepted and s.method != "recover"]
+    assert kept[0] == "prune", hybrid.summary()
+    first_level = next(i for i, m in enumerate(kept) if m != "prune")
+    assert "prune" not in kept[first_level:], hybrid.summary()
+
+
+def test_a_stalled_ladder_restarts_from_the_pruned_model(digits, monkeypatch):
+    """When the levels stall over the limit, their moves are undone and pruning goes on from where the
+    prune phase ended, by the factor they missed by. Forced here: the look-ahead is told the levels give
+    everything (no prune phase) and the ladder stops at 6 bits."""
+    from adaprune.compress import _Run
+
+    model, data, task = digits
+    monkeypatch.setattr(_Run, "cheap_size", lambda self: float(self.limit))
+    torch.manual_seed(0)
+    r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.08), tolerance=0.03, ignore=["fc"],
+                    bits=(6,), finetune_steps=15)
+    undone = [s for s in r.history if "undone by restart 1" in s.note]
+    assert undone and all(not s.accepted and s.method != "prune" for s in undone), r.summary()
+    after = r.history[r.history.index(undone[-1]) + 1:]
+    assert after[0].method == "prune" and after[0].accepted, r.summary()
+    assert r.budget_met and r.params_after < r.params_before, r.summary()
+    assert any(level != "float" for level in r.spec.values()), r.summary()
+
+
 def test_methods_choose_the_ladder(digits):
     model, data, task = digits
     r = ap.compress(model, data.x_train[:8], task, ap.Budget(disk_bytes=0.3), tolerance=0.05,

@@ -6,25 +6,34 @@ model and then takes steps until the compressed artifact (:mod:`adaprune.artifac
 Each step is one of:
 
 - **prune**: :func:`adaprune.adapt` cuts ``prune_step`` of the parameters (adaptively, with its own
-  recovery) within the tolerance still unspent (a step that fails is retried at half the size; one that
-  spends the tolerance over 4x as dearly per byte as the best level move is rolled back);
+  recovery) within the tolerance still unspent; a step that fails is retried at half the size;
 - **quantize / share**: some layers go one rung down the ladder ``float -> int8 -> share6 -> ... ->
   share1`` (per-channel int8; k-means codebooks of ``2**b`` centroids).
 
-Which step comes next is measured: every layer's next rung is probed on the task (no recovery) and
-ranked by the metric it costs per byte it saves; a prune step is ranked by what the last one cost per
-byte (untried: first). The best-ranked layers whose predicted harms fit half the unspent tolerance
-move together. Every step then recovers (``finetune_steps`` of the task's fine-tuning, with the
-shared codebooks trainable) and is judged on the task: past the tolerance it is rolled back (the
+Pruning comes first, as in Deep Compression (a float model prunes and recovers best; the codebooks are
+fitted on the pruned weights), and cuts only what the levels cannot give cheaply: before the first step
+every layer is probed down the ladder (alone, no recovery, within a quarter of the tolerance), the
+levels found are backed off until together they lose at most half of it, and the prune phase keeps
+``limit / that size`` of the parameters. A prune-phase step that loses more than its share of the
+tolerance (by the log bytes it saves, plus a quarter for noise) is rolled back and ends the phase.
+
+Then every layer's next rung is probed on the task (no recovery), and so is a prune step (a static
+prune of ``prune_step``, no recovery), each ranked by how much worse it makes the model per byte it
+saves: by the loss the task reports beside its metric where it reports one (it moves with every
+example, where accuracy on a few hundred examples ties most small moves), else by the metric. A prune
+step ranked best runs as above; otherwise the best-ranked layers whose probed harms fit half the
+unspent tolerance move together. Every step recovers (``finetune_steps`` of the task's fine-tuning,
+the shared codebooks trainable) and is judged on the task: past the tolerance it is rolled back (the
 worse half of its layers is dropped and the rest retried; a single layer that fails stays where it
-is; a prune step that fails ends pruning). The run stops when the budget holds, or when nothing can
-move without breaking the tolerance (then ``budget_met`` is False and the result is the smallest
-model that kept it). The history says which method each step used and what it bought.
+is). The run stops when the budget holds, or when nothing can move without breaking the tolerance
+(then ``budget_met`` is False and the result is the smallest model that kept it). The history says
+which method each step used and what it bought.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -48,13 +57,26 @@ from .result import CompressResult, CompressStep
 METHODS = ("prune", "share", "quantize")
 
 
-def _metric(task: Any, model: nn.Module) -> float:
-    from ..adapt.controller import as_number
-
+def _values(task: Any, model: nn.Module) -> dict[str, Any]:
     values = task.evaluate(model)
     if not isinstance(values, dict) or task.metric not in values:
         raise ConfigError(f"task.evaluate must return a dict holding the task's metric {task.metric!r}")
-    return as_number(task.metric, values[task.metric])
+    return values
+
+
+def _metric(task: Any, model: nn.Module) -> float:
+    from ..adapt.controller import as_number
+
+    return as_number(task.metric, _values(task, model)[task.metric])
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, else None."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _params(model: nn.Module) -> int:
@@ -109,22 +131,46 @@ class _Run:
         self.spec = {n: FLOAT for n in names}
         self.plan = Plan()
         self.frozen: set[str] = set()
-        self.cache: dict[str, tuple[str, float]] = {}  # layer -> (the level probed, its harm)
+        self.cache: dict[str, tuple[str, float, float]] = {}  # layer -> (the level probed, its metric harm, its rank harm)
         self.rounds = 0
-        self.prune_score: float | None = math.inf if "prune" in cfg["methods"] else None
+        self.pruning = "prune" in cfg["methods"]
+        self.restarts = 0
+        self.snapshot: dict[str, Any] | None = None  # the state the prune phase ended in (levels start from it)
         self.prune_step: float = cfg["prune_step"]
         self.history: list[CompressStep] = []
         self.callback: Callable[[CompressStep], None] | None = None
         self.evaluations = 0
         self.steps = 0
+        self.smooth: bool | None = None  # whether moves are ranked by the task's loss (decided on the first evaluation)
+        self.last_bad = 0.0
         self.base = self.evaluate(self.work)
-        self.metric = self.metric_prev = self.base
-        self.disk = self.measure_disk(self.work, self.spec)
+        self.metric = self.base
+        self.bad = self.base_bad = self.last_bad
+        self.prune_target: float | None = None  # the parameters the prune phase keeps (planned on the first step)
+        self.disk = self.disk_start = self.measure_disk(self.work, self.spec)
 
     # -- measuring ---------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> float:
+        """The task's metric on ``model``; what ranks moves (:meth:`badness`) is left in ``last_bad``."""
+        from ..adapt.controller import as_number
+
         self.evaluations += 1
-        return _metric(self.task, model)
+        values = _values(self.task, model)
+        metric = as_number(self.task.metric, values[self.task.metric])
+        if self.smooth is None:
+            self.smooth = self.task.metric != "loss" and _finite(values.get("loss")) is not None
+        self.last_bad = self.badness(values, metric)
+        return metric
+
+    def badness(self, values: dict[str, Any], metric: float) -> float:
+        """What ranks the moves, lower is better: the loss the task reports beside its metric, where it
+        reports one (``ClassificationTask`` does: it moves with every example's confidence, where
+        accuracy on a few hundred examples moves in whole examples and ties most small moves), else the
+        metric itself turned so that lower is better. A NaN is the worst."""
+        if self.smooth:
+            loss = _finite(values.get("loss"))
+            return math.inf if loss is None else loss
+        return -self.sign * metric if math.isfinite(metric) else math.inf
 
     def lost(self, metric: float) -> float:
         """How far ``metric`` is below the original's (in the metric's direction)."""
@@ -171,23 +217,60 @@ class _Run:
                 continue
             cached = self.cache.get(n)
             if cached is not None and cached[0] == nxt:
-                harm = cached[1]
+                harm, worse = cached[1], cached[2]
             else:  # on the working model in place (no copy per probe): the layer's level on, measured, off
                 sharing = realize(self.work, {n: nxt}, self.per_channel, self.cfg["seed"])
                 try:
                     harm = max(self.sign * (self.metric - self.evaluate(self.work)), 0.0)
+                    worse = self.last_bad - self.bad
                 finally:
                     sharing.undo()
-                self.cache[n] = (nxt, harm)
-            out.append((self.rank(harm, saved), n, nxt, harm, saved))
+                self.cache[n] = (nxt, harm, worse)
+            out.append((self.rank(worse, saved), n, nxt, harm, saved))
         out.sort(key=lambda c: (c[0], -c[4]))
         return out
 
-    def rank(self, harm: float, saved: float) -> float:
-        """A move's rank: the metric it loses per kB it saves, a loss under a quarter of the tolerance
-        counted as that quarter (indistinguishable from noise), so among harmless moves the one that
-        saves the most comes first."""
-        return max(harm, 0.25 * self.tolerance, 1e-12) / (max(saved, 1.0) / 1000.0)
+    def rank(self, worse: float, saved: float) -> float:
+        """A move's rank: how much worse it makes the model (:meth:`badness`) per kB it saves, lower
+        first. Ranked by the metric, a loss under a quarter of the tolerance counts as that quarter
+        (indistinguishable from noise); ranked by the loss, any rise counts. Among harmless moves the
+        one that saves the most comes first."""
+        floor = 1e-3 * max(abs(self.base_bad), 1e-6) if self.smooth else 0.25 * self.tolerance
+        return max(worse, floor) / (max(saved, 1.0) / 1000.0)
+
+    def cheap_size(self) -> float:
+        """The artifact's size (estimated) at what the levels give cheaply: every layer as far down the
+        ladder as it can go alone losing at most a quarter of the tolerance (probed from the top rung
+        down, no recovery), then all of them one rung back up at a time until together they lose at
+        most half of it."""
+        spec = dict(self.spec)
+        for n in self.names:
+            for nxt in self.levels[self.levels.index(spec[n]) + 1:]:
+                if not self.harm_of({n: nxt}) <= 0.25 * self.tolerance:
+                    break
+                spec[n] = nxt
+        while spec != self.spec and not self.harm_of(spec) <= 0.5 * self.tolerance:
+            spec = {n: (lv if lv == self.spec[n] else self.levels[self.levels.index(lv) - 1]) for n, lv in spec.items()}
+        fixed = self.fixed_bytes()
+        scale = self.disk / max(self.estimate(self.spec) + fixed, 1)
+        return (self.estimate(spec) + fixed) * scale
+
+    def harm_of(self, spec: dict[str, str]) -> float:
+        """The metric lost when ``spec``'s levels go on the working model (in place, then off)."""
+        sharing = realize(self.work, spec, self.per_channel, self.cfg["seed"])
+        try:
+            return self.sign * (self.metric - self.evaluate(self.work))
+        finally:
+            sharing.undo()
+
+    def plan_pruning(self) -> None:
+        """How many parameters the prune phase keeps: pruning comes first (Deep Compression's order:
+        a float model prunes and recovers best, and the levels go on the pruned weights), and cuts what
+        the levels cannot give cheaply: ``limit / cheap_size`` of the parameters (none when the
+        levels alone would do)."""
+        params = _params(self.work)
+        share = self.limit / max(self.cheap_size(), 1.0)
+        self.prune_target = params * share if share < 1.0 else float(params)
 
     def fixed_bytes(self) -> int:
         """Bytes the encodings do not touch (biases, norms, ignored layers), as float32."""
@@ -223,11 +306,12 @@ class _Run:
         steps = self.recover(trial)
         sharing.materialize()  # the recovered codebooks and int8 values, baked into plain weights
         metric = self.evaluate(trial)
+        bad = self.last_bad
         kinds = sorted({"share" if nxt.startswith("share") else "quantize" for _, _, nxt, _, _ in moves})
         layers = {n: [self.spec[n], nxt] for _, n, nxt, _, _ in moves}
         rank = max(m[0] for m in moves)
         if self.within(metric):
-            self.work, self.spec, self.metric = trial, spec, metric
+            self.work, self.spec, self.metric, self.bad = trial, spec, metric, bad
             for _, n, _, _, _ in moves:
                 self.cache.pop(n, None)
             self.disk = self.measure_disk(self.work, self.spec)
@@ -237,18 +321,21 @@ class _Run:
                     f"lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}")
         return False
 
-    def try_prune(self) -> bool:
+    def try_prune(self, step: float | None = None, phase: bool = False) -> bool:
         """One prune step: adapt cuts ``step`` of the parameters within the unspent tolerance (its
         noise-aware judge keeps what it spends well inside it); the encodings go back on, recover, and
-        the step is judged. A step that fails is retried at half the size, down to ``min_prune_step``;
-        then pruning ends."""
+        the step is judged. In the prune ``phase``, one within tolerance that loses more than its share
+        of the tolerance (the share of the whole compression, in log bytes, that it makes) plus three
+        quarters of it for noise is rolled back too and ends the phase (on a randomly initialised
+        ResNet-18 one step spent the whole tolerance on 1.6% of the parameters). A step that fails is
+        retried at half the size, down to ``min_prune_step``; then pruning ends."""
         from ..adapt import adapt
 
         t0, evals0 = time.perf_counter(), self.evaluations
         slack = self.tolerance - self.lost(self.metric)
-        step = self.prune_step
+        step = self.prune_step if step is None else step
         trial = copy.deepcopy(self.work)
-        disk0, params0 = self.disk, _params(self.work)
+        params0 = _params(self.work)
         try:
             result = adapt(
                 trial, self.x, self.task, Budget(params=1.0 - step), max(slack, 1e-9),
@@ -259,6 +346,7 @@ class _Run:
         self.evaluations += result.evaluations
         steps = result.optimizer_steps
         metric = self.metric
+        rank: float | None = None
         note = f"adapt (step {step:.3g}): params {params0:,} -> {_params(trial):,}"
         kept = not result.plan.is_empty
         if kept:
@@ -266,38 +354,77 @@ class _Run:
                 sharing = realize(trial, self.spec, self.per_channel, self.cfg["seed"])
                 steps += self.recover(trial)
                 sharing.materialize()
-                metric = self.evaluate(trial)
-            else:
-                metric = result.after[self.task.metric] if self.task.metric in result.after else self.evaluate(trial)
+            metric = self.evaluate(trial)
+            bad = self.last_bad
             kept = self.within(metric)
             if not kept:
                 note += f"; lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}"
             else:
                 plan = self.plan.then(result.plan, self.original)
                 after = self.measure_disk(trial, self.spec, plan)
-                rank = self.rank(self.sign * (self.metric - metric), self.disk - after)
-                cands = self.probes()
-                if cands and rank > self.cfg["prune_rank"] * cands[0][0]:
-                    kept = False  # within tolerance, but spending it far worse per byte than a level move would
-                    self.prune_score = rank
+                rank = self.rank(bad - self.bad, self.disk - after)
+                dear = self.dear(metric, after) if phase else ""
+                if dear:
+                    self.prune_target = float(params0)  # the prune phase ends here
                     self.record("prune", {}, False, metric, steps, self.evaluations - evals0, t0, rank,
-                                note + f"; {rank:.3g} lost per kB saved, over {self.cfg['prune_rank']:g}x the best level "
-                                f"move's {cands[0][0]:.3g} ({cands[0][1]} -> {cands[0][2]}): rolled back")
+                                f"{note}; {dear}: rolled back")
                     return False
         else:
             note = f"adapt (step {step:.3g}) cut nothing within {slack:.4g}: {result.message}"
         if kept:
-            self.work, self.plan, self.metric, self.disk = trial, plan, metric, after
+            self.work, self.plan, self.metric, self.disk, self.bad = trial, plan, metric, after, bad
             self.cache.clear()
-            self.prune_score = self.rank(self.sign * (self.metric_prev - metric), max(disk0 - self.disk, 1))
         else:
-            self.prune_step = step / 2
+            self.prune_step = min(self.prune_step, step / 2)
             if self.prune_step < self.cfg["min_prune_step"]:
-                self.prune_score = None
+                self.pruning = False
                 note += "; pruning ends"
-        self.record("prune", {}, kept, metric, steps, self.evaluations - evals0, t0,
-                    self.prune_score if kept else None, note)
+        self.record("prune", {}, kept, metric, steps, self.evaluations - evals0, t0, rank if kept else None, note)
         return kept
+
+    def dear(self, metric: float, after: int) -> str:
+        """Why a prune-phase step that left the model at ``metric`` and ``after`` bytes spent more than
+        its share of the tolerance ('' when it did not)."""
+        spent = self.sign * (self.metric - metric)
+        whole = math.log(max(self.disk_start, 1) / max(self.limit, 1))
+        share = math.log(max(self.disk, 1) / max(after, 1)) / whole if whole > 0 else 1.0
+        allowed = self.tolerance * (min(share, 1.0) + 0.75)
+        if spent <= allowed:
+            return ""
+        return (f"lost {spent:.4g} for {share:.0%} of the compression (log bytes), over its share of the tolerance "
+                f"plus three quarters for noise ({allowed:.4g})")
+
+    def state(self) -> dict[str, Any]:
+        """What a restart goes back to."""
+        return {"work": copy.deepcopy(self.work), "plan": self.plan, "spec": dict(self.spec), "metric": self.metric,
+                "bad": self.bad, "disk": self.disk, "steps": len(self.history)}
+
+    def restart(self) -> bool:
+        """The levels stalled over the limit: back to the model the prune phase ended with (every level
+        move since undone), to prune on down to ``limit / the size the levels reached`` of its parameters
+        (90% of it), and go down the ladder again; at most ``restarts`` times. False when it cannot."""
+        snap = self.snapshot
+        if not self.pruning or snap is None or self.restarts >= self.cfg["restarts"] or self.disk <= self.limit:
+            return False
+        params = _params(snap["work"])
+        target = 0.9 * params * self.limit / self.disk
+        if 1.0 - target / max(params, 1) < self.cfg["min_prune_step"]:
+            return False
+        self.restarts += 1
+        why = (f"undone by restart {self.restarts}: the levels stalled at {self.disk:,} bytes over the limit "
+               f"{self.limit:,}; pruning on to {int(target):,} parameters")
+        for i in range(snap["steps"], len(self.history)):
+            step = self.history[i]
+            if step.accepted:
+                self.history[i] = dataclasses.replace(step, accepted=False, note=f"{step.note}; {why}".lstrip("; "))
+        self.work, self.plan, self.spec = copy.deepcopy(snap["work"]), snap["plan"], dict(snap["spec"])
+        self.metric, self.bad, self.disk = snap["metric"], snap["bad"], snap["disk"]
+        self.cache.clear()
+        self.frozen.clear()
+        self.prune_target = target
+        self.prune_step = self.cfg["prune_step"]
+        self.snapshot = None
+        return True
 
     def final_recovery(self, steps: int) -> None:
         """``steps`` more optimizer steps on the final encoded model (codebooks trainable), kept when
@@ -312,7 +439,7 @@ class _Run:
         metric = self.evaluate(trial)
         kept = self.within(metric)
         if kept:
-            self.work, self.metric = trial, metric
+            self.work, self.metric, self.bad = trial, metric, self.last_bad
             self.disk = self.measure_disk(self.work, self.spec)
         self.record("recover", {}, kept, metric, steps, self.evaluations - evals0, t0, None,
                     "" if kept else f"lost {self.lost(metric):.4g} > tolerance {self.tolerance:g}: the model before it kept")
@@ -323,17 +450,23 @@ class _Run:
         while self.disk > self.limit:
             if len(self.history) >= self.cfg["max_steps"]:
                 return f"stopped after max_steps={self.cfg['max_steps']} steps"
-            self.metric_prev = self.metric
-            if self.prune_score == math.inf:  # untried (or undone): pruning first, as Deep Compression orders it
-                self.try_prune()  # one that failed is retried at half the step
-                continue
+            if self.pruning and self.prune_target is None:
+                self.plan_pruning()
+            if self.pruning and self.prune_target is not None:  # the prune phase: down to the planned parameters
+                cut = 1.0 - self.prune_target / max(_params(self.work), 1)
+                if cut >= self.cfg["min_prune_step"]:
+                    self.try_prune(min(self.prune_step, cut), phase=True)
+                    continue
+            if self.pruning and self.snapshot is None:
+                self.snapshot = self.state()
             cands = pending if pending else self.probes()
             pending = None
-            best = cands[0][0] if cands else math.inf
-            if self.prune_score is not None and (not cands or self.prune_score <= best):
-                self.try_prune()
-                continue
             if not cands:
+                if self.restart():
+                    continue
+                if self.pruning:  # the last resort: prune the encoded model (its levels re-fitted after)
+                    self.try_prune()  # one that failed is retried at half the step
+                    continue
                 return "no layer can go lower and pruning is spent: the tolerance binds"
             slack = self.tolerance - self.lost(self.metric)
             moves: list[tuple[float, str, str, float, float]] = []
@@ -442,7 +575,7 @@ def compress(
         "moves": as_int(moves, "moves", low=1) if moves is not None else max(1, math.ceil(len(names) / 4)),
         "max_steps": as_int(max_steps, "max_steps", low=1),
         "refresh": 4,
-        "prune_rank": 4.0,
+        "restarts": 2,
         "prune_options": prune_options,
     }
     t0 = time.perf_counter()
