@@ -38,12 +38,14 @@ from .surgery import NM, mask, reconstruct, remove, sparsify
 from .surgery.check import apply_plan
 from .task import ClassificationTask, Task
 from .updates import check, diff
+from .vision import DetectionTask, SegmentationTask
 
 __all__ = [
     "NM",
     "AdaptResult",
     "Budget",
     "ClassificationTask",
+    "DetectionTask",
     "CompressResult",
     "Cost",
     "EmbeddingTask",
@@ -57,6 +59,7 @@ __all__ = [
     "PruneResult",
     "Quantized",
     "Sensitivity",
+    "SegmentationTask",
     "ShareResult",
     "Specialized",
     "Task",

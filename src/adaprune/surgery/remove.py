@@ -182,6 +182,8 @@ def removal(
         for mod, _, _ in owners[id(tensors[name])]:
             touched[id(mod)] = mod
     parents = _ancestors(model, touched)
+    sized = _sized_by_input(model, touched, parents) if check is not None else []
+    parents += sized
     saved = {
         k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
         for k, m in [*touched.items(), *((id(p), p) for p in parents)]
@@ -221,8 +223,13 @@ def removal(
         for mod in parents:  # containers whose attributes mirror their children's sizes
             fix_module(mod, saved[id(mod)][0])
         if check is not None:
-            with torch.no_grad():
-                got = output_shapes(check())
+            hooks = [m.register_forward_pre_hook(_take_width) for m in sized]
+            try:
+                with torch.no_grad():
+                    got = output_shapes(check())
+            finally:
+                for h in hooks:
+                    h.remove()
             if expected_shapes is not None and got != expected_shapes:
                 raise SurgeryError(
                     f"after surgery the output shapes are {got}, expected {expected_shapes}"
@@ -256,6 +263,22 @@ def removal(
         still_held = ref()
         if still_held is not None:
             still_held.data = cut.joined()
+
+
+def _sized_by_input(model: nn.Module, touched: dict[int, nn.Module], parents: list[nn.Module]) -> list[nn.Module]:
+    """Instance norms without weights or running statistics (MONAI's default norm): nothing of theirs is
+    cut, but ``num_features`` states their width (torch warns when the input disagrees); the check's
+    forward pass sets it from what reaches them."""
+    skip = set(touched) | {id(m) for m in parents}
+    return [m for m in model.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm) and id(m) not in skip
+            and m.weight is None and m.running_mean is None]
+
+
+def _take_width(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:
+        batched = x.dim() != mod._get_no_batch_dim()  # type: ignore[operator]
+        setattr(mod, "num_features", int(x.shape[1 if batched else 0]))  # noqa: B010 (nn.Module typing)
 
 
 def _ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
