@@ -90,7 +90,7 @@ def test_segmentation_per_image_values_average_to_the_metric_and_finetuning_lear
 def test_adapt_prunes_a_monai_unet_within_dice_tolerance_and_it_runs_in_the_sliding_window_inferer(seg):
     from monai.inferers import SlidingWindowInferer
 
-    model, task, x, y = seg
+    model, task, x, _ = seg
     before = task.evaluate(model)["dice"]
     res = ap.adapt(copy.deepcopy(model), x[:2], task, ap.Budget(macs=0.5), tolerance=0.05, finetune_steps=20,
                    max_iterations=6)

@@ -135,6 +135,7 @@ class _Run:
         self.rounds = 0
         self.pruning = "prune" in cfg["methods"]
         self.restarts = 0
+        self.dear_at: int | None = None  # the parameter count where a prune step last spent the tolerance dearly
         self.snapshot: dict[str, Any] | None = None  # the state the prune phase ended in (levels start from it)
         self.prune_step: float = cfg["prune_step"]
         self.history: list[CompressStep] = []
@@ -366,6 +367,7 @@ class _Run:
                 dear = self.dear(metric, after) if phase else ""
                 if dear:
                     self.prune_target = float(params0)  # the prune phase ends here
+                    self.dear_at = params0
                     self.record("prune", {}, False, metric, steps, self.evaluations - evals0, t0, rank,
                                 f"{note}; {dear}: rolled back")
                     return False
@@ -402,11 +404,14 @@ class _Run:
     def restart(self) -> bool:
         """The levels stalled over the limit: back to the model the prune phase ended with (every level
         move since undone), to prune on down to ``limit / the size the levels reached`` of its parameters
-        (90% of it), and go down the ladder again; at most ``restarts`` times. False when it cannot."""
+        (90% of it), and go down the ladder again; at most ``restarts`` times. False when it cannot,
+        or when the prune phase ended on a step rolled back as too dear from that same model."""
         snap = self.snapshot
         if not self.pruning or snap is None or self.restarts >= self.cfg["restarts"] or self.disk <= self.limit:
             return False
         params = _params(snap["work"])
+        if self.dear_at == params:  # the phase ended on a step too dear from this very model: it would again
+            return False
         target = 0.9 * params * self.limit / self.disk
         if 1.0 - target / max(params, 1) < self.cfg["min_prune_step"]:
             return False

@@ -20,8 +20,11 @@ class CompressStep:
     recovery of the final model); ``layers``: per layer
     moved, ``[level before, level after]``; ``metric``: the task's primary metric after the step's
     recovery; ``disk_bytes``: the artifact's size after it (the size before for a step rolled back);
-    ``harm_per_kb``: the metric lost per kB saved as the probes predicted it (the move's rank);
-    ``note``: why it was rolled back, or what pruning cut."""
+    ``harm_per_kb``: the move's rank, how much worse it makes the model per kB saved (the rise of the
+    loss the task reports beside its metric where it reports one, else the metric's drop): as the
+    probes predicted it for level moves, as measured after recovery for prune steps;
+    ``note``: why it was rolled back, what pruning cut, or that a restart undid it (then ``accepted``
+    is False)."""
 
     index: int
     method: str
