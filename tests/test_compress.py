@@ -279,3 +279,42 @@ def test_int8_of_half_precision_weights_stays_finite():
     q = quantize_weights(lin)
     assert torch.isfinite(lin.weight.float()).all() and lin.weight.dtype == torch.float16
     q.undo()
+
+
+class _Scaled(nn.Module):
+    """Two layers whose errors weigh differently on the output: ``loud`` is amplified, ``quiet`` damped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud, self.quiet = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([100.0 * self.loud(x), 0.01 * self.quiet(x)], 1)
+
+
+class _FlatAccuracy(ap.Task):
+    """Accuracy that never moves (every move ties on it) beside a loss that does: the outputs' squared
+    distance from the original's."""
+
+    metric, higher_is_better = "accuracy", True
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.x = x
+        with torch.no_grad():
+            self.ref = model(x)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return {"accuracy": 1.0, "loss": float(((model(self.x) - self.ref) ** 2).mean())}
+
+
+def test_moves_are_ranked_by_the_loss_where_accuracy_ties():
+    """Ranked by accuracy, every move ties and the bigger saving (the loud layer) goes first; ranked by
+    the loss the task reports, the quiet layer, far cheaper per byte, goes first."""
+    model = _Scaled()
+    x = torch.randn(32, 64)
+    r = ap.compress(model, x, _FlatAccuracy(model, x), ap.Budget(disk_bytes=0.75), tolerance=0.01,
+                    methods=("share",), bits=(1,), moves=1, finetune_steps=0)
+    moved = [list(s.layers) for s in r.history if s.method == "share"]
+    assert moved and moved[0] == ["quiet"], r.summary()

@@ -15,19 +15,20 @@ fitted on the pruned weights), and cuts only what the levels cannot give cheaply
 every layer is probed down the ladder (alone, no recovery, within a quarter of the tolerance), the
 levels found are backed off until together they lose at most half of it, and the prune phase keeps
 ``limit / that size`` of the parameters. A prune-phase step that loses more than its share of the
-tolerance (by the log bytes it saves, plus a quarter for noise) is rolled back and ends the phase.
+tolerance (by the log bytes it saves, plus three quarters for noise) is rolled back and ends the phase.
 
-Then every layer's next rung is probed on the task (no recovery), and so is a prune step (a static
-prune of ``prune_step``, no recovery), each ranked by how much worse it makes the model per byte it
-saves: by the loss the task reports beside its metric where it reports one (it moves with every
-example, where accuracy on a few hundred examples ties most small moves), else by the metric. A prune
-step ranked best runs as above; otherwise the best-ranked layers whose probed harms fit half the
-unspent tolerance move together. Every step recovers (``finetune_steps`` of the task's fine-tuning,
-the shared codebooks trainable) and is judged on the task: past the tolerance it is rolled back (the
-worse half of its layers is dropped and the rest retried; a single layer that fails stays where it
-is). The run stops when the budget holds, or when nothing can move without breaking the tolerance
-(then ``budget_met`` is False and the result is the smallest model that kept it). The history says
-which method each step used and what it bought.
+Then every layer's next rung is probed on the task (no recovery) and ranked by how much worse it
+makes the model per byte it saves: by the loss the task reports beside its metric where it reports
+one (it moves with every example, where accuracy on a few hundred examples ties most small moves),
+else by the metric. The best-ranked layers whose probed harms fit half the unspent tolerance move
+together. Every step recovers (``finetune_steps`` of the task's fine-tuning, the shared codebooks
+trainable) and is judged on the task: past the tolerance it is rolled back (the worse half of its
+layers is dropped and the rest retried; a single layer that fails stays where it is). When no layer
+can move and the artifact is still over the limit, the level moves are undone and pruning goes on
+from where the prune phase ended, by the factor the levels missed by (at most twice; then a prune
+step on the encoded model is the last resort). The run stops when the budget holds, or when nothing
+can move without breaking the tolerance (then ``budget_met`` is False and the result is the smallest
+model that kept it). The history says which method each step used and what it bought.
 """
 
 from __future__ import annotations
@@ -219,13 +220,9 @@ class _Run:
             cached = self.cache.get(n)
             if cached is not None and cached[0] == nxt:
                 harm, worse = cached[1], cached[2]
-            else:  # on the working model in place (no copy per probe): the layer's level on, measured, off
-                sharing = realize(self.work, {n: nxt}, self.per_channel, self.cfg["seed"])
-                try:
-                    harm = max(self.sign * (self.metric - self.evaluate(self.work)), 0.0)
-                    worse = self.last_bad - self.bad
-                finally:
-                    sharing.undo()
+            else:  # on the working model in place (no copy per probe)
+                harm = max(self.harm_of({n: nxt}), 0.0)
+                worse = self.last_bad - self.bad
                 self.cache[n] = (nxt, harm, worse)
             out.append((self.rank(worse, saved), n, nxt, harm, saved))
         out.sort(key=lambda c: (c[0], -c[4]))
@@ -257,7 +254,8 @@ class _Run:
         return (self.estimate(spec) + fixed) * scale
 
     def harm_of(self, spec: dict[str, str]) -> float:
-        """The metric lost when ``spec``'s levels go on the working model (in place, then off)."""
+        """The metric lost when ``spec``'s levels go on the working model (in place, then off); what
+        ranks moves is left in ``last_bad``."""
         sharing = realize(self.work, spec, self.per_channel, self.cfg["seed"])
         try:
             return self.sign * (self.metric - self.evaluate(self.work))
@@ -455,10 +453,10 @@ class _Run:
         while self.disk > self.limit:
             if len(self.history) >= self.cfg["max_steps"]:
                 return f"stopped after max_steps={self.cfg['max_steps']} steps"
-            if self.pruning and self.prune_target is None:
-                self.plan_pruning()
-            if self.pruning and self.prune_target is not None:  # the prune phase: down to the planned parameters
-                cut = 1.0 - self.prune_target / max(_params(self.work), 1)
+            if self.pruning:  # the prune phase: down to the planned parameters
+                if self.prune_target is None:
+                    self.plan_pruning()
+                cut = 1.0 - float(self.prune_target or 0.0) / max(_params(self.work), 1)
                 if cut >= self.cfg["min_prune_step"]:
                     self.try_prune(min(self.prune_step, cut), phase=True)
                     continue
