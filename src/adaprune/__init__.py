@@ -38,7 +38,7 @@ from .surgery import NM, mask, reconstruct, remove, sparsify
 from .surgery.check import apply_plan
 from .task import ClassificationTask, Task
 from .updates import check, diff
-from .vision import DetectionTask, SegmentationTask
+from .vision import DetectionTask, SegmentationTask, YOLOTask
 
 __all__ = [
     "NM",
@@ -63,6 +63,7 @@ __all__ = [
     "ShareResult",
     "Specialized",
     "Task",
+    "YOLOTask",
     "__version__",
     "adapt",
     "apply_plan",

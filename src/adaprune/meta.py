@@ -1,5 +1,6 @@
-"""Weightless copies: a model and its inputs on the meta device (for tracing and exact cost prediction),
-and zeroed copies for models that do not run on meta tensors."""
+"""Copies of a model: weightless ones (a model and its inputs on the meta device, for tracing and exact
+cost prediction), zeroed copies for models that do not run on meta tensors, and plain copies of a
+parametrized model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 
@@ -81,3 +83,22 @@ def _copy_module(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def to_meta(x: Any) -> Any:
     """``x`` with every tensor moved to the meta device."""
     return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` without parametrizations, each parametrized tensor a plain parameter holding
+    the value the model computes with. ``model`` is untouched (``copy.deepcopy`` and then
+    ``remove_parametrizations`` would not do: the copy shares its parametrized class with the original,
+    and removing deletes the property from that class)."""
+    values: dict[str, dict[str, torch.Tensor]] = {
+        name: {attr: getattr(mod, attr).detach().clone() for attr in mod.parametrizations}  # type: ignore[union-attr]
+        for name, mod in model.named_modules() if parametrize.is_parametrized(mod)
+    }
+    plain = copy.deepcopy(model)
+    for name, attrs in values.items():
+        mod = plain.get_submodule(name)
+        mod.__class__ = parametrize.type_before_parametrizations(mod)
+        del mod.parametrizations
+        for attr, value in attrs.items():
+            mod.register_parameter(attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
+    return plain

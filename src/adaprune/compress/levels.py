@@ -15,14 +15,13 @@ deep-copied and then un-parametrized: the copy shares its parametrized class wit
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
+from ..meta import plain_copy
 from ..quantize.weights import int8_bytes, int8_parts
 from ..share.kmeans import fit_tensor, index_dtype, storage_bits
 from ..share.result import SharedWeight, Sharing
@@ -88,25 +87,6 @@ def realize(model: nn.Module, spec: dict[str, str], per_channel: bool, seed: int
 def bake(model: nn.Module, spec: dict[str, str], per_channel: bool, seed: int) -> None:
     """Write the values of ``spec``'s encodings into ``model``'s plain weights, in place."""
     realize(model, spec, per_channel, seed).materialize()
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` without parametrizations, each parametrized tensor a plain parameter holding
-    the value the model computes with. ``model`` is untouched (``copy.deepcopy`` and then
-    ``remove_parametrizations`` would not do: the copy shares its parametrized class with the original,
-    and removing deletes the property from that class)."""
-    values = {
-        (name, attr): getattr(mod, attr).detach().clone()
-        for name, mod in model.named_modules() if parametrize.is_parametrized(mod)
-        for attr in mod.parametrizations  # type: ignore[union-attr]
-    }
-    plain = copy.deepcopy(model)
-    for (name, attr), value in values.items():
-        mod = plain.get_submodule(name)
-        mod.__class__ = parametrize.type_before_parametrizations(mod)
-        del mod.parametrizations
-        mod.register_parameter(attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
-    return plain
 
 
 def weight_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:

@@ -11,6 +11,7 @@ same images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -84,3 +85,31 @@ def make_canvases(n: int, split: str = "train", *, size: int = 96, max_objects: 
         targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                         "labels": torch.tensor(labels, dtype=torch.long)})
     return Canvases(images, targets)
+
+
+def write_yolo_dataset(root: str | Path, *, train: int = 200, val: int = 60, size: int = 96, max_objects: int = 3,
+                       seed: int = 0) -> Path:
+    """Write canvases as an Ultralytics (YOLO-format) detection dataset under ``root`` and return the
+    path of its ``data.yaml``: ``images/{train,val}/*.png`` and ``labels/{train,val}/*.txt`` with one
+    ``class x_center y_center width height`` line (normalised to [0, 1]) per glyph, classes 0-9 the
+    digits. Existing files under ``root`` are overwritten; the same arguments write the same files."""
+    from PIL import Image
+
+    root = Path(root)
+    lines = [f"path: {root.resolve()}", "train: images/train", "val: images/val", "names:"]
+    lines += [f"  {d}: '{d}'" for d in range(10)]
+    for split, n in (("train", train), ("val", val)):
+        data = make_canvases(n, split, size=size, max_objects=max_objects, seed=seed)
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i, (img, target) in enumerate(zip(data.images, data.targets)):
+            pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(root / "images" / split / f"{i:05d}.png")
+            rows = []
+            for (x0, y0, x1, y1), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+                cx, cy, w, h = (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size
+                rows.append(f"{label - 1} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(rows) + "\n")
+    yaml = root / "data.yaml"
+    yaml.write_text("\n".join(lines) + "\n")
+    return yaml
