@@ -53,8 +53,13 @@ def test_yolo_task_reports_ultralytics_metrics_and_its_own_loss_trains(data, tmp
     assert {"map", "map_50", "precision", "recall", "fitness", "loss"} <= set(before)
     assert all(0.0 <= before[k] <= 1.0 for k in ("map", "map_50", "precision", "recall"))
     weights = {k: v.clone() for k, v in net.state_dict().items()}
+    for p in net.parameters():
+        p.requires_grad_(False)  # as Ultralytics loads a checkpoint
     task.finetune(net, 12)
     assert any(not torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert not any(p.requires_grad for p in net.parameters())  # the flags are put back
+    dfl = [k for k in weights if ".dfl." in k]
+    assert dfl and all(torch.equal(weights[k], net.state_dict()[k]) for k in dfl)  # fixed, as in Ultralytics
     after = task.evaluate(net)
     assert after["loss"] < before["loss"]  # Ultralytics' loss, on the validation images
     x, batch = task.calibration()[0]
@@ -62,19 +67,17 @@ def test_yolo_task_reports_ultralytics_metrics_and_its_own_loss_trains(data, tmp
     assert task.loss(net, x, batch).dim() == 0
 
 
-def test_a_yolo_pruned_by_adapt_is_trained_validated_and_exported_by_ultralytics(data, tmp_path):
+def test_a_pruned_yolo_is_trained_validated_and_exported_by_ultralytics(data, tmp_path):
+    """(adapt with YOLOTask on the way there: tests/test_app_examples.py runs examples/yolo_canvases.py)"""
     from ultralytics import YOLO
 
     from adaprune.vision.yolo import ultralytics_trainer
 
     net = yolo()
-    task = ap.YOLOTask(net, data, imgsz=SIZE, batch=8, lr=1e-3, project=tmp_path / "task")
-    task.finetune(net, 4)
     x = torch.rand(1, 3, SIZE, SIZE)
     before = ap.count(net, x).macs
-    res = ap.adapt(net, x, task, ap.Budget(macs=0.5), tolerance=0.05, finetune_steps=1, max_iterations=4,
-                   probe_budget=4, seed=0)
-    assert res.budget_met and ap.count(net, x).macs <= 0.5 * before
+    ap.prune(net, x, budget=ap.Budget(macs=0.5))
+    assert ap.count(net, x).macs <= 0.5 * before
     trainer = ultralytics_trainer(net, data, epochs=1, imgsz=SIZE, batch=8, workers=0, plots=False, device="cpu",
                                   project=str(tmp_path), name="train", exist_ok=True, amp=False, verbose=False)
     trainer.train()

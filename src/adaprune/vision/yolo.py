@@ -7,7 +7,7 @@ the trainer Ultralytics uses for the model's task (detect, segment, pose, obb, c
 - batches come from that trainer's dataloaders (its augmentation for training, letterboxed images for
   validation), and are preprocessed by it;
 - fine-tuning minimises the model's own loss (``model.loss(batch)``, the sum of its parts per image)
-  with Adam;
+  with Adam, on every parameter but the fixed DFL projection, as Ultralytics' trainer does;
 - ``evaluate`` runs Ultralytics' validator (its NMS, its matching, its mAP) on a copy of the model (the
   validator fuses Conv and BatchNorm in place), and adds ``loss``, the model's loss on the validation
   batches in eval mode, as the smooth signal controllers rank moves by.
@@ -235,7 +235,12 @@ class YOLOTask(Task):
         steps = as_int(steps, "steps", low=0, hint="the number of optimizer steps")
         if steps == 0:
             return
-        params = [p for p in model.parameters() if p.requires_grad]
+        # As Ultralytics' trainer does: everything trains but the fixed DFL projection (a model loaded
+        # from a checkpoint comes with gradients off); the flags are put back afterwards.
+        grads = {p: p.requires_grad for p in model.parameters()}
+        params = [p for n, p in model.named_parameters() if ".dfl" not in n and p.is_floating_point()]
+        for p in params:
+            p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         flags = {m: m.training for m in model.modules()}
         model.train()
@@ -252,6 +257,8 @@ class YOLOTask(Task):
                 m.training = f
             for p in params:
                 p.grad = None
+            for p, g in grads.items():
+                p.requires_grad_(g)
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module) -> dict[str, float]:
