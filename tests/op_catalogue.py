@@ -12,7 +12,7 @@ written out. Three kinds of names need more than a plain call:
   call of exactly that name (``DEAD`` lists them; test_rule_matrix checks that they are unreachable);
 - ``cuda``: the forward calls ``Tensor.cuda``, and an outer ``TorchFunctionMode`` answers it on the CPU
   (the tracer's mode still records the real ``Tensor.cuda`` call);
-- rules that freeze by design (``__setitem__``, ``hstack``/``vstack``, ``unfold`` as ``F.unfold``) are
+- rules that freeze by design (``hstack``/``vstack``, ``unfold`` as ``F.unfold``) are
   expected to warn with ``UnsupportedOpWarning`` and to leave the model unpruned.
 """
 
@@ -597,7 +597,7 @@ def _fill_shape() -> None:
     add("unflatten", lambda m, h, k: h.unflatten(-1, (2, -1)), stem="seq")
     add("ravel", lambda m, h, k: torch.ravel(h), stem="lin")
     add("__getitem__", lambda m, h, k: h[:, 0], stem="seq")
-    add("__setitem__", _setitem, stem="seq", warns=True, prunes=False)  # in-place slice assignment: frozen
+    add("__setitem__", _setitem, stem="seq")  # rows of a buffer sized by the channels (MultiScaleRoIAlign)
     add("narrow", lambda m, h, k: h.narrow(1, 0, h.shape[1] - 1), stem="seq")
     for name, (op, stem) in _SPLIT.items():
         add(name, op, stem=stem)
@@ -608,11 +608,26 @@ def _fill_shape() -> None:
     add("hstack", lambda m, h, k: torch.hstack([h, k]), second=True, warns=True, prunes=False)  # not understood
     add("vstack", lambda m, h, k: torch.vstack([h, k]), second=True, warns=True, prunes=False)  # not understood
     add("pad", lambda m, h, k: F.pad(h, (1, 2)), stem="lin")  # along the channels, with zeros
+    add("torchvision.roi_align", _roi("roi_align"), stem="conv2")
+    add("torchvision.roi_pool", _roi("roi_pool"), stem="conv2")
 
 
 def _setitem(m: Any, h: torch.Tensor, k: Any) -> torch.Tensor:
-    h[:, 0] = 0.0
-    return h
+    out = h.new_zeros((2 * h.shape[0], h.shape[1], h.shape[2]))  # its channels: read from h
+    out[: h.shape[0]] = h
+    out[torch.arange(h.shape[0], 2 * h.shape[0])] = 2 * h
+    return out
+
+
+def _roi(name: str) -> Op:
+    def op(m: Any, h: torch.Tensor, k: Any) -> torch.Tensor:
+        import torchvision
+
+        boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [1, 1.0, 1.0, 5.0, 4.0]])
+        pooled = getattr(torchvision.ops, name)(h, boxes, output_size=2)
+        return pooled
+
+    return op
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ torch.set_num_threads(1)
 CONV1D = "transformers.pytorch_utils.Conv1D"
 GPT2_ATTENTION = "transformers.models.gpt2.modeling_gpt2.GPT2Attention"
 VIT = "torchvision.models.vision_transformer.VisionTransformer"
+C2F = "ultralytics.nn.modules.block.C2f"
 
 
 @pytest.fixture(autouse=True)
@@ -161,6 +162,11 @@ def _gpt2_attention(m: Any) -> None:
     assert m.num_heads * m.head_dim == m.embed_dim
 
 
+def _c2f(m: Any) -> None:
+    assert 2 * m.c == m.cv1.conv.out_channels
+    assert m.cv2.conv.in_channels == (2 + len(m.m)) * m.c
+
+
 def _vit(m: Any) -> None:
     assert m.hidden_dim == m.class_token.shape[-1] == m.conv_proj.out_channels
     assert m.encoder.pos_embedding.shape[-1] == m.hidden_dim
@@ -184,6 +190,7 @@ CONSISTENT: dict[str, Callable[[Any], None]] = {
     CONV1D: _hf_conv1d,
     GPT2_ATTENTION: _gpt2_attention,
     VIT: _vit,
+    C2F: _c2f,
 }
 
 
@@ -245,6 +252,12 @@ def _vit_model() -> tuple[nn.Module, Any]:
     model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
                               num_classes=3)
     return model, torch.randn(2, 3, 16, 16)
+
+
+def _c2f_model() -> tuple[nn.Module, Any]:
+    block = pytest.importorskip("ultralytics.nn.modules.block")
+    return Chain(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), block.C2f(8, 16, n=2, shortcut=True),
+                 *_pool_head(16, 2)), _conv_input(2)
 
 
 def _seq(*mods: nn.Module) -> tuple[nn.Module, Any]:
@@ -336,6 +349,7 @@ FIX_CASES: dict[str, list[FixCase]] = {
     CONV1D: [FixCase("gpt2", _gpt)],
     GPT2_ATTENTION: [FixCase("gpt2", _gpt)],
     VIT: [FixCase("vit", _vit_model)],
+    C2F: [FixCase("c2f", _c2f_model)],
 }
 
 

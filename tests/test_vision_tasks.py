@@ -242,3 +242,60 @@ def test_pruned_instance_norms_state_their_new_width_and_a_failed_prune_restores
     assert out.shape == (2, 2, 32, 32)
     after = {n: m.num_features for n, m in net.named_modules() if isinstance(m, nn.InstanceNorm2d)}
     assert after == seen and any(after[n] < widths[n] for n in widths), (after, seen, widths)
+
+
+def fpn_detector() -> nn.Module:
+    """Faster R-CNN over a two-level FPN with multi-scale RoIAlign (as torchvision's FPN detectors)."""
+    from collections import OrderedDict
+
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU())
+            self.c2 = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU())
+            self.fpn = FeaturePyramidNetwork([16, 24], 32)
+            self.out_channels = 32
+
+        def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+            a = self.c1(x)
+            return self.fpn(OrderedDict([("0", a), ("1", self.c2(a))]))
+
+    torch.manual_seed(0)
+    anchors = AnchorGenerator(sizes=((16,), (32,)), aspect_ratios=((1.0,), (1.0,)))
+    return FasterRCNN(Backbone(), num_classes=11, rpn_anchor_generator=anchors, min_size=64, max_size=64,
+                      box_roi_pool=MultiScaleRoIAlign(["0", "1"], 7, 2), box_score_thresh=0.0,
+                      box_detections_per_img=10, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+
+
+def test_the_fpn_channels_of_a_detector_prune_through_multiscale_roi_align():
+    """RoIAlign keeps channels, and MultiScaleRoIAlign gathers the levels by slice assignment into a
+    buffer sized by the features' channels: the FPN width and the box head's input shrink together,
+    and the pruned head computes what the original computes with those channels masked."""
+    model = fpn_detector().eval()
+    original = copy.deepcopy(model)
+    x = [torch.rand(3, 64, 64)]
+    res = ap.prune(model, (x,), ratio=0.5)
+    width = model.backbone.fpn.layer_blocks[0][0].out_channels
+    assert width < 32 and model.roi_heads.box_head.fc6.in_features == width * 7 * 7
+    assert not [f for f in res.frozen if "roi_pool" in f.module or f.op == "__setitem__"]
+    proposals = [torch.tensor([[2.0, 3.0, 30.0, 40.0], [10.0, 8.0, 60.0, 50.0], [0.0, 0.0, 63.0, 63.0]])]
+
+    def boxes_features(m: nn.Module) -> torch.Tensor:
+        images, _ = m.transform(x)
+        with torch.no_grad():
+            features = m.backbone(images.tensors)
+            pooled = m.roi_heads.box_roi_pool(features, proposals, images.image_sizes)
+            return m.roi_heads.box_predictor(m.roi_heads.box_head(pooled))[0]
+
+    handle = ap.mask(original, res.plan)
+    try:
+        torch.testing.assert_close(boxes_features(original), boxes_features(model), rtol=1e-4, atol=1e-5)
+    finally:
+        handle.undo()
+    with torch.no_grad():
+        out = model(x)
+    assert set(out[0]) == {"boxes", "scores", "labels"}

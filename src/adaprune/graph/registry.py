@@ -48,6 +48,13 @@ Rule = Callable[["TraceState", Call], None]
 RULES: dict[str, Rule] = {}
 
 
+# Factories whose result's shape is their size arguments: given a channel size read from a traced
+# tensor (a SizeInt), the new tensor has that many channels, and the creation rule links them (the
+# tracer records these calls even when no traced tensor is among their arguments).
+SIZED_BY_ARGS = frozenset({"zeros", "ones", "full", "empty", "rand", "randn", "new_zeros", "new_ones", "new_full",
+                           "new_empty"})
+
+
 def rule(*names: str) -> Callable[[Rule], Rule]:
     """Register a coupling rule under one or more normalised op names."""
 

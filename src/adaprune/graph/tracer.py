@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import TraceError, shown
 from .atoms import Atoms
 from .fields import Field, along
-from .registry import RULES, Call, NeedsValues, op_name
+from .registry import RULES, SIZED_BY_ARGS, Call, NeedsValues, op_name
 from .sizes import SizeInt
 
 Grouped = Literal["inside", "whole"]
@@ -175,7 +175,8 @@ class TraceState:
 
     # -- recording -----------------------------------------------------------------------------
     def record(self, call: Call) -> None:
-        if not (_any_tensor(call.args, self.is_tracked) or _any_tensor(call.kwargs, self.is_tracked)):
+        if not (_any_tensor(call.args, self.is_tracked) or _any_tensor(call.kwargs, self.is_tracked)
+                or (call.name in SIZED_BY_ARGS and _any_size(call))):
             return
         if call.out is not None and not _any_tensor(call.out, _true):
             return
@@ -195,6 +196,10 @@ class TraceState:
 
 def _true(t: torch.Tensor) -> bool:
     return True
+
+
+def _any_size(call: Call) -> bool:
+    return any(isinstance(a, SizeInt) for a in tree_flatten((call.args, call.kwargs))[0])
 
 
 def _any_tensor(obj: Any, pred: Callable[[torch.Tensor], bool]) -> bool:

@@ -1,5 +1,5 @@
 """Built-in layer kinds of other libraries, registered by qualified name (nothing is imported): transformers'
-``Conv1D`` and attention modules, torchvision's ``VisionTransformer``, Ultralytics' split blocks; and the fallback that keeps a
+``Conv1D`` and attention modules, torchvision's ``VisionTransformer``, Ultralytics' C2f; and the fallback that keeps a
 transformers attention module's head counts equal to its pruned projections."""
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ def _tv_vit(m: Any, old: dict[str, Any]) -> None:
     m.hidden_dim = m.class_token.shape[-1]
 
 
-def _ultralytics_split(m: Any, old: dict[str, Any]) -> None:
-    """Ultralytics' C2f family splits ``cv1``'s output in two halves of ``c`` channels; ``forward`` uses
-    ``chunk`` but ``forward_split`` (what its ONNX export switches to) and C2PSA/PSA use ``c``."""
+@register_fixer("ultralytics.nn.modules.block.C2f")
+def _ultralytics_c2f(m: Any, old: dict[str, Any]) -> None:
+    """Ultralytics' C2f (and C3k2, C2fCIB ...) splits ``cv1``'s output into two halves of ``c`` channels:
+    ``forward`` by ``chunk``, ``forward_split`` (what the ONNX export switches to) by ``c``."""
     m.c = m.cv1.conv.out_channels // 2
-
-
-for _kind in ("C2f", "C2fAttn", "C2PSA", "PSA"):
-    register_fixer(f"ultralytics.nn.modules.block.{_kind}")(_ultralytics_split)
 
 
 def _hf_conv1d_role(m: Any, dim: int) -> Any:  # weight is (in, out)

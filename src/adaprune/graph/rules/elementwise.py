@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..fields import collapse
-from ..registry import Call, rule
+from ..fields import along, collapse
+from ..registry import SIZED_BY_ARGS, Call, rule
+from ..sizes import SizeInt
 from ._contract import elementwise
 
 if TYPE_CHECKING:
@@ -147,12 +148,37 @@ def sort(state: TraceState, call: Call) -> None:
       "tensor", "as_tensor", "randn", "rand", "randint", "eye", "linspace", "logspace")
 def creation(state: TraceState, call: Call) -> None:
     """A new tensor of sizes given by the code: it carries no channels (its sizes are checked where
-    it meets a channel axis). ``tensor``/``as_tensor``/``new_tensor`` of a tensor hold its values
-    (``as_tensor`` often returns the very tensor): its channels go through."""
+    it meets a channel axis), except along a dim sized by a channel size read from a traced tensor
+    (``torch.zeros(n, x.shape[1])``), which keeps that axis's channels: the code sizes it anew on
+    every run. ``tensor``/``as_tensor``/``new_tensor`` of a tensor hold its values (``as_tensor``
+    often returns the very tensor): its channels go through."""
     data = call.arg(1, "data") if call.name == "new_tensor" else call.arg(0, "data")
+    size = _size_args(call)
     for out in _outputs(call.out):
         if (call.name in ("tensor", "as_tensor", "new_tensor") and isinstance(data, torch.Tensor)
                 and tuple(data.shape) == tuple(out.shape)):
             state.set_fields(out, list(state.fields_of(data)))
+        elif len(size) == out.dim():
+            state.set_fields(out, [along(s.atoms, out.dim(), d) for d, s in enumerate(size)
+                                   if isinstance(s, SizeInt) and s.num == s.den == 1 and s.atoms.numel() == out.shape[d]])
         else:
             state.set_fields(out, [])
+
+
+def _size_args(call: Call) -> tuple[Any, ...]:
+    """The size a factory was called with (``zeros((a, b))``, ``zeros(a, b)``, ``x.new_zeros((a, b))``,
+    ``full((a, b), v)``); ``()`` for the factories that take no size."""
+    if call.name not in SIZED_BY_ARGS:
+        return ()
+    args = call.args[1:] if call.name.startswith("new_") else call.args
+    size = call.kwargs.get("size", args[0] if args else ())
+    if isinstance(size, (tuple, list, torch.Size)):
+        return tuple(size)
+    if call.name in ("full", "new_full") or call.name.startswith("new_"):
+        return ()
+    ints = []
+    for a in args:  # zeros(a, b, ...)
+        if not isinstance(a, int) or isinstance(a, bool):
+            break
+        ints.append(a)
+    return tuple(ints)

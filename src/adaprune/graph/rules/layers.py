@@ -342,6 +342,18 @@ _POOL = [
 ]
 
 
+@rule("torchvision.roi_align", "torchvision.roi_pool")
+def roi_pool(state: TraceState, call: Call) -> None:
+    """torchvision's RoI pooling: ``(N, C, H, W)`` features and boxes in, ``(K, C, h, w)`` out (and
+    roi_pool's argmax of the same shape): channels go through, the image and spatial dims do not."""
+    x = call.args[0]
+    fields = [collapse(state.atoms, f, [0, *range(2, x.dim())]) for f in state.fields_of(x)]
+    for f in [f for t in call.args[1:2] for f in state.fields_of(t)]:
+        state.pin_op(f, call.name, "boxes of RoI pooling")
+    for o in [call.out] if isinstance(call.out, torch.Tensor) else list(call.out):
+        state.set_fields(o, [f for f in fields if any(s > 1 for s in f.shape)] if o.dim() == x.dim() else [])
+
+
 @rule(*_POOL, "interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
 def spatial(state: TraceState, call: Call) -> None:
     x = call.args[0]

@@ -18,7 +18,7 @@ from ..atoms import NO_ATOM
 from ..fields import Field, collapse, compact, full, merge
 from ..registry import Call, NeedsValues, rule
 from ..sizes import SizeInt
-from ._contract import elementwise
+from ._contract import contract, elementwise
 
 if TYPE_CHECKING:
     from ..tracer import TraceState
@@ -303,7 +303,37 @@ def getitem(state: TraceState, call: Call) -> None:
 
 @rule("__setitem__")
 def setitem(state: TraceState, call: Call) -> None:
-    state.unknown(call, "in-place assignment into a slice")
+    """``dest[rows] = value`` with ``rows`` an int, a slice or a 1-D index along dim 0 (what
+    torchvision's ``MultiScaleRoIAlign`` does to gather each level's pooled features): the value's
+    other dims are the destination's, so their channels are united (a destination sized by a channel
+    size read from a traced tensor carries that axis; one of a size fixed in the code pins the
+    value's channels). Rows assigned at fixed positions of a channel dim pin it; any other key is
+    not understood."""
+    dest, key = call.args[0], call.args[1]
+    value = call.args[2] if len(call.args) > 2 else None
+    rows = isinstance(key, (int, slice)) and not isinstance(key, bool)
+    if isinstance(key, torch.Tensor):
+        rows = key.dim() == 1 or (key.dim() == 0 and not key.dtype.is_floating_point)
+    if not isinstance(dest, torch.Tensor) or dest.dim() == 0 or not rows:
+        state.unknown(call, "in-place assignment into a slice")
+        return
+    if not (isinstance(key, slice) and key == slice(None)):
+        for f in state.fields_of(dest):
+            if f.shape[0] > 1:
+                state.pin_op(f, call.name, "assigned at fixed positions along a channel dim")
+    if not isinstance(value, torch.Tensor) or not state.fields_of(value):
+        return  # constants, or a value without channels: the destination keeps its own
+    n = dest.dim()
+    kept = n - 1 if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0) else n
+    if value.dim() > kept:
+        state.unknown(call, "in-place assignment of a value with more dims than its slice")
+        return
+    letters = list(range(n - value.dim(), n))  # the value, right-aligned to dest[key], in dest's dims
+    rows_dim = [i for i, d in enumerate(letters) if d == 0]
+    fields = [collapse(state.atoms, f, rows_dim) for f in state.fields_of(value)]  # rows: not channels
+    shape = tuple(1 if d == 0 else size for d, size in zip(letters, value.shape))
+    operands = [(state.fields_of(dest), tuple(dest.shape), list(range(n))), (fields, shape, letters)]
+    state.set_fields(dest, contract(state, operands, list(range(n)), call.name))
 
 
 @rule("narrow")
