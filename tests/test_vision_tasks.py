@@ -205,6 +205,14 @@ def test_detection_map_is_one_for_the_truth_and_the_loss_trains(canvases):
     after, values = task.evaluate_examples(model)
     assert values is None and set(after) == {"map", "map_50", "map_75", "mar_100", "loss"}
     assert after["loss"] < before["loss"], (before, after)
+    # calibration batches hold the images as model(images)'s one argument: BatchNorm recalibration
+    # (which calls the model on them) and the loss both take them
+    from adaprune.task import recalibrate_bn
+
+    batches = task.calibration()
+    assert len(batches) == 4 and isinstance(batches[0][0], tuple) and len(batches[0][0]) == 1
+    assert recalibrate_bn(model, batches)
+    assert task.loss(model, *batches[0]).dim() == 0
 
 
 def test_detection_bad_input_is_named(canvases):
@@ -299,3 +307,32 @@ def test_the_fpn_channels_of_a_detector_prune_through_multiscale_roi_align():
     with torch.no_grad():
         out = model(x)
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+class Detects(nn.Module):
+    """Scores per position; those above 0 are the output, so how many depends on the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.score = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.score(self.body(x)).flatten()
+        return s[s > 0].unsqueeze(1).expand(-1, 4)
+
+
+def test_an_output_whose_count_depends_on_the_weights_passes_the_check_after_surgery():
+    """A detector's detections per image change with its weights: the check after surgery accepts a
+    different first dim, and nothing else."""
+    from adaprune.surgery.remove import shapes_agree
+
+    torch.manual_seed(0)
+    model, x = Detects().eval(), torch.rand(1, 3, 8, 8)
+    before = model(x).shape
+    res = ap.prune(model, x, ratio=0.5)
+    after = model(x).shape
+    assert not res.plan.is_empty and before[0] != after[0] and before[1:] == after[1:]
+    assert shapes_agree([(5, 4), (3,)], [(9, 4), (7,)])
+    assert not shapes_agree([(5, 3)], [(5, 4)]) and not shapes_agree([(5, 4)], [(5, 4, 1)])
+    assert not shapes_agree([(5, 4)], [(5, 4), (2,)])

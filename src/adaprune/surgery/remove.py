@@ -97,6 +97,14 @@ def output_shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
+def shapes_agree(got: list[tuple[int, ...]], expected: list[tuple[int, ...]]) -> bool:
+    """Whether a pruned model's output shapes are the original's: the same tensors, each with the same
+    dims, except the first, which may change: a detector's detections per image depend on its weights,
+    not only on its widths (channels live after the first dim of any batched output)."""
+    return len(got) == len(expected) and all(
+        len(g) == len(e) and g[1:] == e[1:] for g, e in zip(got, expected))
+
+
 def remove(
     model: nn.Module,
     plan: Plan,
@@ -182,8 +190,13 @@ def removal(
         for mod, _, _ in owners[id(tensors[name])]:
             touched[id(mod)] = mod
     parents = _ancestors(model, touched)
-    sized = _sized_by_input(model, touched, parents) if check is not None else []
+    sized = _sized_by_input(model, touched, parents)
     parents += sized
+    if check is None:  # no forward pass here to read their widths from: they read it on the next one
+        for m in sized:
+            if _take_width not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_take_width)
+        sized = []
     saved = {
         k: (dict(m.__dict__), dict(m._parameters), dict(m._buffers))
         for k, m in [*touched.items(), *((id(p), p) for p in parents)]
@@ -230,7 +243,7 @@ def removal(
             finally:
                 for h in hooks:
                     h.remove()
-            if expected_shapes is not None and got != expected_shapes:
+            if expected_shapes is not None and not shapes_agree(got, expected_shapes):
                 raise SurgeryError(
                     f"after surgery the output shapes are {got}, expected {expected_shapes}"
                 )
@@ -268,7 +281,8 @@ def removal(
 def _sized_by_input(model: nn.Module, touched: dict[int, nn.Module], parents: list[nn.Module]) -> list[nn.Module]:
     """Instance norms without weights or running statistics (MONAI's default norm): nothing of theirs is
     cut, but ``num_features`` states their width (torch warns when the input disagrees); the check's
-    forward pass sets it from what reaches them."""
+    forward pass sets it from what reaches them. Without a check (the adaptive controller's steps), a
+    forward pre-hook sets it on every call (registered once: picklable, and right after a rollback)."""
     skip = set(touched) | {id(m) for m in parents}
     return [m for m in model.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm) and id(m) not in skip
             and m.weight is None and m.running_mean is None]

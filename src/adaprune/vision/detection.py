@@ -36,6 +36,8 @@ METRICS = ("map", "map_50", "map_75", "mar_100")
 
 
 def _images(x: Any, where: str) -> list[torch.Tensor]:
+    if isinstance(x, tuple) and len(x) == 1 and isinstance(x[0], (list, torch.Tensor)):
+        x = x[0]  # (images,): the positional arguments of model(images), as calibration() hands them out
     if isinstance(x, torch.Tensor) and x.dim() == 4:
         return list(x)
     if isinstance(x, (list, tuple)) and x and all(isinstance(i, torch.Tensor) and i.dim() == 3 for i in x):
@@ -103,6 +105,12 @@ class DetectionTask(ClassificationTask):
             check_callable(predict, "predict", "a function (model, images) -> one dict per image, or None")
         self.loss_fn = loss
         self.predict_fn = predict
+
+    def calibration(self) -> list[tuple[Any, Any]]:
+        """The first ``calibration_batches`` training batches, each as ``((images,), targets)``: the
+        images are the one positional argument of ``model(images)`` (a bare list would be spread into
+        several arguments where adaprune calls the model, e.g. to recalibrate BatchNorm)."""
+        return [((list(_images(x, f"train_loader batch {i}")),), y) for i, (x, y) in enumerate(super().calibration())]
 
     def set_teacher(self, model: nn.Module) -> None:
         """Nothing: detectors are fine-tuned on their own loss."""
