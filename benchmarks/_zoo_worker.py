@@ -5,13 +5,19 @@ Invoked by ``benchmarks/zoo.py`` (each run in its own process, under its time li
     python benchmarks/_zoo_worker.py --tool adaprune --model resnet18 --ratio 0.5
 
 The record (always one JSON object on the last line of stdout, even when the run fails):
-tool, model, family (torchvision | hf), ratio, input, head, passed, reason, macs/params before and
-after, macs_ratio, params_ratio, seconds (the tool's own call), build_seconds, total_seconds, and for
-adaprune frozen (count) and frozen_first [(module, op), ...].
+tool, model, family (torchvision | hf | a family of ``benchmarks/zoo_models.py``), ratio, input,
+head / heads, passed, reason, macs/params before and after, macs_ratio, params_ratio, seconds (the
+tool's own call), build_seconds, total_seconds, and for adaprune frozen (count) and frozen_first
+[(module, op, reason), ...].
 
-A run PASSES when forward works after pruning, the main output's shape is unchanged (the output
-tensor for torchvision, ``logits`` for Hugging Face models) and the MACs fell. MACs and params are
-measured with ``adaprune.count`` for both tools. Models are pruned in eval mode for both tools.
+A run PASSES when forward works after pruning, the output is unchanged in shape and the MACs fell.
+For torchvision classification and Hugging Face models the main output's shape is compared (the
+output tensor, ``logits``); for the families of ``zoo_models.py`` (``tv-det:``, ``yolo:``, ...) the
+whole output tree is (types, lengths, dict keys, every tensor's shape; for torchvision detection
+only the number of dims and the trailing dims of the per-image tensors, since the number of
+detections depends on the weights); ``output_before`` / ``output_after`` summarise it on failure.
+MACs and params are measured with ``adaprune.count`` for both tools. Models are pruned in eval mode
+for both tools, with the same list of head layers kept whole (``ignore=`` / ``ignored_layers=``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ NEEDS_224 = ("vit_", "swin_", "maxvit_t")
 NEEDS_299 = ("inception_v3",)
 SMALL = 64
 FROZEN_FIRST = 5
+FROZEN_REASON_CHARS = 240
 
 
 def reason_of(exc: BaseException) -> str:
@@ -90,11 +97,28 @@ def torchvision_head(model: Any, num_classes: int = 1000) -> tuple[str, Any]:
     raise LookupError(f"no Linear/Conv2d with {num_classes} outputs to keep as the head")
 
 
-def build(name: str, rec: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(model in eval mode, example inputs, head module); fills rec['family'/'input'/'head']."""
+def forward_tree(model: Any, inputs: Any) -> Any:
     import torch
+    from benchmarks.zoo_models import tree
+
+    model.eval()
+    with torch.no_grad():
+        return tree(call(model, inputs))
+
+
+def build(name: str, rec: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """(model in eval mode, example inputs, head modules); fills rec['family'/'input'/'head(s)']."""
+    import torch
+    from benchmarks.zoo_models import family_of
 
     torch.manual_seed(0)
+    if family_of(name):
+        from benchmarks import zoo_models
+
+        model, inputs, heads = zoo_models.build(name, rec)
+        names = {id(m): n for n, m in model.named_modules()}
+        rec["heads"] = [names.get(id(h), "?") for h in heads]
+        return model, inputs, heads
     if name.startswith("hf-"):
         from benchmarks.hf_models import specs
 
@@ -105,7 +129,7 @@ def build(name: str, rec: dict[str, Any]) -> tuple[Any, Any, Any]:
         head = head_of(model)
         rec["input"] = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         rec["head"] = next((n for n, m in model.named_modules() if m is head), "?")
-        return model, inputs, head
+        return model, inputs, [head]
 
     import torchvision
 
@@ -131,38 +155,48 @@ def build(name: str, rec: dict[str, Any]) -> tuple[Any, Any, Any]:
             rec["input_note"] = "; ".join(errors)
         head_name, head = torchvision_head(model)
         rec["head"] = head_name
-        return model, x, head
+        return model, x, [head]
     raise RuntimeError("the unpruned model runs at none of the sizes tried: " + " | ".join(errors))
 
 
-def run_adaprune(model: Any, inputs: Any, head: Any, ratio: float, rec: dict[str, Any]) -> None:
+def run_adaprune(model: Any, inputs: Any, heads: list[Any], ratio: float, rec: dict[str, Any]) -> None:
     import adaprune
 
     t = time.perf_counter()
-    res = adaprune.prune(model, inputs, ratio=ratio, importance="l2", allocation="uniform", ignore=[head])
-    rec["seconds"] = time.perf_counter() - t
+    try:
+        res = adaprune.prune(model, inputs, ratio=ratio, importance="l2", allocation="uniform", ignore=list(heads))
+    finally:
+        rec["seconds"] = time.perf_counter() - t
     rec["frozen"] = len(res.frozen)
-    rec["frozen_first"] = [[f.module, f.op] for f in res.frozen[:FROZEN_FIRST]]
+    rec["frozen_first"] = [[f.module, f.op, str(f.reason)[:FROZEN_REASON_CHARS]] for f in res.frozen[:FROZEN_FIRST]]
+    kinds: dict[str, int] = {}
+    for f in res.frozen:
+        k = str(f.reason).split(":")[0].split(" (")[0][:80]
+        kinds[k] = kinds.get(k, 0) + 1
+    rec["frozen_reasons"] = kinds
     rec["groups"] = len(res.graph.groups)
     rec["groups_cut"] = sum(1 for g in res.plan.groups if g.removed)
 
 
-def run_torch_pruning(model: Any, inputs: Any, head: Any, ratio: float, rec: dict[str, Any]) -> None:
+def run_torch_pruning(model: Any, inputs: Any, heads: list[Any], ratio: float, rec: dict[str, Any]) -> None:
     import torch_pruning as tp
 
     # torch_pruning 1.6.x: MetaPruner is BasePruner; a dict of example_inputs is called as model(**inputs)
-    # (dependency/graph.py), a tensor as model(x). The dict from hf_models is passed as it is.
+    # (dependency/graph.py), a tuple/list as model(*inputs), a tensor as model(x). The dict from
+    # hf_models is passed as it is.
     t = time.perf_counter()
-    pruner = tp.pruner.MetaPruner(
-        model,
-        inputs,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        ignored_layers=[head],
-        round_to=None,
-    )
-    pruner.step()
-    rec["seconds"] = time.perf_counter() - t
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model,
+            inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=list(heads),
+            round_to=None,
+        )
+        pruner.step()
+    finally:
+        rec["seconds"] = time.perf_counter() - t
 
 
 TOOLS = {"adaprune": run_adaprune, "torch-pruning": run_torch_pruning}
@@ -190,7 +224,7 @@ def source_fingerprint() -> str:
 
 def work(tool: str, name: str, ratio: float) -> dict[str, Any]:
     rec: dict[str, Any] = {"tool": tool, "model": name, "ratio": ratio, "passed": False, "stage": "build"}
-    rec["family"] = "hf" if name.startswith("hf-") else "torchvision"
+    rec["family"] = name.split(":", 1)[0] if ":" in name else ("hf" if name.startswith("hf-") else "torchvision")
     rec["adaprune_src"] = source_fingerprint()
     t0 = time.perf_counter()
     try:
@@ -199,24 +233,37 @@ def work(tool: str, name: str, ratio: float) -> dict[str, Any]:
         torch.set_num_threads(1)
         import adaprune
 
-        model, inputs, head = build(name, rec)
+        model, inputs, heads = build(name, rec)
+        structured = ":" in name
         rec["build_seconds"] = time.perf_counter() - t0
         rec["stage"] = "count before"
-        shape = forward_shape(model, inputs)
+        if structured:
+            from benchmarks.zoo_models import compare, summary
+
+            shape = forward_tree(model, inputs)
+            rec["output"] = summary(shape)
+        else:
+            shape = forward_shape(model, inputs)
         before = adaprune.count(model, inputs)
-        rec.update(macs_before=before.macs, params_before=before.params, output_shape=list(shape))
+        rec.update(macs_before=before.macs, params_before=before.params)
+        if not structured:
+            rec["output_shape"] = list(shape)
         rec["stage"] = "prune"
-        TOOLS[tool](model, inputs, head, ratio, rec)
+        TOOLS[tool](model, inputs, heads, ratio, rec)
         rec["stage"] = "forward after"
-        after_shape = forward_shape(model, inputs)
+        after_shape = forward_tree(model, inputs) if structured else forward_shape(model, inputs)
         rec["stage"] = "count after"
         after = adaprune.count(model, inputs)
         rec.update(macs_after=after.macs, params_after=after.params)
         rec["macs_ratio"] = after.macs / before.macs if before.macs else None
         rec["params_ratio"] = after.params / before.params if before.params else None
         rec["stage"] = "checks"
-        if after_shape != shape:
-            rec["reason"] = f"check: output shape changed {list(shape)} -> {list(after_shape)}"
+        diff = (compare(shape, after_shape, loose_first_dim=rec["family"] == "tv-det") if structured
+                else "" if after_shape == shape else f"{list(shape)} -> {list(after_shape)}")
+        if diff:
+            rec["reason"] = f"check: output shape changed {diff}"
+            if structured:
+                rec["output_before"], rec["output_after"] = summary(shape, 2000), summary(after_shape, 2000)
         elif not after.macs < before.macs:
             rec["reason"] = f"check: MACs did not fall ({before.macs:,} -> {after.macs:,})"
         else:

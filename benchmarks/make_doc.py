@@ -549,6 +549,11 @@ def main() -> int:
 
         lines += env_lines("compression", comp) + [""] + compression_section(comp) + [""]
         write_readme(comp, DOC.parent.parent / "README.md")
+    vis = load("vision")
+    if vis and vis.get("runs"):
+        from vision_doc import vision_section
+
+        lines += env_lines("vision", vis) + [""] + vision_section(vis) + [""]
     lines += targets(summary, speed, cells) + [""]
     notes = RESULTS / "NOTES.md"  # hand-written remarks about how these results were produced (no measurements)
     if notes.exists():

@@ -1,5 +1,7 @@
-"""Model-zoo sweep: adaprune and Torch-Pruning side by side on every torchvision classification model
-and the small Hugging Face architectures of ``benchmarks/hf_models.py``.
+"""Model-zoo sweep: adaprune and Torch-Pruning side by side on every torchvision classification model,
+the small Hugging Face architectures of ``benchmarks/hf_models.py`` and the families of
+``benchmarks/zoo_models.py`` (torchvision detection/segmentation/video/optical flow, Ultralytics YOLO,
+MONAI, a timm sample; models named ``<family>:<name>``).
 
 Each (tool, model, ratio) runs in its own process (``benchmarks/_zoo_worker.py``) under a time limit
 and a memory limit. Records go to ``benchmarks/results/zoo.json`` (written after every run, so a
@@ -10,8 +12,12 @@ killed sweep resumes where it stopped) and ``docs/zoo.md`` is regenerated from t
     python benchmarks/zoo.py --ratios 0.5 --tools adaprune --timeout 300
     python benchmarks/zoo.py --rerun-failed 'ImportError'     # redo runs that failed this way
     python benchmarks/zoo.py --report-only                    # regenerate docs/zoo.md from the JSON
+    python benchmarks/zoo.py --families new                   # only the zoo_models.py families
+    python benchmarks/zoo.py --families tv-det,yolo --only yolo:yolov8n
 
-A run PASSES when forward works after pruning, the output shape is unchanged and the MACs fell.
+A run PASSES when forward works after pruning, the output shape is unchanged (for the zoo_models.py
+families: the whole output tree) and the MACs fell. Classification and HF models run at 0.5 and 0.3
+by default, the zoo_models.py families at 0.5 (``--ratios`` sets one list for all).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results", "zoo.json")
 DEFAULT_DOC = os.path.join(ROOT, "docs", "zoo.md")
 TOOLS = ("adaprune", "torch-pruning")
 TOOL_TITLE = {"adaprune": "adaprune", "torch-pruning": "Torch-Pruning"}
+OLD_FAMILIES = ("hf", "torchvision")
+DEFAULT_RATIOS = {"hf": [0.5, 0.3], "torchvision": [0.5, 0.3]}  # every other family: NEW_RATIOS
+NEW_RATIOS = [0.5]
 
 _LIST_SNIPPET = r"""
 import json, torchvision
@@ -47,6 +56,8 @@ for name in specs():
 for name in torchvision.models.list_models(module=torchvision.models):
     ws = list(torchvision.models.get_model_weights(name))
     out.append([name, "torchvision", float(ws[0].meta.get("_ops", 0.0)) if ws else 0.0])
+from benchmarks.zoo_models import new_model_rows
+out += new_model_rows()
 print(json.dumps(out))
 """
 
@@ -64,17 +75,32 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def zoo_models() -> Any:
+    """benchmarks/zoo_models.py (no heavy imports at its top), importable however this script runs."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import benchmarks.zoo_models as zm
+
+    return zm
+
+
+def family_rank(fam: str) -> int:
+    order = [*OLD_FAMILIES, *zoo_models().FAMILIES]
+    return order.index(fam) if fam in order else len(order)
+
+
 def list_models() -> list[tuple[str, str, float]]:
-    """(name, family, GFLOPs at 224 from torchvision's weight metadata; 0 for HF), cheapest first, HF first."""
+    """(name, family, GFLOPs at 224 from torchvision's weight metadata; 0 otherwise): HF first, then
+    torchvision cheapest first, then the zoo_models.py families in their order."""
     out = subprocess.run([sys.executable, "-c", _LIST_SNIPPET], capture_output=True, text=True, env=child_env(),
                          cwd=ROOT, check=True)
     rows = [tuple(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
-    return sorted(rows, key=lambda r: (r[1] != "hf", r[2], r[0]))  # type: ignore[return-value]
+    return sorted(rows, key=lambda r: (family_rank(r[1]), r[2], r[0]))  # type: ignore[return-value]
 
 
 def versions() -> dict[str, str]:
     out = {}
-    for dist in ("torch", "torchvision", "transformers", "torch-pruning"):
+    for dist in ("torch", "torchvision", "transformers", "torch-pruning", "ultralytics", "monai", "timm"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -285,8 +311,10 @@ METHOD = (
 )
 
 
-def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, ratios: list[float],
-           tools: list[str]) -> str:
+def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None,
+           fam_ratios: dict[str, list[float]], tools: list[str]) -> str:
+    """docs/zoo.md; ``fam_ratios``: the ratios each family is meant to run at (for 'Not run')."""
+    zm = zoo_models()
     recs = {key(r): r for r in data["records"]}
     m = data.get("machine", {})
     v = m.get("versions", {})
@@ -299,7 +327,13 @@ def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, 
         if r["model"] not in names_fam:
             names_fam[r["model"]] = r.get("family", "hf" if r["model"].startswith("hf-") else "torchvision")
             order.append(r["model"])
-    all_ratios = sorted({*ratios, *(k[2] for k in recs)}, reverse=True)
+    new_order = [n for n in order if names_fam[n] not in OLD_FAMILIES]
+    order = [n for n in order if names_fam[n] in OLD_FAMILIES]
+    old_set, new_set = set(order), set(new_order)
+    all_ratios = sorted({*(x for f in OLD_FAMILIES for x in fam_ratios.get(f, [])),
+                         *(k[2] for k in recs if k[1] in old_set)}, reverse=True)
+    new_ratios = sorted({*(x for f in zm.FAMILIES for x in fam_ratios.get(f, []) if new_order),
+                         *(k[2] for k in recs if k[1] in new_set)}, reverse=True)
     all_tools = [t for t in TOOLS if t in tools or any(k[0] == t for k in recs)]
 
     last = max((r.get("finished", "") for r in data["records"]), default="—")
@@ -324,7 +358,8 @@ def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, 
         ),
         (
             f"- torch {v.get('torch')}, torchvision {v.get('torchvision')}, "
-            f"transformers {v.get('transformers')}, torch-pruning {v.get('torch-pruning')}"
+            f"transformers {v.get('transformers')}, torch-pruning {v.get('torch-pruning')}, "
+            f"ultralytics {v.get('ultralytics', '?')}, monai {v.get('monai', '?')}, timm {v.get('timm', '?')}"
         ),
         f"- sweep started {m.get('date')} (git {m.get('git_head', '?')}); last record {last}",
         (
@@ -339,6 +374,7 @@ def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, 
         "## Method",
         "",
         *METHOD,
+        *(zm.METHOD_NEW if new_order else ()),
         "",
         "## Summary",
         "",
@@ -359,6 +395,9 @@ def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, 
                 each.append(f"{ok} of {n} at {ratio:g}{missing}")
             parts.append(f"{title} passed " + " and ".join(each))
         L.append(f"- **{TOOL_TITLE[tool]}**: " + "; ".join(parts) + ".")
+    helpers = {"cell": cell, "fmt_count": fmt_count, "md_escape": md_escape, "title": TOOL_TITLE}
+    new_summary, new_sections = zm.render_new(recs, new_order, names_fam, all_tools, new_ratios or [0.5], helpers)
+    L += new_summary
     L.append("")
 
     head = ["model", "family", "input", "MACs", "params"]
@@ -409,14 +448,16 @@ def render(data: dict[str, Any], expected: list[tuple[str, str, float]] | None, 
         if not fro:
             L.append("None.")
         for r in fro:
-            first = ", ".join(f"`{md_escape(mod)}` / {md_escape(op)}" for mod, op in r.get("frozen_first", []))
+            first = ", ".join(f"`{md_escape(e[0])}` / {md_escape(e[1])}" for e in r.get("frozen_first", []))
             L.append(f"- `{r['model']}`: {r['frozen']} — {first}")
         L.append("")
 
+    L += new_sections
+
     if expected is not None:
         not_run: dict[str, list[str]] = {}
-        for ratio in ratios:
-            for name, _fam, _ops in expected:
+        for name, fam, _ops in expected:
+            for ratio in fam_ratios.get(fam, []):
                 for tool in tools:
                     if (tool, name, ratio) not in recs:
                         not_run.setdefault(name, []).append(f"{TOOL_TITLE[tool]} {ratio:g}")
@@ -441,8 +482,12 @@ def write_doc(path: str, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these models")
-    ap.add_argument("--ratios", nargs="+", default=["0.5", "0.3"],
-                    help="pruning ratios, run in this order (default 0.5 0.3); accepts 0.5,0.3 too")
+    ap.add_argument("--families", metavar="FAM[,FAM...]",
+                    help="only these families: torchvision, hf, tv-det, tv-seg, tv-video, tv-flow, yolo, monai, "
+                         "timm; 'new' = every family beyond torchvision classification and HF, 'classic' = those two")
+    ap.add_argument("--ratios", nargs="+", default=None,
+                    help="pruning ratios for every family, run in this order (default: 0.5 0.3 for torchvision "
+                         "classification and HF, 0.5 for the other families); accepts 0.5,0.3 too")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
     ap.add_argument("--tools", default="adaprune,torch-pruning", help="comma-separated: adaprune,torch-pruning")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
@@ -455,9 +500,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="only regenerate the Markdown from the JSON")
     args = ap.parse_args(argv)
 
-    ratios: list[float] = []
-    for r in args.ratios:
-        ratios += [float(x) for x in r.split(",") if x.strip()]
+    zm = zoo_models()
+    all_fams = [*OLD_FAMILIES, *zm.FAMILIES]
+    fam_ratios = {f: list(DEFAULT_RATIOS.get(f, NEW_RATIOS)) for f in all_fams}
+    if args.ratios is not None:
+        ratios: list[float] = []
+        for r in args.ratios:
+            ratios += [float(x) for x in r.split(",") if x.strip()]
+        fam_ratios = {f: list(ratios) for f in all_fams}
+    fams: set[str] = set()
+    for f in (args.families or ",".join(all_fams)).split(","):
+        f = f.strip()
+        if f == "new":
+            fams |= set(zm.FAMILIES)
+        elif f == "classic":
+            fams |= set(OLD_FAMILIES)
+        elif f in all_fams:
+            fams.add(f)
+        elif f:
+            ap.error(f"unknown family {f!r}; choose from {all_fams + ['new', 'classic']}")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [t for t in tools if t not in TOOLS]
     if bad:
@@ -473,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         selected = [m for m in models if m[0] in set(args.only)]
     else:
         selected = models
+    selected = [m for m in selected if m[1] in fams]
 
     if args.report_only:
-        write_doc(args.doc, render(data, models, ratios, tools))
+        write_doc(args.doc, render(data, models, fam_ratios, tools))
         print(f"wrote {args.doc}")
         return 0
 
@@ -488,8 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun_failed:
         pattern = re.compile(args.rerun_failed)
         done -= {key(r) for r in data["records"] if not r.get("passed") and pattern.search(r.get("reason", ""))}
-    todo = [(t, n, r, fam) for r in ratios for n, fam, _ in selected for t in tools
-            if args.force or (t, n, r) not in done]
+    run_order: list[float] = []
+    for fam in all_fams:
+        run_order += [r for r in fam_ratios[fam] if r not in run_order]
+    todo = [(t, n, r, fam) for r in run_order for n, fam, _ in selected for t in tools
+            if r in fam_ratios.get(fam, NEW_RATIOS) and (args.force or (t, n, r) not in done)]
     print(f"{len(todo)} runs to do ({len(data['records'])} records in {args.json})", flush=True)
 
     runner = Runner(args.timeout, args.max_rss_gib)
@@ -513,16 +578,16 @@ def main(argv: list[str] | None = None) -> int:
         with lock:
             data["records"] = [r for r in data["records"] if key(r) != (tool, name, ratio)] + [rec]
             save(args.json, data)
-            write_doc(args.doc, render(data, models, ratios, tools))
+            write_doc(args.doc, render(data, models, fam_ratios, tools))
             counter["n"] += 1
             status = "PASS" if rec.get("passed") else "FAIL " + rec.get("reason", "")[:160]
-            print(f"[{counter['n']}/{len(todo)}] {tool:13s} {name:22s} {ratio:g}  "
+            print(f"[{counter['n']}/{len(todo)}] {tool:13s} {name:40s} {ratio:g}  "
                   f"{rec.get('wall_seconds', 0):6.1f}s  {status}", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(one, todo))
     save(args.json, data)
-    write_doc(args.doc, render(data, models, ratios, tools))
+    write_doc(args.doc, render(data, models, fam_ratios, tools))
     print(f"wrote {args.json} and {args.doc}", flush=True)
     return 130 if runner.stopping else 0
 
