@@ -237,7 +237,7 @@ def test_pruned_instance_norms_state_their_new_width_and_a_failed_prune_restores
     widths = {n: m.num_features for n, m in net.named_modules() if isinstance(m, nn.InstanceNorm2d)}
     plan = ap.prune(copy.deepcopy(net), x, ratio=0.5).plan
     with pytest.raises(ap.errors.SurgeryError):
-        remove(net, plan, lambda: net(x), [(3, 2, 32, 32)])  # a wrong expected shape: rolled back
+        remove(net, plan, lambda: net(x), [(2, 3, 32, 32)])  # a wrong expected shape: rolled back
     assert widths == {n: m.num_features for n, m in net.named_modules() if isinstance(m, nn.InstanceNorm2d)}
     ap.prune(net, x, ratio=0.5)
     seen: dict[str, int] = {}
