@@ -59,6 +59,12 @@ class Task(ABC):
 
     metric: str  # the primary metric: a key of evaluate()'s dict
     higher_is_better: bool  # the metric's direction
+    loss_tracks_metric: bool = True
+    """Whether a ``"loss"`` that :meth:`evaluate` reports beside the metric moves with it. adapt's probes
+    and blame, and compress's ranking, measure harm by that loss where it does (smooth: small
+    differences between layers show), else by the metric. False for a loss that does not see what the
+    metric judges (a detector's training loss, computed on proposals that include the ground-truth boxes,
+    does not see the proposals inference keeps)."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -148,6 +154,7 @@ class TaskAdapter(Task):
         self.wrapped = wrapped
         self.metric = found["metric"]
         self.higher_is_better = found["higher_is_better"]
+        self.loss_tracks_metric = bool(getattr(wrapped, "loss_tracks_metric", True))
         self._evaluate: Callable[[nn.Module], Any] = found["evaluate"]
         self._hooks: dict[str, Callable[..., Any]] = {
             k: found[k] for k in (*_HOOKS, "loss") if found.get(k, _MISSING) is not _MISSING

@@ -23,8 +23,9 @@ from ..plan import Plan
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
 from ..task import as_task
+from .bookkeeping import as_plan, replay
 from .config import AdaptConfig
-from .controller import Controller, as_plan, replay
+from .controller import Controller
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 from .warm import warm_key

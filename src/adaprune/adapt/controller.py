@@ -10,7 +10,8 @@ Every step:
 3. remove the channels physically, recover (the task's fine-tune, else BatchNorm recalibration),
    evaluate, measure the costs (latency on the target backend);
 4. accept if the metric dropped at most ``tolerance`` below the original (grow the step when there
-   is slack), else roll back, halve the step and protect the cluster that hurt most.
+   is slack), else roll back, halve the step and cap the unit whose cut hurt most (measured at the
+   start of the next step, from the probe budget it leaves: :mod:`adaprune.adapt.blame`).
 
 It stops when the budget is met, or when the step has shrunk below ``min_step`` (the budget cannot
 be met within tolerance: the best model that keeps the tolerance is returned with a message saying
@@ -39,94 +40,35 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError, NonFiniteError, PlanError, RunDirError, shown
+from ..errors import ConfigError, NonFiniteError, shown
 from ..graph import Graph, Group, trace
 from ..importance import default_loss
 from ..multitask import calibration_of, task_scores, task_settings
 from ..plan import Plan, plan_from_choice
-from ..surgery import reconstruct, remove
+from ..surgery import remove
 from ..surgery.check import find_broken
-from ..task import Criterion, Task, recalibrate_bn
+from ..task import Criterion, Task
+from .blame import blame, suspects_of
+from .bookkeeping import (
+    as_number,
+    compose,
+    non_finite_metrics,
+    non_finite_weights,
+    replay,
+    same_weights,
+)
 from .config import AdaptConfig
 from .fill import fill
 from .latency_table import LatencyTable
 from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
 from .probing import Probe, Prober, first_order
+from .recovery import Examples, Recovery
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 from .warm import warm_key, warm_state, warm_step
 
 if TYPE_CHECKING:
     from ..mapping import MappedPlan
-
-
-def compose(removals: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]], plan: Plan) -> None:
-    """Fold a step's plan (indices of the current model) into removals relative to the original."""
-    for tensor, dims in plan.removals.items():
-        for d, idx in dims.items():
-            done = set(removals.get(tensor, {}).get(str(d), []))
-            kept = [i for i in range(shapes[tensor][d]) if i not in done]
-            done.update(kept[i] for i in idx)
-            removals.setdefault(tensor, {})[str(d)] = sorted(done)
-
-
-def as_plan(removals: dict[str, dict[str, list[int]]], sizes: dict[str, dict[str, int]] | None = None) -> Plan:
-    """The run's removals (relative to the original model) as a :class:`Plan`, with the original sizes of
-    the dims it cuts when known (``state.sizes``)."""
-    return Plan({t: {int(d): tuple(i) for d, i in dims.items()} for t, dims in removals.items()}, (),
-                {t: {int(d): n for d, n in dims.items()} for t, dims in (sizes or {}).items()})
-
-
-def replay(model: nn.Module, state: ControllerState, where: str) -> None:
-    """Cut ``model`` (a copy of the original) as the run's removals say; removals that do not fit it are a
-    damaged or foreign ``state.json``, refused with the model unchanged."""
-    try:
-        remove(model, as_plan(state.removals, state.sizes))
-    except PlanError as exc:
-        raise RunDirError(
-            f"cannot resume {where}: state.json's removals do not fit the model ({shown(str(exc), 160)})"
-        ) from None
-
-
-def same_weights(work: nn.Module, snapshot: nn.Module, plan: Plan) -> bool:
-    """Whether ``work`` is ``snapshot`` with ``plan`` removed and nothing else changed (``snapshot`` is cut)."""
-    remove(snapshot, plan)
-    mine, theirs = work.state_dict(), snapshot.state_dict()
-    return mine.keys() == theirs.keys() and all(
-        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
-
-
-def non_finite_weights(model: nn.Module) -> str:
-    """Which parameter or floating-point buffer of ``model`` holds NaN or inf values, and how many
-    (the first one found, e.g. ``"'fc.weight' (3 NaN, 0 inf of 80)"``); ``""`` when all are finite."""
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, t in named:
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            return f"{name!r} ({nan} NaN, {inf} inf of {t.numel()})"
-    return ""
-
-
-def non_finite_metrics(metrics: dict[str, float]) -> str:
-    """The metrics that are NaN or inf, e.g. ``"'loss' = nan"``; ``""`` when all are finite."""
-    return ", ".join(f"{k!r} = {v}" for k, v in metrics.items() if not math.isfinite(v))
-
-
-def as_number(key: str, value: Any) -> float:
-    """One value of ``task.evaluate``'s dict as a float (a Python or NumPy number, a one-element tensor)."""
-    if not isinstance(value, (bool, str, bytes)) and hasattr(type(value), "__float__"):
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise ConfigError(
-        f"task.evaluate returned {key!r}: {shown(value)} ({type(value).__name__}), which is not a number; "
-        "every value of its dict must be a number (a float, an int or a one-element tensor)"
-    )
-
-
-Examples = dict[str, torch.Tensor]
-"""Per criterion name, a model's per-example values of that criterion's metric."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +82,7 @@ class Verdict:
     interval: Interval | None
 
 
-class Controller:
+class Controller(Recovery):
     def __init__(
         self,
         model: nn.Module,
@@ -158,7 +100,8 @@ class Controller:
         self.ignore, self.run_dir = ignore, run_dir
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
-        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.metrics, self.harm, config.reprobe)
+        # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.evaluate, self.harm, config.reprobe)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.started = time.monotonic()
         self.lineage = 0  # the weights' lineage: a new one when a step changed the surviving weights
@@ -279,8 +222,9 @@ class Controller:
 
     # -- one step ----------------------------------------------------------------------------
     def harm(self, now: dict[str, float], masked: dict[str, float]) -> float:
-        """How much masking hurt: the rise of the task's ``loss`` when it reports one (smooth, so small
-        differences between clusters are seen), else the drop of its metric. A NaN or inf result is the
+        """How much masking hurt: the rise of the task's ``loss`` when it reports one that tracks its metric
+        (``task.loss_tracks_metric``; smooth, so small differences between clusters are seen), else the
+        drop of its metric. A NaN or inf result is the
         most harm there is (``inf``): that cluster is not cut."""
         if len(self.criteria) > 1:  # several tasks: the one that needs the unit most, in units of its tolerance
             worst = 0.0
@@ -290,7 +234,7 @@ class Controller:
                     return math.inf
                 worst = max(worst, lost / max(float(c.tolerance or 0.0), 1e-6))
             return worst
-        if "loss" in now and "loss" in masked:
+        if "loss" in now and "loss" in masked and self.task.loss_tracks_metric:
             lost = masked["loss"] - now["loss"]
         else:
             lost = self.sign * (now[self.task.metric] - masked[self.task.metric])
@@ -348,117 +292,12 @@ class Controller:
         original = group.size * self.shapes[slot.tensor][slot.dim] / max(slot.size, 1)
         return max(0.0, 1.0 - self.cfg.min_width * original / group.size)
 
-    def recovery_steps(self, steps: int | None = None) -> int:
-        """The optimizer steps one recovery asks of the task: ``steps`` (by default ``finetune_steps``)
-        when the task fine-tunes (``task.fine_tunes``: it has its own ``finetune``), else 0. Every step
-        the controller tries (accepted or rolled back) spends them."""
-        return (self.cfg.finetune_steps if steps is None else steps) if self.task.fine_tunes else 0
-
-    def warm_steps(self, size: float) -> int:
-        """The optimizer steps of a warm start's recovery after cutting ``size`` of the binding cost:
-        ``warm_finetune_steps``, by default ``finetune_steps`` for each of the fewest ordinary steps that
-        could cut as much (``ceil(size / max_step)``): the warm step cuts at once what a run from scratch
-        cuts in several steps, each followed by its recovery."""
-        if self.cfg.warm_finetune_steps is not None:
-            return self.cfg.warm_finetune_steps
-        return self.cfg.finetune_steps * max(1, math.ceil(size / self.cfg.max_step - 1e-9))
-
-    def recover(self, work: nn.Module, step: int, steps: int | None = None) -> int:
-        """Fine-tune (the task's ``finetune``), then recalibrate BatchNorm; returns the optimizer steps
-        asked of the task (a fine-tune that failed part-way may have taken fewer)."""
-        torch.manual_seed(self.cfg.seed * 100_003 + step)
-        steps = self.recovery_steps(steps)
-        if steps > 0:
-            self.task.finetune(work, steps)
-        self.recalibrate(work)
-        return steps
-
-    def recalibrate(self, work: nn.Module) -> None:
-        """Adaptive BatchNorm: the running statistics of the pruned model, on the calibration batches."""
-        batches = self.task.calibration()  # None: the task has no calibration batches
-        if batches is not None:
-            recalibrate_bn(work, batches)
-
-    def refits(self, work: nn.Module) -> bool:
-        """Whether this step tries least-squares reconstruction: ``reconstruct`` when set, else (None) for
-        models with BatchNorm, where the measurements in docs/benchmarks.md show it helps; not for
-        LayerNorm transformers, where it lowered the task's metric."""
-        if self.cfg.reconstruct is not None:
-            return self.cfg.reconstruct
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules())
-
-    def worse(self, fitted: tuple[dict[str, float], Examples], plain: tuple[dict[str, float], Examples]) -> bool:
-        """Whether the refit model measurably lowers the task's metric below the plain cut: with per-example
-        values, the upper end of the paired interval of the refit's gain is below 0; without, its metric is
-        lower. A refit within noise of the plain cut is kept: later steps refit toward this step's model, and
-        dropping refits on noise compounded (MNIST-1D CNN at 1/16 of the MACs, seed 0: validation accuracy
-        0.834 with refits dropped on noise, 0.916 with them kept)."""
-        (a, fa), (b, fb) = fitted, plain
-        for c in self.criteria:  # several tasks: worse when any of them is measurably worse
-            sign = 1.0 if c.higher_is_better else -1.0
-            va, vb = fa.get(c.name), fb.get(c.name)
-            if va is not None and vb is not None and va.numel() == vb.numel() and self.cfg.confidence > 0:
-                if paired_interval(vb, va, sign, self.cfg.confidence).low > 0:  # plain minus refit: the refit's loss
-                    return True
-            elif sign * (a[c.metric] - b[c.metric]) < 0:
-                return True
-        return False
-
-    def measure(self, work: nn.Module, snapshot: nn.Module, plan: Plan, step: int,
-                steps: int | None = None) -> tuple[dict[str, float], Examples, str, str]:
-        """Reconstruct (kept only if it helps), recover and evaluate the cut model. Returns its (finite)
-        metrics, its per-example values, what failed when something came out NaN or inf (fine-tuning
-        diverged; else ``""``) and what the reconstruction did (``""`` when not tried).
-
-        Reconstruction is judged by the task: the cut model is evaluated as it is and refitted (both
-        after BatchNorm recalibration), and the refit is kept only when its metric is better. Without
-        fine-tuning the kept one's evaluation is the step's; with it, the kept one is fine-tuned and
-        evaluated again."""
-        batches = self.task.calibration() if self.refits(work) else None
-        refit = ""
-        metrics: dict[str, float] = {}
-        values: Examples = {}
-        doing = "recovery"
-        try:
-            if batches is not None:
-                # the refit is fitted on the cut model as it is, BatchNorm statistics included: a later layer's
-                # fit assumes the normalisation the earlier refit layers were fitted to reproduce
-                trial = copy.deepcopy(work)
-                reconstruct(trial, snapshot, batches, plan.removals, ridge=self.cfg.reconstruct_ridge)
-                self.recalibrate(trial)
-                self.recalibrate(work)
-                doing = "task.evaluate"
-                plain = self.evaluate(work)
-                doing = "recovery"
-                doing = "task.evaluate"
-                fitted = self.evaluate(trial)
-                doing = "recovery"
-                key = self.task.metric
-                kept = math.isfinite(fitted[0][key]) and (not math.isfinite(plain[0][key])
-                                                          or not self.worse(fitted, plain))
-                if kept:
-                    work.load_state_dict(trial.state_dict())
-                refit = (f"refit {'kept' if kept else 'dropped'} ({key} {plain[0][key]:.4f} without, "
-                         f"{fitted[0][key]:.4f} with)")
-                if self.recovery_steps(steps) == 0:
-                    metrics, values = fitted if kept else plain
-                    return self.finished(work, metrics, values, refit)
-            self.recover(work, step, steps)
-            doing = "task.evaluate"
-            metrics, values = self.evaluate(work)
-        except NonFiniteError as exc:
-            return {}, {}, f"{doing} failed ({type(exc).__name__}: {shown(str(exc), 200)})", refit
-        return self.finished(work, metrics, values, refit)
-
-    @staticmethod
-    def finished(work: nn.Module, metrics: dict[str, float], values: Examples,
-                 refit: str) -> tuple[dict[str, float], Examples, str, str]:
-        bad = non_finite_weights(work)
-        if bad:
-            return {}, {}, f"non-finite weights after recovery: {bad}", refit
-        bad = non_finite_metrics(metrics)
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        return finite, values, f"non-finite metrics after the step: {bad}" if bad else "", refit
+    def canonical(self, state: ControllerState, plan: Plan) -> str:
+        """The name of the model ``plan`` cuts (or masks) from the working model: every channel of the
+        original it lacks (the prober's cache key, with the weights' lineage)."""
+        removals = copy.deepcopy(state.removals)
+        compose(removals, self.shapes, plan)
+        return json.dumps(removals, sort_keys=True)
 
     def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
@@ -477,13 +316,20 @@ class Controller:
                                 self.cfg.importance)
                     if len(graph.groups) > min(self.cfg.probe_budget, self.cfg.reprobe) else None)
 
-        def canonical(probe: Plan) -> str:  # the masked model: every channel of the original it lacks
-            removals = copy.deepcopy(state.removals)
-            compose(removals, self.shapes, probe)
-            return json.dumps(removals, sort_keys=True)
+        def canonical(probe: Plan) -> str:
+            return self.canonical(state, probe)
 
+        measured = self.prober.measured
         probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), self.lineage,
                                  estimate, field, state.probe_ratios, canonical)
+        if state.suspects:  # the last step was rolled back: blame it, from the probe budget this step left
+            rolled = next((h for h in reversed(state.history) if h.step == state.suspects[0].step), None)
+            note = blame(self, work, graph, state, canonical,
+                         self.cfg.probe_budget - (self.prober.measured - measured))
+            if rolled is not None:
+                rolled.reason += note
+            graph = graph.without(set(state.protected))
+            probes = {c: p for c, p in probes.items() if all(g.name not in state.protected for g in p.groups)}
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if final and not plan.is_empty and field != "latency":
@@ -514,10 +360,12 @@ class Controller:
                 state.step_size = min(self.cfg.max_step, state.step_size * self.cfg.grow)
                 record.reason += "; slack left, step grows"
             return work
-        hurt = max((c for c in ratios if ratios[c] > 0), key=lambda c: probes[c].drop * ratios[c], default=None)
-        note = self.protect(state, probes[hurt].groups, hurt) if hurt is not None else ""
+        # how many tolerances the step's recovered drop came to (2 where it failed: its cap is halved)
+        over = max((v.judged / float(v.criterion.tolerance) for v in verdicts if v.criterion.tolerance), default=2.0)
+        state.suspects = suspects_of(plan, probes, ratios, record.step,  # blamed by the next step (adapt/blame.py)
+                                     over if math.isfinite(over) else 2.0)
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
-        record.reason += f": rolled back, step halved{note}"
+        record.reason += ": rolled back, step halved"
         state.rejected.append(tried)
         return snapshot
 
@@ -531,8 +379,15 @@ class Controller:
         ``more``: when the verdict is undecided (every point drop within its tolerance, an interval's upper
         end above it), recover ``more`` steps further and judge once again (the warm start's first try)."""
         snapshot = copy.deepcopy(work)
+        key = (self.lineage, self.canonical(state, plan)) if self.as_cut(work, steps) else None
         remove(work, plan)
-        metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step, steps)
+        cached = self.prober.cache.get(key) if key is not None else None
+        if isinstance(cached, tuple):  # blame or a probe measured this very model
+            metrics, examples, failure, refit = self.finished(work, cached[0], cached[1], "")
+        else:
+            metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step, steps)
+            if key is not None and not failure and not refit:
+                self.prober.cache[key] = (metrics, examples)
         verdicts = [] if failure else self.judge(state, metrics, examples)
         over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
         extended = ""
@@ -586,9 +441,10 @@ class Controller:
                     "so none can be cut")
         return "no prunable channels are left outside protected groups"
 
-    def protect(self, state: ControllerState, groups: list[Group], name: str) -> str:
-        """Halve how much the groups that hurt may lose per step; protect them fully after a few halvings."""
-        caps = [state.caps.get(g.name, 1.0) * 0.5 for g in groups]
+    def protect(self, state: ControllerState, groups: list[Group], name: str, factor: float = 0.5) -> str:
+        """Scale how much the groups that hurt may lose per step by ``factor`` (by default halve it);
+        protect them fully once that is under a tenth."""
+        caps = [state.caps.get(g.name, 1.0) * factor for g in groups]
         for g, c in zip(groups, caps):
             state.caps[g.name] = c
             if c < 0.1 and g.name not in state.protected:

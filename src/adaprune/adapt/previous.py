@@ -11,7 +11,7 @@ from typing import Any
 from .. import fs
 from ..errors import ArgumentTypeError, ConfigError, shown
 from ..plan import Plan
-from .controller import as_plan
+from .bookkeeping import as_plan
 from .state import ControllerState
 
 

@@ -75,12 +75,14 @@ class Prober:
     """Measures probes for the controller, within the probe budget, with a cache across steps."""
 
     def __init__(self, probe_ratio: float, budget: int, limits: Limits,
-                 metrics: Callable[[nn.Module], dict[str, float]], harm: Callable[[dict[str, float], dict[str, float]], float],
+                 metrics: Callable[[nn.Module], Any], harm: Callable[[dict[str, float], dict[str, float]], float],
                  reprobe: int | None = None):
         self.ratio, self.budget, self.limits = probe_ratio, budget, limits
         self.reprobe = budget if reprobe is None else reprobe
         self.metrics, self.harm = metrics, harm
-        self.cache: dict[tuple[int, str], dict[str, float] | None] = {}  # (lineage, masked model) -> metrics
+        # (lineage, masked model) -> what ``metrics`` returned (a metrics dict, or the controller's
+        # (metrics, per-example values)); None: NaN or inf
+        self.cache: dict[tuple[int, str], Any] = {}
         self.measured = 0  # probes evaluated (not served from the cache)
 
     def plan(self, members: list[Group], scores: dict[str, torch.Tensor],
@@ -126,7 +128,9 @@ class Prober:
                 handle.undo()
             self.measured += 1
         masked = self.cache[key]
-        return math.inf if masked is None else self.harm(metrics_now, masked)
+        if masked is None:
+            return math.inf
+        return self.harm(metrics_now, masked[0] if isinstance(masked, tuple) else masked)
 
     def run(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], predictor: CostPredictor,
             metrics_now: dict[str, float], version: int, estimate: dict[str, torch.Tensor] | None,

@@ -49,6 +49,18 @@ class StepRecord:
 
 
 @dataclass
+class Suspect:
+    """A unit a rolled-back step cut, and the channels it cut there: the next step (on the same weights)
+    measures which of them hurt (:func:`adaprune.adapt.blame.blame`)."""
+
+    unit: str
+    cut: dict[str, list[int]]  # group -> channels the step removed
+    prior: float  # its probe's harm times the ratio the step cut: what ranks it when it is not measured
+    step: int  # the rolled-back step
+    over: float = 2.0  # that step's drop in tolerances (its judged drop over the tolerance)
+
+
+@dataclass
 class ControllerState:
     """Everything needed to continue a run: plain data, JSON-serialisable.
 
@@ -79,6 +91,7 @@ class ControllerState:
     task_examples: dict[str, list[float]] = field(default_factory=dict)  # a MultiTask's, per task (else baseline_examples)
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # per tensor and dim cut, its size in the original
     warm: dict[str, Any] | None = None  # a warm start's progress (adaprune.adapt.warm), None without one
+    suspects: list[Suspect] = field(default_factory=list)  # the units a rolled-back step cut, not yet blamed
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -99,6 +112,7 @@ class ControllerState:
         data = fs.parse(_StateFile, raw, what=what).model_dump()
         data.pop("version")
         data["history"] = [StepRecord(**h) for h in data["history"]]
+        data["suspects"] = [Suspect(**u) for u in data["suspects"]]
         return cls(**data)
 
 
@@ -145,6 +159,14 @@ class _WarmFile(_Strict):
     outcome: Literal["", "kept", "grown back", "abandoned", "not tried"]
 
 
+class _SuspectFile(_Strict):
+    unit: str
+    cut: dict[str, list[Annotated[int, Field(ge=0)]]]
+    prior: float = Field(allow_inf_nan=False)
+    step: int = Field(ge=0, le=MAX_STEP)
+    over: float = Field(2.0, allow_inf_nan=False)
+
+
 class _StateFile(_Strict):
     version: Literal[1]
     step: int = Field(ge=0, le=MAX_STEP)
@@ -170,6 +192,7 @@ class _StateFile(_Strict):
     task_examples: dict[str, list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default_factory=dict)
     sizes: dict[str, dict[str, Annotated[int, Field(ge=1)]]] = Field(default_factory=dict)
     warm: _WarmFile | None = None
+    suspects: list[_SuspectFile] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _removals(self) -> _StateFile:

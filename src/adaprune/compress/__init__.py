@@ -66,7 +66,7 @@ def _values(task: Any, model: nn.Module) -> dict[str, Any]:
 
 
 def _metric(task: Any, model: nn.Module) -> float:
-    from ..adapt.controller import as_number
+    from ..adapt.bookkeeping import as_number
 
     return as_number(task.metric, _values(task, model)[task.metric])
 
@@ -154,13 +154,14 @@ class _Run:
     # -- measuring ---------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> float:
         """The task's metric on ``model``; what ranks moves (:meth:`badness`) is left in ``last_bad``."""
-        from ..adapt.controller import as_number
+        from ..adapt.bookkeeping import as_number
 
         self.evaluations += 1
         values = _values(self.task, model)
         metric = as_number(self.task.metric, values[self.task.metric])
         if self.smooth is None:
-            self.smooth = self.task.metric != "loss" and _finite(values.get("loss")) is not None
+            self.smooth = (self.task.metric != "loss" and self.task.loss_tracks_metric
+                           and _finite(values.get("loss")) is not None)
         self.last_bad = self.badness(values, metric)
         return metric
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._check import as_float, as_int, check_inputs, check_module, check_plan
-from ..adapt.controller import as_number
+from ..adapt.bookkeeping import as_number
 from ..adapt.noise import Interval, check_examples, paired_interval
 from ..adapt.previous import plan_of
 from ..errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
