@@ -112,3 +112,77 @@ def test_a_task_object_that_is_not_a_task_subclass_keeps_its_loss_tracks_metric(
 
     assert as_task(Duck()).loss_tracks_metric is False
     assert as_task(Misleading(True)).loss_tracks_metric is True
+
+
+class Flat(ap.Task):
+    """Any cut at all costs 0.06 (over half the tolerance of 0.1, so the step never grows), more costs
+    nothing more."""
+
+    metric, higher_is_better = "score", True
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"score": 1.0 if alive(model[0]) + alive(model[2]) == 64 else 0.94}
+
+
+def test_steps_too_small_to_reach_the_budget_in_the_iterations_left_are_raised() -> None:
+    """With 5 iterations and steps of 5% that never grow, a run would end at 0.95^5 = 0.77 of the MACs;
+    after each accepted step the step takes the size that reaches the budget in the iterations left."""
+    res = ap.adapt(net(), X[:2], Flat(), ap.Budget(macs=0.5), tolerance=0.1, ignore=["4"], step=0.05,
+                   max_iterations=5)
+    assert res.budget_met, res.message
+    assert "to reach the budget in the 4 steps left" in res.history[0].reason, res.history[0].reason
+    assert not any("slack left" in h.reason for h in res.history)
+
+
+class Practised(ap.Task):
+    """0.92 (0.08 below the original's 1.0, over half a 0.1 tolerance) plus 0.01 per fine-tuning call,
+    which moves the last bias by ``sign`` (a recovery that helps, or one that hurts)."""
+
+    metric, higher_is_better = "score", True
+
+    def __init__(self, sign: float) -> None:
+        self.sign = sign
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"score": 0.92 + 0.01 * float(model[4].bias.detach()[0])}
+
+    def finetune(self, model: nn.Module, steps: int) -> None:
+        with torch.no_grad():
+            model[4].bias[0] += self.sign
+
+
+def at_the_edge(task: ap.Task, over: float = 1.2, spent: float = 0.92):
+    from adaprune.adapt.config import AdaptConfig
+    from adaprune.adapt.state import StepRecord
+
+    controller = sys.modules["adaprune.adapt.controller"]
+    model = net()
+    with torch.no_grad():
+        model[4].bias.zero_()
+    ctl = controller.Controller(model, X[:2], task, ap.Budget(macs=0.5), AdaptConfig(tolerance=0.1, finetune_steps=1, confidence=0.0),
+                                [], None)
+    costs = ctl.costs(model)
+    state = ControllerState(baseline={"score": 1.0}, step=2, history=[
+        StepRecord(0, 0.2, {"0": 3}, {"score": spent}, costs, True, "within"),
+        StepRecord(1, 0.2, {"0": 4}, {"score": 0.88}, costs, False, "exceeds: rolled back")],
+        suspects=[Suspect("0", {"0": [1]}, 0.1, 1, over)])
+    return ctl, model, state
+
+
+def test_a_cut_that_failed_by_a_little_at_the_edge_is_followed_by_a_recovery_kept_only_if_it_helps() -> None:
+    ctl, model, state = at_the_edge(Practised(+1.0))
+    assert ctl.at_the_edge(state)
+    out = ctl.recover_only(model, state)
+    last = state.history[-1]
+    assert last.accepted and last.cuts == {} and "recovery only" in last.reason and last.optimizer_steps == 1
+    assert out is model and float(out[4].bias[0]) == 1.0 and ctl.current_metrics(state)["score"] == pytest.approx(0.93)
+
+    ctl, model, state = at_the_edge(Practised(-1.0))  # a recovery that makes it worse is rolled back
+    out = ctl.recover_only(model, state)
+    assert not state.history[-1].accepted and "rolled back" in state.history[-1].reason
+    assert float(out[4].bias[0]) == 0.0 and ctl.current_metrics(state)["score"] == 0.92
+
+    ctl, _, state = at_the_edge(Practised(+1.0), over=3.0)  # failed by a lot: cut again, with the culprit capped
+    assert not ctl.at_the_edge(state)
+    ctl, _, state = at_the_edge(Practised(+1.0), spent=0.97)  # under half the tolerance spent: cut on
+    assert not ctl.at_the_edge(state)
