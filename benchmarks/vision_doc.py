@@ -69,8 +69,15 @@ def _setup_lines(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], bas
             continue
         ok = [r for r in rs if "test" in r]
         within = [r for r in ok if r["budget_met"] and r["test"][mk] >= dense[r["seed"]] - tol - 1e-9]
+        short = [f"seed {r['seed']}: {r['test'][mk]:.4f} against the dense {dense[r['seed']]:.4f}, "
+                 f"{dense[r['seed']] - r['test'][mk]:.4f} lower (on validation, where adapt judged, "
+                 f"{r['val_before'] - r['val_after']:+.4f}); static uniform on that seed "
+                 + next((f"{q['test'][mk]:.4f}" for q in runs if q["method"] == "static" and q["budget"] == budget
+                         and q["seed"] == r["seed"] and "test" in q), "–")
+                 for r in ok if r["budget_met"] and r not in within]
         verdicts.append(f"1/{budget}: {len(within)}/{len(rs)} seeds met the budget within {tol} of the dense "
-                        f"test {mk}" + (" (met)" if len(within) == len(rs) else " (**not met**)"))
+                        f"test {mk}" + (" (met)" if len(within) == len(rs) else " (**not met**")
+                        + (f"; {'; '.join(short)})" if short else ")" if len(within) < len(rs) else ""))
     if verdicts:
         lines += ["adapt on held-out data: " + "; ".join(verdicts) + ".", ""]
     missed = sorted({f"1/{r['budget']}: {r['adapt_message']}" for r in runs
