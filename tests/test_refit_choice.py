@@ -20,7 +20,7 @@ from torch import nn
 import adaprune as ap
 from adaprune.examples.digits import DigitsCNN, load_digits_data, train
 
-controller = importlib.import_module("adaprune.adapt.controller")  # (adaprune.adapt is also the function)
+recovery = importlib.import_module("adaprune.adapt.recovery")  # the controller's recovery (refit, recalibration)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_a_refit_that_hurts_is_dropped(digits, monkeypatch) -> None:
     """The refit, then noise on every weight: the metric with it collapses; each step keeps the plain
     model, whose metric is the step's, and the adapted model is that one."""
     data, base = digits
-    real = controller.reconstruct
+    real = recovery.reconstruct
 
     def damaging(model, *args, **kwargs):
         out = real(model, *args, **kwargs)
@@ -107,7 +107,7 @@ def test_a_refit_that_hurts_is_dropped(digits, monkeypatch) -> None:
                 p.add_(torch.randn_like(p))
         return out
 
-    monkeypatch.setattr(controller, "reconstruct", damaging)
+    monkeypatch.setattr(recovery, "reconstruct", damaging)
     model = copy.deepcopy(base)
     task = task_of(data)
     res = adapt(model, data, task)
@@ -142,7 +142,7 @@ def test_a_refit_that_helps_is_kept(digits, monkeypatch) -> None:
         with torch.no_grad():
             model.fc.bias.fill_(7.0)
 
-    monkeypatch.setattr(controller, "reconstruct", marking)
+    monkeypatch.setattr(recovery, "reconstruct", marking)
     model = copy.deepcopy(base)
     res = adapt(model, data, Marked(data), max_iterations=1)
     (h,) = res.history

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import adaprune as ap
-from adaprune.adapt import controller as controller_module
+from adaprune.adapt import recovery as recovery_module
 from adaprune.errors import ArgumentTypeError, ConfigError
 from adaprune.examples.digits import DigitsCNN, load_digits_data, train
 from adaprune.task import Task, TaskAdapter, as_task
@@ -65,8 +65,8 @@ def test_a_subclass_with_only_evaluate_runs_without_finetune_or_calibration(digi
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the controller used calibration batches the task does not have")
 
-    monkeypatch.setattr(controller_module, "recalibrate_bn", refuse)
-    monkeypatch.setattr(controller_module, "reconstruct", refuse)
+    monkeypatch.setattr(recovery_module, "recalibrate_bn", refuse)
+    monkeypatch.setattr(recovery_module, "reconstruct", refuse)
     task = EvaluateOnly(_inner(data))
     assert not task.fine_tunes and task.calibration() is None
     assert as_task(task) is task  # a Task is used as it is
@@ -268,4 +268,5 @@ def test_the_hooks_are_resolved_once_not_probed(digits):
     # every attribute was looked up once, by as_task, although evaluate/finetune/calibration ran many times
     counts = {n: task.looked_up.count(n) for n in set(task.looked_up)}
     assert counts == dict.fromkeys(Recording.NAMES, 1), counts
-    assert task.answered == ["training_batches", "loss"]  # the optional hooks it lacks; nothing else was probed
+    # the optional hooks and attributes it lacks; nothing else was probed
+    assert task.answered == ["training_batches", "loss", "loss_tracks_metric"]

@@ -154,7 +154,7 @@ class TaskAdapter(Task):
         self.wrapped = wrapped
         self.metric = found["metric"]
         self.higher_is_better = found["higher_is_better"]
-        self.loss_tracks_metric = bool(getattr(wrapped, "loss_tracks_metric", True))
+        self.loss_tracks_metric: bool = found.get("loss_tracks_metric", True)
         self._evaluate: Callable[[nn.Module], Any] = found["evaluate"]
         self._hooks: dict[str, Callable[..., Any]] = {
             k: found[k] for k in (*_HOOKS, "loss") if found.get(k, _MISSING) is not _MISSING
@@ -229,6 +229,8 @@ def as_task(task: Any) -> Task:
     loss = getattr(task, "loss", _MISSING)  # optional and never required to be a method (may be a number)
     if callable(loss):
         found["loss"] = loss
+    tracks = getattr(task, "loss_tracks_metric", True)  # optional; only a bool says anything
+    found["loss_tracks_metric"] = tracks if isinstance(tracks, bool) else True
     return TaskAdapter(task, found)
 
 
