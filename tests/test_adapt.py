@@ -251,3 +251,35 @@ def test_latency_budget_on_torch_cpu_is_met_by_independent_timing(digits):
     # an independent timing (interleaved, its own repeats) on a 2-core machine: allow 15% measurement
     # noise on the ratio; the test runs alone (marker `timing`) so no other test competes for the CPU
     assert pruned_ms <= 0.6 * original_ms * 1.15, (pruned_ms, original_ms)
+
+
+def test_a_step_draws_the_same_batches_however_many_evaluations_came_before(digits):
+    """A resumed run serves fewer probes from its cache than the run it continues, and every evaluation
+    moves torch's generator (a DataLoader draws a seed when iterated): the batches a step draws for its
+    refit must not depend on that (they did: a run killed right after a rolled-back step resumed to
+    another plan)."""
+    data, base = digits
+
+    class Counting(ap.ClassificationTask):
+        def __init__(self, extra: bool) -> None:
+            super().__init__(data.loader("train", shuffle=True), data.loader("val"))
+            self.extra, self.drawn = extra, []
+
+        def evaluate_examples(self, model):
+            if self.extra:
+                torch.rand(3)  # what one more evaluation before this one would have drawn
+            return super().evaluate_examples(model)
+
+        def calibration(self):
+            batches = super().calibration()
+            self.drawn.append(float(sum(x.sum() for x, _ in batches)))
+            return batches
+
+    runs = []
+    for extra in (False, True):
+        task = Counting(extra)
+        model = copy.deepcopy(base)
+        res = ap.adapt(model, data.x_val[:1], task, ap.Budget(macs=0.35), tolerance=0.01, ignore=[model.fc],
+                       seed=3, max_iterations=3)
+        runs.append((task.drawn, res.plan.to_json(), [h.refit for h in res.history]))
+    assert runs[0] == runs[1]

@@ -103,6 +103,10 @@ class Recovery:
         after BatchNorm recalibration), and the refit is kept only when its metric is better. Without
         fine-tuning the kept one's evaluation is the step's; with it, the kept one is fine-tuned and
         evaluated again."""
+        # seeded here, not only at the step's start: every evaluation before it (a DataLoader draws a seed from
+        # torch's generator whenever it is iterated) moves the generator, and a resumed run serves fewer probes
+        # from its cache than the run it continues, so it would draw other refit batches
+        torch.manual_seed(self.cfg.seed * 100_003 + step + 700_001)
         batches = self.task.calibration() if self.refits(work) else None
         refit = ""
         metrics: dict[str, float] = {}
