@@ -11,12 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import adaprune as ap
+from adaprune.adapt.noise import SmallValidationWarning
 from adaprune.errors import ConfigError
 from adaprune.examples.digits import DigitsCNN, load_digits_data, train
 
@@ -49,10 +51,14 @@ def test_meets_macs_budget_within_tolerance(digits):
     x = data.x_val[:1]
     before_macs = ap.count(model, x).macs
     before_acc = _val_accuracy(model, data)
-    res = ap.adapt(model, x, _task(data), ap.Budget(macs=0.5), tolerance=0.01, ignore=[model.fc])
+    # tolerance 0.02: 359 validation examples resolve it at adapt's 90% confidence (0.01 would need 542, as
+    # adapt's SmallValidationWarning says; there whether a run meets the budget is the draw's luck)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallValidationWarning)
+        res = ap.adapt(model, x, _task(data), ap.Budget(macs=0.5), tolerance=0.02, ignore=[model.fc])
     assert res.budget_met, res.message
     assert ap.count(model, x).macs <= 0.5 * before_macs
-    assert before_acc - _val_accuracy(model, data) <= 0.01 + 1e-9
+    assert before_acc - _val_accuracy(model, data) <= 0.02 + 1e-9
     assert res.history and all(h.reason for h in res.history)
     accepted = [h for h in res.history if h.accepted]
     assert accepted and all(h.cuts and "macs" in h.costs and "accuracy" in h.metrics for h in accepted)
