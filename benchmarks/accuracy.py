@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, load, log, save
+from common import bisect_ratio, environment, load, log, save
 
 import adaprune as ap
 from adaprune.demo import counting_optimizer_steps
@@ -193,20 +193,7 @@ def tp_to_budget(base: nn.Module, x: torch.Tensor, kind: str, budget: float, cal
         m = tp_prune(copy.deepcopy(base), x, kind, r, calib)
         return m, macs(m, x)
 
-    lo, hi = 0.0, 0.95
-    best, best_macs = at(hi)
-    tries = 1
-    if best_macs > target:
-        return best, hi, tries
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        m, c = at(mid)
-        tries += 1
-        if c <= target:
-            hi, best, best_macs = mid, m, c
-        else:
-            lo = mid
-    return best, hi, tries
+    return bisect_ratio(at, target, 0.95, steps)
 
 
 def run_method(method: str, base: nn.Module, x: torch.Tensor, d: dict[str, torch.Tensor], budget: float,

@@ -81,3 +81,24 @@ def load(name: str) -> dict[str, Any] | None:
 def log(*args: Any) -> None:
     print(time.strftime("%H:%M:%S"), *args, flush=True)
     sys.stdout.flush()
+
+
+def bisect_ratio(at: Any, target: float, hi: float, steps: int) -> tuple[Any, float, int]:
+    """The least pruning ratio in ``[0, hi]`` (to ``steps`` halvings) whose model ``at(ratio)`` returns with a
+    MACs count <= ``target``: ``at`` maps a ratio to ``(model, macs)``. Returns ``(model, ratio, calls of at)``;
+    when even ``hi`` does not reach the target, its model and ``hi``."""
+    lo = 0.0
+    best, found = at(hi)
+    tries = 1
+    if found > target:
+        return best, hi, tries
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        m, c = at(mid)
+        tries += 1
+        if c <= target:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best, hi, tries
+

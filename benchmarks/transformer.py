@@ -85,7 +85,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, load, log, save
+from common import bisect_ratio, environment, load, log, save
 
 import adaprune as ap
 from adaprune.demo import counting_optimizer_steps
@@ -377,20 +377,7 @@ def tp_to_budget(base: nn.Module, x: dict[str, torch.Tensor], budget: float,
         m = tp_prune(copy.deepcopy(base), x, r)
         return m, macs(m, x)
 
-    lo, hi = 0.0, TP_MAX_RATIO
-    best, c = at(hi)
-    n = 1
-    if c > target:
-        return best, hi, n
-    for _ in range(tries):
-        mid = (lo + hi) / 2
-        m, c = at(mid)
-        n += 1
-        if c <= target:
-            hi, best = mid, m
-        else:
-            lo = mid
-    return best, hi, n
+    return bisect_ratio(at, target, TP_MAX_RATIO, tries)
 
 
 def run_method(method: str, base: nn.Module, x: dict[str, torch.Tensor], data: dict[str, Any], budget: float,

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, load, log, save
+from common import bisect_ratio, environment, load, log, save
 
 import adaprune as ap
 from adaprune.demo import counting_optimizer_steps
@@ -261,20 +261,7 @@ def tp_to_budget(setup: str, base: nn.Module, x: Any, budget: float, steps: int 
         except Exception as exc:  # Torch-Pruning's model is broken: say so
             raise RuntimeError(f"the model Torch-Pruning pruned (pruning_ratio {r:.3f}) does not run: {exc}") from exc
 
-    lo, hi = 0.0, 0.95
-    best, best_macs = at(hi)
-    tries = 1
-    if best_macs > target:
-        return best, hi, tries
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        m, c = at(mid)
-        tries += 1
-        if c <= target:
-            hi, best = mid, m
-        else:
-            lo = mid
-    return best, hi, tries
+    return bisect_ratio(at, target, 0.95, steps)
 
 
 def test_metrics(task: Any, model: nn.Module) -> dict[str, float]:

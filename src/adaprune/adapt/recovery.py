@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -27,15 +28,16 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-class Recovery:
+class Recovery(ABC):
     """What a step does after its cut, and how the cut model is measured."""
 
     cfg: AdaptConfig
     task: Task
     criteria: list[Criterion]
 
+    @abstractmethod
     def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Examples]:
-        raise NotImplementedError
+        """The model's metrics and per-example values (the controller's :meth:`Controller.evaluate`)."""
 
     def recovery_steps(self, steps: int | None = None) -> int:
         """The optimizer steps one recovery asks of the task: ``steps`` (by default ``finetune_steps``)
@@ -156,10 +158,10 @@ class Recovery:
     def as_cut(self, work: nn.Module, steps: int | None) -> bool:
         """Whether a step's model is exactly its cut (no recovery, no refit, no BatchNorm statistics
         renewed), so the same channels masked on the same weights is the same model."""
-        if self.recovery_steps(steps) > 0 or (self.refits(work) and self.task.calibration() is not None):
+        if self.recovery_steps(steps) > 0:
             return False
-        has_bn = has_batchnorm(work)
-        return not has_bn or self.task.calibration() is None
+        # a refit or a BatchNorm recalibration changes the model, where the task has calibration batches
+        return not (self.refits(work) or has_batchnorm(work)) or self.task.calibration() is None
 
 
 __all__ = ["Examples", "Recovery", "has_batchnorm"]
