@@ -242,7 +242,8 @@ def transformer_section(tr: dict[str, Any]) -> list[str]:
             f"task loss `{cfg.get('task_loss', 'pair')}`, options {cfg['adapt_options'] or '{}'}. "
             f"Torch-Pruning: {cfg['tp']}. Wall time is pruning + fine-tuning of one run, "
             f"{tr['environment']['torch_threads']} torch thread(s), on a shared machine; 'evaluations' counts "
-            "adapt's task evaluations (distinct weights in brackets)."), ""]
+            "adapt's task evaluations on all of the validation pairs (distinct weights in brackets), and, after "
+            "a +, its probes' evaluations on part of them (`probe_data`; distinct weights in brackets)."), ""]
     out += env_lines("transformer", tr)
     dense = sorted(tr["dense"], key=lambda d: d["seed"])
     out += ["", "Dense model: test recall@1 " + ", ".join(f"{d['test_recall1']:.3f}" for d in dense)
@@ -287,7 +288,10 @@ def transformer_section(tr: dict[str, Any]) -> list[str]:
                        f"{sum(bool(r['budget_met']) for r in ok)}/{len(ok)} | {','.join(str(r['seed']) for r in ok)} | "
                        f"{statistics.fmean(r['wall_s'] for r in ok):.0f} | "
                        f"{statistics.fmean(r['evaluations'] for r in ok):.1f} "
-                       f"({statistics.fmean(r['evaluations_distinct'] for r in ok):.1f}) | {steps_cell(ok)} | "
+                       f"({statistics.fmean(r['evaluations_distinct'] for r in ok):.1f})"
+                       + (f" + {statistics.fmean(r.get('evaluations_part', 0) for r in ok):.1f} "
+                          f"({statistics.fmean(r.get('evaluations_part_distinct', 0) for r in ok):.1f})"
+                          if any(r.get("evaluations_part") for r in ok) else "") + f" | {steps_cell(ok)} | "
                        f"{ok[0]['widths']['heads']} | {ok[0]['widths']['ffn']} |")
         out += adapt_against_others(groups[(b, steps)])
         msgs = sorted({r["adapt_message"] for r in groups[(b, steps)].get("adapt", []) if "adapt_message" in r})

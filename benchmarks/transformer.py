@@ -34,7 +34,9 @@ takes exactly ``--steps`` optimizer steps:
 * ``adapt``: ``ap.adapt(model, x, task, ap.Budget(macs=b), tolerance=T, finetune_steps=k,
   max_iterations=N, **adapt_options)`` with the task below; the steps adapt spent inside its loop
   (``result.optimizer_steps``, accepted and rolled-back steps alike) count against S, the rest is given
-  as distillation after it returns. k defaults to S // N (0 when S = 0).
+  as distillation after it returns. k defaults to S // N (0 when S = 0). By default adapt measures its
+  probes on half the validation pairs (``probe_data=0.5``: ``RetrievalTask.evaluate_part``, the first 150
+  pairs of the shuffled split, each document retrieved among those 150), and judges every step on all 300.
 
 The task (``RetrievalTask``): evaluate / evaluate_examples = recall@1 on the validation pairs (per-example
 0/1 hits), with ``mrr`` and ``loss`` (``--task-loss``: ``contrastive``, the default, = cross-entropy of
@@ -78,6 +80,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,10 +304,13 @@ class RetrievalTask(ap.Task):
     higher_is_better = True
 
     def __init__(self, val: dict[str, Encoded], distiller: Distiller,
-                 calib: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], loss: str = "pair") -> None:
+                 calib: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], loss: str = "pair",
+                 part: Callable[[float], dict[str, Encoded]] | None = None) -> None:
         self.val, self.distiller, self.calib, self.loss_kind = val, distiller, calib, loss
-        self.calls = 0
+        self.part, self.parts = part, {}  # fraction -> the first pairs of the validation split, encoded
+        self.calls = self.part_calls = 0
         self.seen: set[str] = set()
+        self.part_seen: set[str] = set()
         self.eval_s = 0.0
 
     def evaluate_examples(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
@@ -317,6 +323,20 @@ class RetrievalTask(ap.Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.evaluate_examples(model)[0]
+
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        """The same metrics on the first ``ceil(fraction * 300)`` validation pairs (documents retrieved
+        among that part's documents), for adapt's probes (``probe_data``)."""
+        if self.part is None:
+            raise ValueError("this RetrievalTask was made without the validation pairs' parts")
+        t = time.perf_counter()
+        self.part_calls += 1
+        self.part_seen.add(fingerprint(model))
+        if fraction not in self.parts:
+            self.parts[fraction] = self.part(fraction)
+        out = retrieval(model, self.parts[fraction], self.loss_kind)[0]
+        self.eval_s += time.perf_counter() - t
+        return out
 
     def finetune(self, model: nn.Module, steps: int) -> None:
         self.distiller(model, steps)
@@ -385,7 +405,7 @@ def run_method(method: str, base: nn.Module, x: dict[str, torch.Tensor], data: d
     distiller = Distiller(data["train_batches"], args.lr)
     calib = [(inputs, {"embedding": t, "attention_mask": inputs["attention_mask"]})
              for inputs, t in data["train_batches"][:CALIB_BATCHES]]
-    task = RetrievalTask(data["val"], distiller, calib, args.task_loss)
+    task = RetrievalTask(data["val"], distiller, calib, args.task_loss, data["val_part"])
     model = copy.deepcopy(base)
     rec: dict[str, Any] = {"load_average": list(os.getloadavg())}
     torch.manual_seed(seed)
@@ -443,6 +463,7 @@ def run_method(method: str, base: nn.Module, x: dict[str, torch.Tensor], data: d
                budget_met=c.macs <= budget * data["dense_macs"] + 1e-9,
                prune_s=prune_s, finetune_s=ft_s, wall_s=prune_s + ft_s,
                evaluations=task.calls, evaluations_distinct=len(task.seen), evaluate_s=task.eval_s,
+               evaluations_part=task.part_calls, evaluations_part_distinct=len(task.part_seen),
                finetune_steps_inside=inner, finetune_steps_after=post, finetune_steps_total=inner + post,
                optimizer_steps_counted=counted.steps, widths=widths(model))
     return rec
@@ -461,7 +482,11 @@ def prepare(seed: int, pairs: list[tuple[str, str, str]], tok: Any, teacher: dic
         chunk = texts[s:s + TRAIN_BATCH]
         enc = dict(tok(chunk, truncation=True, max_length=TRAIN_LEN, padding=True, return_tensors="pt"))
         batches.append((enc, torch.stack([teacher[t] for t in chunk])))
-    return {"test": split_encodings(tok, test), "val": split_encodings(tok, val), "train_batches": batches,
+    def val_part(fraction: float) -> dict[str, Encoded]:  # (the split is shuffled: its first pairs are a random part)
+        return split_encodings(tok, val[:max(1, math.ceil(fraction * len(val)))])
+
+    return {"test": split_encodings(tok, test), "val": split_encodings(tok, val), "val_part": val_part,
+            "train_batches": batches,
             "n_train_texts": len(texts), "n_train_pairs": len(rest)}
 
 
@@ -512,8 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapt-iters", type=int, default=10, help="adapt's max_iterations")
     p.add_argument("--adapt-inner-steps", type=int, default=None,
                    help="adapt's finetune_steps per step tried (default: steps // adapt-iters)")
-    p.add_argument("--adapt-options", type=json.loads, default={},
-                   help="JSON dict of further AdaptConfig options passed to ap.adapt, e.g. '{\"step\": 0.15}'")
+    p.add_argument("--adapt-options", type=json.loads, default={"probe_data": 0.5},
+                   help="JSON dict of further AdaptConfig options passed to ap.adapt, e.g. '{\"step\": 0.15}' "
+                        "(default: probes on half the validation pairs, '{\"probe_data\": 0.5}'; '{}' for adapt's "
+                        "defaults)")
     p.add_argument("--task-loss", default="contrastive", choices=TASK_LOSSES,
                    help="what adapt's task reports as 'loss' (the controller ranks clusters by its rise): pair = "
                         "mean 1 - cos(query, its doc), contrastive = cross-entropy over the split's documents "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -241,6 +242,18 @@ class EmbeddingTask(Task):
         """``{"similarity", "loss"}`` on ``val_loader`` and every example's similarity to the teacher's
         embedding (float64): its cosine (``score="cosine"``), or minus its mean squared error over the
         embedding's dimensions (``"mse"``). ``similarity`` is these values' mean, ``loss`` 1 - it or -it."""
+        return self._measure(model, None)
+
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        """``{"similarity", "loss"}`` on the first ``ceil(fraction * batches)`` batches of ``val_loader``
+        (the same examples on every call: its passes repeat, as the teacher's embeddings require)."""
+        if fraction >= 1.0:
+            return self.evaluate(model)
+        self._teacher("evaluate_part()")
+        return self._measure(model, max(1, math.ceil(fraction * len(self._val))))[0]
+
+    def _measure(self, model: nn.Module, batches: int | None) -> tuple[dict[str, float], torch.Tensor]:
+        """The metrics and per-example values on the first ``batches`` validation batches (None: all)."""
         check_module(model)
         self._teacher("evaluate()")
         flags = {m: m.training for m in model.modules()}
@@ -248,7 +261,7 @@ class EmbeddingTask(Task):
         values: list[torch.Tensor] = []
         try:
             with torch.no_grad():
-                for i, x in enumerate(self.val_loader):
+                for i, x in enumerate(itertools.islice(self.val_loader, batches)):
                     if i >= len(self._val):
                         raise ConfigError(_CHANGED.format(f"more than {len(self._val)}"))
                     t = self._val[i]
@@ -258,7 +271,7 @@ class EmbeddingTask(Task):
         finally:
             for m, f in flags.items():
                 m.training = f
-        if len(values) != len(self._val):
+        if len(values) != (len(self._val) if batches is None else min(batches, len(self._val))):
             raise ConfigError(_CHANGED.format(len(values)))
         per = torch.cat([v.cpu() for v in values])
         mean = float(per.mean())

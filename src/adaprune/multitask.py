@@ -121,6 +121,25 @@ class MultiTask(Task):
         :meth:`evaluate_criteria`)."""
         return self.evaluate(model), None
 
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        """Every task's metrics on its own part of its validation data (its ``evaluate_part``), prefixed."""
+        metrics: dict[str, float] = {}
+        for name, task in self.tasks.items():
+            if fraction < 1.0 and not task.evaluates_parts:
+                raise ConfigError(
+                    f"MultiTask: task {name!r} ({type(task).__name__}) cannot evaluate part of its validation data "
+                    f"(probe_data={fraction:g}): implement evaluate_part(model, fraction) on it, or leave probe_data at 1"
+                )
+            out = task.evaluate_part(model, fraction)
+            if not isinstance(out, Mapping):
+                raise ConfigError(f"MultiTask: task {name!r}'s evaluate_part returned {shown(out)}; it must return a dict")
+            metrics.update({f"{name}/{k}": v for k, v in out.items()})
+        return metrics
+
+    @property
+    def evaluates_parts(self) -> bool:
+        return all(t.evaluates_parts for t in self.tasks.values())
+
     def evaluate_criteria(self, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         metrics: dict[str, float] = {}
         values: dict[str, torch.Tensor] = {}

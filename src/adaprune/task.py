@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -81,6 +82,24 @@ class Task(ABC):
         """
         return self.evaluate(model), None
 
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        """:meth:`evaluate` on a fixed part of the validation data: about ``fraction`` (in (0, 1)) of its
+        examples, the same ones on every call with that fraction. adapt measures its probes on it when
+        ``probe_data < 1`` (each against the current model on the same part, so only differences on
+        that part are compared). Default: the whole evaluation at ``fraction >= 1``; below, a
+        :class:`~adaprune.errors.ConfigError` (a task that does not override it cannot evaluate a part)."""
+        if fraction >= 1.0:
+            return self.evaluate(model)
+        raise ConfigError(
+            f"{type(self).__name__} cannot evaluate part of its validation data (probe_data={fraction:g}): "
+            "implement evaluate_part(model, fraction) on the task, or leave probe_data at 1"
+        )
+
+    @property
+    def evaluates_parts(self) -> bool:
+        """Whether :meth:`evaluate_part` can evaluate a part: True when a subclass overrides it."""
+        return _overrides(self, "evaluate_part")
+
     def finetune(self, model: nn.Module, steps: int) -> None:
         """Take ``steps`` optimizer steps on ``model`` in place. Default: nothing (and no steps asked for)."""
 
@@ -141,7 +160,7 @@ def _overrides(task: Task, name: str) -> bool:
 
 _MISSING: Any = object()
 _REQUIRED = ("evaluate", "metric", "higher_is_better")
-_HOOKS = ("finetune", "calibration", "set_teacher", "evaluate_examples", "training_batches")  # optional; when present they must be callable
+_HOOKS = ("finetune", "calibration", "set_teacher", "evaluate_examples", "training_batches", "evaluate_part")  # optional; when present they must be callable
 
 
 class TaskAdapter(Task):
@@ -172,6 +191,16 @@ class TaskAdapter(Task):
             metrics, values = self._hooks["evaluate_examples"](model)
             return metrics, values
         return self.evaluate(model), None
+
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        if "evaluate_part" in self._hooks:
+            out: dict[str, float] = self._hooks["evaluate_part"](model, fraction)
+            return out
+        return super().evaluate_part(model, fraction)
+
+    @property
+    def evaluates_parts(self) -> bool:
+        return "evaluate_part" in self._hooks
 
     @property
     def fine_tunes(self) -> bool:
@@ -379,6 +408,7 @@ class ClassificationTask(Task):
         self.alpha = as_float(alpha, "alpha", low=0.0, high=1.0, hint="the weight of the distillation loss")
         self.calibration_batches = as_int(calibration_batches, "calibration_batches", low=1)
         self.teacher: nn.Module | None = None
+        self._parts: dict[float, list[Any]] = {}  # fraction -> the validation batches evaluate_part measures
 
     def set_teacher(self, model: nn.Module) -> None:
         """Keep a frozen copy of ``model`` (the unpruned one) to distil from, if ``distill``."""
@@ -406,6 +436,30 @@ class ClassificationTask(Task):
         A subclass that overrides :meth:`evaluate` alone gets its own metrics and no per-example values."""
         if type(self).evaluate is not ClassificationTask.evaluate:
             return self.evaluate(model), None
+        return self._measure(model, self.val_loader)
+
+    def evaluate_part(self, model: nn.Module, fraction: float) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on the first ``ceil(fraction * batches)`` batches of
+        ``val_loader``, kept from the first call with this fraction (a shuffling loader's draw is
+        kept too, so every call measures the same examples)."""
+        if fraction >= 1.0:
+            return self.evaluate(model)
+        if not self.evaluates_parts:
+            raise ConfigError(
+                f"{type(self).__name__} overrides evaluate, so ClassificationTask cannot evaluate part of its "
+                f"validation data (probe_data={fraction:g}): implement evaluate_part too, or leave probe_data at 1"
+            )
+        if fraction not in self._parts:
+            total = sum(1 for _ in self.val_loader)
+            self._parts[fraction] = list(itertools.islice(iter(self.val_loader), max(1, math.ceil(fraction * total))))
+        return self._measure(model, self._parts[fraction])[0]
+
+    @property
+    def evaluates_parts(self) -> bool:
+        return (type(self).evaluate is ClassificationTask.evaluate
+                or type(self).evaluate_part is not ClassificationTask.evaluate_part)
+
+    def _measure(self, model: nn.Module, batches: Iterable[Any]) -> tuple[dict[str, float], torch.Tensor]:
         check_module(model)
         flags = {m: m.training for m in model.modules()}
         model.eval()
@@ -413,7 +467,7 @@ class ClassificationTask(Task):
         loss = 0.0
         try:
             with torch.no_grad():
-                for i, batch in enumerate(self.val_loader):
+                for i, batch in enumerate(batches):
                     x, y = _pair(batch, "val_loader", i)
                     logits = _run(model, x, f"val_loader batch {i}")
                     check_targets(logits, y, f"val_loader batch {i}")

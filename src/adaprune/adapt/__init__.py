@@ -45,7 +45,8 @@ class AdaptResult:
     gives every other method this many steps.
 
     ``evaluations`` counts the task's evaluations (the original, every probe measured, every step's
-    model; a resumed run includes the ones before it was killed). ``stopped`` names the limit
+    model; a resumed run includes the ones before it was killed), ``part_evaluations`` how many of them
+    were of part of the validation data (probes, with ``probe_data < 1``). ``stopped`` names the limit
     (``time_limit`` / ``max_evaluations``) that ended the run, ``""`` when none did; ``warnings`` is
     what the run warned about (a validation set too small for the tolerance).
 
@@ -69,6 +70,7 @@ class AdaptResult:
     protected: list[str] = field(default_factory=list)
     optimizer_steps: int = 0
     evaluations: int = 0
+    part_evaluations: int = 0
     stopped: str = ""
     warnings: list[str] = field(default_factory=list)
     warm_start: dict[str, Any] | None = None
@@ -91,7 +93,8 @@ class AdaptResult:
         accepted = sum(r.accepted for r in self.history)
         lines.append(f"steps: {len(self.history)} ({accepted} accepted, {len(self.history) - accepted} rolled back)")
         lines.append(f"optimizer steps: {self.optimizer_steps} (fine-tuning in every step tried)")
-        lines.append(f"evaluations: {self.evaluations}")
+        lines.append(f"evaluations: {self.evaluations}" + (
+            f" ({self.part_evaluations} of part of the validation data: probe_data)" if self.part_evaluations else ""))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -208,6 +211,7 @@ def adapt(
         protected=list(state.protected),
         optimizer_steps=sum(h.optimizer_steps for h in state.history),  # nothing is fine-tuned after the loop
         evaluations=state.evaluations,
+        part_evaluations=state.part_evaluations,
         stopped=state.stopped,
         warnings=list(state.warnings),
         warm_start=None if state.warm is None else dict(state.warm),

@@ -62,7 +62,7 @@ def blame(ctl: Controller, work: nn.Module, graph: Graph, state: ControllerState
         return ""
     harms: dict[str, float] = {}
     if len(live) > 1:
-        now = ctl.current_metrics(state)
+        now = ctl.probe_now(work, state)
         for s in live[:max(left, 0)]:
             sub = plan_from_choice(Graph([by_name[g] for g in s.cut]), s.cut)
             harms[s.unit] = ctl.prober.measure(work, sub, now, ctl.lineage, canonical(sub))

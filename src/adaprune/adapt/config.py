@@ -27,6 +27,10 @@ class AdaptConfig:
     measured sensitivity probes in the first step; with more groups, a first-order estimate ranks them and
     the rest are estimated (:mod:`adaprune.adapt.probing`). ``reprobe``: measured probes in each later
     step, once every measured unit's first-order estimate is calibrated by its own measured ratio.
+    ``probe_data``: the fraction of the validation data probes (and blame) are measured on; below 1 the
+    task must implement :meth:`~adaprune.Task.evaluate_part`, and every probe's harm is measured against
+    the current model on that same part (steps are still judged on all of it). Where an evaluation is
+    the run's cost (a transformer on a few hundred texts), 0.5 halves what probing costs.
     ``time_limit`` (seconds) and ``max_evaluations`` (calls of the task's evaluation) end the run with
     the last accepted model; both are checked before every step (a step under way completes) and are not
     settings a resumed run must share.
@@ -57,6 +61,7 @@ class AdaptConfig:
     confidence: float = 0.9
     probe_budget: int = 24
     reprobe: int = 4
+    probe_data: float = 1.0
     time_limit: float | None = None
     max_evaluations: int | None = None
     warm_finetune_steps: int | None = None
@@ -65,6 +70,8 @@ class AdaptConfig:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)  # frozen: the checked, converted value
 
+        put("probe_data", as_float(self.probe_data, "probe_data", low=0.0, high=1.0, low_open=True,
+                                   hint="the fraction of the validation data probes measure on (1: all of it)"))
         put("tolerance", as_float(self.tolerance, "tolerance", low=0.0, high=1.0, high_open=True,
                                   hint="the largest acceptable drop of the metric, e.g. 0.01"))
         for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):

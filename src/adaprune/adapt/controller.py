@@ -101,8 +101,15 @@ class Controller(Recovery):
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
         # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)
-        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.evaluate, self.harm, config.reprobe)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.probed, self.harm, config.reprobe)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
+        self.part_evaluations = 0  # of them, evaluations of part of the validation data (probe_data < 1)
+        if config.probe_data < 1.0 and not task.evaluates_parts:
+            raise ConfigError(
+                f"probe_data={config.probe_data:g} measures probes on part of the validation data, and the task "
+                f"({type(getattr(task, 'wrapped', task)).__name__}) has no evaluate_part(model, fraction): "
+                "implement it (adaprune.Task.evaluate_part), or leave probe_data at 1"
+            )
         self.started = time.monotonic()
         self.lineage = 0  # the weights' lineage: a new one when a step changed the surviving weights
         # what a step is judged on: the task's metric, or one per task of a MultiTask (each its own tolerance)
@@ -145,6 +152,24 @@ class Controller(Recovery):
             if checked is not None:
                 values[c.name] = checked
         return metrics, values
+
+    def probed(self, model: nn.Module) -> Any:
+        """What a probe measures on ``model``: the full evaluation with its per-example values (so a step
+        whose model is a probe's masked model reuses it), or, with ``probe_data < 1``, the task's
+        evaluation of that part of its validation data (metrics only)."""
+        if self.cfg.probe_data >= 1.0:
+            return self.evaluate(model)
+        self.evaluations += 1
+        self.part_evaluations += 1
+        return self.checked(self.task.evaluate_part(model, self.cfg.probe_data))
+
+    def probe_now(self, work: nn.Module, state: ControllerState, cached: bool = True) -> dict[str, float]:
+        """What probes of ``work`` are measured against: its metrics as measured (:meth:`current_metrics`),
+        or with ``probe_data < 1`` its evaluation on the same part of the validation data (once per
+        weights and model with ``cached``: through the prober's cache)."""
+        if self.cfg.probe_data >= 1.0:
+            return self.current_metrics(state)
+        return self.prober.unmasked(work, self.lineage if cached else -1, self.canonical(state, Plan()))
 
     def checked(self, out: Any) -> dict[str, float]:
         if not isinstance(out, Mapping):
@@ -322,7 +347,7 @@ class Controller(Recovery):
             return self.canonical(state, probe)
 
         measured = self.prober.measured
-        probes = self.prober.run(work, graph, scores, predictor, self.current_metrics(state), self.lineage,
+        probes = self.prober.run(work, graph, scores, predictor, self.probe_now(work, state), self.lineage,
                                  estimate, field, state.probe_ratios, canonical)
         if state.suspects:  # the last step was rolled back: blame it, from the probe budget this step left
             rolled = next((h for h in reversed(state.history) if h.step == state.suspects[0].step), None)
@@ -429,7 +454,8 @@ class Controller(Recovery):
         ``more``: when the verdict is undecided (every point drop within its tolerance, an interval's upper
         end above it), recover ``more`` steps further and judge once again (the warm start's first try)."""
         snapshot = copy.deepcopy(work)
-        key = (self.lineage, self.canonical(state, plan)) if self.as_cut(work, steps) else None
+        # (with probe_data < 1 the cache holds evaluations of part of the data: not a step's measurement)
+        key = (self.lineage, self.canonical(state, plan)) if self.cfg.probe_data >= 1.0 and self.as_cut(work, steps) else None
         remove(work, plan)
         cached = self.prober.cache.get(key) if key is not None else None
         if isinstance(cached, tuple):  # blame or a probe measured this very model
@@ -519,7 +545,7 @@ class Controller(Recovery):
             work = copy.deepcopy(self.model)
             replay(work, state, str(self.run_dir.path))
             self.run_dir.load_weights(state, work)
-            self.evaluations = state.evaluations
+            self.evaluations, self.part_evaluations = state.evaluations, state.part_evaluations
             if state.stopped:  # a run ended by a limit goes on, under the limits it is resumed with
                 state.done, state.stopped, state.message = False, "", ""
             if state.baseline_examples:
@@ -544,7 +570,7 @@ class Controller(Recovery):
                     small = f"task {c.name!r}: {small}" if c.name else small
                     warnings.warn(small, SmallValidationWarning, stacklevel=3)  # (user -> adapt -> run)
                     state.warnings.append(small)
-            state.evaluations = self.evaluations
+            state.evaluations, state.part_evaluations = self.evaluations, self.part_evaluations
             # every relative latency bound is a fraction of this one number: measured three times as long
             state.original_costs = self.costs(work, repeats=3 * self.cfg.latency_repeats)
             if self.warm is not None:  # (what did not map: in state.warm, warned by adapt())
@@ -574,7 +600,7 @@ class Controller(Recovery):
             warming = state.warm is not None and not state.warm["outcome"]
             work = warm_step(self, work, state, values) if warming else self.step(work, state, values)
             state.step += 1
-            state.evaluations = self.evaluations
+            state.evaluations, state.part_evaluations = self.evaluations, self.part_evaluations
             if state.history and state.history[-1].accepted and state.history[-1].step == state.step - 1:
                 values = dict(state.history[-1].costs)
             if self.run_dir is not None:

@@ -132,6 +132,25 @@ class Prober:
             return math.inf
         return self.harm(metrics_now, masked[0] if isinstance(masked, tuple) else masked)
 
+    def unmasked(self, work: nn.Module, version: int, name: str) -> dict[str, float]:
+        """``work``'s own metrics as probes measure them, cached per (``version``, ``name``: the model's
+        canonical name), as the reference of the probes' harm when probes see part of the data."""
+        key = (version, name)
+        got = self.cache.get(key) if version >= 0 else None
+        if got is None:
+            with torch.no_grad():
+                got = self.metrics(work)
+            out: dict[str, float] = got[0] if isinstance(got, tuple) else got
+            if not math.isfinite(self.harm(out, out)):  # nothing to measure the probes' harm against
+                raise NonFiniteError(
+                    f"the current model's metrics on the probes' part of the validation data (probe_data) are "
+                    f"not finite ({out}), though they measured finite on all of it: raise probe_data so the part "
+                    "holds enough examples"
+                )
+            if version >= 0:
+                self.cache[key] = got
+        return got[0] if isinstance(got, tuple) else got
+
     def run(self, work: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], predictor: CostPredictor,
             metrics_now: dict[str, float], version: int, estimate: dict[str, torch.Tensor] | None,
             field: str, ratios: dict[str, float] | None = None,

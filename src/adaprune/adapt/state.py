@@ -85,6 +85,7 @@ class ControllerState:
     rejected: list[str] = field(default_factory=list)  # keys of plans rolled back, on the weights they were tried on
     baseline_examples: list[float] = field(default_factory=list)  # the original model's per-example values
     evaluations: int = 0  # calls of the task's evaluation so far
+    part_evaluations: int = 0  # of them, on part of the validation data (probe_data < 1)
     stopped: str = ""  # the limit (time_limit / max_evaluations) that ended the run, if one did
     warnings: list[str] = field(default_factory=list)  # what the run warned about (a too-small validation set)
     probe_ratios: dict[str, float] = field(default_factory=dict)  # unit -> measured / estimated probe harm
@@ -186,6 +187,7 @@ class _StateFile(_Strict):
     rejected: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(default_factory=list)  # absent before
     baseline_examples: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=list)
     evaluations: int = Field(0, ge=0)
+    part_evaluations: int = Field(0, ge=0)
     stopped: str = ""
     warnings: list[str] = Field(default_factory=list)
     probe_ratios: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
@@ -210,6 +212,8 @@ def run_settings(config: Any, budget: Any, ignore: list[str], task: dict[str, An
     the modules kept whole (``ignore``, by name) and, for several tasks, what judges them (``task``:
     :func:`adaprune.multitask.task_settings`)."""
     options = {k: v for k, v in asdict(config).items() if k not in RUN_LIMITS}
+    if options.get("probe_data") == 1.0:  # (added later: at its default, a run saved before it resumes)
+        del options["probe_data"]
     return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore)), **(task or {})}))
 
 

@@ -127,15 +127,15 @@ def cut_harms(ctl: Controller, model: nn.Module, graph: Graph, chosen: dict[str,
     grown back before a measured one). A cut that makes the metric NaN is the most harm there is."""
     predictor = CostPredictor(model, ctl.x)
     full = static_values(predictor(plan_from_choice(graph, {})))[field]
-    now = ctl.current_metrics(state)
+    now = ctl.probe_now(model, state, cached=False)
     out: dict[str, float] = {}
     for name in sorted(chosen, key=lambda g: len(chosen[g]), reverse=True)[:ctl.cfg.probe_budget]:
         plan = plan_from_choice(graph, {name: chosen[name]})
         saved = max(full - static_values(predictor(plan))[field], 1e-12)
         handle = mask(model, plan)
         try:
-            masked = ctl.metrics(model)
-            harm = ctl.harm(now, masked)
+            masked = ctl.probed(model)
+            harm = ctl.harm(now, masked[0] if isinstance(masked, tuple) else masked)
         except NonFiniteError:
             harm = math.inf
         finally:
