@@ -29,6 +29,23 @@ class ChannelMask(nn.Module):
         return w * self.mask
 
 
+class ShiftedMask(nn.Module):
+    """Parametrization ``w -> (w + shift) * mask``: a pruning method that also updates the kept weights
+    (SparseGPT) keeps the update beside the untouched parameter, so ``undo()`` gives the original back
+    and gradients still reach ``w``."""
+
+    mask: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self, mask: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.register_buffer("shift", shift)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return (w + self.shift) * self.mask
+
+
 def mask_tensor(
     shape: torch.Size, dims: dict[int, tuple[int, ...]], device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -44,15 +61,20 @@ def mask_tensor(
 class Masking:
     """Masks put on a model's parameters; ``undo()`` takes them off, ``materialize()`` bakes them in."""
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor],
+                 shifts: dict[str, torch.Tensor] | None = None) -> None:
+        """``masks``: parameter name -> 0/1 mask; ``shifts``: parameter name -> an update added to the
+        weight before masking (:class:`ShiftedMask`), for the parameters that have one."""
         self._entries: list[tuple[nn.Module, str]] = []
         self._order: dict[int, list[str]] = {}
+        shifts = shifts or {}
         try:
             for name, m in masks.items():
                 mod_name, _, attr = name.rpartition(".")
                 mod = model.get_submodule(mod_name)
                 self._order.setdefault(id(mod), list(mod._parameters))
-                parametrize.register_parametrization(mod, attr, ChannelMask(m))
+                parametrization = ShiftedMask(m, shifts[name]) if name in shifts else ChannelMask(m)
+                parametrize.register_parametrization(mod, attr, parametrization)
                 self._entries.append((mod, attr))
         except BaseException:  # an interrupt too: no mask may stay on the model
             self.undo()

@@ -1,7 +1,9 @@
 """Unstructured and N:M sparsity: zero individual weights, chosen by the same importance measures.
 
 Scores per weight: ``magnitude`` (|w|), ``wanda`` (|w| * ||x|| of the layer's input channel: Sun et
-al., 2023) or ``taylor`` (|w * dL/dw|). ``sparsity=0.5`` zeroes the lowest half of every layer (or of
+al., 2023) or ``taylor`` (|w * dL/dw|). ``sparsegpt`` (Frantar & Alistarh, 2023;
+:mod:`adaprune.surgery.sparsegpt`) chooses by second-order saliency on calibration data and also
+updates the weights it keeps to make up for the ones it zeroes (per layer only). ``sparsity=0.5`` zeroes the lowest half of every layer (or of
 all layers together with ``scope="global"``); ``pattern=NM(2, 4)`` keeps the 2 largest of every 4
 consecutive weights along the layer's reduction dim (Mishra et al., 2021; the layout NVIDIA's sparse
 tensor cores run).
@@ -164,7 +166,9 @@ def sparsify(
         raise ConfigError(f"pattern={shown(pattern)} is not N:M; write e.g. pattern='2:4' or NM(2, 4)")
     if pattern is not None and not isinstance(pattern, str):
         check_instance(pattern, NM, "pattern", "an N:M pattern", "write e.g. pattern='2:4' or NM(2, 4)")
-    check_choice(importance, "importance", ("magnitude", "wanda", "taylor"))
+    check_choice(importance, "importance", ("magnitude", "wanda", "taylor", "sparsegpt"))
+    if importance == "sparsegpt" and scope != "layer":
+        raise ConfigError("importance='sparsegpt' chooses and compensates each layer on its own: use scope='layer'")
     check_choice(scope, "scope", ("layer", "global"))
     ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
@@ -181,6 +185,8 @@ def sparsify(
     if scope not in ("layer", "global"):
         raise ConfigError(f"scope={scope!r} must be 'layer' or 'global'")
     layers = _targets(model, resolve_ignore(model, ignore))
+    if importance == "sparsegpt":
+        return _sparsegpt(model, layers, Context(calibration, loss or default_loss), sparsity, pattern)
     scores = element_scores(model, layers, importance, Context(calibration, loss or default_loss))
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
@@ -208,6 +214,51 @@ def sparsify(
     achieved = {n: 1.0 - float(m.mean()) for n, m in masks.items()}
     sizes = {n: m.numel() for n, m in masks.items()}
     return SparseResult(handle, achieved, skipped, sizes=sizes)
+
+
+def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: float | None,
+               pattern: NM | None) -> SparseResult:
+    """SparseGPT over ``layers`` in module order, each on the inputs of the model pruned so far; a failure
+    (or an interrupt) leaves every weight as it was."""
+    from .sparsegpt import hessian, prune_layer, supported
+
+    batches = ctx.batches("sparsegpt")
+    originals: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for name, mod in layers.items():
+            why = supported(mod)
+            w = _weight(mod)
+            cols = w[0].numel()
+            if not why and pattern is not None and cols % pattern.m:
+                why = f"reduction size {cols} is not a multiple of {pattern.m}"
+            if why:
+                skipped[name] = why
+                continue
+            h = hessian(model, name, batches)
+            new, keep = prune_layer(w.reshape(w.shape[0], -1), h, sparsity,
+                                    None if pattern is None else (pattern.n, pattern.m))
+            originals[name] = w.detach().clone()
+            with torch.no_grad():  # applied now, so the next layers see this one's output as pruned
+                w.copy_(new.view_as(w).to(w.device))
+            masks[name] = keep.view_as(w)
+    except BaseException:
+        with torch.no_grad():
+            for name, w in originals.items():
+                _weight(layers[name]).copy_(w)
+        raise
+    shifts = {}
+    with torch.no_grad():
+        for name, w in originals.items():
+            param = _weight(layers[name])
+            shifts[f"{name}.weight" if name else "weight"] = param.detach() - w
+            param.copy_(w)  # the parameter stays the original: the update lives in the parametrization
+    device_masks = {(f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
+                    for n, m in masks.items()}
+    handle = Masking(model, device_masks, shifts)
+    achieved = {n: 1.0 - float(m.float().mean()) for n, m in masks.items()}
+    return SparseResult(handle, achieved, skipped, sizes={n: m.numel() for n, m in masks.items()})
 
 
 def to_semi_structured(model: nn.Module, result: SparseResult) -> nn.Module:
