@@ -143,3 +143,38 @@ def test_bad_input_is_named_and_changes_nothing(digits_mlp):
         ap.sparsify(model, importance="sparsegpt", calibration=bad, sparsity=0.5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+# -- OWL: per-layer fractions from each layer's outliers ------------------------------------------------
+def outlier_net() -> tuple[nn.Module, list]:
+    """Three equal layers; the middle one's inputs carry a few huge channels (outlier features)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        model[0].weight[:3] *= 40.0  # three of the middle layer's input channels are outliers
+    g = torch.Generator().manual_seed(1)
+    return model, [(torch.randn(64, 32, generator=g), None) for _ in range(2)]
+
+
+def test_owl_spares_the_layer_with_outliers_and_keeps_the_overall_sparsity():
+    from adaprune.importance import Context, default_loss
+    from adaprune.surgery.sparse import OWL_SPREAD, _targets, owl_sparsities
+
+    model, calib = outlier_net()
+    fractions = owl_sparsities(model, _targets(model, set()), Context(calib, default_loss), 0.6)
+    assert fractions["1"] == min(fractions.values()) < 0.6 - OWL_SPREAD / 2
+    assert max(fractions.values()) - min(fractions.values()) == pytest.approx(2 * OWL_SPREAD)
+    assert sum(fractions.values()) / 3 == pytest.approx(0.6)  # equal layers: the plain mean
+    for importance in ("magnitude", "sparsegpt"):
+        m = copy.deepcopy(model)
+        res = ap.sparsify(m, importance=importance, calibration=calib, sparsity=0.6, scope="owl")
+        assert res.overall == pytest.approx(0.6, abs=0.01)
+        assert res.sparsity["1"] == pytest.approx(fractions["1"], abs=1 / 32)
+
+
+def test_owl_needs_data_and_a_fraction():
+    model, calib = outlier_net()
+    with pytest.raises(ConfigError, match="scope='owl'.*calibration"):
+        ap.sparsify(model, sparsity=0.5, scope="owl")
+    with pytest.raises(ConfigError, match="scope='owl'.*N:M"):
+        ap.sparsify(model, pattern="2:4", scope="owl", calibration=calib)

@@ -134,6 +134,31 @@ def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
     return keep.reshape(scores.shape).float()
 
 
+OWL_THRESHOLD = 5.0
+"""OWL: a weight is an outlier when its Wanda score exceeds this many times its layer's mean score."""
+OWL_SPREAD = 0.08
+"""OWL: the layers' sparsities span at most the target +- this (Yin et al.'s lambda)."""
+
+
+def owl_sparsities(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: float) -> dict[str, float]:
+    """Outlier-weighted layerwise sparsity (OWL, Yin et al., 2024): each layer's fraction of outlier weights
+    (Wanda score |w| * ||x|| above ``OWL_THRESHOLD`` times the layer's mean) sets its sparsity, linearly
+    between ``sparsity + OWL_SPREAD`` (fewest outliers) and ``sparsity - OWL_SPREAD`` (most), shifted so that
+    the layers' weights together are ``sparsity`` sparse; clipped to [0, 0.99]."""
+    if ctx.calibration is None:
+        raise ConfigError("scope='owl' weighs each layer by its outlier weights on data: pass calibration= an iterable "
+                          "of (inputs, targets) batches, or use scope='layer'")
+    scores = element_scores(model, layers, "wanda", ctx)  # (a layer the batches miss scores |w|)
+    ratio = {n: float((s > OWL_THRESHOLD * s.mean()).double().mean()) for n, s in scores.items()}
+    if not ratio:
+        return {}
+    low, high = min(ratio.values()), max(ratio.values())
+    spread = {n: (r - low) / (high - low) if high > low else 0.5 for n, r in ratio.items()}
+    sizes = {n: scores[n].numel() for n in scores}
+    shift = sum(sizes[n] * spread[n] for n in spread) / sum(sizes.values())  # the size-weighted mean lands on sparsity
+    return {n: min(max(sparsity + 2 * OWL_SPREAD * (shift - spread[n]), 0.0), 0.99) for n in spread}
+
+
 def _lowest_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(fraction * scores.numel())
     mask = torch.ones(scores.numel())
@@ -156,7 +181,9 @@ def sparsify(
     """Mask individual weights of every Linear/Conv layer (reversibly, with parametrize).
 
     Give ``sparsity`` (fraction of weights zeroed, per layer or with ``scope="global"`` over all
-    layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both.
+    layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both. ``scope="owl"`` gives each layer its own
+    fraction from its share of outlier weights (:func:`owl_sparsities`; needs calibration), the layers
+    together at ``sparsity``.
     """
     check_module(model)
     if sparsity is not None:
@@ -167,9 +194,13 @@ def sparsify(
     if pattern is not None and not isinstance(pattern, str):
         check_instance(pattern, NM, "pattern", "an N:M pattern", "write e.g. pattern='2:4' or NM(2, 4)")
     check_choice(importance, "importance", ("magnitude", "wanda", "taylor", "sparsegpt"))
-    if importance == "sparsegpt" and scope != "layer":
-        raise ConfigError("importance='sparsegpt' chooses and compensates each layer on its own: use scope='layer'")
-    check_choice(scope, "scope", ("layer", "global"))
+    if importance == "sparsegpt" and scope == "global":
+        raise ConfigError("importance='sparsegpt' chooses and compensates each layer on its own: use scope='layer' "
+                          "(or 'owl' for per-layer fractions)")
+    check_choice(scope, "scope", ("layer", "global", "owl"))
+    if scope == "owl" and pattern is not None:
+        raise ConfigError("scope='owl' spreads a sparsity= fraction unevenly over the layers; an N:M pattern is the "
+                          "same in every layer: give sparsity= with scope='owl', or pattern= with scope='layer'")
     ignore = ignore_items(ignore)  # a generator is read once, here
     resolve_ignore(model, ignore)
     if calibration is not None:
@@ -182,12 +213,13 @@ def sparsify(
         pattern = NM.parse(pattern)
     if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0):
         raise ConfigError(f"sparsity={sparsity!r} must be a fraction in [0, 1)")
-    if scope not in ("layer", "global"):
-        raise ConfigError(f"scope={scope!r} must be 'layer' or 'global'")
     layers = _targets(model, resolve_ignore(model, ignore))
+    ctx = Context(calibration, loss or default_loss)
+    fractions = (owl_sparsities(model, layers, ctx, float(sparsity or 0.0)) if scope == "owl"
+                 else dict.fromkeys(layers, float(sparsity or 0.0)))
     if importance == "sparsegpt":
-        return _sparsegpt(model, layers, Context(calibration, loss or default_loss), sparsity, pattern)
-    scores = element_scores(model, layers, importance, Context(calibration, loss or default_loss))
+        return _sparsegpt(model, layers, ctx, None if pattern is not None else fractions, pattern)
+    scores = element_scores(model, layers, importance, ctx)
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
     if pattern is not None:
@@ -205,7 +237,7 @@ def sparsify(
             masks[n] = keep[start : start + s.numel()].view(s.shape)
             start += s.numel()
     else:
-        masks = {n: _lowest_mask(s, float(sparsity or 0.0)) for n, s in scores.items()}
+        masks = {n: _lowest_mask(s, fractions[n]) for n, s in scores.items()}
     device_masks = {
         (f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
         for n, m in masks.items()
@@ -216,7 +248,7 @@ def sparsify(
     return SparseResult(handle, achieved, skipped, sizes=sizes)
 
 
-def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: float | None,
+def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: dict[str, float] | None,
                pattern: NM | None) -> SparseResult:
     """SparseGPT over ``layers`` in module order, each on the inputs of the model pruned so far; a failure
     (or an interrupt) leaves every weight as it was."""
@@ -237,7 +269,7 @@ def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, spa
                 skipped[name] = why
                 continue
             h = hessian(model, name, batches)
-            new, keep = prune_layer(w.reshape(w.shape[0], -1), h, sparsity,
+            new, keep = prune_layer(w.reshape(w.shape[0], -1), h, None if sparsity is None else sparsity[name],
                                     None if pattern is None else (pattern.n, pattern.m))
             originals[name] = w.detach().clone()
             with torch.no_grad():  # applied now, so the next layers see this one's output as pruned
