@@ -77,7 +77,7 @@ def task(**kw: Any) -> ap.ClassificationTask:
 # ---------------------------------------------------------------------------------------------
 CONFIG_CASES = [
     ("tolerance", "x", TYPE), ("tolerance", True, TYPE), ("tolerance", NAN, NONFINITE),
-    ("tolerance", INF, NONFINITE), ("tolerance", 1.5, VALUE), ("tolerance", HUGE_LIST, TYPE),
+    ("tolerance", INF, NONFINITE), ("tolerance", -0.5, VALUE), ("tolerance", HUGE_LIST, TYPE),
     ("finetune_steps", 2.5, TYPE), ("finetune_steps", True, TYPE), ("finetune_steps", -1, VALUE),
     ("seed", "a", TYPE), ("seed", NAN, TYPE), ("reconstruct", "yes", TYPE), ("reconstruct", 1, TYPE),
     ("importance", 3, TYPE), ("importance", HUGE_STR, UNKNOWN), ("importance", lambda m, g, c: {}, TYPE),

@@ -163,7 +163,7 @@ BAD = {
     "missing budget": ({"budget": None}, "budget", "macs"),
     "wrong type": ({"data": {"kind": "digits", "batch_size": "big"}}, "data.batch_size", "integer"),
     "negative budget": ({"budget": {"macs": -0.5}}, "budget.macs", "greater than 0"),
-    "tolerance outside [0, 1)": ({"tolerance": 1.0}, "tolerance", "less than 1"),
+    "negative tolerance": ({"tolerance": -0.1}, "tolerance", "greater than or equal to 0"),
     "unknown field": ({"budgett": {"macs": 0.5}}, "budgett", "did you mean 'budget'"),
     "unknown option": ({"options": {"stepsize": 0.1}}, "options.stepsize", "did you mean 'step'"),
     "inconsistent options": ({"options": {"step": 0.001}}, "options", "min_step"),

@@ -24,6 +24,7 @@ from .embedding import EmbeddingTask
 from .graph import Graph, Group, trace
 from .io import load, save
 from .ladder import Governor, Ladder, ladder, load_ladder, save_ladder
+from .language import LanguageModelingTask
 from .multitask import MultiTask
 from .onnx_export import export_onnx
 from .plan import GroupCut, Plan
@@ -54,6 +55,7 @@ __all__ = [
     "Group",
     "GroupCut",
     "Ladder",
+    "LanguageModelingTask",
     "MultiTask",
     "Plan",
     "PruneResult",

@@ -38,6 +38,7 @@ __all__ = [
     "check_path",
     "check_plan",
     "check_ratio",
+    "check_tolerance_scale",
     "clip",
     "describe",
     "given",
@@ -257,3 +258,15 @@ def check_ratio(ratio: Any, name: str = "ratio") -> float:
             "group (0.5 removes half); use a value such as 0.3"
         )
     return float(ratio)
+
+
+def check_tolerance_scale(tolerance: float, value: float, metric: str, where: str = "") -> None:
+    """Refuse a tolerance of 1 or more for a metric measured in [0, 1] (accuracy, Dice, recall@1 ...): a drop
+    that large allows any model, so it is a percentage meant as a fraction. Tolerances are absolute, in
+    the metric's own units; a perplexity's may well be 1 or more."""
+    if tolerance >= 1.0 and 0.0 <= value <= 1.0:
+        raise ConfigError(
+            f"{where}tolerance={tolerance:g} for the metric {metric!r}, which measured {value:.4g}: a drop of "
+            f"{tolerance:g} allows any model; the tolerance is absolute, in the metric's units (write "
+            f"{tolerance / 100:g} for {tolerance:g} points)"
+        )

@@ -72,8 +72,8 @@ class AdaptConfig:
 
         put("probe_data", as_float(self.probe_data, "probe_data", low=0.0, high=1.0, low_open=True,
                                    hint="the fraction of the validation data probes measure on (1: all of it)"))
-        put("tolerance", as_float(self.tolerance, "tolerance", low=0.0, high=1.0, high_open=True,
-                                  hint="the largest acceptable drop of the metric, e.g. 0.01"))
+        put("tolerance", as_float(self.tolerance, "tolerance", low=0.0,
+                                  hint="the largest acceptable drop of the metric, in its units, e.g. 0.01"))
         for name in ("step", "min_step", "max_step", "probe_ratio", "max_group_ratio"):
             put(name, as_float(getattr(self, name), name, low=0.0, high=1.0, low_open=True, high_open=True,
                                hint="a fraction of the binding cost or of a group's channels"))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._check import check_tolerance_scale
 from ..allocate import Limits, lowest
 from ..allocate.adaptive import ClusterProbe, allocate_adaptive
 from ..calls import eval_call
@@ -557,6 +558,9 @@ class Controller(Recovery):
             state = ControllerState(step_size=self.cfg.step, config=config, signature=signature)
             self.task.set_teacher(self.model)  # before anything is measured: a distilling task measures against it
             state.baseline, self.baseline_values = self.baseline(work)  # finite, or NonFiniteError
+            for c in self.criteria:  # (a percentage meant as a fraction, found before anything is cut)
+                check_tolerance_scale(float(c.tolerance or 0.0), state.baseline[c.metric], c.metric,
+                                      f"task {c.name!r}: " if c.name else "")
             for c in self.criteria:
                 if c.name not in self.baseline_values:
                     continue

@@ -257,7 +257,8 @@ class RunConfig(_Strict):
                           "gets the same loaders"
     )
     budget: BudgetSpec | None = Field(None, description="the cost bounds, e.g. `budget: {macs: 0.5}`")
-    tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="largest acceptable metric drop, in [0, 1)")
+    tolerance: float = Field(0.01, ge=0.0, description="largest acceptable metric drop, absolute, in the metric's "
+                                                        "units (under 1 for a metric measured in [0, 1])")
     ignore: list[str] = Field(default_factory=list, description="names of modules whose output width is kept")
     run_dir: str | None = Field(
         None, description="the run directory (default: runs/<config file name>, under the working directory)"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._check import as_float, as_int, check_inputs, check_module, check_plan
+from .._check import as_float, as_int, check_inputs, check_module, check_plan, check_tolerance_scale
 from ..adapt.bookkeeping import as_number
 from ..adapt.noise import Interval, check_examples, paired_interval
 from ..adapt.previous import plan_of
@@ -199,8 +199,8 @@ def check(pruned: Any, dense: nn.Module, task: Any, tolerance: float = 0.01, *, 
         raise ConfigError("check: pruned and dense are the same model; pass the deployed pruned model and its "
                           "(updated) dense parent")
     task = as_task(task)
-    tolerance = as_float(tolerance, "tolerance", low=0.0, high=1.0, high_open=True, where="check",
-                         hint="the largest acceptable drop of the metric, e.g. 0.01")
+    tolerance = as_float(tolerance, "tolerance", low=0.0, where="check",
+                         hint="the largest acceptable drop of the metric, in its units, e.g. 0.01")
     confidence = as_float(confidence, "confidence", low=0.0, high=1.0, high_open=True, where="check",
                           hint="the two-sided confidence of the drop's interval, e.g. 0.9 (0: the point drop)")
     if max_groups is not None:
@@ -213,6 +213,9 @@ def check(pruned: Any, dense: nn.Module, task: Any, tolerance: float = 0.01, *, 
     mapped = map_plan(plan, dense, graph=graph)
 
     dense_metrics, dense_values = _measure(task, dense, criteria)
+    for c in criteria:
+        if c.metric in dense_metrics:
+            check_tolerance_scale(float(c.tolerance or 0.0), dense_metrics[c.metric], c.metric, "check: ")
     bad = {c.metric: dense_metrics[c.metric] for c in criteria if not math.isfinite(dense_metrics[c.metric])}
     if bad:
         raise NonFiniteError(f"check: the dense model's metrics are not finite ({shown(bad)}); the pruned model is "

@@ -1,0 +1,132 @@
+"""LanguageModelingTask: perplexity over the tokens the attention mask keeps (a known answer, padding
+ignored), fine-tuning that lowers it, adapt keeping it within a lower-is-better tolerance on a LLaMA built
+from its config, and calibration batches SparseGPT reads (closer to dense than magnitude)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import adaprune as ap
+from adaprune.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def corpus() -> list[str]:
+    """Lines of Python standard-library docstrings: real text, offline, the same on every machine with
+    this Python."""
+    lines: list[str] = []
+    for name in ("json", "re", "textwrap", "string", "functools", "itertools", "collections", "argparse",
+                 "pathlib", "shutil", "heapq", "bisect"):
+        mod = importlib.import_module(name)
+        docs = [mod.__doc__ or ""] + [getattr(getattr(mod, a), "__doc__", "") or "" for a in sorted(dir(mod))
+                                      if not a.startswith("_")]
+        for d in docs:
+            lines += [ln.strip() for ln in d.splitlines() if len(ln.split()) >= 4]
+    return sorted(set(lines))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    texts = corpus()
+    words = tokenizers.models.WordLevel
+    tok = tokenizers.Tokenizer(words(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"],
+                                                                         min_frequency=2))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(texts), generator=g).tolist()
+    val, train = [texts[i] for i in order[:96]], [texts[i] for i in order[96:]]
+    task = ap.LanguageModelingTask(val, train, tokenizer=tokenizer, max_length=24, batch_size=16, lr=3e-3)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    untrained = task.evaluate(model)["perplexity"]
+    task.finetune(model, 150)
+    return model.eval(), task, tokenizer, untrained
+
+
+class ZeroLogits(nn.Module):
+    """Uniform next-token distribution over ``vocab`` tokens: perplexity exactly ``vocab``."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.ones(*input_ids.shape, self.vocab)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_and_padding_does_not_count():
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    task = ap.LanguageModelingTask([{"input_ids": ids, "attention_mask": mask}])
+    out = task.evaluate(ZeroLogits(50))
+    assert out["perplexity"] == pytest.approx(50.0)
+    assert out["tokens"] == 3 + 1
+    assert not task.fine_tunes and task.calibration() is None
+
+
+def test_finetuning_lowers_perplexity_and_a_changed_model_scores_worse(lm):
+    model, task, _, untrained = lm
+    trained = task.evaluate(model)
+    assert trained["perplexity"] < 0.5 * untrained
+    assert trained["loss"] == pytest.approx(math.log(trained["perplexity"]))
+    part = task.evaluate_part(model, 0.5)
+    assert part["tokens"] < trained["tokens"]
+    worse = copy.deepcopy(model)
+    with torch.no_grad():
+        worse.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    assert task.evaluate(worse)["perplexity"] > trained["perplexity"]
+
+
+def test_adapt_keeps_perplexity_within_a_lower_is_better_tolerance(lm):
+    model, task, tokenizer, _ = lm
+    work = copy.deepcopy(model)
+    before = task.evaluate(model)["perplexity"]
+    x = dict(tokenizer(["the first line of a docstring"], return_tensors="pt"))
+    res = ap.adapt(work, x, task, ap.Budget(macs=0.75), tolerance=0.15 * before, finetune_steps=10,
+                   max_iterations=6, ignore=["lm_head"])
+    after = task.evaluate(work)["perplexity"]
+    assert after - before <= 0.15 * before + 1e-9, res.summary()
+    assert res.costs_after["macs"] < res.costs_before["macs"], res.summary()
+    assert res.before["perplexity"] == pytest.approx(before)
+
+
+def test_sparsegpt_on_its_calibration_keeps_perplexity_closer_to_dense_than_magnitude(lm):
+    model, task, _, _ = lm
+    dense = task.evaluate(model)["perplexity"]
+    got = {}
+    for importance in ("magnitude", "sparsegpt"):
+        m = copy.deepcopy(model)
+        # (a model this small predicts mostly through its output layer: the decoder layers' weights barely move
+        # its perplexity, the output layer's do)
+        ap.sparsify(m, importance=importance, calibration=task.calibration(), sparsity=0.6)
+        got[importance] = task.evaluate(m)["perplexity"]
+    assert got["sparsegpt"] - dense < 0.5 * (got["magnitude"] - dense), (dense, got)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ConfigError, match="tokenizer="):
+        ap.LanguageModelingTask(["some text here"])
+    with pytest.raises(ConfigError, match="integer token ids"):
+        ap.LanguageModelingTask([torch.randn(2, 4)])
+    task = ap.LanguageModelingTask([torch.tensor([[1, 2, 3]])])
+    with pytest.raises(ConfigError, match="train="):
+        task.finetune(ZeroLogits(5), 1)
+    with pytest.raises(ConfigError, match=r"outside the model's 3 logits"):
+        task.evaluate(nn.Embedding(5, 3))
+    with pytest.raises(ConfigError, match=r"logits are \(1, 3, 2, 2\)"):
+        task.evaluate(nn.Sequential(nn.Embedding(5, 4), nn.Unflatten(-1, (2, 2))))
