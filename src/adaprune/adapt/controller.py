@@ -64,6 +64,7 @@ from .latency_table import LatencyTable
 from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
 from .probing import Probe, Prober, first_order
 from .recovery import Examples, Recovery
+from .retime import retime
 from .rundir import RunDir
 from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
 from .warm import warm_key, warm_state, warm_step
@@ -585,7 +586,7 @@ class Controller(Recovery):
             self.task.set_teacher(self.model)  # (a fresh run set it before measuring the original)
         values = self.costs(work) if state.history else dict(state.original_costs)
         while not state.done:
-            if self.budget.met(values, state.original_costs):
+            if self.budget.met(values, state.original_costs) and retime(self, work, state, values):
                 state.done, state.message = True, "budget met: " + self.budget.describe(values, state.original_costs)
                 if state.warm is not None and not state.warm["outcome"]:
                     state.warm["outcome"] = "not tried"  # the budget held before the previous plan was needed
