@@ -12,6 +12,7 @@ from torch import nn
 
 import adaprune as ap
 from adaprune.adapt import blame as blame_module
+from adaprune.adapt import edge
 from adaprune.adapt.state import ControllerState, Suspect
 from adaprune.errors import FileFormatError
 
@@ -171,18 +172,18 @@ def at_the_edge(task: ap.Task, over: float = 1.2, spent: float = 0.92):
 
 def test_a_cut_that_failed_by_a_little_at_the_edge_is_followed_by_a_recovery_kept_only_if_it_helps() -> None:
     ctl, model, state = at_the_edge(Practised(+1.0))
-    assert ctl.at_the_edge(state)
-    out = ctl.recover_only(model, state)
+    assert edge.at_the_edge(ctl, state)
+    out = edge.recover_only(ctl, model, state)
     last = state.history[-1]
     assert last.accepted and last.cuts == {} and "recovery only" in last.reason and last.optimizer_steps == 1
     assert out is model and float(out[4].bias[0]) == 1.0 and ctl.current_metrics(state)["score"] == pytest.approx(0.93)
 
     ctl, model, state = at_the_edge(Practised(-1.0))  # a recovery that makes it worse is rolled back
-    out = ctl.recover_only(model, state)
+    out = edge.recover_only(ctl, model, state)
     assert not state.history[-1].accepted and "rolled back" in state.history[-1].reason
     assert float(out[4].bias[0]) == 0.0 and ctl.current_metrics(state)["score"] == 0.92
 
     ctl, _, state = at_the_edge(Practised(+1.0), over=3.0)  # failed by a lot: cut again, with the culprit capped
-    assert not ctl.at_the_edge(state)
+    assert not edge.at_the_edge(ctl, state)
     ctl, _, state = at_the_edge(Practised(+1.0), spent=0.97)  # under half the tolerance spent: cut on
-    assert not ctl.at_the_edge(state)
+    assert not edge.at_the_edge(ctl, state)

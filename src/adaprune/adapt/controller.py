@@ -59,6 +59,7 @@ from .bookkeeping import (
     same_weights,
 )
 from .config import AdaptConfig
+from .edge import at_the_edge, recover_only
 from .fill import fill
 from .latency_table import LatencyTable
 from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
@@ -329,8 +330,8 @@ class Controller(Recovery):
     def step(self, work: nn.Module, state: ControllerState, values: dict[str, float]) -> nn.Module:
         """Try one step; return the working model to continue with (the same, or the restored copy)."""
         torch.manual_seed(self.cfg.seed * 100_003 + state.step)  # every step replays identically on resume
-        if self.at_the_edge(state):
-            return self.recover_only(work, state)
+        if at_the_edge(self, state):
+            return recover_only(self, work, state)
         field, limit = self.binding(state, values)
         final = state.step_size >= 1.0 - limit / values[field]  # this step aims at the budget itself
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
@@ -404,46 +405,6 @@ class Controller(Recovery):
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
         record.reason += ": rolled back, step halved"
         state.rejected.append(tried)
-        return snapshot
-
-    def at_the_edge(self, state: ControllerState) -> bool:
-        """Whether this step should only recover: the last step was a cut rolled back by a little (at most
-        twice the tolerance), from a model that had already spent over half of it, and the task
-        fine-tunes. Any cut from there is a coin flip on the validation data's noise; recovering first
-        buys back tolerance (a detector at 1/4 of its MACs lost three steps in a row by 3 to 30% over the
-        tolerance, from a model 0.004 below it)."""
-        last = state.history[-1] if state.history else None
-        if last is None or last.accepted or not last.cuts or self.recovery_steps() == 0:
-            return False
-        if not state.suspects or state.suspects[0].over > 2.0:
-            return False
-        verdicts = self.judge(state, self.current_metrics(state), {})
-        return any(v.drop > float(v.criterion.tolerance or 0.0) / 2 for v in verdicts)
-
-    def recover_only(self, work: nn.Module, state: ControllerState) -> nn.Module:
-        """A step that cuts nothing: recover (``finetune_steps``, BatchNorm recalibration) and measure; kept
-        when the model is measured better than before (by the task's judged drop), else rolled back."""
-        snapshot = copy.deepcopy(work)
-        before = self.judge(state, self.current_metrics(state), {})
-        metrics: dict[str, float] = {}
-        examples: Examples = {}
-        try:
-            steps = self.recover(work, state.step)
-            metrics, examples, failure, _ = self.finished(work, *self.evaluate(work), "")
-        except NonFiniteError as exc:
-            steps, failure = self.recovery_steps(), f"recovery failed ({type(exc).__name__}: {shown(str(exc), 200)})"
-        verdicts = [] if failure else self.judge(state, metrics, examples)
-        better = bool(verdicts) and all(v.drop < b.drop for v, b in zip(verdicts, before))
-        binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
-        interval = None if binding is None or binding.interval is None else [binding.interval.low, binding.interval.high]
-        record = StepRecord(state.step, 0.0, {}, metrics, self.costs(work), better, "", steps, interval)
-        state.history.append(record)
-        said = failure or "; ".join(self.said(v) for v in verdicts)
-        if better:
-            record.reason = f"recovery only (the last cut failed by a little, over half the tolerance spent): {said}"
-            self.lineage += 1
-            return work
-        record.reason = f"recovery only: {said}, no better than before: rolled back"
         return snapshot
 
     def attempt(self, work: nn.Module, state: ControllerState, plan: Plan, size: float,
