@@ -30,6 +30,7 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     Qwen2Config,
 )
 
@@ -47,7 +48,7 @@ def _decoder(kind):
     torch.manual_seed(0)
     sizes = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-    cfg = LlamaConfig(**sizes) if kind == "llama" else Qwen2Config(**sizes)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind](**sizes)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -57,6 +58,10 @@ def _llama():
 
 def _qwen2():
     return _decoder("qwen2")
+
+
+def _mistral():
+    return _decoder("mistral")
 
 
 def _gpt2():
@@ -165,7 +170,7 @@ def test_bert_ffn_pruned_uniformly_round_trips(tmp_path: Path):
     assert reloaded.config.intermediate_size == 88
 
 
-@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("build", [_llama, _qwen2, _mistral], ids=["llama", "qwen2", "mistral"])
 def test_decoder_prune_states_new_sizes_and_round_trips(build, tmp_path: Path):
     model = build()
     ap.prune(model, _text(), ratio=0.5, ignore=[model.lm_head])
@@ -178,7 +183,7 @@ def test_decoder_prune_states_new_sizes_and_round_trips(build, tmp_path: Path):
     _round_trip(model, tmp_path, AutoModelForCausalLM)
 
 
-@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("build", [_llama, _qwen2, _mistral], ids=["llama", "qwen2", "mistral"])
 def test_decoder_heads_and_ffn_pruned_at_full_width_round_trip(build, tmp_path: Path):
     """Heads go, the residual width stays: the config must state head_dim explicitly (Qwen2 has no field
     for it and would otherwise derive hidden_size / num_attention_heads = 32)."""
