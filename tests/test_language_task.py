@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -130,3 +131,34 @@ def test_bad_input_is_named():
         task.evaluate(nn.Embedding(5, 3))
     with pytest.raises(ConfigError, match=r"logits are \(1, 3, 2, 2\)"):
         task.evaluate(nn.Sequential(nn.Embedding(5, 4), nn.Unflatten(-1, (2, 2))))
+
+
+def layer_widths(model) -> list[tuple[int, int, int]]:
+    return [(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+             layer.mlp.gate_proj.out_features) for layer in model.model.layers]
+
+
+def test_uniform_layers_keeps_every_layer_alike_so_the_model_saves_with_save_pretrained(lm, tmp_path):
+    """With uniform_layers=True adapt cuts every layer to the same widths and the pruned LLaMA reloads with
+    AutoModelForCausalLM to identical logits; without it the layers' widths differ and save_pretrained
+    refuses the model (so this test fails with the flag ignored). The residual width is kept (the embedding
+    ignored): Hugging Face's configs also want hidden_size to be a multiple of the head count."""
+    model, task, tokenizer, _ = lm
+    x = dict(tokenizer(["the first line of a docstring"], return_tensors="pt"))
+    before = task.evaluate(model)["perplexity"]
+    widths = {}
+    for uniform in (False, True):
+        work = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = ap.adapt(work, x, task, ap.Budget(macs=0.75), tolerance=0.15 * before, finetune_steps=10,
+                           max_iterations=6, ignore=["lm_head", "model.embed_tokens"], uniform_layers=uniform)
+        assert res.budget_met, res.summary()
+        widths[uniform] = layer_widths(work)
+    assert len(set(widths[False])) > 1, widths  # (left free, the layers differ)
+    assert len(set(widths[True])) == 1 and widths[True][0] != layer_widths(model)[0], widths
+    work.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = x["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, work(ids).logits)

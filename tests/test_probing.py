@@ -130,8 +130,8 @@ def test_adapt_without_calibration_probes_clusters(monkeypatch) -> None:
     seen: list[dict] = []
     real = probing.units
 
-    def spy(work, graph, budget, can_estimate):
-        out = real(work, graph, budget, can_estimate)
+    def spy(work, graph, budget, can_estimate, tied=False):
+        out = real(work, graph, budget, can_estimate, tied)
         seen.append({"groups": len(graph.groups), "units": {k: len(v) for k, v in out.items()}})
         return out
 

@@ -27,7 +27,10 @@ class AdaptConfig:
     measured sensitivity probes in the first step; with more groups, a first-order estimate ranks them and
     the rest are estimated (:mod:`adaprune.adapt.probing`). ``reprobe``: measured probes in each later
     step, once every measured unit's first-order estimate is calibrated by its own measured ratio.
-    ``probe_data``: the fraction of the validation data probes (and blame) are measured on; below 1 the
+    ``uniform_layers``: groups built alike (every layer's heads, every layer's FFN neurons) are probed,
+    allocated, blamed and filled as one unit, so they keep equal widths: a pruned Hugging Face model
+    then states its sizes in its config and saves with ``save_pretrained`` (per-layer widths need
+    :func:`adaprune.save`). ``probe_data``: the fraction of the validation data probes (and blame) are measured on; below 1 the
     task must implement :meth:`~adaprune.Task.evaluate_part`, and every probe's harm is measured against
     the current model on that same part (steps are still judged on all of it). Where an evaluation is
     the run's cost (a transformer on a few hundred texts), 0.5 halves what probing costs.
@@ -62,6 +65,7 @@ class AdaptConfig:
     probe_budget: int = 24
     reprobe: int = 4
     probe_data: float = 1.0
+    uniform_layers: bool = False
     time_limit: float | None = None
     max_evaluations: int | None = None
     warm_finetune_steps: int | None = None
@@ -100,6 +104,7 @@ class AdaptConfig:
         put("seed", as_int(self.seed, "seed", low=0, high=2**32 - 1))
         if self.reconstruct is not None:
             put("reconstruct", as_bool(self.reconstruct, "reconstruct"))
+        put("uniform_layers", as_bool(self.uniform_layers, "uniform_layers"))
         check_instance(self.importance, str, "importance", "the name of a registered criterion such as 'l2'",
                        "the run's settings are saved as JSON: register a custom criterion with "
                        "adaprune.importance.IMPORTANCE.register(name)")

@@ -104,7 +104,8 @@ class Controller(Recovery):
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
         # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)
-        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.probed, self.harm, config.reprobe)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.probed, self.harm, config.reprobe,
+                             config.uniform_layers)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.part_evaluations = 0  # of them, evaluations of part of the validation data (probe_data < 1)
         if config.probe_data < 1.0 and not task.evaluates_parts:
@@ -363,7 +364,9 @@ class Controller(Recovery):
         table = LatencyTable(state.latency_table)
         plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
         if final and not plan.is_empty and field != "latency":
-            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field], self.cfg.round_to)
+            tied = [[g.name for g in p.groups] for p in probes.values()] if self.cfg.uniform_layers else None
+            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field], self.cfg.round_to,
+                        tied)
         if plan.is_empty:
             state.done = True
             state.message = self.unmet(state, values, self.why_empty(probes))

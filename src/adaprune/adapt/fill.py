@@ -30,12 +30,15 @@ from ..plan import Plan, plan_from_choice
 
 
 def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: float,
-         value: Callable[[Plan], float], round_to: int = 1) -> Plan:
+         value: Callable[[Plan], float], round_to: int = 1, tied: list[list[str]] | None = None) -> Plan:
     """``plan`` with as many of its removed channels given back as keep ``value(plan) <= target``,
-    in multiples of ``round_to`` per group (so widths stay the multiples the plan kept)."""
+    in multiples of ``round_to`` per group (so widths stay the multiples the plan kept). ``tied``: lists
+    of groups that get back equally many (``uniform_layers``: their widths stay equal)."""
     removed = {g.name: list(g.removed) for g in plan.groups if g.removed}
     if not removed or value(plan) > target:
         return plan
+    ties = [[n for n in t if n in removed] for t in (tied or [])]
+    ties = [t for t in ties if t] + [[n] for n in removed if not any(n in t for t in (tied or []))]
     order = {n: sorted(idx, key=lambda i: -float(scores[n].reshape(-1)[i])) for n, idx in removed.items()}
 
     def build(back: dict[str, int]) -> Plan:
@@ -47,30 +50,31 @@ def fill(plan: Plan, graph: Graph, scores: dict[str, torch.Tensor], target: floa
     # 1. one fraction for every group: the largest that fits (the least 1 - fraction, bisected)
     _, back = bisect(lambda x: common(1.0 - x), lambda b: value(build(b)) <= target, 0.0, 1.0, common(0.0), 12)
     back = dict(back)
-    # 2. group by group, finest first
+    # 2. unit by unit (a group, or the groups tied together), finest first
     base = value(build(back))
-    per_channel = {}
-    for n, idx in order.items():
-        if back[n] + round_to <= len(idx):
-            trial = dict(back)
-            trial[n] += round_to
-            per_channel[n] = value(build(trial)) - base
-    for n in sorted(per_channel, key=lambda k: per_channel[k]):
-        lo, hi = back[n] // round_to, len(order[n]) // round_to  # in units of round_to channels
+
+    def more(unit: list[str], count: int) -> dict[str, int]:  # every member of unit at count channels back
+        return {**back, **dict.fromkeys(unit, count)}
+
+    per_channel: dict[int, float] = {}
+    for u, unit in enumerate(ties):
+        if max(back[n] for n in unit) + round_to <= min(len(order[n]) for n in unit):
+            per_channel[u] = value(build(more(unit, max(back[n] for n in unit) + round_to))) - base
+    for u in sorted(per_channel, key=lambda k: per_channel[k]):
+        unit = ties[u]
+        lo, hi = max(back[n] for n in unit) // round_to, min(len(order[n]) for n in unit) // round_to
         slack = target - value(build(back))  # (a cached count: the last plan that fitted)
-        if per_channel[n] > 0:  # a group's cost is close to linear in its width: search only what may fit
-            if per_channel[n] > slack:
+        if per_channel[u] > 0:  # a group's cost is close to linear in its width: search only what may fit
+            if per_channel[u] > slack:
                 continue
-            hi = min(hi, lo + int(slack / per_channel[n]) + 1)
-        while lo < hi:  # the most channels of n that still fit
+            hi = min(hi, lo + int(slack / per_channel[u]) + 1)
+        while lo < hi:  # the most channels of the unit that still fit
             mid = (lo + hi + 1) // 2
-            trial = dict(back)
-            trial[n] = mid * round_to
-            if value(build(trial)) <= target:
+            if value(build(more(unit, mid * round_to))) <= target:
                 lo = mid
             else:
                 hi = mid - 1
-        back[n] = lo * round_to
+        back = more(unit, lo * round_to)
     return build(back)
 
 

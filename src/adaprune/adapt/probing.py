@@ -63,10 +63,11 @@ class Probe:
     measured: bool = True
 
 
-def units(work: nn.Module, graph: Graph, budget: int, can_estimate: bool) -> dict[str, list[Group]]:
+def units(work: nn.Module, graph: Graph, budget: int, can_estimate: bool, tied: bool = False) -> dict[str, list[Group]]:
     """The units of this step: one per group, or clusters of groups built alike when there are more
-    groups than the probe budget and no first-order estimate to choose which to measure."""
-    if len(graph.groups) <= budget or can_estimate:
+    groups than the probe budget and no first-order estimate to choose which to measure, or always with
+    ``tied`` (``uniform_layers``: layers built alike keep equal widths)."""
+    if not tied and (len(graph.groups) <= budget or can_estimate):
         return {g.name: [g] for g in graph.groups}
     return clusters(work, graph.groups)
 
@@ -76,8 +77,8 @@ class Prober:
 
     def __init__(self, probe_ratio: float, budget: int, limits: Limits,
                  metrics: Callable[[nn.Module], Any], harm: Callable[[dict[str, float], dict[str, float]], float],
-                 reprobe: int | None = None):
-        self.ratio, self.budget, self.limits = probe_ratio, budget, limits
+                 reprobe: int | None = None, tied: bool = False):
+        self.ratio, self.budget, self.limits, self.tied = probe_ratio, budget, limits, tied
         self.reprobe = budget if reprobe is None else reprobe
         self.metrics, self.harm = metrics, harm
         # (lineage, masked model) -> what ``metrics`` returned (a metrics dict, or the controller's
@@ -163,7 +164,7 @@ class Prober:
         ratios = {} if ratios is None else ratios
         now = static_values(predictor(Plan()))
         planned: dict[str, tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]]] = {}
-        for name, members in units(work, graph, self.budget, estimate is not None).items():
+        for name, members in units(work, graph, self.budget, estimate is not None, self.tied).items():
             found = self.plan(members, scores, predictor)
             if found is not None:
                 planned[name] = found

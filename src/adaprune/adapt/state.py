@@ -212,8 +212,9 @@ def run_settings(config: Any, budget: Any, ignore: list[str], task: dict[str, An
     the modules kept whole (``ignore``, by name) and, for several tasks, what judges them (``task``:
     :func:`adaprune.multitask.task_settings`)."""
     options = {k: v for k, v in asdict(config).items() if k not in RUN_LIMITS}
-    if options.get("probe_data") == 1.0:  # (added later: at its default, a run saved before it resumes)
-        del options["probe_data"]
+    for later, default in (("probe_data", 1.0), ("uniform_layers", False)):  # (added later: at the default, a
+        if options.get(later) == default:                                     # run saved before them resumes)
+            del options[later]
     return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore)), **(task or {})}))
 
 
