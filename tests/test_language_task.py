@@ -5,7 +5,6 @@ from its config, and calibration batches SparseGPT reads (closer to dense than m
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import warnings
 
@@ -18,41 +17,19 @@ from adaprune.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-
-def corpus() -> list[str]:
-    """Lines of Python standard-library docstrings: real text, offline, the same on every machine with
-    this Python."""
-    lines: list[str] = []
-    for name in ("json", "re", "textwrap", "string", "functools", "itertools", "collections", "argparse",
-                 "pathlib", "shutil", "heapq", "bisect"):
-        mod = importlib.import_module(name)
-        docs = [mod.__doc__ or ""] + [getattr(getattr(mod, a), "__doc__", "") or "" for a in sorted(dir(mod))
-                                      if not a.startswith("_")]
-        for d in docs:
-            lines += [ln.strip() for ln in d.splitlines() if len(ln.split()) >= 4]
-    return sorted(set(lines))
+pytest.importorskip("tokenizers")
+from adaprune.examples.textlm import corpus, tiny_llama, tokenizer_for
 
 
 @pytest.fixture(scope="module")
 def lm():
     texts = corpus()
-    words = tokenizers.models.WordLevel
-    tok = tokenizers.Tokenizer(words(unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"],
-                                                                         min_frequency=2))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer = tokenizer_for(texts)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(texts), generator=g).tolist()
     val, train = [texts[i] for i in order[:96]], [texts[i] for i in order[96:]]
     task = ap.LanguageModelingTask(val, train, tokenizer=tokenizer, max_length=24, batch_size=16, lr=3e-3)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(len(tokenizer), tokenizer.pad_token_id)
     untrained = task.evaluate(model)["perplexity"]
     task.finetune(model, 150)
     return model.eval(), task, tokenizer, untrained

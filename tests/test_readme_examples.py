@@ -1,5 +1,5 @@
-"""README's runtime-adaptation, several-tasks and model-updates examples run as printed (each in a temporary directory:
-they write a ladder and run directories)."""
+"""README's runtime-adaptation, several-tasks, model-updates, compression and language-model examples run as
+printed (each in a temporary directory: they write a ladder, run directories and models)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,15 @@ def test_the_readme_compression_example_runs(tmp_path: Path, monkeypatch: pytest
     size = (tmp_path / "out" / "small" / "model.safetensors.zst").stat().st_size
     assert printed[-1] == f"{size} bytes on disk"
     assert (tmp_path / "out" / "report" / "report.html").is_file()
+
+
+def test_the_readme_language_model_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    run_section("Language models", tmp_path, monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    magnitude, sparsegpt = (float(line.split("perplexity ")[1].split()[0]) for line in printed[:2])
+    dense = float(printed[0].split("dense ")[1].rstrip(")"))
+    assert sparsegpt - dense < 0.25 * (magnitude - dense)  # SparseGPT keeps far more of the model at 60%
+    assert printed[2].startswith("budget met")
+    assert (tmp_path / "out" / "llama" / "config.json").is_file()
