@@ -1,7 +1,7 @@
 """A small causal language model on text that ships offline: lines of the Python standard library's
 docstrings, a word-level tokenizer trained on them (the ``tokenizers`` library) and a LLaMA built from its
 config (``transformers``). Used by README's language-model example and the tests of
-:class:`~adaprune.LanguageModelingTask`. Needs ``transformers`` and ``tokenizers`` (the ``bench`` extra).
+:class:`~adaprune.LanguageModelingTask`. Needs ``transformers`` (the ``hf`` extra; it brings ``tokenizers``).
 """
 
 from __future__ import annotations
