@@ -178,3 +178,33 @@ def test_owl_needs_data_and_a_fraction():
         ap.sparsify(model, sparsity=0.5, scope="owl")
     with pytest.raises(ConfigError, match="scope='owl'.*N:M"):
         ap.sparsify(model, pattern="2:4", scope="owl", calibration=calib)
+
+
+def test_layers_that_read_one_tensor_share_a_pass_and_get_what_passes_of_their_own_give(monkeypatch):
+    """A LLaMA block's q, k and v read one normed hidden state, its gate and up another: 4 calibration passes
+    per block instead of 7, and the same pruned weights as one pass per layer."""
+    pytest.importorskip("transformers")
+    import adaprune.surgery.sparsegpt as sg
+    from adaprune.examples.textlm import tiny_llama
+
+    model = tiny_llama(50)
+    g = torch.Generator().manual_seed(0)
+    calib = [({"input_ids": torch.randint(0, 50, (4, 12), generator=g)}, None) for _ in range(2)]
+    passes = []
+    model.register_forward_pre_hook(lambda m, a, k: passes.append(1), with_kwargs=True)
+
+    def run(one_per_layer: bool) -> dict[str, torch.Tensor]:
+        passes.clear()
+        m = copy.deepcopy(model)
+        if one_per_layer:  # the reference: every layer its own pass
+            real = sg.hessians
+            monkeypatch.setattr(sg, "hessians", lambda model, name, later, batches: real(model, name, [], batches))
+        ap.sparsify(m, importance="sparsegpt", calibration=calib, sparsity=0.5).masking.materialize()
+        monkeypatch.undo()
+        return {k: v.clone() for k, v in m.state_dict().items()}, len(passes)
+
+    shared, shared_passes = run(False)
+    alone, alone_passes = run(True)
+    assert all(torch.equal(shared[k], alone[k]) for k in alone)
+    layers = 2 * 7 + 1  # 7 Linear per block and the output layer
+    assert alone_passes == 2 * layers and shared_passes == 2 * (2 * 4 + 1)

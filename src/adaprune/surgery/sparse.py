@@ -252,23 +252,27 @@ def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, spa
                pattern: NM | None) -> SparseResult:
     """SparseGPT over ``layers`` in module order, each on the inputs of the model pruned so far; a failure
     (or an interrupt) leaves every weight as it was."""
-    from .sparsegpt import hessian, prune_layer, supported
+    from .sparsegpt import hessians, prune_layer, supported
 
     batches = ctx.batches("sparsegpt")
     originals: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
+    for name, mod in layers.items():
+        why = supported(mod)
+        cols = _weight(mod)[0].numel()
+        if not why and pattern is not None and cols % pattern.m:
+            why = f"reduction size {cols} is not a multiple of {pattern.m}"
+        if why:
+            skipped[name] = why
+    todo = [n for n in layers if n not in skipped]
+    ready: dict[str, torch.Tensor] = {}  # Hessians a pass for an earlier layer also gave (the same input tensor)
     try:
-        for name, mod in layers.items():
-            why = supported(mod)
-            w = _weight(mod)
-            cols = w[0].numel()
-            if not why and pattern is not None and cols % pattern.m:
-                why = f"reduction size {cols} is not a multiple of {pattern.m}"
-            if why:
-                skipped[name] = why
-                continue
-            h = hessian(model, name, batches)
+        for i, name in enumerate(todo):
+            w = _weight(layers[name])
+            if name not in ready:
+                ready.update(hessians(model, name, todo[i + 1:], batches))
+            h = ready.pop(name)
             new, keep = prune_layer(w.reshape(w.shape[0], -1), h, None if sparsity is None else sparsity[name],
                                     None if pattern is None else (pattern.n, pattern.m))
             originals[name] = w.detach().clone()

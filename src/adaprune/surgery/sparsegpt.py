@@ -77,23 +77,34 @@ def rows_of(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def hessian(model: nn.Module, name: str, batches: Sequence[tuple[Any, Any]]) -> torch.Tensor:
-    """``X^T X / n`` of layer ``name``'s inputs over the calibration batches (float64)."""
+def hessians(model: nn.Module, name: str, later: Sequence[str],
+             batches: Sequence[tuple[Any, Any]]) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` of layer ``name``'s inputs, and in the same pass of every layer in ``later`` that reads
+    the very tensor ``name`` reads, in every batch (a block's q, k and v reading one normed hidden state;
+    its gate and up projections): pruning ``name`` cannot change their inputs, so one pass serves them all
+    and gives what a pass of their own would."""
     from ..importance.data import observe
 
-    total: list[Any] = [None, 0]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    shared = set(later)
+    current: list[Any] = [None]  # the tensor ``name`` read in this batch
 
-    def add(_: str, m: nn.Module, x: torch.Tensor) -> None:
+    def add(n: str, m: nn.Module, x: torch.Tensor) -> None:
+        if n == name:
+            current[0] = x
+        elif x is not current[0]:  # (before ``name`` in this batch, or another tensor)
+            shared.discard(n)
+            return
         r = rows_of(m, x).cpu()
-        total[0] = r.T @ r if total[0] is None else total[0] + r.T @ r
-        total[1] += r.shape[0]
+        sums[n] = r.T @ r if n not in sums else sums[n] + r.T @ r
+        counts[n] = counts.get(n, 0) + r.shape[0]
 
-    observe(model, {name}, batches, add, inputs=True, criterion="sparsegpt")
-    if total[0] is None:
+    observe(model, {name, *later}, batches, add, inputs=True, criterion="sparsegpt")
+    if name not in sums:
         raise ConfigError(f"sparsegpt: layer {name!r} was not reached by the calibration batches; "
                           "ignore it (ignore=) or give batches that run through it")
-    out: torch.Tensor = total[0] / max(total[1], 1)
-    return out
+    return {n: sums[n] / max(counts[n], 1) for n in sums if n == name or n in shared}
 
 
 def prune_layer(weight: torch.Tensor, h: torch.Tensor, sparsity: float | None = None,
@@ -148,4 +159,4 @@ def prune_layer(weight: torch.Tensor, h: torch.Tensor, sparsity: float | None = 
     return w.to(weight.dtype), (~drop).to(weight.dtype)
 
 
-__all__ = ["BLOCK", "DAMP", "hessian", "prune_layer", "rows_of", "supported"]
+__all__ = ["BLOCK", "DAMP", "hessians", "prune_layer", "rows_of", "supported"]
