@@ -553,6 +553,11 @@ def main() -> int:
 
         lines += env_lines("compression", comp) + [""] + compression_section(comp) + [""]
         write_readme(comp, DOC.parent.parent / "README.md")
+    llm = load("llm")
+    if llm and llm.get("runs"):
+        from llm_doc import llm_section
+
+        lines += env_lines("llm", llm) + [""] + llm_section(llm) + [""]
     vis = load("vision")
     if vis and vis.get("runs"):
         from vision_doc import vision_section

@@ -1,0 +1,154 @@
+"""One-shot sparsity on a small LLaMA trained here: held-out perplexity of magnitude, Wanda and SparseGPT,
+each per layer and with OWL's per-layer fractions, at several sparsities and N:M patterns.
+
+Data (offline, deterministic): the Python standard library's docstrings, one text per documented object
+(``transformer.docstring_pairs``: the first sentence and the rest, joined again), split by position: every
+10th text is held out for the test perplexity, the rest trains the tokenizer (byte-pair encoding from the
+``tokenizers`` library, ``--vocab`` tokens) and the model. Texts are truncated to ``--seq`` tokens.
+
+Model: ``LlamaForCausalLM`` from its config (``--hidden``, ``--layers``, 4 heads over 2 KV heads, FFN
+``--ffn``), trained with AdamW (lr 2e-3, cosine, batches of 32) for ``--train-steps`` steps, and cached
+in ``--cache`` by its settings.
+
+Methods: ``adaprune.sparsify`` with ``importance`` magnitude, wanda or sparsegpt, ``scope`` layer or owl,
+every decoder Linear (the embedding and the output layer are kept dense, as the papers do); calibration =
+``--calib`` training texts (the same for every method). Recorded: test perplexity, the sparsity reached,
+wall time.
+
+    python benchmarks/llm.py                       # the default grid
+    python benchmarks/llm.py --sparsities 0.5 --patterns --out scratch
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import environment, save
+
+import adaprune as ap
+
+
+def texts() -> tuple[list[str], dict[str, Any]]:
+    from transformer import docstring_pairs
+
+    pairs, info = docstring_pairs()
+    return [f"{q} {d}" for _, q, d in pairs], info
+
+
+def tokenizer_for(train: list[str], vocab: int) -> Any:
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator(train, tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def trained(args: argparse.Namespace, tok: Any, task: ap.LanguageModelingTask) -> tuple[torch.nn.Module, float]:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn,
+                                   num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=args.seq, pad_token_id=tok.pad_token_id)
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), args.train_steps, args.seq, args.vocab,
+                                     len(task.train or [])], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = Path(args.cache) / f"llama-{key}"
+    if (path / "config.json").exists():
+        return transformers.LlamaForCausalLM.from_pretrained(path).eval(), 0.0
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    warm = max(1, args.train_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm)
+                                              * 0.5 * (1 + math.cos(math.pi * s / args.train_steps)))
+    batches = task.train or []
+    t = time.perf_counter()
+    model.train()
+    for step in range(args.train_steps):
+        b = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, b, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            print(f"train step {step}: loss {loss.item():.3f}", flush=True)
+    seconds = time.perf_counter() - t
+    model.eval()
+    model.save_pretrained(path)
+    return model, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7])
+    p.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
+    p.add_argument("--importances", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=352)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--calib", type=int, default=128, help="training texts for calibration")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default="/tmp/adaprune-llm-cache")
+    p.add_argument("--out", default="llm")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    corpus, info = texts()
+    test, train = corpus[::10], [t for i, t in enumerate(corpus) if i % 10]
+    tok = tokenizer_for(train, args.vocab)
+    task = ap.LanguageModelingTask(test, train, tokenizer=tok, max_length=args.seq, batch_size=32)
+    model, train_s = trained(args, tok, task)
+    calib = [(b, b["input_ids"]) for b in (task.train or [])[:max(1, args.calib // 32)]]
+    dense = task.evaluate(model)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"corpus {len(corpus)} texts ({len(train)} train, {len(test)} test); {params:,} params; "
+          f"dense test perplexity {dense['perplexity']:.2f} on {int(dense['tokens'])} tokens", flush=True)
+    runs: list[dict[str, Any]] = []
+    cells = [("sparsity", s) for s in args.sparsities] + [("pattern", q) for q in args.patterns]
+    for kind, value in cells:
+        for importance in args.importances:
+            for scope in (["layer", "owl"] if kind == "sparsity" else ["layer"]):
+                m = copy.deepcopy(model)
+                t = time.perf_counter()
+                res = ap.sparsify(m, importance=importance, scope=scope, calibration=calib,
+                                  ignore=["lm_head", "model.embed_tokens"], **{kind: value})
+                seconds = time.perf_counter() - t
+                ppl = task.evaluate(m)["perplexity"]
+                runs.append({"kind": kind, "value": value, "importance": importance, "scope": scope,
+                             "perplexity": ppl, "sparsity": res.overall, "seconds": seconds})
+                print(f"{kind} {value} {importance:9s} {scope:5s} perplexity {ppl:8.2f} (sparsity {res.overall:.3f}, "
+                      f"{seconds:.1f} s)", flush=True)
+    payload = {"environment": environment(args.threads), "config": {**vars(args), "corpus": info,
+                                                                  "texts": len(corpus), "train": len(train),
+                                                                  "test": len(test), "params": params,
+                                                                  "train_seconds": train_s},
+               "dense": dense, "runs": runs}
+    payload["environment"]["load_average_at_end"] = list(os.getloadavg())
+    print(f"wrote {save(args.out, payload)}")
+    return 0 if all(math.isfinite(r["perplexity"]) for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
