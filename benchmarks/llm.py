@@ -1,10 +1,12 @@
 """One-shot sparsity on a small LLaMA trained here: held-out perplexity of magnitude, Wanda and SparseGPT,
 each per layer and with OWL's per-layer fractions, at several sparsities and N:M patterns.
 
-Data (offline, deterministic): the Python standard library's docstrings, one text per documented object
-(``transformer.docstring_pairs``: the first sentence and the rest, joined again), split by position: every
-10th text is held out for the test perplexity, the rest trains the tokenizer (byte-pair encoding from the
-``tokenizers`` library, ``--vocab`` tokens) and the model. Texts are truncated to ``--seq`` tokens.
+Data (offline, deterministic): ``--corpus source`` (the default), the standard library's own ``.py`` files
+cut into blocks at blank lines (the first ``--blocks`` of them, files in sorted order); or ``docstrings``,
+one text per documented stdlib object (``transformer.docstring_pairs``; 1,666 texts, which a model of this
+size overfits). Split by position: every 10th text is held out for the test perplexity, the rest trains
+the tokenizer (byte-pair encoding from the ``tokenizers`` library, ``--vocab`` tokens) and the model.
+Texts are truncated to ``--seq`` tokens.
 
 Model: ``LlamaForCausalLM`` from its config (``--hidden``, ``--layers``, 4 heads over 2 KV heads, FFN
 ``--ffn``), trained with AdamW (lr 2e-3, cosine, batches of 32) for ``--train-steps`` steps, and cached
@@ -42,11 +44,30 @@ from common import environment, save
 import adaprune as ap
 
 
-def texts() -> tuple[list[str], dict[str, Any]]:
-    from transformer import docstring_pairs
+def texts(corpus: str, limit: int) -> tuple[list[str], dict[str, Any]]:
+    """``docstrings``: one text per documented stdlib object; ``source``: the stdlib's own ``.py`` files
+    (sorted; tests, idlelib, lib2to3 and site-packages left out) cut into blocks at blank lines, the first
+    ``limit`` blocks of at least 40 characters."""
+    if corpus == "docstrings":
+        from transformer import docstring_pairs
 
-    pairs, info = docstring_pairs()
-    return [f"{q} {d}" for _, q, d in pairs], info
+        pairs, info = docstring_pairs()
+        return [f"{q} {d}" for _, q, d in pairs], info
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__")
+    files = sorted(f for f in root.rglob("*.py") if not any(part in skip for part in f.relative_to(root).parts))
+    out: list[str] = []
+    for f in files:
+        for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if len(block.strip()) >= 40:
+                out.append(block.strip())
+        if len(out) >= limit:
+            break
+    digest = hashlib.sha256("\n".join(out[:limit]).encode()).hexdigest()[:16]
+    return out[:limit], {"root": str(root), "files_read": files.index(f) + 1, "blocks": min(len(out), limit),
+                         "sha256_16": digest, "python": sys.version.split()[0]}
 
 
 def tokenizer_for(train: list[str], vocab: int) -> Any:
@@ -65,7 +86,7 @@ def trained(args: argparse.Namespace, tok: Any, task: ap.LanguageModelingTask) -
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn,
                                    num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=args.seq, pad_token_id=tok.pad_token_id)
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), args.train_steps, args.seq, args.vocab,
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), args.train_steps, args.seq, args.vocab, args.corpus, args.blocks,
                                      len(task.train or [])], sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(args.cache) / f"llama-{key}"
     if (path / "config.json").exists():
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--calib", type=int, default=128, help="training texts for calibration")
+    p.add_argument("--corpus", choices=["docstrings", "source"], default="source")
+    p.add_argument("--blocks", type=int, default=40_000, help="source blocks read (--corpus source)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="/tmp/adaprune-llm-cache")
     p.add_argument("--out", default="llm")
@@ -115,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    corpus, info = texts()
+    corpus, info = texts(args.corpus, args.blocks)
     test, train = corpus[::10], [t for i, t in enumerate(corpus) if i % 10]
     tok = tokenizer_for(train, args.vocab)
     task = ap.LanguageModelingTask(test, train, tokenizer=tok, max_length=args.seq, batch_size=32)
@@ -140,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                              "perplexity": ppl, "sparsity": res.overall, "seconds": seconds})
                 print(f"{kind} {value} {importance:9s} {scope:5s} perplexity {ppl:8.2f} (sparsity {res.overall:.3f}, "
                       f"{seconds:.1f} s)", flush=True)
-    payload = {"environment": environment(args.threads), "config": {**vars(args), "corpus": info,
+    payload = {"environment": environment(args.threads), "config": {**vars(args), "corpus_info": info,
                                                                   "texts": len(corpus), "train": len(train),
                                                                   "test": len(test), "params": params,
                                                                   "train_seconds": train_s},

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+KINDS = {"docstrings": "Python standard-library docstrings",
+         "source": "blocks of the Python standard library's source (split at blank lines)"}
 
 
 def llm_section(payload: dict[str, Any]) -> list[str]:
@@ -14,8 +16,8 @@ def llm_section(payload: dict[str, Any]) -> list[str]:
     lines = ["## One-shot sparsity on a small LLaMA: held-out perplexity (`benchmarks/llm.py`)", "",
              (f"`LlamaForCausalLM` from its config ({cfg['layers']} layers, hidden {cfg['hidden']}, FFN {cfg['ffn']}, "
               f"4 heads over 2 KV heads, {cfg['params']:,} parameters), trained here for {cfg['train_steps']} AdamW steps "
-              f"on {cfg['train']} Python standard-library docstrings (BPE tokenizer of {cfg['vocab']} tokens trained on "
-              f"them, texts cut at {cfg['seq']} tokens); test perplexity on the {cfg['test']} held-out docstrings "
+              f"on {cfg['train']} {KINDS[cfg.get('corpus', 'docstrings')]} (BPE tokenizer of {cfg['vocab']} tokens trained "
+              f"on them, texts cut at {cfg['seq']} tokens); test perplexity on {cfg['test']} held-out ones "
               f"({int(dense['tokens'])} tokens). Every decoder Linear is sparsified (embedding and output layer dense); "
               f"calibration: {cfg['calib']} training texts, the same for every method. No fine-tuning after. "
               "'+ OWL': per-layer fractions from each layer's outlier weights (`scope=\"owl\"`)."), "",
