@@ -59,15 +59,15 @@ def texts(corpus: str, limit: int) -> tuple[list[str], dict[str, Any]]:
     skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__")
     files = sorted(f for f in root.rglob("*.py") if not any(part in skip for part in f.relative_to(root).parts))
     out: list[str] = []
-    for f in files:
-        for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-            if len(block.strip()) >= 40:
-                out.append(block.strip())
+    read = 0
+    for read, f in enumerate(files, 1):
+        out += [b.strip() for b in f.read_text(encoding="utf-8", errors="replace").split("\n\n") if len(b.strip()) >= 40]
         if len(out) >= limit:
             break
-    digest = hashlib.sha256("\n".join(out[:limit]).encode()).hexdigest()[:16]
-    return out[:limit], {"root": str(root), "files_read": files.index(f) + 1, "blocks": min(len(out), limit),
-                         "sha256_16": digest, "python": sys.version.split()[0]}
+    out = out[:limit]
+    digest = hashlib.sha256("\n".join(out).encode()).hexdigest()[:16]
+    return out, {"root": str(root), "files_read": read, "blocks": len(out), "sha256_16": digest,
+                 "python": sys.version.split()[0]}
 
 
 def tokenizer_for(train: list[str], vocab: int) -> Any:

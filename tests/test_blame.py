@@ -15,18 +15,9 @@ from adaprune.adapt import blame as blame_module
 from adaprune.adapt import edge
 from adaprune.adapt.state import ControllerState, Suspect
 from adaprune.errors import FileFormatError
+from small_nets import X8, alive, mlp3
 
-X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-
-
-def alive(layer: nn.Linear) -> int:
-    """Output neurons of ``layer`` that are still there (not removed, not masked to zero)."""
-    return int((layer.weight.detach().abs().sum(1) > 0).sum())
+X, net = X8, mlp3
 
 
 class Cliff(ap.Task):

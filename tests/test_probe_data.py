@@ -17,19 +17,11 @@ from adaprune.adapt.config import AdaptConfig
 from adaprune.adapt.state import run_settings
 from adaprune.errors import ConfigError, RunDirError
 from adaprune.task import as_task
+from small_nets import X8, alive, mlp3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-
-
-def alive(layer: nn.Linear) -> int:
-    return int((layer.weight.detach().abs().sum(1) > 0).sum())
+X, net = X8, mlp3
 
 
 class Layered(ap.Task):

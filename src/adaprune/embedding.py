@@ -29,7 +29,7 @@ from ._check import (
 )
 from .calls import call_model
 from .errors import ConfigError
-from .task import Task, optimizer_step
+from .task import Task, adamw_steps, optimizer_step
 
 Embed = Callable[[Any, Any], torch.Tensor]
 
@@ -303,18 +303,13 @@ class EmbeddingTask(Task):
         if steps == 0:
             return
         teacher = self._teacher("finetune()")
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        flags = {m: m.training for m in model.modules()}
-        model.train()
-        try:
-            for step, (i, x) in enumerate(itertools.islice(self._batches(), steps)):
-                self._step(model, teacher, opt, step, x, f"train_loader batch {i}")
-        finally:
-            for m, f in flags.items():
-                m.training = f
-            for p in params:
-                p.grad = None
+        batches = self._batches()
+
+        def step(opt: torch.optim.Optimizer, n: int) -> None:
+            i, x = next(batches)
+            self._step(model, teacher, opt, n, x, f"train_loader batch {i}")
+
+        adamw_steps(model, steps, self.lr, self.weight_decay, step)
 
     def _step(self, model: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any,
               where: str) -> None:

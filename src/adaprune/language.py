@@ -15,6 +15,8 @@ smooth, so adapt's probes rank layers by it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +28,7 @@ from torch import nn
 from ._check import as_float, as_int, check_batches, check_module, clip
 from .calls import call_model
 from .errors import ConfigError
-from .task import Task, logits_of, optimizer_step
+from .task import Task, adamw_steps, logits_of, optimizer_step
 
 
 def _batches(data: Any, tokenizer: Any, max_length: int, batch_size: int, name: str) -> list[dict[str, torch.Tensor]]:
@@ -180,31 +182,25 @@ class LanguageModelingTask(Task):
         if steps == 0:
             return
         train = self._train("finetune")
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        flags = {m: m.training for m in model.modules()}
-        model.train()
-        try:
-            for step in range(steps):
-                i = self._cursor % len(train)
-                self._cursor += 1
-                batch = train[i]
 
-                def loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-                    return self.loss(model, batch, None)
+        def step(opt: torch.optim.Optimizer, n: int) -> None:
+            i = self._cursor % len(train)
+            self._cursor += 1
+            optimizer_step(model, opt, lambda: self.loss(model, train[i], None),
+                           f"finetune step {n} (train batch {i})", self.lr)
 
-                optimizer_step(model, opt, loss, f"finetune step {step} (train batch {i})", self.lr)
-        finally:
-            for m, f in flags.items():
-                m.training = f
+        adamw_steps(model, steps, self.lr, self.weight_decay, step)
 
 
 def _takes_mask(model: nn.Module) -> bool:
     """Whether ``model``'s forward accepts ``attention_mask`` (Hugging Face models do)."""
-    import inspect
+    return _takes_mask_of(type(model).forward)
 
+
+@functools.cache
+def _takes_mask_of(forward: Any) -> bool:  # (once per model class, not per batch)
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
     return "attention_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

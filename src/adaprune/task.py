@@ -359,6 +359,25 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[
     opt.step()
 
 
+def adamw_steps(model: nn.Module, steps: int, lr: float, weight_decay: float,
+                step: Callable[[torch.optim.Optimizer, int], None]) -> None:
+    """``steps`` AdamW steps on ``model``'s trainable parameters in train mode, ``step(opt, i)`` taking the
+    i-th (through :func:`optimizer_step`); the modules' train/eval flags are restored and the gradients
+    dropped afterwards, also when a step fails."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    flags = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        for i in range(steps):
+            step(opt, i)
+    finally:
+        for m, f in flags.items():
+            m.training = f
+        for p in params:
+            p.grad = None
+
+
 _EMPTY_TRAIN = (
     "train_loader yielded no batches: fine-tuning and calibration read (inputs, targets) batches from it; "
     "pass a non-empty list or DataLoader"
@@ -450,7 +469,7 @@ class ClassificationTask(Task):
                 f"validation data (probe_data={fraction:g}): implement evaluate_part too, or leave probe_data at 1"
             )
         if fraction not in self._parts:
-            total = sum(1 for _ in self.val_loader)
+            total = len(self.val_loader) if hasattr(self.val_loader, "__len__") else sum(1 for _ in self.val_loader)
             self._parts[fraction] = list(itertools.islice(iter(self.val_loader), max(1, math.ceil(fraction * total))))
         return self._measure(model, self._parts[fraction])[0]
 
