@@ -199,7 +199,8 @@ def test_layers_that_read_one_tensor_share_a_pass_and_get_what_passes_of_their_o
         if one_per_layer:  # the reference: every layer its own pass
             real = sg.hessians
             monkeypatch.setattr(sg, "hessians", lambda model, name, later, batches: real(model, name, [], batches))
-        ap.sparsify(m, importance="sparsegpt", calibration=calib, sparsity=0.5).masking.materialize()
+        ap.sparsify(m, importance="sparsegpt", calibration=calib, sparsity=0.5,
+                    blockwise=False).masking.materialize()  # (passes of the whole model, counted)
         monkeypatch.undo()
         return {k: v.clone() for k, v in m.state_dict().items()}, len(passes)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError, PlanError, RunDirError, shown
 from ..plan import Plan
-from ..surgery import remove
+from ..surgery.remove import remove
 from .state import ControllerState
 
 

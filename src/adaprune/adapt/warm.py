@@ -41,8 +41,8 @@ from ..cost.predict import CostPredictor
 from ..errors import NonFiniteError
 from ..graph import Graph, trace
 from ..plan import plan_from_choice
-from ..surgery import mask
 from ..surgery.check import find_broken
+from ..surgery.mask import mask
 from .state import ControllerState
 
 if TYPE_CHECKING:

@@ -28,6 +28,7 @@ from ..errors import ConfigError, shown
 from ..graph import ignore_items, resolve_ignore
 from ..importance import Context, default_loss
 from .mask import Masking
+from .sequential import Applied, lowest_mask, nm_mask, prune_sequential, wanda_score
 
 CPU_NOTE = (
     "Unstructured and N:M sparsity keep dense tensors with zeros: on CPU they save no time "
@@ -63,7 +64,7 @@ class NM:
 class SparseResult:
     """The masks, the sparsity reached per layer, and what was skipped and why."""
 
-    masking: Masking
+    masking: Masking | Applied
     sparsity: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
     note: str = CPU_NOTE
@@ -104,34 +105,13 @@ def element_scores(
         return {n: _weight(m).detach().abs().double().cpu() for n, m in layers.items()}
     if importance == "wanda":
         norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
-        out = {}
-        for n, m in layers.items():
-            w = _weight(m).detach().abs().double().cpu()
-            x = norms.get(n)
-            groups = getattr(m, "groups", 1)
-            if x is None or x.numel() != w.shape[1] * groups:
-                out[n] = w
-                continue
-            rows = torch.arange(w.shape[0]) // (w.shape[0] // groups)
-            xn = x.sqrt().view(groups, w.shape[1])[rows]  # (out, in per group): each row's inputs
-            out[n] = w * xn.view(*xn.shape, *([1] * (w.dim() - 2)))
-        return out
+        return {n: wanda_score(m, norms.get(n)) for n, m in layers.items()}
     if importance == "taylor":
         elems = taylor_elements(model, ctx.batches("taylor"), ctx.loss)
         return {n: elems[f"{n}.weight" if n else "weight"] for n in layers}
     raise ConfigError(
         f"importance={importance!r} is not an element-level criterion; use 'magnitude', 'wanda' or 'taylor'"
     )
-
-
-def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
-    """Keep the ``n`` highest of every ``m`` consecutive scores along the flattened reduction dim."""
-    rows = scores.reshape(scores.shape[0], -1)
-    blocks = rows.reshape(rows.shape[0], -1, pattern.m)
-    keep = torch.zeros_like(blocks, dtype=torch.bool)
-    top = blocks.topk(pattern.n, dim=-1).indices
-    keep.scatter_(-1, top, True)
-    return keep.reshape(scores.shape).float()
 
 
 OWL_THRESHOLD = 5.0
@@ -148,23 +128,19 @@ def owl_sparsities(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
     if ctx.calibration is None:
         raise ConfigError("scope='owl' weighs each layer by its outlier weights on data: pass calibration= an iterable "
                           "of (inputs, targets) batches, or use scope='layer'")
-    scores = element_scores(model, layers, "wanda", ctx)  # (a layer the batches miss scores |w|)
-    ratio = {n: float((s > OWL_THRESHOLD * s.mean()).double().mean()) for n, s in scores.items()}
+    from ..importance.data import input_sq_norms
+
+    norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
+    ratio, sizes = {}, {}
+    for n, m in layers.items():  # one layer's scores at a time: memory stays one layer's
+        score = wanda_score(m, norms.get(n))  # (a layer the batches miss scores |w|)
+        ratio[n], sizes[n] = float((score > OWL_THRESHOLD * score.mean()).double().mean()), score.numel()
     if not ratio:
         return {}
     low, high = min(ratio.values()), max(ratio.values())
     spread = {n: (r - low) / (high - low) if high > low else 0.5 for n, r in ratio.items()}
-    sizes = {n: scores[n].numel() for n in scores}
     shift = sum(sizes[n] * spread[n] for n in spread) / sum(sizes.values())  # the size-weighted mean lands on sparsity
     return {n: min(max(sparsity + 2 * OWL_SPREAD * (shift - spread[n]), 0.0), 0.99) for n in spread}
-
-
-def _lowest_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    k = int(fraction * scores.numel())
-    mask = torch.ones(scores.numel())
-    if k > 0:
-        mask[torch.argsort(scores.flatten(), stable=True)[:k]] = 0.0
-    return mask.view(scores.shape)
 
 
 def sparsify(
@@ -177,6 +153,8 @@ def sparsify(
     ignore: Iterable[nn.Module | str] | None = None,
     calibration: Iterable[tuple[Any, Any]] | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    blockwise: bool | None = None,
+    inplace: bool = False,
 ) -> SparseResult:
     """Mask individual weights of every Linear/Conv layer (reversibly, with parametrize).
 
@@ -184,8 +162,20 @@ def sparsify(
     layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both. ``scope="owl"`` gives each layer its own
     fraction from its share of outlier weights (:func:`owl_sparsities`; needs calibration), the layers
     together at ``sparsity``.
+
+    ``blockwise``: with data-driven ``wanda`` or ``sparsegpt`` (scope ``"layer"`` or ``"owl"``), run the
+    calibration through one decoder block at a time (:mod:`adaprune.surgery.blockwise`): ``None`` (default)
+    does so when the model has a stack of repeated blocks that chain, ``True`` insists, ``False`` runs the whole
+    model for each measurement. ``inplace=True`` writes the zeros (and SparseGPT's updates) into the weights and
+    keeps the originals only on disk until the call has succeeded, so that memory stays the model's own plus one
+    layer's work; the result's ``masking.undo()`` then has nothing to undo. Either way a failure leaves the
+    model as it was.
     """
     check_module(model)
+    for flag, value in (("blockwise", blockwise), ("inplace", inplace)):
+        if not (isinstance(value, bool) or (flag == "blockwise" and value is None)):
+            raise ConfigError(f"{flag}={shown(value)} must be True or False" + (" (or None: automatic)"
+                                                                               if flag == "blockwise" else ""))
     if sparsity is not None:
         sparsity = as_float(sparsity, "sparsity", low=0.0, high=1.0, high_open=True,
                             hint="the fraction of each layer's weights zeroed, e.g. 0.5")
@@ -217,11 +207,29 @@ def sparsify(
     ctx = Context(calibration, loss or default_loss)
     fractions = (owl_sparsities(model, layers, ctx, float(sparsity or 0.0)) if scope == "owl"
                  else dict.fromkeys(layers, float(sparsity or 0.0)))
-    if importance == "sparsegpt":
-        return _sparsegpt(model, layers, ctx, None if pattern is not None else fractions, pattern)
+    if importance != "taylor" and scope != "global":
+        from .sparsegpt import supported
+
+        skipped: dict[str, str] = {}
+        for name, mod in layers.items():
+            why = supported(mod) if importance == "sparsegpt" else ""
+            cols = _weight(mod)[0].numel()
+            if not why and pattern is not None and cols % pattern.m:
+                why = f"reduction size {cols} is not a multiple of {pattern.m}"
+            if why:
+                skipped[name] = why
+        batches = ctx.batches(importance) if importance != "magnitude" else []
+        put, shifts, achieved, sizes = prune_sequential(model, layers, importance, batches, fractions, pattern,
+                                                        skipped, blockwise, inplace)
+        handle = Applied() if put is None else Masking(model, put, shifts)
+        return SparseResult(handle, achieved, skipped, sizes=sizes)
+    if blockwise:
+        raise ConfigError(f"blockwise=True runs calibration block by block for 'magnitude', 'wanda' and 'sparsegpt' "
+                          f"per layer; importance={importance!r} with scope={scope!r} needs the whole model at once: "
+                          "pass blockwise=False")
     scores = element_scores(model, layers, importance, ctx)
     masks: dict[str, torch.Tensor] = {}
-    skipped: dict[str, str] = {}
+    skipped = {}
     if pattern is not None:
         for n, s in scores.items():
             per_row = s[0].numel()
@@ -231,70 +239,23 @@ def sparsify(
             masks[n] = nm_mask(s, pattern)
     elif scope == "global" and scores:
         flat = torch.cat([s.flatten() for s in scores.values()])
-        keep = _lowest_mask(flat, float(sparsity or 0.0))
+        keep = lowest_mask(flat, float(sparsity or 0.0))
         start = 0
         for n, s in scores.items():
             masks[n] = keep[start : start + s.numel()].view(s.shape)
             start += s.numel()
     else:
-        masks = {n: _lowest_mask(s, fractions[n]) for n, s in scores.items()}
+        masks = {n: lowest_mask(s, fractions[n]) for n, s in scores.items()}
     device_masks = {
         (f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
         for n, m in masks.items()
     }
-    handle = Masking(model, device_masks)
+    masking = Masking(model, device_masks)
+    if inplace:
+        masking.materialize()
     achieved = {n: 1.0 - float(m.mean()) for n, m in masks.items()}
     sizes = {n: m.numel() for n, m in masks.items()}
-    return SparseResult(handle, achieved, skipped, sizes=sizes)
-
-
-def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: dict[str, float] | None,
-               pattern: NM | None) -> SparseResult:
-    """SparseGPT over ``layers`` in module order, each on the inputs of the model pruned so far; a failure
-    (or an interrupt) leaves every weight as it was."""
-    from .sparsegpt import hessians, prune_layer, supported
-
-    batches = ctx.batches("sparsegpt")
-    originals: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] = {}
-    skipped: dict[str, str] = {}
-    for name, mod in layers.items():
-        why = supported(mod)
-        cols = _weight(mod)[0].numel()
-        if not why and pattern is not None and cols % pattern.m:
-            why = f"reduction size {cols} is not a multiple of {pattern.m}"
-        if why:
-            skipped[name] = why
-    todo = [n for n in layers if n not in skipped]
-    ready: dict[str, torch.Tensor] = {}  # Hessians a pass for an earlier layer also gave (the same input tensor)
-    try:
-        for i, name in enumerate(todo):
-            w = _weight(layers[name])
-            if name not in ready:
-                ready.update(hessians(model, name, todo[i + 1:], batches))
-            h = ready.pop(name)
-            new, keep = prune_layer(w.reshape(w.shape[0], -1), h, None if sparsity is None else sparsity[name],
-                                    None if pattern is None else (pattern.n, pattern.m))
-            originals[name] = w.detach().clone()
-            with torch.no_grad():  # applied now, so the next layers see this one's output as pruned
-                w.copy_(new.view_as(w).to(w.device))
-            masks[name] = keep.view_as(w)
-    except BaseException:
-        with torch.no_grad():
-            for name, w in originals.items():
-                _weight(layers[name]).copy_(w)
-        raise
-    shifts = {}
-    with torch.no_grad():
-        for name, w in originals.items():
-            param = _weight(layers[name])
-            shifts[f"{name}.weight" if name else "weight"] = param.detach() - w
-            param.copy_(w)  # the parameter stays the original: the update lives in the parametrization
-    device_masks = {(f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
-                    for n, m in masks.items()}
-    handle = Masking(model, device_masks, shifts)
-    achieved = {n: 1.0 - float(m.float().mean()) for n, m in masks.items()}
-    return SparseResult(handle, achieved, skipped, sizes={n: m.numel() for n, m in masks.items()})
+    return SparseResult(Applied() if inplace else masking, achieved, skipped, sizes=sizes)
 
 
 def to_semi_structured(model: nn.Module, result: SparseResult) -> nn.Module:
