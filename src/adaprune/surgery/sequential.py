@@ -204,7 +204,7 @@ def prune_sequential(model: nn.Module, layers: dict[str, nn.Module], importance:
                         ready.update(hessians(runner, r, local[i + 1:], rbatches))
                     w = weights[names[r]]
                     new, keep = prune_layer(w.detach().reshape(w.shape[0], -1), ready.pop(r),
-                                            None if nm else fractions[names[r]], nm)
+                                            None if nm else fractions[names[r]], nm, consume=True)
                     apply(names[r], new, keep)
     except BaseException:
         kept.restore(weights)

@@ -77,6 +77,12 @@ def rows_of(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def work_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The precision of a layer's Hessian and updates: float64 for a float64 weight, else float32 (as the
+    paper's code; a 1.1 B model's largest Hessian is then 127 MB, not 254)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def hessians(model: nn.Module, name: str, later: Sequence[str],
              batches: Sequence[tuple[Any, Any]]) -> dict[str, torch.Tensor]:
     """``X^T X / n`` of layer ``name``'s inputs, and in the same pass of every layer in ``later`` that reads
@@ -96,32 +102,43 @@ def hessians(model: nn.Module, name: str, later: Sequence[str],
         elif x is not current[0]:  # (before ``name`` in this batch, or another tensor)
             shared.discard(n)
             return
-        r = rows_of(m, x).cpu()
-        sums[n] = r.T @ r if n not in sums else sums[n] + r.T @ r
+        weight = m.weight
+        assert isinstance(weight, torch.Tensor)
+        r = rows_of(m, x).cpu().to(work_dtype(weight))
+        if n not in sums:
+            sums[n] = r.T @ r
+        else:
+            sums[n].addmm_(r.T, r)
         counts[n] = counts.get(n, 0) + r.shape[0]
 
     observe(model, {name, *later}, batches, add, inputs=True, criterion="sparsegpt")
     if name not in sums:
         raise ConfigError(f"sparsegpt: layer {name!r} was not reached by the calibration batches; "
                           "ignore it (ignore=) or give batches that run through it")
-    return {n: sums[n] / max(counts[n], 1) for n in sums if n == name or n in shared}
+    return {n: sums[n].div_(max(counts[n], 1)) for n in sums if n == name or n in shared}
 
 
 def prune_layer(weight: torch.Tensor, h: torch.Tensor, sparsity: float | None = None,
-                pattern: tuple[int, int] | None = None, block: int = BLOCK,
-                damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+                pattern: tuple[int, int] | None = None, block: int = BLOCK, damp: float = DAMP,
+                consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one weight ``(rows, cols)`` with input Hessian ``h`` ``(cols, cols)``: the updated
     weight (zeros where pruned; in ``weight``'s dtype) and the 0/1 keep mask. Give ``sparsity`` (the
-    fraction zeroed per block of columns) or ``pattern`` ``(n, m)``: n kept in every m columns."""
-    w = weight.detach().double().cpu().clone()
+    fraction zeroed per block of columns) or ``pattern`` ``(n, m)``: n kept in every m columns. The work is
+    done in :func:`work_dtype` of ``weight``; ``h`` is not changed unless ``consume`` (then, when it is already in
+    that dtype on the CPU, its memory is reused and its values are lost)."""
+    dtype = work_dtype(weight)
+    w = weight.detach().cpu().to(dtype, copy=True)
     rows, cols = w.shape
-    h = h.double().clone()
+    h = h.to(dtype, copy=not consume)
     dead = h.diagonal() == 0  # inputs that are always zero: their weights do nothing
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * float(h.diagonal().mean()))
-    try:
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:  # H^-1's upper Cholesky factor in two (cols, cols) buffers: h's own and one more
+        u = torch.linalg.cholesky(h)
+        torch.cholesky_inverse(u, out=h)
+        torch.linalg.cholesky(h, upper=True, out=u)
+        del h
     except torch.linalg.LinAlgError:
         raise NonFiniteError("sparsegpt: the layer's damped input Hessian is not positive definite; "
                              "give more calibration batches, or raise damp") from None
@@ -159,4 +176,4 @@ def prune_layer(weight: torch.Tensor, h: torch.Tensor, sparsity: float | None = 
     return w.to(weight.dtype), (~drop).to(weight.dtype)
 
 
-__all__ = ["BLOCK", "DAMP", "hessians", "prune_layer", "rows_of", "supported"]
+__all__ = ["BLOCK", "DAMP", "hessians", "prune_layer", "rows_of", "supported", "work_dtype"]
