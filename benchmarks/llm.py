@@ -116,11 +116,9 @@ def trained(args: argparse.Namespace, tok: Any, task: ap.LanguageModelingTask) -
     return model, seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7])
-    p.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
-    p.add_argument("--importances", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    """The options of the model and its data (shared with ``llm_structured.py``)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--ffn", type=int, default=352)
     p.add_argument("--layers", type=int, default=4)
@@ -132,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=40_000, help="source blocks read (--corpus source)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="/tmp/adaprune-llm-cache")
-    p.add_argument("--out", default="llm")
-    args = p.parse_args(argv)
+    return p
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """The corpus, tokenizer, task (test texts), the trained (or cached) model, calibration batches and the
+    dense model's test metrics."""
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -148,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"corpus {len(corpus)} texts ({len(train)} train, {len(test)} test); {params:,} params; "
           f"dense test perplexity {dense['perplexity']:.2f} on {int(dense['tokens'])} tokens", flush=True)
+    return {"task": task, "model": model, "calib": calib, "dense": dense,
+            "config": {**vars(args), "corpus_info": info, "texts": len(corpus), "train": len(train),
+                       "test": len(test), "params": params, "train_seconds": train_s}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7])
+    p.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
+    p.add_argument("--importances", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--out", default="llm")
+    args = p.parse_args(argv)
+    ready = prepare(args)
+    task, model, calib, dense = ready["task"], ready["model"], ready["calib"], ready["dense"]
     runs: list[dict[str, Any]] = []
     cells = [("sparsity", s) for s in args.sparsities] + [("pattern", q) for q in args.patterns]
     for kind, value in cells:
@@ -163,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                              "perplexity": ppl, "sparsity": res.overall, "seconds": seconds})
                 print(f"{kind} {value} {importance:9s} {scope:5s} perplexity {ppl:8.2f} (sparsity {res.overall:.3f}, "
                       f"{seconds:.1f} s)", flush=True)
-    payload = {"environment": environment(args.threads), "config": {**vars(args), "corpus_info": info,
-                                                                  "texts": len(corpus), "train": len(train),
-                                                                  "test": len(test), "params": params,
-                                                                  "train_seconds": train_s},
-               "dense": dense, "runs": runs}
+    payload = {"environment": environment(args.threads), "config": ready["config"], "dense": dense, "runs": runs}
     payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     print(f"wrote {save(args.out, payload)}")
     return 0 if all(math.isfinite(r["perplexity"]) for r in runs) else 1
