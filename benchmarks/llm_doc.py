@@ -39,3 +39,66 @@ def llm_section(payload: dict[str, Any]) -> list[str]:
 
 
 __all__ = ["llm_section"]
+
+
+GIB = 2**30
+
+
+def memory_section(payload: dict[str, Any]) -> list[str]:
+    """The block-by-block memory section, from llm_memory.json (see llm_memory.py)."""
+    cfg, runs = payload["config"], payload["runs"]
+    first = runs[0]
+    lines = ["## One-shot sparsity of a 1.1 B-parameter LLaMA in bounded memory (`benchmarks/llm_memory.py`)", "",
+             (f"TinyLlama-1.1B's architecture from its config ({first['layers']} layers, {first['params']:,} parameters; "
+              "weights drawn here, so this measures memory and time, not quality), "
+              f"`ap.sparsify(importance=..., sparsity=0.5, inplace=True)` on every decoder Linear (output layer dense), "
+              f"calibration {cfg['samples']} sequences of {cfg['tokens']} tokens, block by block (found and checked "
+              "automatically). Each row is a fresh process; 'RSS before' is after the libraries were loaded and warmed "
+              "on a one-layer model. **Model's share of the peak** = (peak RSS - RSS before) / model bytes. "
+              "'fixed' malloc: `MALLOC_MMAP_THRESHOLD_=65536` (large blocks go back to the system when freed); "
+              f"'default': glibc's dynamic threshold. {cfg['threads']} torch threads; wall times are from a loaded "
+              "machine (see the header)."), "",
+             ("| method | dtype | malloc | model GiB | RSS before GiB | peak RSS GiB | model's share of the peak | "
+             "sparsify s | sparsity |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['dtype']} | {r.get('allocator', 'default')} | "
+                     f"{r['model_bytes'] / GIB:.2f} | {r['rss_before_model'] / GIB:.2f} | {r['peak_rss'] / GIB:.2f} | "
+                     f"**{r['peak_over_model']:.2f}x** | {r['sparsify_s']:.0f} | {r['overall_sparsity']:.3f} |")
+    return lines
+
+
+def structured_section(payload: dict[str, Any]) -> list[str]:
+    """The structured section, from llm_structured.json (see llm_structured.py)."""
+    cfg, runs, dense = payload["config"], payload["runs"], payload["dense"]
+    lines = [("## Structured pruning of the small LLaMA: held-out perplexity at equal parameter counts "
+             "(`benchmarks/llm_structured.py`)"), "",
+             (f"The model, data and calibration of the section above (dense test perplexity {dense['perplexity']:.2f}; "
+              f"{cfg['params']:,} parameters, {cfg['decoder_params']:,} in the decoder layers). Each column removes that "
+              "fraction of the decoder's parameters (every method meets the same total count; heads, KV groups, FFN "
+              "neurons and the residual width may go); no fine-tuning after. adaprune rows are "
+              "`ap.prune(importance/allocation[/refit])`; Torch-Pruning runs its own LLM recipe (examples/LLMs/"
+              f"prune_llm.py settings), its ratio bisected to the count, in a child process given {cfg['tp_timeout']} s."),
+             "", "| method | " + " | ".join(f"{f:.0%} removed" for f in cfg["fractions"]) + " |",
+             "|---|" + "---|" * len(cfg["fractions"])]
+    names = {"l2/uniform": "adaprune, L2, uniform (magnitude baseline)", "wanda/global": "adaprune, Wanda, global",
+             "wanda/global/refit": "adaprune, Wanda, global + refit", "l2/global/refit": "adaprune, L2, global + refit"}
+    found = {(r["variant"], r["fraction"]): r for r in runs}
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    notes = []
+    for v in variants:
+        cells = []
+        for f in cfg["fractions"]:
+            r = found.get((v, f))
+            if r is None:
+                cells.append("-")
+            elif "failed" in r:
+                cells.append("failed")
+                notes.append(f"- {v} at {f:.0%}: {r['failed']}" + (f" (in {r['where'][-1]})" if r.get("where") else ""))
+            else:
+                cells.append(f"{r['perplexity']:.2f}")
+        lines.append(f"| {names.get(v, v)} | " + " | ".join(cells) + " |")
+    widths = [f"- {names.get(r['variant'], r['variant'])} at {r['fraction']:.0%}: hidden {r['widths']['hidden']}, "
+              f"heads {r['widths']['heads']}, FFN {r['widths']['ffn']} ({r['params']:,} parameters)"
+              for r in runs if "widths" in r and r["fraction"] == 0.3]
+    return lines + [""] + (["Widths at 30%:", ""] + widths + [""] if widths else []) + notes

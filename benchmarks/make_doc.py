@@ -558,6 +558,12 @@ def main() -> int:
         from llm_doc import llm_section
 
         lines += env_lines("llm", llm) + [""] + llm_section(llm) + [""]
+    for name, section in (("llm_structured", "structured_section"), ("llm_memory", "memory_section")):
+        found = load(name)
+        if found and found.get("runs"):
+            import llm_doc
+
+            lines += env_lines(name, found) + [""] + getattr(llm_doc, section)(found) + [""]
     vis = load("vision")
     if vis and vis.get("runs"):
         from vision_doc import vision_section
