@@ -188,3 +188,13 @@ def test_bad_options_are_refused_with_the_model_unchanged():
         ap.sparsify(nn.Sequential(nn.Linear(4, 4)), importance="wanda", sparsity=0.5, blockwise=True,
                     calibration=[(torch.randn(2, 4), None)])
     assert all(torch.equal(v, original[k]) for k, v in weights(model).items())
+
+
+def test_global_scope_in_place_bakes_its_masks_in():
+    model = llama()
+    ref = copy.deepcopy(model)
+    ap.sparsify(ref, importance="magnitude", scope="global", sparsity=0.5).masking.materialize()
+    res = ap.sparsify(model, importance="magnitude", scope="global", sparsity=0.5, inplace=True)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(weights(model).values(), weights(ref).values()))
+    assert res.overall == pytest.approx(0.5, abs=0.01)
