@@ -56,8 +56,8 @@ def memory_section(payload: dict[str, Any]) -> list[str]:
               "automatically). Each row is a fresh process; 'RSS before' is after the libraries were loaded and warmed "
               "on a one-layer model. **Model's share of the peak** = (peak RSS - RSS before) / model bytes. "
               "'fixed' malloc: `MALLOC_MMAP_THRESHOLD_=65536` (large blocks go back to the system when freed); "
-              f"'default': glibc's dynamic threshold. {cfg['threads']} torch threads; wall times are from a loaded "
-              "machine (see the header)."), "",
+              f"'default': glibc's dynamic threshold. {cfg['threads']} torch threads; wall times depend on the load "
+              "(NOTES.md says which rows shared the machine)."), "",
              ("| method | dtype | malloc | model GiB | RSS before GiB | peak RSS GiB | model's share of the peak | "
              "sparsify s | sparsity |"),
              "|---|---|---|---|---|---|---|---|---|"]
