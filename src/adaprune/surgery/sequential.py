@@ -47,7 +47,7 @@ class Originals:
     def __init__(self, spill: bool) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="adaprune-originals-")) if spill else None
         self.memory: dict[str, torch.Tensor] = {}
-        self.names: list[str] = []
+        self.names: dict[str, int] = {}  # name -> its file's number, in the order kept
 
     def keep(self, name: str, weight: torch.Tensor) -> None:
         if self.dir is not None:
@@ -56,14 +56,14 @@ class Originals:
             save_file({"weight": weight.detach().cpu().contiguous()}, str(self.dir / f"{len(self.names)}.safetensors"))
         else:
             self.memory[name] = weight.detach().clone()
-        self.names.append(name)
+        self.names[name] = len(self.names)
 
     def get(self, name: str) -> torch.Tensor:
         if self.dir is None:
             return self.memory[name]
         from safetensors.torch import load_file
 
-        return load_file(str(self.dir / f"{self.names.index(name)}.safetensors"))["weight"]
+        return load_file(str(self.dir / f"{self.names[name]}.safetensors"))["weight"]
 
     def restore(self, weights: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -217,9 +217,10 @@ def prune_sequential(model: nn.Module, layers: dict[str, nn.Module], importance:
     with torch.no_grad():
         for name in kept.names:
             w = weights[name]
+            original = kept.get(name)
             if importance == "sparsegpt":
-                shifts[f"{name}.weight" if name else "weight"] = w.detach() - kept.get(name)
-            w.copy_(kept.get(name))  # the parameter stays the original: the change lives in the parametrization
+                shifts[f"{name}.weight" if name else "weight"] = w.detach() - original
+            w.copy_(original)  # the parameter stays the original: the change lives in the parametrization
     kept.close()
     device_masks = {(f"{n}.weight" if n else "weight"): m.to(weights[n].device, weights[n].dtype)
                     for n, m in masks.items()}

@@ -28,7 +28,7 @@ from ..errors import ConfigError, shown
 from ..graph import ignore_items, resolve_ignore
 from ..importance import Context, default_loss
 from .mask import Masking
-from .sequential import Applied, lowest_mask, nm_mask, prune_sequential, wanda_score
+from .sequential import Applied, lowest_mask, nm_mask, prune_sequential, wanda_score, weight_of
 
 CPU_NOTE = (
     "Unstructured and N:M sparsity keep dense tensors with zeros: on CPU they save no time "
@@ -89,12 +89,6 @@ def _targets(model: nn.Module, ignore: set[int]) -> dict[str, nn.Module]:
     return out
 
 
-def _weight(mod: nn.Module) -> torch.Tensor:
-    w = mod.weight
-    assert isinstance(w, torch.Tensor)
-    return w
-
-
 def element_scores(
     model: nn.Module, layers: dict[str, nn.Module], importance: str, ctx: Context
 ) -> dict[str, torch.Tensor]:
@@ -102,7 +96,7 @@ def element_scores(
     from ..importance.data import input_sq_norms, taylor_elements
 
     if importance == "magnitude":
-        return {n: _weight(m).detach().abs().double().cpu() for n, m in layers.items()}
+        return {n: weight_of(m).detach().abs().double().cpu() for n, m in layers.items()}
     if importance == "wanda":
         norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
         return {n: wanda_score(m, norms.get(n)) for n, m in layers.items()}
@@ -213,7 +207,7 @@ def sparsify(
         skipped: dict[str, str] = {}
         for name, mod in layers.items():
             why = supported(mod) if importance == "sparsegpt" else ""
-            cols = _weight(mod)[0].numel()
+            cols = weight_of(mod)[0].numel()
             if not why and pattern is not None and cols % pattern.m:
                 why = f"reduction size {cols} is not a multiple of {pattern.m}"
             if why:
@@ -247,7 +241,7 @@ def sparsify(
     else:
         masks = {n: lowest_mask(s, fractions[n]) for n, s in scores.items()}
     device_masks = {
-        (f"{n}.weight" if n else "weight"): m.to(_weight(layers[n]).device, _weight(layers[n]).dtype)
+        (f"{n}.weight" if n else "weight"): m.to(weight_of(layers[n]).device, weight_of(layers[n]).dtype)
         for n, m in masks.items()
     }
     masking = Masking(model, device_masks)
