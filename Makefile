@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml $(CONSTR)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTR) torch torchvision
-	$(BIN)/pip install -q -c $(CONSTR) -e ".[vision,report,hf,examples,onnx,dev]"
+	$(BIN)/pip install -q -c $(CONSTR) -e ".[vision,report,hf,examples,onnx,ray,search,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +25,7 @@ test: $(STAMP)
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "chromium could not be installed: the browser test will be skipped"; \
 	fi
-	$(BIN)/python -m pytest -q -n 2 -m "not timing" --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not timing" --durations=10
 	$(BIN)/python -m pytest -q -m timing
 
 # Benchmarks (CPU, single thread; tens of minutes): results in benchmarks/results/*.json, then

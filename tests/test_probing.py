@@ -197,7 +197,7 @@ def test_the_prober_measures_the_budget_and_estimates_the_rest() -> None:
     def harm(before: dict[str, float], masked: dict[str, float]) -> float:
         return max(before["fidelity"] - masked["fidelity"], 0.0)
 
-    prober = probing.Prober(0.3, 2, Limits(), task.evaluate, harm)
+    prober = probing.Prober(0.3, 2, Limits(), task.evaluate, dict, harm)
     probes = prober.run(model, graph, scores, predictor, now, 0, estimate, "macs")
     assert set(probes) == {g.name for g in graph.groups}
     measured = {n for n, p in probes.items() if p.measured}
@@ -249,7 +249,7 @@ def test_later_steps_reprobe_and_calibrate_each_unit_by_its_own_ratio() -> None:
     def harm(before: dict[str, float], masked: dict[str, float]) -> float:
         return max(before["fidelity"] - masked["fidelity"], 0.0)
 
-    prober = probing.Prober(0.3, 10, Limits(), task.evaluate, harm, reprobe=1)
+    prober = probing.Prober(0.3, 10, Limits(), task.evaluate, dict, harm, reprobe=1)
     ratios: dict[str, float] = {}
     first = prober.run(model, graph, scores, predictor, now, 0, estimate, "macs", ratios)
     assert all(p.measured for p in first.values()) and task.calls == len(first) == len(graph.groups)

@@ -32,6 +32,7 @@ from .quantize import Quantized, quantize
 from .quantize.ao import torchao_quantize
 from .quantize.weights import quantize_weights
 from .result import PruneResult
+from .scale import Executor, LocalExecutor, RayExecutor
 from .sensitivity import Sensitivity, sensitivity
 from .share import ShareResult, share
 from .specialize import Specialized, specialize
@@ -50,16 +51,19 @@ __all__ = [
     "Cost",
     "DetectionTask",
     "EmbeddingTask",
+    "Executor",
     "Governor",
     "Graph",
     "Group",
     "GroupCut",
     "Ladder",
     "LanguageModelingTask",
+    "LocalExecutor",
     "MultiTask",
     "Plan",
     "PruneResult",
     "Quantized",
+    "RayExecutor",
     "SegmentationTask",
     "Sensitivity",
     "ShareResult",

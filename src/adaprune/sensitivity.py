@@ -47,7 +47,7 @@ from .graph import Graph, Group, ignore_items, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
 from .planner import choose
-from .surgery import mask
+from .scale import get_executor
 
 
 @dataclass(frozen=True)
@@ -153,11 +153,17 @@ def sensitivity(
     cluster: bool = True,
     cache: str | os.PathLike[str] | None = None,
     graph: Graph | None = None,
+    executor: Any = None,
 ) -> Sensitivity:
     """Measure ``evaluate(model)`` with each group (or cluster) alone masked at each ratio.
 
     The model is left exactly as it was. ``evaluate`` should be quick: it runs
     ``len(clusters) * len(ratios) + 1`` times, and must return one finite number each time.
+
+    ``executor``: where those evaluations run: ``None``/``"local"`` (here, one after another), ``"ray"``
+    or an :class:`adaprune.Executor` such as ``RayExecutor(workers=4)`` (each worker holds a copy of the
+    model and ``evaluate``, which must then pickle); every evaluation starts from ``torch.manual_seed(0)``,
+    so the table is the same wherever it ran.
     """
     check_module(model)
     if graph is None:
@@ -173,6 +179,7 @@ def sensitivity(
         check_batches(calibration, "calibration")
     cluster = as_bool(cluster, "cluster")
     check_path(cache, "cache")
+    runner, owned = get_executor(executor)
     graph = graph or trace(model, example_inputs, ignore=ignore)
     scores = get_importance(importance)(model, graph.groups, Context(calibration))
     parts = clusters(model, graph.groups) if cluster else {g.name: [g] for g in graph.groups}
@@ -181,18 +188,23 @@ def sensitivity(
     fp = fingerprint(model)
     if path is not None and (path.exists() or path.is_symlink()):
         stored = _read_cache(path, fp)
-    baseline = stored.get("baseline")
-    if baseline is None:
-        baseline = _metric(evaluate, model)
-        stored["baseline"] = baseline
-    result = Sensitivity(baseline)
+    todo: dict[str, Plan] = {} if "baseline" in stored else {"baseline": Plan()}
     for name, members in parts.items():
-        sub = Graph(members)
         for r in ratios:
             key = f"{importance}|{name}|{r}"
-            if key not in stored:
-                plan = choose(sub, scores, "uniform", Limits(), r)
-                stored[key] = _masked_metric(model, plan, evaluate)
+            if key not in stored and key not in todo:
+                todo[key] = choose(Graph(members), scores, "uniform", Limits(), r)
+    if todo:
+        try:
+            found = runner.map(model, list(todo.values()), evaluate)
+        finally:
+            if owned:
+                runner.close()
+        stored.update({key: _number(value) for key, value in zip(todo, found)})
+    result = Sensitivity(stored["baseline"])
+    for name, members in parts.items():
+        for r in ratios:
+            key = f"{importance}|{name}|{r}"
             result.rows.append(Row(name, tuple(g.name for g in members), r, stored[key]))
     if path is not None:
         fs.write_json(path, {"fingerprint": fp, "results": stored}, what="the sensitivity cache")
@@ -231,9 +243,8 @@ def _fractions(ratios: Any) -> list[float]:
     return out
 
 
-def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
-    """``evaluate(model)`` as a float: a non-number or NaN/inf names ``evaluate``."""
-    value = evaluate(model)
+def _number(value: Any) -> float:
+    """What ``evaluate`` returned, as a float: a non-number or NaN/inf names ``evaluate``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -246,14 +257,3 @@ def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
             "evaluate uses for NaN/inf)"
         )
     return float(value)
-
-
-def _masked_metric(model: nn.Module, plan: Plan, evaluate: Callable[[nn.Module], float]) -> float:
-    if plan.is_empty:
-        return _metric(evaluate, model)
-    handle = mask(model, plan)
-    try:
-        with torch.no_grad():
-            return _metric(evaluate, model)
-    finally:
-        handle.undo()

@@ -20,6 +20,7 @@ from ..cost.registry import cost_order
 from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import ignore_items, ignore_names
 from ..plan import Plan
+from ..scale import get_executor
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
 from ..task import as_task
@@ -112,6 +113,7 @@ def adapt(
     force: bool = False,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     warm_start: Any = None,
+    executor: Any = None,
     **options: Any,
 ) -> AdaptResult:
     """Prune ``model`` in place, in measured steps, until ``budget`` is met or ``tolerance`` binds.
@@ -142,6 +144,10 @@ def adapt(
             name (:func:`adaprune.updates.map_plan`; what does not map is in ``warnings`` and
             ``warm_start``), tried first as one step, and grown back where the update needs what it cut
             (:mod:`adaprune.adapt.warm`). A plan for another model is a ``PlanMismatchError``.
+        executor: where each step's probes are evaluated: ``None``/``"local"`` (here, one after another),
+            ``"ray"`` or an :class:`adaprune.Executor` such as ``RayExecutor(workers=4)`` (each worker holds a
+            copy of the model and the task, which must then pickle). The run's plan is the same with any of
+            them. Not part of the run's settings: a resumed run may use another.
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:
@@ -182,21 +188,27 @@ def adapt(
         for line in [*mapped.dropped, *mapped.notes]:
             warnings.warn(f"warm start: {'not mapped' if line in mapped.dropped else 'note'}: {line}",
                           WarmStartWarning, stacklevel=2)
-    controller = Controller(model, example_inputs, task, budget, config, names, rd, loss, mapped)  # checks the weights
-    opened = rd is not None and not rd.is_open
-    if rd is not None and opened:
-        rd.open(resume=resume, force=force)
+    runner, owned = get_executor(executor)
     try:
-        with warnings.catch_warnings():  # the working copy's config: said once, for the result, below
-            warnings.simplefilter("ignore", UnsaveableConfigWarning)
-            work, state = controller.run(resume)
-        plan = as_plan(state.removals, state.sizes)
-        after = controller.current_metrics(state)  # as measured on exactly these weights
-        costs_after = _final_costs(state)
-        _apply(model, plan, work, example_inputs)
-    finally:
+        controller = Controller(model, example_inputs, task, budget, config, names, rd, loss, mapped,  # checks the weights
+                                runner)
+        opened = rd is not None and not rd.is_open
         if rd is not None and opened:
-            rd.close()
+            rd.open(resume=resume, force=force)
+        try:
+            with warnings.catch_warnings():  # the working copy's config: said once, for the result, below
+                warnings.simplefilter("ignore", UnsaveableConfigWarning)
+                work, state = controller.run(resume)
+            plan = as_plan(state.removals, state.sizes)
+            after = controller.current_metrics(state)  # as measured on exactly these weights
+            costs_after = _final_costs(state)
+            _apply(model, plan, work, example_inputs)
+        finally:
+            if rd is not None and opened:
+                rd.close()
+    finally:
+        if owned:
+            runner.close()
     met = budget.met(costs_after, state.original_costs)
     return AdaptResult(
         model=model,

@@ -46,6 +46,7 @@ from ..graph import Graph, Group, trace
 from ..importance import default_loss
 from ..multitask import calibration_of, task_scores, task_settings
 from ..plan import Plan, plan_from_choice
+from ..scale.executor import Executor
 from ..surgery import remove
 from ..surgery.check import find_broken
 from ..task import Criterion, Task
@@ -75,6 +76,21 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ProbeMeasure:
+    """What a probe evaluates, where the executor runs it (a copy of the task on a Ray worker): the task's
+    full evaluation with per-example values, or with ``fraction < 1`` its evaluation of that part of the
+    validation data (:meth:`Controller.probed` checks and counts the result)."""
+
+    task: Any
+    fraction: float
+
+    def __call__(self, model: nn.Module) -> Any:
+        if self.fraction >= 1.0:
+            return self.task.evaluate_criteria(model)
+        return self.task.evaluate_part(model, self.fraction)
+
+
+@dataclass(frozen=True)
 class Verdict:
     """One criterion's judgement of a step: the point drop of its metric, the number judged against its
     tolerance (the interval's upper end, else the point drop) and the interval."""
@@ -97,6 +113,7 @@ class Controller(Recovery):
         run_dir: RunDir | None,
         loss: Callable[[Any, Any], torch.Tensor] | None = None,
         warm: MappedPlan | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
         self.warm = warm  # a previous plan mapped onto this model (adaprune.adapt.warm), tried first
@@ -104,8 +121,8 @@ class Controller(Recovery):
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
         # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)
-        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, self.probed, self.harm, config.reprobe,
-                             config.uniform_layers)
+        self.prober = Prober(config.probe_ratio, config.probe_budget, limits, ProbeMeasure(task, config.probe_data),
+                             self.probed, self.harm, config.reprobe, config.uniform_layers, executor)
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.part_evaluations = 0  # of them, evaluations of part of the validation data (probe_data < 1)
         if config.probe_data < 1.0 and not task.evaluates_parts:
@@ -140,8 +157,12 @@ class Controller(Recovery):
         """:meth:`metrics` plus, per criterion, the per-example values (``task.evaluate_criteria``),
         checked against its metric and the original model's example count (left out when the task
         has none, or the metric is not finite)."""
+        return self.examined(self.task.evaluate_criteria(model))
+
+    def examined(self, raw: tuple[Any, Mapping[str, Any]]) -> tuple[dict[str, float], Examples]:
+        """What ``task.evaluate_criteria`` returned, counted and checked (:meth:`evaluate`)."""
         self.evaluations += 1
-        out, found = self.task.evaluate_criteria(model)
+        out, found = raw
         metrics = self.checked(out)
         values: Examples = {}
         for c in self.criteria:
@@ -157,15 +178,15 @@ class Controller(Recovery):
                 values[c.name] = checked
         return metrics, values
 
-    def probed(self, model: nn.Module) -> Any:
-        """What a probe measures on ``model``: the full evaluation with its per-example values (so a step
-        whose model is a probe's masked model reuses it), or, with ``probe_data < 1``, the task's
-        evaluation of that part of its validation data (metrics only)."""
+    def probed(self, raw: Any) -> Any:
+        """What a probe measured (:class:`ProbeMeasure`'s result, wherever it ran), counted and checked:
+        the full evaluation with its per-example values (so a step whose model is a probe's masked model
+        reuses it), or, with ``probe_data < 1``, the metrics of that part of the validation data."""
         if self.cfg.probe_data >= 1.0:
-            return self.evaluate(model)
+            return self.examined(raw)
         self.evaluations += 1
         self.part_evaluations += 1
-        return self.checked(self.task.evaluate_part(model, self.cfg.probe_data))
+        return self.checked(raw)
 
     def probe_now(self, work: nn.Module, state: ControllerState, cached: bool = True) -> dict[str, float]:
         """What probes of ``work`` are measured against: its metrics as measured (:meth:`current_metrics`),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,8 @@ from ..cost.predict import CostPredictor
 from ..errors import ConfigError, NonFiniteError, TraceError
 from ..graph import Graph, Group
 from ..plan import Plan, plan_from_choice
+from ..scale.executor import Executor, Failed, LocalExecutor
 from ..sensitivity import clusters
-from ..surgery import mask
 
 
 @dataclass
@@ -73,18 +74,48 @@ def units(work: nn.Module, graph: Graph, budget: int, can_estimate: bool, tied: 
 
 
 class Prober:
-    """Measures probes for the controller, within the probe budget, with a cache across steps."""
+    """Measures probes for the controller, within the probe budget, with a cache across steps.
+
+    ``measure(model)`` is what a probe evaluates (it runs where the executor runs it, so it must pickle for
+    Ray), ``finish(raw)`` turns its result into what the cache keeps (checked and counted, here), and the
+    executor (:mod:`adaprune.scale`) runs a step's probes, all at once."""
 
     def __init__(self, probe_ratio: float, budget: int, limits: Limits,
-                 metrics: Callable[[nn.Module], Any], harm: Callable[[dict[str, float], dict[str, float]], float],
-                 reprobe: int | None = None, tied: bool = False):
+                 measure: Callable[[nn.Module], Any], finish: Callable[[Any], Any],
+                 harm: Callable[[dict[str, float], dict[str, float]], float],
+                 reprobe: int | None = None, tied: bool = False, executor: Executor | None = None):
         self.ratio, self.budget, self.limits, self.tied = probe_ratio, budget, limits, tied
         self.reprobe = budget if reprobe is None else reprobe
-        self.metrics, self.harm = metrics, harm
-        # (lineage, masked model) -> what ``metrics`` returned (a metrics dict, or the controller's
+        self.measure_fn, self.finish, self.harm = measure, finish, harm
+        self.executor: Executor = executor or LocalExecutor()
+        # (lineage, masked model) -> what ``finish`` returned (a metrics dict, or the controller's
         # (metrics, per-example values)); None: NaN or inf
         self.cache: dict[tuple[int, str], Any] = {}
         self.measured = 0  # probes evaluated (not served from the cache)
+        self.run_id = uuid.uuid4().hex  # names this run's models for an executor that outlives the run
+
+    def evaluate(self, work: nn.Module, jobs: list[tuple[tuple[int, str], Plan]], token: Any = None) -> None:
+        """Measure every job (cache key, plan to mask) not in the cache yet (all of them for a negative
+        lineage), through the executor, and cache what each gave (None: NaN or inf)."""
+        todo: dict[tuple[int, str], Plan] = {}
+        for key, plan in jobs:
+            if (key[0] < 0 or key not in self.cache) and key not in todo:
+                todo[key] = plan
+        if not todo:
+            return
+        found = self.executor.map(work, list(todo.values()), self.measure_fn, catch=(NonFiniteError,), token=token)
+        for key, raw in zip(todo, found):
+            self.measured += 1
+            try:  # the task refused a NaN loss: as harmful as can be
+                self.cache[key] = None if isinstance(raw, Failed) else self.finish(raw)
+            except NonFiniteError:
+                self.cache[key] = None
+
+    def harm_of(self, key: tuple[int, str], metrics_now: dict[str, float]) -> float:
+        masked = self.cache[key]
+        if masked is None:
+            return math.inf
+        return self.harm(metrics_now, masked[0] if isinstance(masked, tuple) else masked)
 
     def plan(self, members: list[Group], scores: dict[str, torch.Tensor],
              predictor: CostPredictor) -> tuple[list[Group], dict[str, list[int]], Plan, dict[str, float]] | None:
@@ -118,20 +149,8 @@ class Prober:
         """The harm of masking ``plan`` on ``work``: its metrics cached per (``version``, ``name``, the
         masked model's canonical name, by default the plan itself)."""
         key = (version, plan.to_json() if name is None else name)
-        if version < 0 or key not in self.cache:
-            handle = mask(work, plan)
-            try:
-                with torch.no_grad():
-                    self.cache[key] = self.metrics(work)
-            except NonFiniteError:  # the task refused a NaN loss: as harmful as can be
-                self.cache[key] = None
-            finally:
-                handle.undo()
-            self.measured += 1
-        masked = self.cache[key]
-        if masked is None:
-            return math.inf
-        return self.harm(metrics_now, masked[0] if isinstance(masked, tuple) else masked)
+        self.evaluate(work, [(key, plan)])
+        return self.harm_of(key, metrics_now)
 
     def unmasked(self, work: nn.Module, version: int, name: str) -> dict[str, float]:
         """``work``'s own metrics as probes measure them, cached per (``version``, ``name``: the model's
@@ -139,8 +158,9 @@ class Prober:
         key = (version, name)
         got = self.cache.get(key) if version >= 0 else None
         if got is None:
-            with torch.no_grad():
-                got = self.metrics(work)
+            token = (self.run_id, *key) if version >= 0 else None
+            raw = self.executor.map(work, [Plan()], self.measure_fn, token=token)[0]
+            got = self.finish(raw)
             out: dict[str, float] = got[0] if isinstance(got, tuple) else got
             if not math.isfinite(self.harm(out, out)):  # nothing to measure the probes' harm against
                 raise NonFiniteError(
@@ -183,10 +203,14 @@ class Prober:
 
             if len(planned) > limit:
                 chosen_units = set(sorted(planned, key=worth, reverse=True)[:limit])
+        keys = {name: (version, plan.to_json() if canonical is None else canonical(plan))
+                for name, (_, _, plan, _) in planned.items() if name in chosen_units}
+        # every unit measured now goes to the executor at once (the masks are independent of each other)
+        self.evaluate(work, [(keys[name], planned[name][2]) for name in keys],
+                      None if canonical is None or version < 0 else (self.run_id, version, canonical(Plan())))
         out: dict[str, Probe] = {}
         for name, (members, chosen, plan, after) in planned.items():
-            drop = (self.measure(work, plan, metrics_now, version, None if canonical is None else canonical(plan))
-                    if name in chosen_units else math.nan)
+            drop = self.harm_of(keys[name], metrics_now) if name in chosen_units else math.nan
             channels = sum(len(c) for c in chosen.values())
             out[name] = Probe(members, drop, {k: now[k] - after[k] for k in now}, channels, name in chosen_units)
         if guess:

@@ -38,11 +38,9 @@ from torch import nn
 
 from ..cost.budget import static_values
 from ..cost.predict import CostPredictor
-from ..errors import NonFiniteError
 from ..graph import Graph, trace
 from ..plan import plan_from_choice
 from ..surgery.check import find_broken
-from ..surgery.mask import mask
 from .state import ControllerState
 
 if TYPE_CHECKING:
@@ -128,18 +126,14 @@ def cut_harms(ctl: Controller, model: nn.Module, graph: Graph, chosen: dict[str,
     predictor = CostPredictor(model, ctl.x)
     full = static_values(predictor(plan_from_choice(graph, {})))[field]
     now = ctl.probe_now(model, state, cached=False)
+    names = sorted(chosen, key=lambda g: len(chosen[g]), reverse=True)[:ctl.cfg.probe_budget]
+    plans = {name: plan_from_choice(graph, {name: chosen[name]}) for name in names}
+    keys = {name: (-1, plan.to_json()) for name, plan in plans.items()}  # (lineage -1: measured now, whatever the cache)
+    ctl.prober.evaluate(model, [(keys[name], plans[name]) for name in names])  # all at once, on the run's executor
     out: dict[str, float] = {}
-    for name in sorted(chosen, key=lambda g: len(chosen[g]), reverse=True)[:ctl.cfg.probe_budget]:
-        plan = plan_from_choice(graph, {name: chosen[name]})
-        saved = max(full - static_values(predictor(plan))[field], 1e-12)
-        handle = mask(model, plan)
-        try:
-            masked = ctl.probed(model)
-            harm = ctl.harm(now, masked[0] if isinstance(masked, tuple) else masked)
-        except NonFiniteError:
-            harm = math.inf
-        finally:
-            handle.undo()
+    for name in names:
+        saved = max(full - static_values(predictor(plans[name]))[field], 1e-12)
+        harm = ctl.prober.harm_of(keys[name], now)
         out[name] = harm / saved if math.isfinite(harm) else sys.float_info.max  # (finite: state.json is JSON)
     return out
 

@@ -1,0 +1,217 @@
+"""Scale-out on one machine: sensitivity and adapt's probes on Ray workers against the local executor.
+
+The model: torchvision's ResNet-50 (10 classes) trained here for ``--train-steps`` steps on sklearn's digits,
+upscaled to ``--size`` pixels and repeated over 3 channels (cached in benchmarks/results/cache/). Its graph has
+many groups (every bottleneck's inner widths, the stages' residual widths), so candidate evaluations dominate.
+
+Phases, each timed on its own:
+
+- **sensitivity**: ``ap.sensitivity`` over every cluster of groups at ratios 0.25/0.5/0.75, the metric the
+  validation loss over ``--val`` images. ``local``: this process, torch at ``--threads`` threads (the machine's
+  cores: what a user runs). ``ray``: ``RayExecutor(workers=--workers, threads=1)``, timed twice: ``cold`` (the
+  workers started and the model shipped inside the timed call; the Ray cluster itself is started before, as a
+  cluster is before a job) and ``warm`` (the same executor again, workers and model already there). The tables
+  must be identical.
+- **adapt**: ``ap.adapt`` to ``--macs`` of the MACs with a ClassificationTask (``--finetune`` optimizer steps a
+  step, ``--iterations`` steps at most, ``probe_budget=--probes``), local and on Ray (a fresh executor, timed
+  cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
+  steps' full evaluations stay in this process.
+
+    python benchmarks/scaleout.py                        # both phases (about 10 minutes on 2 cores)
+    python benchmarks/scaleout.py --phases sensitivity   # just the sensitivity phase
+
+On a cluster, the same call takes ``RayExecutor(workers=N, address="ray://head:10001")`` (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+from common import RESULTS, environment, log, save
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sklearn's digits as 3 x size x size images (normalised), split 1400 / the rest with a fixed permutation."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def trained_model(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> nn.Module:
+    from safetensors.torch import load_file, save_file
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(num_classes=10)
+    cache = RESULTS / "cache" / f"scaleout_resnet50_{args.size}px_{args.train_steps}steps.safetensors"
+    if cache.exists():
+        model.load_state_dict(load_file(str(cache)))
+        return model.eval()
+    xt, yt = data[0], data[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=args.train_steps)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(args.train_steps):
+        idx = torch.randint(0, len(yt), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            log(f"train step {step}: loss {loss.item():.3f}")
+    log(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cache))
+    return model.eval()
+
+
+class ValLoss:
+    """The mean cross-entropy over the validation images (what sensitivity measures); picklable."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __call__(self, model: nn.Module) -> float:
+        model.eval()
+        total = 0.0
+        for i in range(0, len(self.y), 128):
+            total += float(nn.functional.cross_entropy(model(self.x[i:i + 128]), self.y[i:i + 128], reduction="sum"))
+        return -total / len(self.y)  # higher is better, as sensitivity reads it
+
+
+def rows(result: Any) -> list[tuple[str, float, float]]:
+    return [(r.cluster, r.ratio, r.metric) for r in result.rows]
+
+
+def sensitivity_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...],
+                      ray_started: float) -> dict[str, Any]:
+    import adaprune as ap
+    from adaprune.sensitivity import clusters as cluster_groups
+
+    measure = ValLoss(data[2][:args.val], data[3][:args.val])
+    x = data[2][:2]
+    graph = ap.trace(model, x, ignore=[model.fc])
+    clusters = len(cluster_groups(model, graph.groups))
+    out: dict[str, Any] = {"groups": len(graph.groups), "clusters": clusters, "ratios": [0.25, 0.5, 0.75],
+                           "evaluations": clusters * 3 + 1, "val_images": int(min(args.val, len(data[3])))}
+    t0 = time.perf_counter()
+    local = ap.sensitivity(model, x, measure, ratios=(0.25, 0.5, 0.75), graph=graph)
+    out["local_s"] = time.perf_counter() - t0
+    log(f"sensitivity local: {out['local_s']:.1f} s ({out['evaluations']} evaluations)")
+    with ap.RayExecutor(workers=args.workers, threads=1) as ex:
+        t0 = time.perf_counter()
+        remote = ap.sensitivity(model, x, measure, ratios=(0.25, 0.5, 0.75), graph=graph, executor=ex)
+        out["ray_cold_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = ap.sensitivity(model, x, measure, ratios=(0.25, 0.5, 0.75), graph=graph, executor=ex)
+        out["ray_warm_s"] = time.perf_counter() - t0
+    out["ray_cluster_start_s"] = ray_started
+    out["identical"] = rows(remote) == rows(local) and rows(again) == rows(local) and \
+        remote.baseline == local.baseline
+    out["speedup_cold"] = out["local_s"] / out["ray_cold_s"]
+    out["speedup_warm"] = out["local_s"] / out["ray_warm_s"]
+    log(f"sensitivity ray: cold {out['ray_cold_s']:.1f} s ({out['speedup_cold']:.2f}x), warm "
+        f"{out['ray_warm_s']:.1f} s ({out['speedup_warm']:.2f}x), identical: {out['identical']}")
+    return out
+
+
+def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    import adaprune as ap
+
+    xt, yt, xv, yv = data
+
+    def task() -> ap.ClassificationTask:
+        return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
+                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
+                                     lr=0.01)
+
+    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
+                    "probe_budget": args.probes, "seed": 0}
+    out: dict[str, Any] = {"macs": args.macs, **settings}
+    results = {}
+    for name in ("local", "ray"):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if name == "local":
+            res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[m.fc], **settings)
+        else:
+            with ap.RayExecutor(workers=args.workers, threads=1) as ex:
+                res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[m.fc], executor=ex, **settings)
+        wall = time.perf_counter() - t0
+        results[name] = res
+        out[name] = {"wall_s": wall, "steps": len(res.history), "accepted": sum(h.accepted for h in res.history),
+                     "evaluations": res.evaluations, "budget_met": res.budget_met,
+                     "accuracy_before": res.before.get("accuracy"), "accuracy_after": res.after.get("accuracy"),
+                     "macs_after": res.costs_after["macs"] / res.costs_before["macs"]}
+        log(f"adapt {name}: {wall:.0f} s, {len(res.history)} steps, accuracy "
+            f"{res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}")
+    a, b = results["local"], results["ray"]
+    out["identical"] = a.plan.to_json() == b.plan.to_json() and \
+        [(h.accepted, h.metrics, h.costs) for h in a.history] == [(h.accepted, h.metrics, h.costs) for h in b.history]
+    out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
+    log(f"adapt speedup {out['speedup']:.2f}x, identical: {out['identical']}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt"], choices=["sensitivity", "adapt"])
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--val", type=int, default=397, help="validation images (at most 397)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the local runs")
+    p.add_argument("--macs", type=float, default=0.5)
+    p.add_argument("--tolerance", type=float, default=0.03)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--finetune", type=int, default=20)
+    p.add_argument("--probes", type=int, default=12)
+    p.add_argument("--out", default="scaleout")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    payload: dict[str, Any] = {"environment": environment(args.threads), "config": vars(args)}
+    data = digits(args.size)
+    model = trained_model(args, data)
+    import ray
+
+    import adaprune as ap
+
+    t0 = time.perf_counter()
+    with ap.RayExecutor(workers=args.workers) as first:  # starts the local cluster (up before a job, as a cluster is)
+        first.pids()
+    ray_started = time.perf_counter() - t0
+    payload["environment"]["ray"] = ray.__version__
+    if "sensitivity" in args.phases:
+        payload["sensitivity"] = sensitivity_phase(args, model, data, ray_started)
+        save(args.out, payload)
+    if "adapt" in args.phases:
+        payload["adapt"] = adapt_phase(args, model, data)
+    payload["environment"]["load_average_at_end"] = list(os.getloadavg())
+    log(f"wrote {save(args.out, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

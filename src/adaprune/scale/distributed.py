@@ -1,0 +1,176 @@
+"""torch.distributed: adapt under ``torchrun``, fine-tuning data-parallel, decisions made once.
+
+Launched with ``torchrun --nproc_per_node N script.py`` (or across nodes), every process runs the same script
+and the same :func:`adaprune.adapt` call. adapt joins the process group torchrun describes (gloo on CPU, NCCL
+when CUDA is there; :func:`join`), and then:
+
+- **fine-tuning is data-parallel**: each process takes its own slice of every training batch (:func:`shard`),
+  and after each backward pass the gradients are averaged over the processes (:func:`average_gradients`,
+  inside :func:`adaprune.task.optimizer_step`, which every ready task's fine-tuning goes through), so every
+  process takes the same optimizer step: that of the whole batch. After a recovery the parameters and buffers
+  (BatchNorm statistics, which each process gathered on its own slice) are made rank 0's everywhere
+  (:func:`sync_model`).
+- **decisions are made once**: what a decision rests on (every evaluation of the task, every cost measurement,
+  each step's plan, whether a limit stopped the run) is rank 0's and broadcast (:func:`broadcast`), so the
+  processes cannot drift apart; a step's probes are shared out between the processes
+  (:class:`DistributedExecutor`).
+- **the run directory is rank 0's**: only rank 0 opens, locks and writes it; on resume it reads the state and
+  weights and the others receive them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan import Plan
+from .executor import Executor, Failed, evaluate_masked
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside a process group."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def active() -> bool:
+    """Whether this process is one of several in a process group."""
+    return world()[1] > 1
+
+
+def leader() -> bool:
+    """Whether this process decides and writes (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def join() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) when no group
+    exists yet: gloo on CPU, NCCL with CUDA. Returns whether this process is now one of several."""
+    dist = _dist()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return active()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (pickled; anything small: metrics, a plan, a state). Every process
+    must call it at the same point."""
+    if not active():
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _examples(part: Any) -> int | None:
+    """How many examples one part of a batch holds: a tensor's first dimension, a list's length (a list of
+    images, of target dicts), a mapping's common first dimension; None when that is not one number."""
+    if isinstance(part, torch.Tensor):
+        return part.shape[0] if part.dim() > 0 else None
+    if isinstance(part, list):
+        return len(part)
+    if isinstance(part, Mapping):
+        found = {_examples(v) if isinstance(v, torch.Tensor) else None for v in part.values()}
+        return found.pop() if len(found) == 1 else None
+    return None
+
+
+def _slice(part: Any, rank: int, size: int) -> Any:
+    if isinstance(part, torch.Tensor):
+        return torch.tensor_split(part, size)[rank]
+    if isinstance(part, list):
+        n = len(part)
+        return part[rank * n // size:(rank + 1) * n // size]
+    return {k: _slice(v, rank, size) for k, v in part.items()}
+
+
+def shard(batch: Any) -> Any:
+    """This process's contiguous slice of a training batch: the batch itself, or each part of an
+    ``(inputs, targets)`` tuple, split along its examples (a tensor's first dimension, a list's items, a
+    mapping's tensors'). The whole batch when the parts do not agree on how many examples there are (e.g.
+    YOLO's per-box targets), or there are fewer examples than processes: every process then computes the
+    same gradient, which is still the whole batch's."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    parts = list(batch) if isinstance(batch, tuple) else [batch]
+    counts = {_examples(p) for p in parts}
+    n = counts.pop() if len(counts) == 1 else None
+    if n is None or n < size:
+        return batch
+    cut = [_slice(p, rank, size) for p in parts]
+    return tuple(cut) if isinstance(batch, tuple) else cut[0]
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Replace every parameter's gradient by its mean over the processes (one all-reduce over all of them,
+    a missing gradient counted as zeros), as DistributedDataParallel does."""
+    if not active() or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    _dist().all_reduce(flat)
+    flat /= world()[1]
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def sync_model(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every process."""
+    if not active():
+        return
+    dist = _dist()
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+class DistributedExecutor(Executor):
+    """A call's candidates shared out between the processes of the group (candidate i on rank i mod N), their
+    results gathered on every process in order. Every process must call :meth:`map` with the same plans."""
+
+    def __init__(self) -> None:
+        self.rank, self.workers = world()
+
+    def __repr__(self) -> str:
+        return f"DistributedExecutor(rank={self.rank}, workers={self.workers})"
+
+    def map(self, model: nn.Module, plans: Sequence[Plan], measure: Callable[[nn.Module], Any], *,
+            seed: int = 0, catch: tuple[type[BaseException], ...] = (), token: Hashable | None = None) -> list[Any]:
+        mine: list[tuple[int, bool, Any]] = []
+        for i in range(self.rank, len(plans), self.workers):
+            try:
+                mine.append((i, True, evaluate_masked(model, plans[i], measure, seed)))
+            except Exception as exc:  # noqa: BLE001 - every process raises it (or returns it), below
+                mine.append((i, False, exc))
+        gathered: list[Any] = [None] * self.workers
+        _dist().all_gather_object(gathered, mine)
+        found = {i: (ok, value) for part in gathered for i, ok, value in part}
+        out: list[Any] = []
+        for i in range(len(plans)):
+            ok, value = found[i]
+            if ok:
+                out.append(value)
+            elif isinstance(value, catch):
+                out.append(Failed(value))
+            else:
+                raise value
+        return out
+
+
+__all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "shard",
+           "sync_model", "world"]

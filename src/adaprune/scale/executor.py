@@ -1,0 +1,116 @@
+"""Executors: where the independent candidate evaluations of one call run.
+
+A *candidate* is the model with one plan's channels masked (a sensitivity probe, an adapt probe): its
+evaluation needs nothing from the others, so a call hands all of them to an executor at once and
+gets their results back in order. :class:`LocalExecutor` runs them one after another in this process;
+:class:`adaprune.scale.ray.RayExecutor` spreads them over Ray workers that hold a copy of the model
+and of the measuring function.
+
+Both give the same numbers: every candidate is evaluated with the random number generator forked and
+seeded from the call's ``seed`` (so an evaluation that draws random numbers, e.g. a DataLoader's base
+seed, draws the same ones wherever it runs, and none of the caller's draws), the masks are undone after
+each, and a failure inside an evaluation comes back as that candidate's result when its type is one the
+caller expects (``catch``), else it is raised here, as the type it was raised as.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from ..plan import Plan
+from ..surgery.mask import mask
+
+
+class Failed:
+    """A candidate whose evaluation raised an exception of a type the caller expects."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failed({self.error!r})"
+
+
+def evaluate_masked(model: nn.Module, plan: Plan, measure: Callable[[nn.Module], Any], seed: int) -> Any:
+    """``measure(model)`` with ``plan``'s channels masked (undone after), under a forked generator seeded
+    with ``seed``, without gradients. Every executor evaluates a candidate through this one function."""
+    handle = None if plan.is_empty else mask(model, plan)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            return measure(model)
+    finally:
+        if handle is not None:
+            handle.undo()
+
+
+def model_token(model: nn.Module) -> str:
+    """A name for the model's structure and weights, for executors that ship the model only when it
+    changed (SHA-256 over the parameters' and buffers' names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=False).items():
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Executor(ABC):
+    """Runs a call's candidate evaluations (see the module's docstring); ``workers`` say how many at once."""
+
+    workers: int = 1
+
+    @abstractmethod
+    def map(self, model: nn.Module, plans: Sequence[Plan], measure: Callable[[nn.Module], Any], *,
+            seed: int = 0, catch: tuple[type[BaseException], ...] = (), token: Hashable | None = None) -> list[Any]:
+        """``measure`` of ``model`` with each plan's channels masked, in the order of ``plans``.
+
+        Args:
+            model: the model; left as it was.
+            plans: one per candidate (an empty plan: the model itself).
+            measure: ``measure(model) -> result``; it must not change the model's weights.
+            seed: every candidate's evaluation starts from ``torch.manual_seed(seed)``.
+            catch: exception types returned as :class:`Failed` instead of raised.
+            token: names the model's current weights and structure, if the caller knows one (executors
+                that keep a copy of the model ship it again when the token changes; without one they
+                compute :func:`model_token`).
+        """
+
+    def close(self) -> None:
+        """Release the workers (a no-op for the local executor)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Every candidate in this process, one after another (the default)."""
+
+    workers = 1
+
+    def map(self, model: nn.Module, plans: Sequence[Plan], measure: Callable[[nn.Module], Any], *,
+            seed: int = 0, catch: tuple[type[BaseException], ...] = (), token: Hashable | None = None) -> list[Any]:
+        out: list[Any] = []
+        for plan in plans:
+            try:
+                out.append(evaluate_masked(model, plan, measure, seed))
+            except catch as exc:
+                out.append(Failed(exc))
+        return out
+
+    def __repr__(self) -> str:
+        return "LocalExecutor()"
+
+
+__all__ = ["Executor", "Failed", "LocalExecutor", "evaluate_masked", "model_token"]

@@ -1,0 +1,208 @@
+"""Executors: sensitivity and adapt's probes on Ray workers give what the local executor gives, a killed worker
+is restarted and its candidate run again, and the choice of executor is checked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adaprune as ap
+from adaprune.errors import ArgumentTypeError, ConfigError, NonFiniteError
+from adaprune.plan import plan_from_choice
+from adaprune.scale import Failed, LocalExecutor, get_executor
+
+ray = pytest.importorskip("ray")
+# one Ray cluster per test process, its tests on one xdist worker (make test runs --dist loadgroup)
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("one_thread")]
+
+torch.manual_seed(0)
+X = torch.randn(96, 3, 12, 12)
+Y = torch.randint(0, 5, (96,))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+class ShuffledLoss:
+    """The loss over shuffled batches, dropping the last partial one: its value depends on the generator's
+    state, so only evaluations started from the same seed agree. Optionally records the process it ran in,
+    and kills that process once (a worker dying in the middle of a call) when ``marker`` does not exist."""
+
+    def __init__(self, log: Path | None = None, marker: Path | None = None) -> None:
+        self.log, self.marker, self.driver = log, marker, os.getpid()
+
+    def __call__(self, model: nn.Module) -> float:
+        if self.log is not None:
+            (self.log / f"{os.getpid()}-{os.urandom(4).hex()}").touch()
+        if self.marker is not None and os.getpid() != self.driver and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        loader = DataLoader(TensorDataset(X, Y), batch_size=40, shuffle=True, drop_last=True)
+        with torch.no_grad():
+            return sum(float(nn.functional.cross_entropy(model(a), b)) for a, b in loader)
+
+
+@pytest.fixture(scope="module")
+def executor():
+    with ap.RayExecutor(workers=2) as ex:
+        yield ex
+
+
+def table(result: ap.Sensitivity) -> list:
+    return [(r.cluster, r.ratio, r.metric) for r in result.rows]
+
+
+def test_sensitivity_on_ray_is_the_local_table_and_runs_on_both_workers(executor, tmp_path) -> None:
+    model = cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    local = ap.sensitivity(model, X[:2], ShuffledLoss(), ratios=(0.25, 0.5), cluster=False)
+    log = tmp_path / "log"
+    log.mkdir()
+    remote = ap.sensitivity(model, X[:2], ShuffledLoss(log), ratios=(0.25, 0.5), cluster=False, executor=executor)
+    assert remote.baseline == local.baseline and table(remote) == table(local)
+    assert len(table(local)) == 4 and len({m for _, _, m in table(local)}) == 4
+    pids = {p.name.split("-")[0] for p in log.iterdir()}
+    assert len(list(log.iterdir())) == 5  # the baseline and 4 probes, each evaluated once
+    assert pids == {str(p) for p in executor.pids()} and str(os.getpid()) not in pids
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_without_the_shared_seed_the_tables_would_differ() -> None:
+    """What the equality above rests on: the evaluation draws random numbers, so unseeded calls differ."""
+    model = cnn()
+    assert ShuffledLoss()(model) != ShuffledLoss()(model)
+
+
+def test_a_killed_worker_is_restarted_and_the_table_is_the_same(executor, tmp_path) -> None:
+    model = cnn()
+    local = ap.sensitivity(model, X[:2], ShuffledLoss(), ratios=(0.25, 0.5), cluster=False)
+    before = set(executor.pids())
+    marker = tmp_path / "died"
+    remote = ap.sensitivity(model, X[:2], ShuffledLoss(marker=marker), ratios=(0.25, 0.5), cluster=False,
+                            executor=executor)
+    assert marker.exists()  # a worker did die, in the middle of the call
+    assert table(remote) == table(local) and remote.baseline == local.baseline
+    after = set(executor.pids())
+    assert len(after) == 2 and len(after - before) == 1  # one of them is a new process
+
+
+class Refuses:
+    """Evaluates to a number, except with more than half of the first conv's channels zero: a typed error."""
+
+    def __call__(self, model: nn.Module) -> float:
+        alive = int((model[0].weight.detach().flatten(1).abs().sum(1) > 0).sum())
+        if alive <= 6:
+            raise NonFiniteError("the loss is NaN")
+        return float(alive)
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_an_evaluation_error_comes_back_as_its_type_or_as_failed(executor, kind) -> None:
+    runner = LocalExecutor() if kind == "local" else executor
+    model = cnn()
+    graph = ap.trace(model, X[:2], ignore=[model[6]])
+    conv = next(g for g in graph.groups if any(s.module == "0" for s in g.slots))
+    plans = [ap.Plan(), plan_from_choice(ap.Graph([conv]), {conv.name: list(range(6))})]
+    assert runner.map(model, plans[:1], Refuses()) == [12.0]
+    got = runner.map(model, plans, Refuses(), catch=(NonFiniteError,))
+    assert got[0] == 12.0 and isinstance(got[1], Failed) and isinstance(got[1].error, NonFiniteError)
+    with pytest.raises(NonFiniteError, match="NaN"):
+        runner.map(model, plans, Refuses())
+
+
+def small_task() -> ap.ClassificationTask:
+    # (shuffled by the global generator, which adapt seeds per step: a resumed run draws the same batches)
+    train = DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(X, Y), batch_size=48)
+    return ap.ClassificationTask(train, val, lr=0.01)
+
+
+class Wrapped:
+    """A protocol task (a ClassificationTask inside) whose evaluation kills its process once on a worker
+    (with ``marker``), or whose ``stop_at``-th fine-tuning is interrupted (a run stopped in the middle)."""
+
+    metric, higher_is_better = "accuracy", True
+
+    def __init__(self, marker: Path | None = None, stop_at: int = 0) -> None:
+        self.inner, self.marker, self.driver = small_task(), marker, os.getpid()
+        self.stop_at, self.tunes = stop_at, 0
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if self.marker is not None and os.getpid() != self.driver and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return self.inner.evaluate(model)
+
+    def finetune(self, model: nn.Module, steps: int) -> None:
+        self.tunes += 1
+        if self.tunes == self.stop_at:
+            raise KeyboardInterrupt
+        self.inner.finetune(model, steps)
+
+    def calibration(self):
+        return self.inner.calibration()
+
+
+def run(task, tmp_path: Path, name: str, **kw) -> ap.AdaptResult:
+    return ap.adapt(cnn(), X[:2], task, ap.Budget(macs=0.5), tolerance=0.5, ignore=["6"], run_dir=tmp_path / name,
+                    max_iterations=3, finetune_steps=2, probe_budget=4, seed=3, **kw)
+
+
+def steps(result: ap.AdaptResult) -> list:
+    return [(h.accepted, h.metrics, h.costs) for h in result.history]
+
+
+def test_adapt_on_ray_gives_the_local_plan_and_history_even_when_a_worker_dies(executor, tmp_path) -> None:
+    local = run(small_task(), tmp_path, "local")
+    remote = run(small_task(), tmp_path, "ray", executor=executor)
+    assert remote.plan.to_json() == local.plan.to_json() and not local.plan.is_empty
+    assert steps(remote) == steps(local) and remote.evaluations == local.evaluations
+    marker = tmp_path / "died"
+    local = run(Wrapped(), tmp_path, "local2")
+    dying = run(Wrapped(marker), tmp_path, "dying", executor=executor)
+    assert marker.exists() and dying.plan.to_json() == local.plan.to_json() and steps(dying) == steps(local)
+
+
+def test_a_run_stopped_on_ray_resumes_locally_to_the_same_plan(executor, tmp_path) -> None:
+    whole = run(Wrapped(), tmp_path, "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(Wrapped(stop_at=2), tmp_path, "parts", executor=executor)
+    resumed = run(Wrapped(), tmp_path, "parts", resume=True)
+    assert len(whole.history) > 1 and resumed.plan.to_json() == whole.plan.to_json()
+    assert steps(resumed) == steps(whole)
+
+
+def test_the_executor_is_checked() -> None:
+    assert isinstance(get_executor(None)[0], LocalExecutor) and get_executor("local")[1]
+    ex = LocalExecutor()
+    assert get_executor(ex) == (ex, False)
+    with pytest.raises(ConfigError, match="'local', 'ray'"):
+        get_executor("dask")
+    with pytest.raises(ArgumentTypeError, match="executor="):
+        ap.sensitivity(cnn(), X[:2], ShuffledLoss(), executor=3)
+    with pytest.raises(ConfigError, match="workers"):
+        ap.RayExecutor(workers=0)
+    with pytest.raises(ArgumentTypeError, match="threads"):
+        ap.RayExecutor(threads=1.5)
+
+
+def test_without_ray_installed_the_message_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"adaprune\[ray\]"):
+        ap.RayExecutor(workers=1).map(cnn(), [ap.Plan()], ShuffledLoss())
+
+
+def test_a_cluster_too_small_for_the_workers_is_refused(executor) -> None:
+    executor.pids()  # (the cluster is up)
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match=f"needs {cpus + 1} CPUs"):
+        ap.RayExecutor(workers=cpus + 1).pids()
