@@ -33,6 +33,7 @@ from .quantize.ao import torchao_quantize
 from .quantize.weights import quantize_weights
 from .result import PruneResult
 from .scale import Executor, LocalExecutor, RayExecutor
+from .search import SearchResult, allocate_from_sensitivity, search
 from .sensitivity import Sensitivity, sensitivity
 from .share import ShareResult, share
 from .specialize import Specialized, specialize
@@ -64,6 +65,7 @@ __all__ = [
     "PruneResult",
     "Quantized",
     "RayExecutor",
+    "SearchResult",
     "SegmentationTask",
     "Sensitivity",
     "ShareResult",
@@ -72,6 +74,7 @@ __all__ = [
     "YOLOTask",
     "__version__",
     "adapt",
+    "allocate_from_sensitivity",
     "apply_plan",
     "check",
     "compress",
@@ -90,6 +93,7 @@ __all__ = [
     "remove",
     "save",
     "save_ladder",
+    "search",
     "sensitivity",
     "share",
     "sparsify",

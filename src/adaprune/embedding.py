@@ -29,6 +29,7 @@ from ._check import (
 )
 from .calls import call_model
 from .errors import ConfigError
+from .scale.distributed import shard
 from .task import Task, adamw_steps, optimizer_step
 
 Embed = Callable[[Any, Any], torch.Tensor]
@@ -313,7 +314,9 @@ class EmbeddingTask(Task):
 
     def _step(self, model: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any,
               where: str) -> None:
-        """One optimizer step; if it fails, the buffers its forward pass changed are restored."""
+        """One optimizer step (on this process's slice of the batch under torchrun); if it fails, the buffers
+        its forward pass changed are restored."""
+        x = shard(x)
 
         def loss() -> torch.Tensor:
             with torch.no_grad():

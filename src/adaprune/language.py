@@ -28,6 +28,7 @@ from torch import nn
 from ._check import as_float, as_int, check_batches, check_module, clip
 from .calls import call_model
 from .errors import ConfigError
+from .scale.distributed import shard
 from .task import Task, adamw_steps, logits_of, optimizer_step
 
 
@@ -186,7 +187,7 @@ class LanguageModelingTask(Task):
         def step(opt: torch.optim.Optimizer, n: int) -> None:
             i = self._cursor % len(train)
             self._cursor += 1
-            optimizer_step(model, opt, lambda: self.loss(model, train[i], None),
+            optimizer_step(model, opt, lambda: self.loss(model, shard(train[i]), None),
                            f"finetune step {n} (train batch {i})", self.lr)
 
         adamw_steps(model, steps, self.lr, self.weight_decay, step)

@@ -34,6 +34,7 @@ from ._check import as_float, as_int, check_module
 from .errors import ArgumentTypeError, ConfigError, shown
 from .graph import Group
 from .importance.registry import Context, default_loss, get_importance
+from .scale.distributed import shard
 from .task import Criterion, Task, as_task, optimizer_step
 
 COMBINE = ("sum", "max")
@@ -206,7 +207,8 @@ class MultiTask(Task):
         flags = {m: m.training for m in model.modules()}
         model.train()
         try:
-            for step, (x, y) in enumerate(itertools.islice(self.training_batches(), steps)):
+            for step, batch in enumerate(itertools.islice(self.training_batches(), steps)):
+                x, y = shard(batch)
                 optimizer_step(model, opt, functools.partial(self.loss, model, x, y), f"MultiTask finetune step {step}",
                                self.lr)
         finally:

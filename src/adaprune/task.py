@@ -38,6 +38,7 @@ from ._check import (
 from .calls import call_model
 from .errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
 from .importance import default_loss
+from .scale.distributed import average_gradients, shard, sync_buffers
 
 
 class Task(ABC):
@@ -350,6 +351,8 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[
                 f"use a lower lr (now {lr:g}) or check the batch for NaN/inf"
             )
         value.backward()
+        # under torchrun: every process's gradient of its slice of the batch, averaged (data-parallel)
+        average_gradients([p for group in opt.param_groups for p in group["params"]])
     except BaseException:
         with torch.no_grad():
             for n, b in model.named_buffers():
@@ -357,6 +360,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[
                     b.copy_(buffers[n])
         raise
     opt.step()
+    sync_buffers(model)  # (under torchrun: rank 0's BatchNorm statistics, as DistributedDataParallel keeps them)
 
 
 def adamw_steps(model: nn.Module, steps: int, lr: float, weight_decay: float,
@@ -558,5 +562,7 @@ class ClassificationTask(Task):
                 p.grad = None
 
     def _step(self, model: nn.Module, opt: torch.optim.Optimizer, step: int, x: Any, y: Any, where: str) -> None:
-        """One optimizer step; if it fails, the buffers its forward pass changed are restored."""
+        """One optimizer step (on this process's slice of the batch under torchrun); if it fails, the buffers
+        its forward pass changed are restored."""
+        x, y = shard((x, y))
         optimizer_step(model, opt, lambda: self._loss(model, x, y, where), f"finetune step {step} ({where})", self.lr)

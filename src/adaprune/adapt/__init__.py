@@ -21,6 +21,7 @@ from ..errors import ArgumentTypeError, ConfigError, SurgeryError, shown
 from ..graph import ignore_items, ignore_names
 from ..plan import Plan
 from ..scale import get_executor
+from ..scale.distributed import join, leader
 from ..surgery.hf_config import UnsaveableConfigWarning
 from ..surgery.remove import output_shapes, removal
 from ..task import as_task
@@ -173,11 +174,14 @@ def adapt(
     ignore = ignore_items(ignore)  # a generator is read once, here
     names = ignore_names(model, ignore)
     config = AdaptConfig(tolerance=tolerance, **options)
+    join()  # under torchrun: the process group (docs/scale-out.md); only rank 0 holds the run directory
     if resume and run_dir is None:
         raise ConfigError("resume=True needs run_dir= (the directory of the run to continue)")
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
+    if not leader():
+        rd = None
     mapped = None
     if warm_start is not None:
         if rd is not None and isinstance(warm_start, (str, os.PathLike)) and \

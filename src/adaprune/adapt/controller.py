@@ -46,6 +46,7 @@ from ..graph import Graph, Group, trace
 from ..importance import default_loss
 from ..multitask import calibration_of, task_scores, task_settings
 from ..plan import Plan, plan_from_choice
+from ..scale.distributed import active, broadcast, on_leader, sync_model
 from ..scale.executor import Executor
 from ..surgery import remove
 from ..surgery.check import find_broken
@@ -151,13 +152,13 @@ class Controller(Recovery):
         """``task.evaluate(model)`` checked: a dict of numbers that holds the task's metric (which may
         be NaN or inf: the caller decides what that means)."""
         self.evaluations += 1
-        return self.checked(self.task.evaluate(model))
+        return self.checked(on_leader(self.task.evaluate, model))
 
     def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Examples]:
         """:meth:`metrics` plus, per criterion, the per-example values (``task.evaluate_criteria``),
         checked against its metric and the original model's example count (left out when the task
         has none, or the metric is not finite)."""
-        return self.examined(self.task.evaluate_criteria(model))
+        return self.examined(on_leader(self.task.evaluate_criteria, model))  # (under torchrun: rank 0's)
 
     def examined(self, raw: tuple[Any, Mapping[str, Any]]) -> tuple[dict[str, float], Examples]:
         """What ``task.evaluate_criteria`` returned, counted and checked (:meth:`evaluate`)."""
@@ -258,8 +259,8 @@ class Controller(Recovery):
     def costs(self, model: nn.Module, repeats: int | None = None) -> dict[str, float]:
         values = static_values(count(model, self.x, disk=False))
         if self.budget.needs_latency:
-            lat = measure_latency(
-                model, self.x, backend=self.budget.backend, threads=self.budget.threads,
+            lat = on_leader(  # (under torchrun: rank 0's timing, on every process)
+                measure_latency, model, self.x, backend=self.budget.backend, threads=self.budget.threads,
                 repeats=repeats or self.cfg.latency_repeats,
             )
             values["latency"] = lat.median_ms
@@ -440,6 +441,8 @@ class Controller(Recovery):
 
         ``more``: when the verdict is undecided (every point drop within its tolerance, an interval's upper
         end above it), recover ``more`` steps further and judge once again (the warm start's first try)."""
+        if active():  # under torchrun every process cuts rank 0's plan
+            plan = Plan.from_json(broadcast(plan.to_json()))
         snapshot = copy.deepcopy(work)
         # (with probe_data < 1 the cache holds evaluations of part of the data: not a step's measurement)
         key = (self.lineage, self.canonical(state, plan)) if self.cfg.probe_data >= 1.0 and self.as_cut(work, steps) else None
@@ -521,17 +524,25 @@ class Controller(Recovery):
         )
 
     # -- the loop ----------------------------------------------------------------------------
+    def resumable(self, config: dict[str, Any], signature: Any) -> ControllerState:
+        """The run directory's state, checked against these settings and this model."""
+        assert self.run_dir is not None
+        state = self.run_dir.load()
+        check_resumable(state, config, signature, str(self.run_dir.path))
+        return state
+
     def run(self, resume: bool) -> tuple[nn.Module, ControllerState]:
         config = run_settings(self.cfg, self.budget, self.ignore, {**task_settings(self.task), **warm_key(self.warm)})
         signature = model_signature(self.model)
-        resumed = resume and self.run_dir is not None and self.run_dir.exists()
+        # (under torchrun only rank 0 holds the run directory: it reads and checks, the others receive)
+        resumed = broadcast(resume and self.run_dir is not None and self.run_dir.exists())
         if resumed:
-            assert self.run_dir is not None
-            state = self.run_dir.load()
-            check_resumable(state, config, signature, str(self.run_dir.path))
+            state = on_leader(self.resumable, config, signature)
             work = copy.deepcopy(self.model)
-            replay(work, state, str(self.run_dir.path))
-            self.run_dir.load_weights(state, work)
+            replay(work, state, str(self.run_dir.path) if self.run_dir is not None else "the run directory")
+            if self.run_dir is not None:
+                self.run_dir.load_weights(state, work)
+            sync_model(work)
             self.evaluations, self.part_evaluations = state.evaluations, state.part_evaluations
             if state.stopped:  # a run ended by a limit goes on, under the limits it is resumed with
                 state.done, state.stopped, state.message = False, "", ""
@@ -582,7 +593,7 @@ class Controller(Recovery):
                        else f"max_iterations={self.cfg.max_iterations} steps taken")
                 state.message = self.unmet(state, values, why)
                 break
-            limit = self.limit_reached()
+            limit = broadcast(self.limit_reached())  # (under torchrun: rank 0's clock and count decide)
             if limit:
                 state.done, state.stopped = True, limit
                 state.message = self.unmet(state, values, f"stopped: {limit}; the last accepted model is returned")
@@ -593,6 +604,8 @@ class Controller(Recovery):
             state.evaluations, state.part_evaluations = self.evaluations, self.part_evaluations
             if state.history and state.history[-1].accepted and state.history[-1].step == state.step - 1:
                 values = dict(state.history[-1].costs)
+            if active():  # every process goes on from rank 0's state (they cannot have drifted, and must not)
+                state = broadcast(state)
             if self.run_dir is not None:
                 self.run_dir.save(state, work)
         if self.run_dir is not None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import NonFiniteError, shown
 from ..plan import Plan
+from ..scale.distributed import sync_model
 from ..surgery import reconstruct
 from ..task import Criterion, Task, recalibrate_bn
 from .bookkeeping import non_finite_metrics, non_finite_weights
@@ -61,6 +62,7 @@ class Recovery(ABC):
         steps = self.recovery_steps(steps)
         if steps > 0:
             self.task.finetune(work, steps)
+            sync_model(work)  # under torchrun: rank 0's weights and statistics everywhere (each saw its own slices)
         self.recalibrate(work)
         return steps
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..cost.latency import measure_latency
+from ..scale.distributed import on_leader
 from .state import ControllerState
 
 if TYPE_CHECKING:
@@ -39,8 +40,8 @@ def retime(ctl: Controller, work: nn.Module, state: ControllerState, values: dic
     original, now = state.original_costs["latency"], values["latency"]
     for _ in range(ROUNDS):
         for model, which in ((ctl.model, "original"), (work, "now")):
-            ms = measure_latency(model, ctl.x, backend=budget.backend, threads=budget.threads,
-                                 repeats=ctl.cfg.latency_repeats).median_ms
+            ms = on_leader(measure_latency, model, ctl.x, backend=budget.backend, threads=budget.threads,  # (rank 0's)
+                           repeats=ctl.cfg.latency_repeats).median_ms
             if which == "original":
                 original = min(original, ms)
             else:

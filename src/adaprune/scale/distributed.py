@@ -74,6 +74,23 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def on_leader(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` computed by rank 0 alone, its result (or the exception it raised) on every
+    process: how a measurement that decides something (an evaluation, a latency) is made once."""
+    if not active():
+        return fn(*args, **kwargs)
+    box: tuple[bool, Any] | None = None
+    if leader():
+        try:
+            box = (True, fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - raised on every process, below
+            box = (False, exc)
+    ok, value = broadcast(box)
+    if not ok:
+        raise value
+    return value
+
+
 def _examples(part: Any) -> int | None:
     """How many examples one part of a batch holds: a tensor's first dimension, a list's length (a list of
     images, of target dicts), a mapping's common first dimension; None when that is not one number."""
@@ -129,6 +146,24 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
         offset += n
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, which each process gathers on its own slice) on every process,
+    one broadcast per dtype, as DistributedDataParallel does before each forward pass."""
+    if not active():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in model.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    with torch.no_grad():
+        for tensors in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            _dist().broadcast(flat, src=0)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
 def sync_model(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every process."""
     if not active():
@@ -172,5 +207,5 @@ class DistributedExecutor(Executor):
         return out
 
 
-__all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "shard",
-           "sync_model", "world"]
+__all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "on_leader", "shard",
+           "sync_buffers", "sync_model", "world"]

@@ -1,0 +1,261 @@
+"""Per-cluster pruning ratios under a budget: from a sensitivity table, or found by search.
+
+Both turn a static budget (MACs, params, bytes, energy) into one plan, cutting each cluster of groups
+built alike (:func:`adaprune.sensitivity.clusters`) by its own ratio, its lowest-importance channels first,
+with every candidate's cost exact (:class:`~adaprune.cost.predict.CostPredictor`):
+
+- :func:`allocate_from_sensitivity`: the ratios adapt's controller would take from probes (cost saved per
+  metric lost, softened, scaled to the budget: :func:`adaprune.allocate.adaptive.allocate_adaptive`), with
+  each cluster's probe read off a :class:`~adaprune.sensitivity.Sensitivity` table. It costs the table's
+  evaluations (clusters x ratios + 1) and nothing more.
+- :func:`search`: a search over the clusters' *weights*, each cluster's ratio being ``min(max_ratio, scale *
+  weight)`` with ``scale`` bisected so the plan meets the budget; each candidate plan is evaluated with its
+  channels masked (no fine-tuning), as sensitivity evaluates, and the best one is kept. The sampler is
+  Optuna's TPE (Bergstra et al., 2011; the ``search`` extra), asked ``parallel`` candidates at a time (with
+  the constant liar for the ones still out), which the executor evaluates at once (``executor="ray"`` spreads
+  them over Ray workers). The first candidate is the uniform allocation (every weight 1). NetAdapt (Yang et
+  al., 2018) and AMC (He et al., 2018) are the field's anchors for searching layer-wise ratios under a
+  resource budget; this is the black-box form of that search, with a fixed number of evaluations so it can be
+  compared with the sensitivity allocator at equal cost.
+
+A search's results do not depend on the executor: the sampler sees the same candidates in the same order,
+and each evaluation starts from the same seed (:mod:`adaprune.scale`).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ._check import as_int, check_callable, check_inputs, check_instance, check_module
+from .allocate import Limits, get_allocator
+from .allocate.adaptive import ClusterProbe, allocate_adaptive
+from .allocate.search import bisect
+from .cost.budget import Budget, static_values
+from .cost.predict import CostPredictor
+from .errors import BudgetUnreachableError, ConfigError
+from .graph import Graph, Group, ignore_items, trace
+from .importance import Context, get_importance
+from .plan import Plan, plan_from_choice
+from .scale import get_executor
+from .sensitivity import Sensitivity, _number, clusters
+
+STEPS = 16
+"""Bisection steps of the scale that meets the budget."""
+
+
+class _Space:
+    """One model's clusters, their channel ranking, and plans per cluster ratio with exact costs."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, budget: Budget, importance: Any, ignore: Any,
+                 calibration: Any, limits: Limits, graph: Graph | None) -> None:
+        check_instance(budget, Budget, "budget", "an adaprune.Budget", "e.g. budget=adaprune.Budget(macs=0.125)")
+        budget.refuse_disk("search")
+        if budget.needs_latency:
+            raise ConfigError("search and allocate_from_sensitivity need a static budget (macs, params, bytes or "
+                              "energy): latency is measured, not counted, per candidate; use adapt for a latency budget")
+        self.graph = graph or trace(model, example_inputs, ignore=ignore)
+        self.scores = get_importance(importance)(model, self.graph.groups, Context(calibration))
+        self.units: dict[str, list[Group]] = clusters(model, self.graph.groups)
+        self.limits, self.budget = limits, budget
+        self.predictor = CostPredictor(model, example_inputs)
+        self.base = static_values(self.predictor(Plan()))
+        self.uniform = get_allocator("uniform")
+
+    def plan(self, ratios: dict[str, float]) -> Plan:
+        chosen: dict[str, list[int]] = {}
+        for name, members in self.units.items():
+            if ratios.get(name, 0.0) > 0:
+                chosen.update(self.uniform(members, self.scores, self.limits, ratio=min(ratios[name], 1.0 - 1e-9)))
+        return plan_from_choice(self.graph, chosen)
+
+    def costs(self, plan: Plan) -> dict[str, float]:
+        return static_values(self.predictor(plan))
+
+    def met(self, plan: Plan) -> bool:
+        return self.budget.met(self.costs(plan), self.base)
+
+    def binding(self) -> tuple[str, float]:
+        limits = self.budget.limits(self.base)
+        name = min(limits, key=lambda k: limits[k] / max(self.base[k], 1e-12))
+        return name, limits[name]
+
+    def scaled(self, weights: dict[str, float]) -> tuple[Plan, dict[str, float]]:
+        """The least ``scale`` whose ratios ``min(max_ratio, scale * weight)`` meet the budget, its plan and
+        ratios; BudgetUnreachableError when every cluster at its cap does not."""
+        cap = self.limits.max_ratio
+        top = cap / max(min(weights.values()), 1e-6)
+
+        def at(scale: float) -> tuple[Plan, dict[str, float]]:
+            ratios = {c: min(cap, scale * w) for c, w in weights.items()}
+            return self.plan(ratios), ratios
+
+        hi = at(top)
+        if not self.met(hi[0]):
+            raise BudgetUnreachableError(
+                f"the budget cannot be met with every cluster cut to max_ratio={cap:g}: that gives "
+                f"{self.budget.describe(self.costs(hi[0]), self.base)}; raise max_ratio or ask for less"
+            )
+        if self.met(Plan()):
+            return Plan(), {c: 0.0 for c in weights}
+        return bisect(at, lambda cand: self.met(cand[0]), 0.0, top, hi, STEPS)[1]
+
+
+def _checked(model: nn.Module, example_inputs: Any, graph: Graph | None) -> None:
+    check_module(model)
+    if graph is None:
+        check_inputs(example_inputs)
+    else:
+        check_instance(graph, Graph, "graph", "an adaprune.Graph (from adaprune.trace) or None")
+
+
+def allocate_from_sensitivity(
+    model: nn.Module, example_inputs: Any, table: Sensitivity, budget: Budget, *, importance: Any = "l2",
+    ignore: Iterable[nn.Module | str] | None = None, calibration: Iterable[tuple[Any, Any]] | None = None,
+    max_ratio: float = 0.9, min_channels: int = 1, round_to: int = 1, graph: Graph | None = None,
+) -> Plan:
+    """The plan that meets ``budget`` with per-cluster ratios from a sensitivity table (the module's doc).
+
+    Each cluster's probe is its curve's harm per fraction cut (the mean over the table's ratios of the
+    metric lost, divided by the ratio) against the cost that fraction saves; the table must come from
+    :func:`adaprune.sensitivity` on this model with ``cluster=True`` and the same ``importance``."""
+    _checked(model, example_inputs, graph)
+    check_instance(table, Sensitivity, "table", "an adaprune.Sensitivity (from adaprune.sensitivity)")
+    space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
+                   Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
+    missing = sorted(set(space.units) - {r.cluster for r in table.rows})
+    if missing:
+        raise ConfigError(f"the sensitivity table has no curve for cluster(s) {missing[:3]}: compute it on this model "
+                          "with cluster=True and the same ignore=")
+    field_, target = space.binding()
+    probes: dict[str, ClusterProbe] = {}
+    for name in space.units:
+        curve = table.curve(name)
+        harm = sum(max(table.baseline - m, 0.0) / r for r, m in curve if r > 0) / max(len(curve), 1)
+        half = space.costs(space.plan({name: 0.5}))
+        probes[name] = ClusterProbe({k: 2.0 * (space.base[k] - half[k]) for k in space.base}, harm)
+
+    def evaluate(ratios: dict[str, float]) -> tuple[Plan, float]:
+        plan = space.plan(ratios)
+        return plan, space.costs(plan)[field_]
+
+    caps = {name: max_ratio for name in space.units}
+    found = allocate_adaptive(probes, field_, target, evaluate, caps=caps)
+    if not space.met(found.candidate):
+        raise BudgetUnreachableError(
+            f"the budget cannot be met with every cluster cut to max_ratio={max_ratio:g}: that gives "
+            f"{budget.describe(space.costs(found.candidate), space.base)}; raise max_ratio or ask for less")
+    return found.candidate
+
+
+@dataclass
+class Trial:
+    """One evaluated candidate: the sampler's weights, the ratios that met the budget, the metric, the costs."""
+
+    number: int
+    weights: dict[str, float]
+    ratios: dict[str, float]
+    metric: float
+    costs: dict[str, float]
+
+
+@dataclass
+class SearchResult:
+    """The best plan a search found, its metric, and every trial in the order they were asked."""
+
+    plan: Plan
+    metric: float
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.trials)
+
+    @property
+    def best(self) -> Trial:
+        return max(self.trials, key=lambda t: t.metric)
+
+
+def search(
+    model: nn.Module,
+    example_inputs: Any,
+    evaluate: Callable[[nn.Module], float],
+    budget: Budget,
+    *,
+    trials: int = 64,
+    parallel: int = 2,
+    importance: Any = "l2",
+    ignore: Iterable[nn.Module | str] | None = None,
+    calibration: Iterable[tuple[Any, Any]] | None = None,
+    max_ratio: float = 0.9,
+    min_channels: int = 1,
+    round_to: int = 1,
+    min_weight: float = 0.05,
+    seed: int = 0,
+    executor: Any = None,
+    graph: Graph | None = None,
+) -> SearchResult:
+    """Search per-cluster ratios that meet ``budget`` for the highest ``evaluate(masked model)``.
+
+    Args:
+        evaluate: ``evaluate(model) -> float``, higher is better (e.g. minus the validation loss), called on the
+            model with a candidate's channels masked; it must pickle for Ray.
+        trials: how many candidates are evaluated (the search's whole cost in evaluations).
+        parallel: candidates asked of the sampler at a time, evaluated at once by ``executor`` (the results do
+            not depend on the executor, only on ``parallel`` and ``seed``).
+        min_weight: the least weight a cluster can be given (its ratio is at least this fraction of the
+            most-cut cluster's, before the caps).
+        seed: the sampler's seed.
+        executor: ``None``/``"local"``, ``"ray"`` or an :class:`adaprune.Executor`.
+
+    Returns:
+        A :class:`SearchResult` (the model is left as it was).
+    """
+    _checked(model, example_inputs, graph)
+    check_callable(evaluate, "evaluate", "a callable evaluate(model) -> float (higher is better)")
+    trials = as_int(trials, "trials", low=1)
+    parallel = as_int(parallel, "parallel", low=1)
+    seed = as_int(seed, "seed", low=0, high=2**32 - 1)
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError("search needs Optuna: pip install 'adaprune[search]'") from exc
+    space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
+                   Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
+    names = list(space.units)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                         n_startup_trials=max(1, min(10, trials // 4)))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
+    runner, owned = get_executor(executor)
+    token = ("search", uuid.uuid4().hex)  # (the model does not change during the search: shipped once)
+    out = SearchResult(Plan(), -math.inf)
+    try:
+        while len(out.trials) < trials:
+            asked = [study.ask() for _ in range(min(parallel, trials - len(out.trials)))]
+            made = []
+            for t in asked:
+                weights = {n: t.suggest_float(f"w{i}", min_weight, 1.0) for i, n in enumerate(names)}
+                plan, ratios = space.scaled(weights)
+                made.append((t, weights, plan, ratios))
+            values = runner.map(model, [m[2] for m in made], evaluate, token=token)
+            for (t, weights, plan, ratios), value in zip(made, values):
+                metric = _number(value)
+                study.tell(t, metric)
+                out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan)))
+                if metric > out.metric:
+                    out.plan, out.metric = plan, metric
+    finally:
+        if owned:
+            runner.close()
+    return out
+
+
+__all__ = ["SearchResult", "Trial", "allocate_from_sensitivity", "search"]
+

@@ -1,0 +1,116 @@
+"""ap.search and ap.allocate_from_sensitivity: plans that meet the budget exactly, per-cluster ratios that
+follow what the evaluation rewards, the same search on Ray as here, and their errors."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import adaprune as ap
+from adaprune.errors import ArgumentTypeError, BudgetUnreachableError, ConfigError
+
+pytest.importorskip("optuna")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(4, 3, 12, 12)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 5))
+
+
+def alive(model: nn.Module, i: int) -> int:
+    return int((model[i].weight.detach().flatten(1).abs().sum(1) > 0).sum())
+
+
+class FirstLayerMatters:
+    """Every channel of the first conv lost costs 1; of the others, 0.01 (a picklable evaluation)."""
+
+    def __call__(self, model: nn.Module) -> float:
+        return -(16 - alive(model, 0)) - 0.01 * ((16 - alive(model, 2)) + (16 - alive(model, 4)))
+
+
+def kept(model: nn.Module, plan: ap.Plan) -> dict[str, int]:
+    return {g.name: g.size - len(g.removed) for g in plan.groups}
+
+
+def macs(model: nn.Module, plan: ap.Plan) -> float:
+    m = cnn()
+    ap.remove(m, plan)
+    return ap.count(m, X).macs / ap.count(cnn(), X).macs
+
+
+def test_search_meets_the_budget_and_spares_the_layer_the_metric_needs() -> None:
+    model = cnn()
+    found = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=24, seed=0, ignore=[model[8]])
+    assert found.evaluations == 24 and found.metric == max(t.metric for t in found.trials)
+    assert macs(model, found.plan) <= 0.5
+    # the first trial is the uniform allocation: it cuts the first conv as much as the others
+    uniform = found.trials[0]
+    assert len({round(r, 6) for r in uniform.ratios.values()}) == 1 and uniform.metric < found.metric
+    first = next(c for c in found.best.ratios if c.startswith("0"))
+    assert found.best.ratios[first] < min(r for c, r in found.best.ratios.items() if c != first)
+    assert found.metric >= uniform.metric + 2  # at least 2 channels of the first conv fewer lost than uniform
+
+
+def test_search_is_deterministic() -> None:
+    model = cnn()
+    kw = {"trials": 8, "seed": 3, "ignore": [model[8]]}
+    a = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), **kw)
+    b = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), **kw)
+    assert [t.weights for t in a.trials] == [t.weights for t in b.trials] and a.plan.to_json() == b.plan.to_json()
+
+
+@pytest.mark.xdist_group("ray")
+def test_search_on_ray_is_the_local_search() -> None:
+    pytest.importorskip("ray")
+    model = cnn()
+    kw = {"trials": 6, "seed": 3, "ignore": [model[8]]}
+    local = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), **kw)
+    with ap.RayExecutor(workers=2) as ex:
+        remote = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), executor=ex, **kw)
+    assert [(t.weights, t.metric) for t in remote.trials] == [(t.weights, t.metric) for t in local.trials]
+    assert remote.plan.to_json() == local.plan.to_json()
+
+
+def test_allocate_from_sensitivity_cuts_least_where_the_table_says_it_hurts() -> None:
+    model = cnn()
+    table = ap.sensitivity(model, X, FirstLayerMatters(), ignore=[model[8]])
+    plan = ap.allocate_from_sensitivity(model, X, table, ap.Budget(macs=0.5), ignore=[model[8]])
+    assert 0.4 < macs(model, plan) <= 0.5  # (whole channels of a small model: not closer)
+    widths = kept(model, plan)
+    first = next(n for n in widths if n.startswith("0"))
+    assert widths[first] >= max(w for n, w in widths.items() if n != first) > min(widths.values())
+    # fewer of the first conv's channels lost than the uniform cut at the same budget
+    uniform = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=1, ignore=[model[8]])
+    handle = ap.mask(model, plan)
+    assert FirstLayerMatters()(model) > uniform.metric
+    handle.undo()
+
+
+def test_the_budget_and_the_table_are_checked() -> None:
+    model = cnn()
+    with pytest.raises(ConfigError, match="static budget"):
+        ap.search(model, X, FirstLayerMatters(), ap.Budget(latency=0.5), trials=2)
+    with pytest.raises(BudgetUnreachableError, match="max_ratio"):
+        ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.01), trials=2, max_ratio=0.5, ignore=[model[8]])
+    with pytest.raises(ArgumentTypeError, match="table"):
+        ap.allocate_from_sensitivity(model, X, {"baseline": 0}, ap.Budget(macs=0.5))
+    table = ap.sensitivity(model, X, FirstLayerMatters(), ignore=[model[8]], cluster=False)
+    other = nn.Sequential(OrderedDict(a=nn.Conv2d(3, 8, 3), r=nn.ReLU(), b=nn.Conv2d(8, 4, 3)))
+    with pytest.raises(ConfigError, match="no curve"):
+        ap.allocate_from_sensitivity(other, X, table, ap.Budget(macs=0.5))
+
+
+def test_without_optuna_the_message_names_the_extra(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ConfigError, match=r"adaprune\[search\]"):
+        ap.search(cnn(), X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=2)
