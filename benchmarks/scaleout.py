@@ -1,8 +1,11 @@
 """Scale-out on one machine: sensitivity and adapt's probes on Ray workers against the local executor.
 
-The model: torchvision's ResNet-50 (10 classes) trained here for ``--train-steps`` steps on sklearn's digits,
-upscaled to ``--size`` pixels and repeated over 3 channels (cached in benchmarks/results/cache/). Its graph has
-many groups (every bottleneck's inner widths, the stages' residual widths), so candidate evaluations dominate.
+The models (``--models``): torchvision's MobileNetV3-Large and ResNet-50 (10 classes), each trained here for
+``--train-steps`` steps on sklearn's digits, upscaled to ``--size`` pixels and repeated over 3 channels (cached in
+benchmarks/results/cache/). Both graphs have many groups (every block's inner widths, the stages' residual
+widths), so candidate evaluations dominate. They differ in how well one process uses the machine's cores: a
+ResNet's large convolutions run nearly twice as fast on 2 threads as on 1, MobileNet's depthwise convolutions
+and small layers hardly faster, so the second core helps only when a second process evaluates.
 
 Phases, each timed on its own:
 
@@ -11,13 +14,15 @@ Phases, each timed on its own:
   cores: what a user runs). ``ray``: ``RayExecutor(workers=--workers, threads=1)``, timed twice: ``cold`` (the
   workers started and the model shipped inside the timed call; the Ray cluster itself is started before, as a
   cluster is before a job) and ``warm`` (the same executor again, workers and model already there). The tables
-  must be identical.
+  must be identical, or (the workers running fewer threads than this process, so a convolution may add its terms
+  in another order) differ only in their last bits: the largest difference is recorded, and whether
+  ``ap.allocate_from_sensitivity`` at ``--macs`` gives the same plan from both tables.
 - **adapt**: ``ap.adapt`` to ``--macs`` of the MACs with a ClassificationTask (``--finetune`` optimizer steps a
   step, ``--iterations`` steps at most, ``probe_budget=--probes``), local and on Ray (a fresh executor, timed
   cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
   steps' full evaluations stay in this process.
 
-    python benchmarks/scaleout.py                        # both phases (about 10 minutes on 2 cores)
+    python benchmarks/scaleout.py                        # both models, both phases (about 20 minutes on 2 cores)
     python benchmarks/scaleout.py --phases sensitivity   # just the sensitivity phase
 
 On a cluster, the same call takes ``RayExecutor(workers=N, address="ray://head:10001")`` (docs/scale-out.md).
@@ -56,13 +61,13 @@ def digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def trained_model(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> nn.Module:
+def trained_model(name: str, args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> nn.Module:
     from safetensors.torch import load_file, save_file
-    from torchvision.models import resnet50
+    from torchvision import models
 
     torch.manual_seed(0)
-    model = resnet50(num_classes=10)
-    cache = RESULTS / "cache" / f"scaleout_resnet50_{args.size}px_{args.train_steps}steps.safetensors"
+    model = getattr(models, name)(num_classes=10)
+    cache = RESULTS / "cache" / f"scaleout_{name}_{args.size}px_{args.train_steps}steps.safetensors"
     if cache.exists():
         model.load_state_dict(load_file(str(cache)))
         return model.eval()
@@ -79,9 +84,9 @@ def trained_model(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> n
         loss.backward()
         opt.step()
         sched.step()
-        if step % 50 == 0:
-            log(f"train step {step}: loss {loss.item():.3f}")
-    log(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s")
+        if step % 100 == 0:
+            log(f"{name} train step {step}: loss {loss.item():.3f}")
+    log(f"{name}: trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s")
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cache))
     return model.eval()
@@ -119,7 +124,7 @@ def sensitivity_phase(args: argparse.Namespace, model: nn.Module, data: tuple[to
     t0 = time.perf_counter()
     local = ap.sensitivity(model, x, measure, ratios=(0.25, 0.5, 0.75), graph=graph)
     out["local_s"] = time.perf_counter() - t0
-    log(f"sensitivity local: {out['local_s']:.1f} s ({out['evaluations']} evaluations)")
+    log(f"{type(model).__name__} sensitivity local: {out['local_s']:.1f} s ({out['evaluations']} evaluations)")
     with ap.RayExecutor(workers=args.workers, threads=1) as ex:
         t0 = time.perf_counter()
         remote = ap.sensitivity(model, x, measure, ratios=(0.25, 0.5, 0.75), graph=graph, executor=ex)
@@ -130,10 +135,16 @@ def sensitivity_phase(args: argparse.Namespace, model: nn.Module, data: tuple[to
     out["ray_cluster_start_s"] = ray_started
     out["identical"] = rows(remote) == rows(local) and rows(again) == rows(local) and \
         remote.baseline == local.baseline
+    out["largest_difference"] = max(abs(a[2] - b[2]) for a, b in zip(rows(remote), rows(local)))
+    out["metric_range"] = [min(r[2] for r in rows(local)), local.baseline]
+    budget = ap.Budget(macs=args.macs)
+    plans = [ap.allocate_from_sensitivity(model, x, t, budget, graph=graph).to_json() for t in (local, remote)]
+    out["same_allocation"] = plans[0] == plans[1]
     out["speedup_cold"] = out["local_s"] / out["ray_cold_s"]
     out["speedup_warm"] = out["local_s"] / out["ray_warm_s"]
     log(f"sensitivity ray: cold {out['ray_cold_s']:.1f} s ({out['speedup_cold']:.2f}x), warm "
-        f"{out['ray_warm_s']:.1f} s ({out['speedup_warm']:.2f}x), identical: {out['identical']}")
+        f"{out['ray_warm_s']:.1f} s ({out['speedup_warm']:.2f}x), identical: {out['identical']} (largest difference "
+        f"{out['largest_difference']:.2g}, same allocation: {out['same_allocation']})")
     return out
 
 
@@ -168,15 +179,19 @@ def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Te
         log(f"adapt {name}: {wall:.0f} s, {len(res.history)} steps, accuracy "
             f"{res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}")
     a, b = results["local"], results["ray"]
-    out["identical"] = a.plan.to_json() == b.plan.to_json() and \
+    out["same_plan"] = a.plan.to_json() == b.plan.to_json()
+    out["same_decisions"] = [h.accepted for h in a.history] == [h.accepted for h in b.history]
+    out["identical"] = out["same_plan"] and \
         [(h.accepted, h.metrics, h.costs) for h in a.history] == [(h.accepted, h.metrics, h.costs) for h in b.history]
     out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
-    log(f"adapt speedup {out['speedup']:.2f}x, identical: {out['identical']}")
+    log(f"adapt speedup {out['speedup']:.2f}x, same plan: {out['same_plan']}, identical: {out['identical']}")
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["mobilenet_v3_large", "resnet50"],
+                   choices=["mobilenet_v3_large", "resnet50", "resnet18", "mobilenet_v2"])
     p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt"], choices=["sensitivity", "adapt"])
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--train-steps", type=int, default=300)
@@ -185,15 +200,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the local runs")
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--tolerance", type=float, default=0.03)
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--finetune", type=int, default=20)
-    p.add_argument("--probes", type=int, default=12)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--finetune", type=int, default=10)
+    p.add_argument("--probes", type=int, default=8)
     p.add_argument("--out", default="scaleout")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     payload: dict[str, Any] = {"environment": environment(args.threads), "config": vars(args)}
     data = digits(args.size)
-    model = trained_model(args, data)
     import ray
 
     import adaprune as ap
@@ -203,11 +217,17 @@ def main() -> int:
         first.pids()
     ray_started = time.perf_counter() - t0
     payload["environment"]["ray"] = ray.__version__
-    if "sensitivity" in args.phases:
-        payload["sensitivity"] = sensitivity_phase(args, model, data, ray_started)
-        save(args.out, payload)
-    if "adapt" in args.phases:
-        payload["adapt"] = adapt_phase(args, model, data)
+    payload["models"] = {}
+    for name in args.models:
+        model = trained_model(name, args, data)
+        record: dict[str, Any] = {}
+        payload["models"][name] = record
+        if "sensitivity" in args.phases:
+            record["sensitivity"] = sensitivity_phase(args, model, data, ray_started)
+            save(args.out, payload)
+        if "adapt" in args.phases:
+            record["adapt"] = adapt_phase(args, model, data)
+            save(args.out, payload)
     payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     log(f"wrote {save(args.out, payload)}")
     return 0
