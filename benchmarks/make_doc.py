@@ -564,6 +564,12 @@ def main() -> int:
             import llm_doc
 
             lines += env_lines(name, found) + [""] + getattr(llm_doc, section)(found) + [""]
+    for name, section in (("scaleout", "scaleout_section"), ("search", "search_section")):
+        found = load(name)
+        if found and (found.get("models") or found.get("seeds")):
+            import scaleout_doc
+
+            lines += env_lines(name, found) + [""] + getattr(scaleout_doc, section)(found) + [""]
     vis = load("vision")
     if vis and vis.get("runs"):
         from vision_doc import vision_section

@@ -65,12 +65,15 @@ def trained_model(name: str, args: argparse.Namespace, data: tuple[torch.Tensor,
     from safetensors.torch import load_file, save_file
     from torchvision import models
 
+    from adaprune.task import recalibrate_bn
+
     torch.manual_seed(0)
     model = getattr(models, name)(num_classes=10)
     cache = RESULTS / "cache" / f"scaleout_{name}_{args.size}px_{args.train_steps}steps.safetensors"
     if cache.exists():
         model.load_state_dict(load_file(str(cache)))
         return model.eval()
+
     xt, yt = data[0], data[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=args.train_steps)
@@ -84,12 +87,20 @@ def trained_model(name: str, args: argparse.Namespace, data: tuple[torch.Tensor,
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0:
+        if step % 100 == 0:  # (the loss in train mode)
             log(f"{name} train step {step}: loss {loss.item():.3f}")
     log(f"{name}: trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s")
+    # BatchNorm's running statistics from the final weights (MobileNetV3's momentum 0.01 would still be near the
+    # initial ones after a few hundred steps): a cumulative average over the training images
+    recalibrate_bn(model, [(xt[i:i + 64], None) for i in range(0, len(yt), 64)], max_batches=len(yt))
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cache))
     return model.eval()
+
+
+def head(model: nn.Module) -> nn.Module:
+    """The classifier's last layer (kept whole): ResNet's ``fc``, MobileNet's ``classifier[-1]``."""
+    return model.fc if hasattr(model, "fc") else model.classifier[-1]
 
 
 class ValLoss:
@@ -117,7 +128,7 @@ def sensitivity_phase(args: argparse.Namespace, model: nn.Module, data: tuple[to
 
     measure = ValLoss(data[2][:args.val], data[3][:args.val])
     x = data[2][:2]
-    graph = ap.trace(model, x, ignore=[model.fc])
+    graph = ap.trace(model, x, ignore=[head(model)])
     clusters = len(cluster_groups(model, graph.groups))
     out: dict[str, Any] = {"groups": len(graph.groups), "clusters": clusters, "ratios": [0.25, 0.5, 0.75],
                            "evaluations": clusters * 3 + 1, "val_images": int(min(args.val, len(data[3])))}
@@ -166,10 +177,10 @@ def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Te
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         if name == "local":
-            res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[m.fc], **settings)
+            res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], **settings)
         else:
             with ap.RayExecutor(workers=args.workers, threads=1) as ex:
-                res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[m.fc], executor=ex, **settings)
+                res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], executor=ex, **settings)
         wall = time.perf_counter() - t0
         results[name] = res
         out[name] = {"wall_s": wall, "steps": len(res.history), "accepted": sum(h.accepted for h in res.history),

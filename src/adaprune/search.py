@@ -228,12 +228,13 @@ def search(
     space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
                    Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
     names = list(space.units)
+    runner, owned = get_executor(executor)
+    runner.prepare()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=max(1, min(10, trials // 4)))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
-    runner, owned = get_executor(executor)
     token = ("search", uuid.uuid4().hex)  # (the model does not change during the search: shipped once)
     out = SearchResult(Plan(), -math.inf)
     try:

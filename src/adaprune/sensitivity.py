@@ -180,27 +180,28 @@ def sensitivity(
     cluster = as_bool(cluster, "cluster")
     check_path(cache, "cache")
     runner, owned = get_executor(executor)
-    graph = graph or trace(model, example_inputs, ignore=ignore)
-    scores = get_importance(importance)(model, graph.groups, Context(calibration))
-    parts = clusters(model, graph.groups) if cluster else {g.name: [g] for g in graph.groups}
-    path = Path(cache) if cache is not None else None
-    stored: dict[str, float] = {}
-    fp = fingerprint(model)
-    if path is not None and (path.exists() or path.is_symlink()):
-        stored = _read_cache(path, fp)
-    todo: dict[str, Plan] = {} if "baseline" in stored else {"baseline": Plan()}
-    for name, members in parts.items():
-        for r in ratios:
-            key = f"{importance}|{name}|{r}"
-            if key not in stored and key not in todo:
-                todo[key] = choose(Graph(members), scores, "uniform", Limits(), r)
-    if todo:
-        try:
+    try:
+        runner.prepare()  # (Ray's workers start while the model is traced and scored)
+        graph = graph or trace(model, example_inputs, ignore=ignore)
+        scores = get_importance(importance)(model, graph.groups, Context(calibration))
+        parts = clusters(model, graph.groups) if cluster else {g.name: [g] for g in graph.groups}
+        path = Path(cache) if cache is not None else None
+        stored: dict[str, float] = {}
+        fp = fingerprint(model)
+        if path is not None and (path.exists() or path.is_symlink()):
+            stored = _read_cache(path, fp)
+        todo: dict[str, Plan] = {} if "baseline" in stored else {"baseline": Plan()}
+        for name, members in parts.items():
+            for r in ratios:
+                key = f"{importance}|{name}|{r}"
+                if key not in stored and key not in todo:
+                    todo[key] = choose(Graph(members), scores, "uniform", Limits(), r)
+        if todo:
             found = runner.map(model, list(todo.values()), evaluate)
-        finally:
-            if owned:
-                runner.close()
-        stored.update({key: _number(value) for key, value in zip(todo, found)})
+            stored.update({key: _number(value) for key, value in zip(todo, found)})
+    finally:
+        if owned:
+            runner.close()
     result = Sensitivity(stored["baseline"])
     for name, members in parts.items():
         for r in ratios:

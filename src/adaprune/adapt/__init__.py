@@ -194,6 +194,7 @@ def adapt(
                           WarmStartWarning, stacklevel=2)
     runner, owned = get_executor(executor)
     try:
+        runner.prepare()  # (Ray's workers start while the original model is measured)
         controller = Controller(model, example_inputs, task, budget, config, names, rd, loss, mapped,  # checks the weights
                                 runner)
         opened = rd is not None and not rd.is_open

@@ -43,6 +43,7 @@ from ..errors import ArgumentTypeError, ConfigError
 from ..graph import Graph, ignore_items, ignore_names, trace
 from ..importance.registry import Context, default_loss, get_importance
 from ..plan import Plan
+from ..scale import get_executor
 from ..task import Task, as_task
 from .nested import NestedWidths, all_tensors, order_channels
 from .recovery import joint_recovery, recalibrate_rungs
@@ -158,6 +159,7 @@ def ladder(
     resume: bool = False,
     force: bool = False,
     checkpoint_every: int = 100,
+    executor: Any = None,
 ) -> Ladder:
     """Build a ladder of nested widths over ``model``'s weights (the module doc), in place.
 
@@ -184,6 +186,8 @@ def ladder(
             when the task's batches and evaluation are deterministic.
         force: start over in a ``run_dir`` that holds a build (deleting only the files adaprune wrote).
         checkpoint_every: recovery steps between checkpoints in ``run_dir`` (0: only after the last).
+        executor: where the allocation runs evaluate their probes (as in :func:`adaprune.adapt`:
+            ``None``, ``"local"``, ``"ray"`` or an :class:`adaprune.Executor`); one for the whole build.
 
     Raises:
         ConfigError: bad arguments (naming them), or a task without training batches when
@@ -205,6 +209,8 @@ def ladder(
     rate = as_float(lr if lr is not None else getattr(task, "lr", 3e-4), "lr", low=0.0, low_open=True)
     resume, force = as_bool(resume, "resume"), as_bool(force, "force")
     options = dict(allocation or {})
+    if "executor" in options:
+        raise ConfigError("ladder: give the executor as ladder(executor=...), not in allocation=")
     names = ignore_names(model, ignore_items(ignore))
     if resume and run_dir is None:
         raise ConfigError("ladder: resume=True needs run_dir= (the directory of the build to continue)")
@@ -213,6 +219,7 @@ def ladder(
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike, RunDir)):
         raise ArgumentTypeError(f"ladder: run_dir must be a path or a RunDir, got {type(run_dir).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir) if run_dir is not None else None
+    runner, owned = get_executor(executor)
     opened = rd is not None and not rd.is_open
     if rd is not None and opened:
         rd.open(resume=resume, force=force, names=LADDER_RUN_FILES, state=LADDER_STATE)
@@ -225,7 +232,7 @@ def ladder(
         nested: NestedWidths | None = None
         try:
             nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
-                                   importance, loss, rate, seed, options, stages)
+                                   importance, loss, rate, seed, {**options, "executor": runner}, stages)
             return built
         except BaseException:
             if nested is not None:
@@ -234,6 +241,8 @@ def ladder(
                 t.data = data
             raise
     finally:
+        if owned:
+            runner.close()
         if rd is not None and opened:
             rd.close()
 

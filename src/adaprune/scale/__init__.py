@@ -16,7 +16,8 @@ from .ray import RayExecutor
 
 
 def get_executor(spec: Any) -> tuple[Executor, bool]:
-    """The executor ``spec`` names, and whether the caller made it (and so closes it when done).
+    """The executor ``spec`` names, and whether the caller made it (and so closes it when done). Callers
+    start it (:meth:`Executor.prepare`) once their arguments are checked, before their own preparation.
 
     ``None``: :class:`LocalExecutor`, or under ``torchrun`` (a process group of several) a
     :class:`~adaprune.scale.distributed.DistributedExecutor` that shares the candidates out between the

@@ -84,6 +84,10 @@ class Executor(ABC):
                 compute :func:`model_token`).
         """
 
+    def prepare(self) -> None:
+        """Start the workers without waiting for them (a call does this first, so that they start while it
+        traces and scores the model); a no-op for the local executor."""
+
     def close(self) -> None:
         """Release the workers (a no-op for the local executor)."""
 

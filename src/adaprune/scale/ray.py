@@ -114,6 +114,10 @@ class RayExecutor(Executor):
             self.actors = [remote.remote(self.threads) for _ in range(self.workers)]
         return ray
 
+    def prepare(self) -> None:
+        """Create the actors now (Ray starts their processes in the background; nothing waits for them)."""
+        self._start()
+
     def pids(self) -> list[int]:
         """The workers' process ids (starting them if needed)."""
         ray = self._start()

@@ -1,0 +1,73 @@
+"""docs/benchmarks.md sections for benchmarks/scaleout.py (Ray against local) and benchmarks/search.py (search
+allocator against the sensitivity allocator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMES = {"mobilenet_v3_large": "MobileNetV3-Large", "resnet50": "ResNet-50", "resnet18": "ResNet-18",
+         "mobilenet_v2": "MobileNetV2"}
+
+
+def scaleout_section(payload: dict[str, Any]) -> list[str]:
+    cfg, env = payload["config"], payload["environment"]
+    lines = ["## Scale-out: candidate evaluations on Ray workers (`benchmarks/scaleout.py`)", "",
+             (f"torchvision models (10 classes) trained {cfg['train_steps']} steps on sklearn's digits at {cfg['size']} px. "
+              f"**Sensitivity**: every cluster of groups at ratios 0.25/0.5/0.75, the metric the validation loss over "
+              f"{cfg['val']} images. *local*: this process at {cfg['threads']} torch threads; *Ray*: "
+              f"`RayExecutor(workers={cfg['workers']}, threads=1)` on a local cluster (Ray {env.get('ray', '?')}), "
+              "*cold* with the workers started and the model shipped inside the timed call (the cluster itself "
+              "started before, as a cluster is up before a job), *warm* the same executor again. **Adapt**: "
+              f"`ap.adapt` to {cfg['macs']:g} of the MACs, {cfg['finetune']} optimizer steps per step, at most "
+              f"{cfg['iterations']} steps, `probe_budget={cfg['probes']}`; only the probes go to the workers."), "",
+             ("| model | groups | clusters | evaluations | local s | Ray cold s | Ray warm s | speed-up cold | "
+              "speed-up warm | tables identical | largest difference | same allocation |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in payload.get("models", {}).items():
+        s = rec.get("sensitivity")
+        if not s:
+            continue
+        lines.append(f"| {NAMES.get(name, name)} | {s['groups']} | {s['clusters']} | {s['evaluations']} | "
+                     f"{s['local_s']:.1f} | {s['ray_cold_s']:.1f} | {s['ray_warm_s']:.1f} | {s['speedup_cold']:.2f}x | "
+                     f"**{s['speedup_warm']:.2f}x** | {'yes' if s['identical'] else 'no'} | "
+                     f"{s['largest_difference']:.1e} | {'yes' if s['same_allocation'] else 'no'} |")
+    adapt_rows = [(n, r["adapt"]) for n, r in payload.get("models", {}).items() if r.get("adapt")]
+    if adapt_rows:
+        lines += ["", ("| model | local s | Ray s | speed-up | steps | accuracy before -> after (local) | MACs after | "
+                       "same plan | same decisions | bit-identical history |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, a in adapt_rows:
+            lo, ra = a["local"], a["ray"]
+            lines.append(f"| {NAMES.get(name, name)} | {lo['wall_s']:.0f} | {ra['wall_s']:.0f} | {a['speedup']:.2f}x | "
+                         f"{lo['steps']} | {lo['accuracy_before']:.3f} -> {lo['accuracy_after']:.3f} | "
+                         f"{lo['macs_after']:.3f} | {'yes' if a['same_plan'] else 'no'} | "
+                         f"{'yes' if a['same_decisions'] else 'no'} | {'yes' if a['identical'] else 'no'} |")
+    lines += ["", ("The workers run 1 torch thread each and this process 2: a convolution may then sum in another "
+                   "order, which is the largest difference above; with equal threads the numbers are the same bit for "
+                   "bit (tests/test_scale.py). How much two workers gain depends on how well one process already "
+                   "uses both cores (a ResNet's large convolutions nearly twice as fast on 2 threads, MobileNet's "
+                   "depthwise ones hardly).")]
+    return lines
+
+
+def search_section(payload: dict[str, Any]) -> list[str]:
+    cfg, seeds = payload["config"], payload["seeds"]
+    first = next(iter(seeds.values()))
+    lines = ["## Search allocator against the sensitivity allocator at equal evaluations (`benchmarks/search.py`)", "",
+             (f"MNIST-1D, accuracy.py's CNN1D(32) (one base model per seed), {cfg['macs']:g} of the MACs. "
+              "*sensitivity*: `ap.sensitivity` (every cluster at 0.25/0.5/0.75) then `ap.allocate_from_sensitivity`; "
+              f"*search*: `ap.search` (Optuna TPE, 2 candidates at a time) with as many evaluations "
+              f"({first['sensitivity']['evaluations']}); *uniform*: every group the same ratio, no evaluations. Each "
+              "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy. Every plan is "
+              f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
+              "and scored on the 1,000 held-out test examples."), "",
+             "| allocation | evaluations | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+             "|---|---|" + "---|" * len(seeds) + "---|"]
+    for name in ("uniform", "sensitivity", "search"):
+        s = payload["summary"][name]
+        cells = " | ".join(f"{seeds[k][name]['test_accuracy']:.4f}" for k in seeds)
+        lines.append(f"| {name} | {first[name]['evaluations']} | {cells} | **{s['mean']:.4f} ± {s['sd']:.4f}** |")
+    lines += ["", "Widths kept (conv layers) per seed: " + "; ".join(
+        f"seed {k}: " + ", ".join(f"{n} {seeds[k][n]['widths']}" for n in ("uniform", "sensitivity", "search"))
+        for k in seeds) + "; dense [32, 64, 64, 128]."]
+    return lines

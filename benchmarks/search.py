@@ -1,0 +1,115 @@
+"""Search allocator against the sensitivity allocator at an equal number of candidate evaluations.
+
+MNIST-1D (generated locally by the ``mnist1d`` package), accuracy.py's CNN1D(32) trained as accuracy.py trains
+it, one base model per seed. At ``--macs`` of the MACs (default 1/8), three allocations of the same budget:
+
+- ``uniform``: every group cut by the same ratio (``ap.prune``, allocation ``uniform``); no evaluations.
+- ``sensitivity``: ``ap.sensitivity`` (every cluster at ratios 0.25/0.5/0.75: E = clusters x 3 + 1 evaluations),
+  then ``ap.allocate_from_sensitivity``.
+- ``search``: ``ap.search`` with ``trials=E`` (Optuna TPE, ``parallel=2``), the same E evaluations.
+
+Both evaluate candidates the same way: the masked model's (no fine-tuning) cross-entropy on the 500 validation
+examples, negated. Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
+of 64, the same seed), and judged on the 1,000 held-out test examples, which nothing before saw.
+
+    python benchmarks/search.py                      # seeds 0 1 2 (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from accuracy import BATCH, DATASETS, FT_LR, accuracy, cached_base, loader
+from common import RESULTS, environment, log, save
+
+import adaprune as ap
+
+
+class ValScore:
+    """Minus the mean cross-entropy on the validation split (higher is better); picklable."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __call__(self, model: nn.Module) -> float:
+        model.eval()
+        return -float(nn.functional.cross_entropy(model(self.x), self.y))
+
+
+def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict[str, Any]:
+    spec = DATASETS["mnist1d"]
+    base = cached_base(spec, d, seed, str(RESULTS / "cache" / "accuracy"), "mnist1d")
+    x = d["x_val"][:2]
+    score = ValScore(d["x_val"], d["y_val"])
+    budget = ap.Budget(macs=args.macs)
+    graph = ap.trace(base, x, ignore=[base.fc])
+    out: dict[str, Any] = {"dense_test_accuracy": accuracy(base, d["x_test"], d["y_test"])}
+    plans: dict[str, tuple[ap.Plan, int, float]] = {}
+    t0 = time.perf_counter()
+    table = ap.sensitivity(base, x, score, graph=graph)
+    evaluations = len(table.rows) + 1
+    plans["sensitivity"] = (ap.allocate_from_sensitivity(base, x, table, budget, graph=graph), evaluations,
+                            time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    found = ap.search(base, x, score, budget, trials=evaluations, parallel=2, seed=seed, graph=graph)
+    plans["search"] = (found.plan, found.evaluations, time.perf_counter() - t0)
+    uniform = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    res = ap.prune(uniform, x, budget=budget, allocation="uniform", ignore=[uniform.fc])
+    plans["uniform"] = (res.plan, 0, time.perf_counter() - t0)
+    for name, (plan, evals, seconds) in plans.items():
+        model = copy.deepcopy(base)
+        ap.remove(model, plan)
+        macs = ap.count(model, x).macs / ap.count(base, x).macs
+        with torch.no_grad():
+            before = score(model)
+        task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000),
+                                     loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
+        torch.manual_seed(seed + 7)
+        task.finetune(model, args.steps)
+        out[name] = {"evaluations": evals, "allocation_s": seconds, "macs": macs, "budget_met": macs <= args.macs,
+                     "val_score_before_finetune": before,
+                     "test_accuracy": accuracy(model, d["x_test"], d["y_test"]),
+                     "widths": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv1d)]}
+        log(f"seed {seed} {name}: {evals} evaluations, MACs {macs:.3f}, val score {before:.3f}, test accuracy "
+            f"{out[name]['test_accuracy']:.4f}, widths {out[name]['widths']}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--macs", type=float, default=0.125)
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning Adam steps after each allocation")
+    p.add_argument("--out", default="search")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    payload: dict[str, Any] = {"environment": environment(1), "config": {**vars(args), "batch": BATCH, "lr": FT_LR}}
+    d = DATASETS["mnist1d"]["data"]()
+    payload["seeds"] = {str(s): run(s, args, d) for s in args.seeds}
+    summary = {}
+    for name in ("uniform", "sensitivity", "search"):
+        accs = [payload["seeds"][str(s)][name]["test_accuracy"] for s in args.seeds]
+        summary[name] = {"mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                         "per_seed": accs}
+        log(f"{name}: test accuracy {summary[name]['mean']:.4f} ± {summary[name]['sd']:.4f}")
+    payload["summary"] = summary
+    payload["environment"]["load_average_at_end"] = list(__import__("os").getloadavg())
+    log(f"wrote {save(args.out, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
