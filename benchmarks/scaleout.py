@@ -21,6 +21,9 @@ Phases, each timed on its own:
   step, ``--iterations`` steps at most, ``probe_budget=--probes``), local and on Ray (a fresh executor, timed
   cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
   steps' full evaluations stay in this process.
+- **ddp**: the first model cut to half its MACs and fine-tuned ``--ddp-steps`` Adam steps (batches of 64), in one
+  process at ``--threads`` threads and under ``torchrun`` with 2 processes of 1 thread (gloo; each process half of
+  every batch, gradients averaged): fine-tuning time and validation accuracy.
 
     python benchmarks/scaleout.py                        # both models, both phases (about 20 minutes on 2 cores)
     python benchmarks/scaleout.py --phases sensitivity   # just the sensitivity phase
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -199,11 +203,40 @@ def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Te
     return out
 
 
+def ddp_phase(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Recovery fine-tuning of the half-MACs model: 1 process at --threads threads, then torchrun with 2
+    processes of 1 thread each (gloo), the same batches, each process half of every batch."""
+    import subprocess
+    import tempfile
+
+    weights = RESULTS / "cache" / f"scaleout_{name}_{args.size}px_{args.train_steps}steps.safetensors"
+    worker = str(Path(__file__).resolve().parent / "_ddp_worker.py")
+    out: dict[str, Any] = {"model": name, "steps": args.ddp_steps, "batch": 64}
+    for procs, threads in ((1, args.threads), (2, 1)):
+        with tempfile.TemporaryDirectory() as tmp:
+            tail = [worker, str(weights), name, str(args.size), str(args.ddp_steps), str(threads), tmp]
+            cmd = [sys.executable, *tail] if procs == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *tail]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(procs)]
+        out[f"{procs}_processes"] = {"threads_each": threads, "finetune_s": ranks[0]["seconds"], "wall_s": wall,
+                                     "accuracy": [r["accuracy"] for r in ranks]}
+        log(f"DDP {procs} process(es) x {threads} thread(s): fine-tune {ranks[0]['seconds']:.1f} s, accuracy "
+            f"{[round(r['accuracy'], 4) for r in ranks]}")
+    out["speedup"] = out["1_processes"]["finetune_s"] / out["2_processes"]["finetune_s"]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mobilenet_v3_large", "resnet50"],
                    choices=["mobilenet_v3_large", "resnet50", "resnet18", "mobilenet_v2"])
-    p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt"], choices=["sensitivity", "adapt"])
+    p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt", "ddp"],
+                   choices=["sensitivity", "adapt", "ddp"])
+    p.add_argument("--ddp-steps", type=int, default=100, help="fine-tuning steps of the DDP phase")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--val", type=int, default=397, help="validation images (at most 397)")
@@ -239,6 +272,8 @@ def main() -> int:
         if "adapt" in args.phases:
             record["adapt"] = adapt_phase(args, model, data)
             save(args.out, payload)
+    if "ddp" in args.phases:
+        payload["ddp"] = ddp_phase(args, args.models[0])
     payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     log(f"wrote {save(args.out, payload)}")
     return 0

@@ -42,6 +42,17 @@ def scaleout_section(payload: dict[str, Any]) -> list[str]:
                          f"{lo['steps']} | {lo['accuracy_before']:.3f} -> {lo['accuracy_after']:.3f} | "
                          f"{lo['macs_after']:.3f} | {'yes' if a['same_plan'] else 'no'} | "
                          f"{'yes' if a['same_decisions'] else 'no'} | {'yes' if a['identical'] else 'no'} |")
+    ddp = payload.get("ddp")
+    if ddp:
+        one, two = ddp["1_processes"], ddp["2_processes"]
+        lines += ["", (f"**DDP** (`torchrun --standalone --nproc_per_node 2`, gloo): {NAMES.get(ddp['model'], ddp['model'])} "
+                       f"cut to half its MACs (uniform L2), fine-tuned {ddp['steps']} Adam steps on batches of "
+                       f"{ddp['batch']} (each process half of every batch, gradients averaged)."), "",
+                  "| processes x threads | fine-tune s | validation accuracy |", "|---|---|---|",
+                  f"| 1 x {one['threads_each']} | {one['finetune_s']:.1f} | {one['accuracy'][0]:.4f} |",
+                  (f"| 2 x {two['threads_each']} | {two['finetune_s']:.1f} | "
+                  f"{' / '.join(f'{a:.4f}' for a in two['accuracy'])} (per process) |"),
+                  "", f"Fine-tuning speed-up with 2 processes: {ddp['speedup']:.2f}x."]
     lines += ["", ("The workers run 1 torch thread each and this process 2: a convolution may then sum in another "
                    "order, which is the largest difference above; with equal threads the numbers are the same bit for "
                    "bit (tests/test_scale.py). How much two workers gain depends on how well one process already "
@@ -58,15 +69,19 @@ def search_section(payload: dict[str, Any]) -> list[str]:
               "*sensitivity*: `ap.sensitivity` (every cluster at 0.25/0.5/0.75) then `ap.allocate_from_sensitivity`; "
               f"*search*: `ap.search` (Optuna TPE, 2 candidates at a time) with as many evaluations "
               f"({first['sensitivity']['evaluations']}); *uniform*: every group the same ratio, no evaluations. Each "
-              "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy. Every plan is "
+              "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy (*adaptive BN*: "
+              "after re-estimating its BatchNorm statistics on 8 training batches, `adaprune.search.Recalibrated`; "
+              "the same judge for both allocators). Every plan is "
               f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
               "and scored on the 1,000 held-out test examples."), "",
              "| allocation | evaluations | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
              "|---|---|" + "---|" * len(seeds) + "---|"]
-    for name in ("uniform", "sensitivity", "search"):
+    labels = {"uniform": "uniform", "sensitivity": "sensitivity", "search": "search",
+              "sensitivity+bn": "sensitivity, adaptive BN", "search+bn": "search, adaptive BN"}
+    for name in [n for n in labels if n in payload["summary"]]:
         s = payload["summary"][name]
         cells = " | ".join(f"{seeds[k][name]['test_accuracy']:.4f}" for k in seeds)
-        lines.append(f"| {name} | {first[name]['evaluations']} | {cells} | **{s['mean']:.4f} ± {s['sd']:.4f}** |")
+        lines.append(f"| {labels[name]} | {first[name]['evaluations']} | {cells} | **{s['mean']:.4f} ± {s['sd']:.4f}** |")
     lines += ["", "Widths kept (conv layers) per seed: " + "; ".join(
         f"seed {k}: " + ", ".join(f"{n} {seeds[k][n]['widths']}" for n in ("uniform", "sensitivity", "search"))
         for k in seeds) + "; dense [32, 64, 64, 128]."]

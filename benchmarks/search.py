@@ -9,7 +9,9 @@ it, one base model per seed. At ``--macs`` of the MACs (default 1/8), three allo
 - ``search``: ``ap.search`` with ``trials=E`` (Optuna TPE, ``parallel=2``), the same E evaluations.
 
 Both evaluate candidates the same way: the masked model's (no fine-tuning) cross-entropy on the 500 validation
-examples, negated. Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
+examples, negated; the ``+bn`` rows do the same after re-estimating the candidate's BatchNorm statistics on 8
+training batches (``adaprune.search.Recalibrated``, adaptive BatchNorm as EagleEye evaluates candidates), again
+the same function for both allocators. Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
 of 64, the same seed), and judged on the 1,000 held-out test examples, which nothing before saw.
 
     python benchmarks/search.py                      # seeds 0 1 2 (a few minutes)
@@ -35,6 +37,9 @@ from accuracy import BATCH, DATASETS, FT_LR, accuracy, cached_base, loader
 from common import RESULTS, environment, log, save
 
 import adaprune as ap
+from adaprune.search import Recalibrated
+
+METHODS = ("uniform", "sensitivity", "search", "sensitivity+bn", "search+bn")
 
 
 class ValScore:
@@ -57,14 +62,16 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
     graph = ap.trace(base, x, ignore=[base.fc])
     out: dict[str, Any] = {"dense_test_accuracy": accuracy(base, d["x_test"], d["y_test"])}
     plans: dict[str, tuple[ap.Plan, int, float]] = {}
-    t0 = time.perf_counter()
-    table = ap.sensitivity(base, x, score, graph=graph)
-    evaluations = len(table.rows) + 1
-    plans["sensitivity"] = (ap.allocate_from_sensitivity(base, x, table, budget, graph=graph), evaluations,
-                            time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    found = ap.search(base, x, score, budget, trials=evaluations, parallel=2, seed=seed, graph=graph)
-    plans["search"] = (found.plan, found.evaluations, time.perf_counter() - t0)
+    calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 8 * BATCH, BATCH)]
+    for suffix, judge in (("", score), ("+bn", Recalibrated(score, calib))):
+        t0 = time.perf_counter()
+        table = ap.sensitivity(base, x, judge, graph=graph)
+        evaluations = len(table.rows) + 1
+        plans["sensitivity" + suffix] = (ap.allocate_from_sensitivity(base, x, table, budget, graph=graph),
+                                         evaluations, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        found = ap.search(base, x, judge, budget, trials=evaluations, parallel=2, seed=seed, graph=graph)
+        plans["search" + suffix] = (found.plan, found.evaluations, time.perf_counter() - t0)
     uniform = copy.deepcopy(base)
     t0 = time.perf_counter()
     res = ap.prune(uniform, x, budget=budget, allocation="uniform", ignore=[uniform.fc])
@@ -100,7 +107,7 @@ def main() -> int:
     d = DATASETS["mnist1d"]["data"]()
     payload["seeds"] = {str(s): run(s, args, d) for s in args.seeds}
     summary = {}
-    for name in ("uniform", "sensitivity", "search"):
+    for name in METHODS:
         accs = [payload["seeds"][str(s)][name]["test_accuracy"] for s in args.seeds]
         summary[name] = {"mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                          "per_seed": accs}

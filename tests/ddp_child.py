@@ -51,6 +51,13 @@ def main() -> None:
         task.finetune(model, 150)
         record["seconds"] = time.perf_counter() - t0
         record.update(task.evaluate(model))
+        if not mlp:  # BatchNorm statistics re-estimated on the calibration batches, as adapt's recovery does
+            from adaprune.task import recalibrate_bn
+
+            check = {k: v.clone() for k, v in model.state_dict().items()}
+            recalibrate_bn(model, task.calibration())
+            record["recalibrated_accuracy"] = task.evaluate(model)["accuracy"]
+            model.load_state_dict(check)
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,15 @@ def test_data_parallel_finetune_without_batchnorm_is_the_one_process_finetune(tm
 
 def test_data_parallel_finetune_with_batchnorm_keeps_the_accuracy_within_noise(tmp_path) -> None:
     """BatchNorm normalises each process's half of a batch on its own (as DistributedDataParallel does without
-    SyncBatchNorm), so the weights differ a little from one process's; the accuracy stays within noise."""
+    SyncBatchNorm), so the weights differ a little from one process's and rank 0's running statistics are those
+    of half batches (measured: 0.939 against 0.972 on the 359 validation digits). With the statistics
+    re-estimated on the calibration batches, as adapt does after every recovery, the accuracy is within noise
+    (measured: 0.967 against 0.972)."""
     one = finished(["finetune", str(tmp_path / "one"), "cnn"], 1, tmp_path / "one")
     two = finished(["finetune", str(tmp_path / "two"), "cnn"], 2, tmp_path / "two")
     assert two[0]["digest"] == two[1]["digest"]  # the statistics are rank 0's everywhere
     assert two[0]["accuracy"] > 0.9 and abs(one[0]["accuracy"] - two[0]["accuracy"]) <= 0.05
+    assert abs(one[0]["recalibrated_accuracy"] - two[0]["recalibrated_accuracy"]) <= 0.02
 
 
 def test_adapt_under_torchrun_killed_and_resumed_ends_with_the_plan_of_a_run_left_alone(tmp_path) -> None:

@@ -114,3 +114,35 @@ def test_without_optuna_the_message_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ConfigError, match=r"adaprune\[search\]"):
         ap.search(cnn(), X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=2)
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_recalibrated_evaluation_sees_fresh_statistics_and_puts_the_old_ones_back() -> None:
+    from adaprune.search import Recalibrated
+
+    model = BatchNormNet().eval()
+    batches = [(torch.randn(16, 3, 12, 12) * 3 + 1, None) for _ in range(2)]
+    seen = []
+
+    def mean_of_running_mean(m: nn.Module) -> float:
+        seen.append(m.bn.running_mean.clone())
+        return float(m.bn.running_mean.mean())
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert Recalibrated(mean_of_running_mean, batches)(model) != 0.0  # the statistics of these batches
+    assert not torch.equal(seen[0], before["bn.running_mean"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="calibration"):
+        ap.search(model, X, mean_of_running_mean, ap.Budget(macs=0.5), trials=1, recalibrate=True, ignore=["head"])
+    found = ap.search(model, X, mean_of_running_mean, ap.Budget(macs=0.5), trials=2, recalibrate=True,
+                      calibration=batches, ignore=["head"])
+    assert found.evaluations == 2 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from ._check import as_int, check_callable, check_inputs, check_instance, check_module
+from ._check import as_bool, as_int, check_callable, check_inputs, check_instance, check_module
 from .allocate import Limits, get_allocator
 from .allocate.adaptive import ClusterProbe, allocate_adaptive
 from .allocate.search import bisect
@@ -44,6 +44,7 @@ from .importance import Context, get_importance
 from .plan import Plan, plan_from_choice
 from .scale import get_executor
 from .sensitivity import Sensitivity, _number, clusters
+from .task import recalibrate_bn
 
 STEPS = 16
 """Bisection steps of the scale that meets the budget."""
@@ -153,6 +154,27 @@ def allocate_from_sensitivity(
     return found.candidate
 
 
+class Recalibrated:
+    """``evaluate`` of a candidate after its BatchNorm statistics are re-estimated on ``batches`` (adaptive
+    BatchNorm, as EagleEye, Li et al. 2020, evaluates pruning candidates: a cut model's old statistics say
+    little about what fine-tuning will recover); the model's buffers are put back afterwards. Picklable when
+    ``evaluate`` is, so it runs on Ray workers too; use it for every method of a comparison alike."""
+
+    def __init__(self, evaluate: Callable[[nn.Module], float], batches: Iterable[tuple[Any, Any]],
+                 max_batches: int = 8) -> None:
+        self.evaluate, self.batches, self.max_batches = evaluate, list(batches), max_batches
+
+    def __call__(self, model: nn.Module) -> float:
+        saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+        try:
+            recalibrate_bn(model, self.batches, self.max_batches)
+            return self.evaluate(model)
+        finally:
+            for name, b in model.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
 @dataclass
 class Trial:
     """One evaluated candidate: the sampler's weights, the ratios that met the budget, the metric, the costs."""
@@ -196,6 +218,7 @@ def search(
     min_channels: int = 1,
     round_to: int = 1,
     min_weight: float = 0.05,
+    recalibrate: bool = False,
     seed: int = 0,
     executor: Any = None,
     graph: Graph | None = None,
@@ -210,6 +233,9 @@ def search(
             not depend on the executor, only on ``parallel`` and ``seed``).
         min_weight: the least weight a cluster can be given (its ratio is at least this fraction of the
             most-cut cluster's, before the caps).
+        recalibrate: evaluate each candidate after re-estimating its BatchNorm statistics on ``calibration``
+            (:class:`Recalibrated`); the score then predicts the fine-tuned model's much better on models with
+            BatchNorm.
         seed: the sampler's seed.
         executor: ``None``/``"local"``, ``"ray"`` or an :class:`adaprune.Executor`.
 
@@ -225,6 +251,12 @@ def search(
         import optuna
     except ImportError as exc:
         raise ConfigError("search needs Optuna: pip install 'adaprune[search]'") from exc
+    if as_bool(recalibrate, "recalibrate"):
+        if calibration is None:
+            raise ConfigError("search(recalibrate=True) re-estimates BatchNorm statistics on calibration batches: "
+                              "pass calibration=[(inputs, targets), ...]")
+        calibration = list(calibration)
+        evaluate = Recalibrated(evaluate, calibration)
     space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
                    Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
     names = list(space.units)
@@ -258,5 +290,5 @@ def search(
     return out
 
 
-__all__ = ["SearchResult", "Trial", "allocate_from_sensitivity", "search"]
+__all__ = ["Recalibrated", "SearchResult", "Trial", "allocate_from_sensitivity", "search"]
 
