@@ -206,3 +206,13 @@ def test_a_cluster_too_small_for_the_workers_is_refused(executor) -> None:
     cpus = int(ray.cluster_resources()["CPU"])
     with pytest.raises(ConfigError, match=f"needs {cpus + 1} CPUs"):
         ap.RayExecutor(workers=cpus + 1).pids()
+
+
+def test_ladder_allocates_its_rungs_on_ray_as_it_does_here(executor) -> None:
+    rungs = [ap.Budget(macs=0.6), ap.Budget(macs=0.3)]
+    local = ap.ladder(cnn(), X[:2], small_task(), rungs, tolerance=0.5, ignore=["6"])
+    remote = ap.ladder(cnn(), X[:2], small_task(), rungs, tolerance=0.5, ignore=["6"], executor=executor)
+    assert [r.widths for r in remote.rungs] == [r.widths for r in local.rungs]
+    assert [r.metrics for r in remote.rungs] == [r.metrics for r in local.rungs]
+    with pytest.raises(ConfigError, match="ladder\\(executor="):
+        ap.ladder(cnn(), X[:2], small_task(), rungs, ignore=["6"], allocation={"executor": "ray"})
