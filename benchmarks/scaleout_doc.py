@@ -71,13 +71,16 @@ def search_section(payload: dict[str, Any]) -> list[str]:
               f"({first['sensitivity']['evaluations']}); *uniform*: every group the same ratio, no evaluations. Each "
               "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy (*adaptive BN*: "
               "after re-estimating its BatchNorm statistics on 8 training batches, `adaprune.search.Recalibrated`; "
-              "the same judge for both allocators). Every plan is "
+              "the same judge for both allocators; *short-tune judge*: after "
+              f"{cfg.get('judge_steps', 30)} Adam steps on the masked candidate, `adaprune.search.Tuned`, NetAdapt's "
+              "short-term fine-tune, weights put back after). Every plan is "
               f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
               "and scored on the 1,000 held-out test examples."), "",
              "| allocation | evaluations | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
              "|---|---|" + "---|" * len(seeds) + "---|"]
     labels = {"uniform": "uniform", "sensitivity": "sensitivity", "search": "search",
-              "sensitivity+bn": "sensitivity, adaptive BN", "search+bn": "search, adaptive BN"}
+              "sensitivity+bn": "sensitivity, adaptive BN", "search+bn": "search, adaptive BN",
+              "sensitivity+tuned": "sensitivity, short-tune judge", "search+tuned": "search, short-tune judge"}
     for name in [n for n in labels if n in payload["summary"]]:
         s = payload["summary"][name]
         cells = " | ".join(f"{seeds[k][name]['test_accuracy']:.4f}" for k in seeds)

@@ -11,7 +11,8 @@ it, one base model per seed. At ``--macs`` of the MACs (default 1/8), three allo
 Both evaluate candidates the same way: the masked model's (no fine-tuning) cross-entropy on the 500 validation
 examples, negated; the ``+bn`` rows do the same after re-estimating the candidate's BatchNorm statistics on 8
 training batches (``adaprune.search.Recalibrated``, adaptive BatchNorm as EagleEye evaluates candidates), again
-the same function for both allocators. Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
+the same function for both allocators; the ``+tuned`` rows judge each candidate after ``--judge-steps`` Adam steps
+on the masked model (``adaprune.search.Tuned``, NetAdapt's short-term fine-tune; weights put back after). Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
 of 64, the same seed), and judged on the 1,000 held-out test examples, which nothing before saw.
 
     python benchmarks/search.py                      # seeds 0 1 2 (a few minutes)
@@ -37,9 +38,9 @@ from accuracy import BATCH, DATASETS, FT_LR, accuracy, cached_base, loader
 from common import RESULTS, environment, log, save
 
 import adaprune as ap
-from adaprune.search import Recalibrated
+from adaprune.search import Recalibrated, Tuned
 
-METHODS = ("uniform", "sensitivity", "search", "sensitivity+bn", "search+bn")
+METHODS = ("uniform", "sensitivity", "search", "sensitivity+bn", "search+bn", "sensitivity+tuned", "search+tuned")
 
 
 class ValScore:
@@ -63,7 +64,10 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
     out: dict[str, Any] = {"dense_test_accuracy": accuracy(base, d["x_test"], d["y_test"])}
     plans: dict[str, tuple[ap.Plan, int, float]] = {}
     calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 8 * BATCH, BATCH)]
-    for suffix, judge in (("", score), ("+bn", Recalibrated(score, calib))):
+    tuning = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, 123), loader(d["x_val"], d["y_val"], False, 0),
+                                   lr=FT_LR)
+    judges = (("", score), ("+bn", Recalibrated(score, calib)), ("+tuned", Tuned(score, tuning, args.judge_steps)))
+    for suffix, judge in judges:
         t0 = time.perf_counter()
         table = ap.sensitivity(base, x, judge, graph=graph)
         evaluations = len(table.rows) + 1
@@ -100,6 +104,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--macs", type=float, default=0.125)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning Adam steps after each allocation")
+    p.add_argument("--judge-steps", type=int, default=30, help="optimizer steps of the short-tune judge")
     p.add_argument("--out", default="search")
     args = p.parse_args()
     torch.set_num_threads(1)

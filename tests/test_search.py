@@ -146,3 +146,30 @@ def test_recalibrated_evaluation_sees_fresh_statistics_and_puts_the_old_ones_bac
     found = ap.search(model, X, mean_of_running_mean, ap.Budget(macs=0.5), trials=2, recalibrate=True,
                       calibration=batches, ignore=["head"])
     assert found.evaluations == 2 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_tuned_evaluation_trains_the_candidate_and_puts_its_weights_back() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adaprune.search import Tuned
+
+    model = BatchNormNet()
+    y = torch.randint(0, 5, (32,))
+    data = torch.randn(32, 3, 12, 12)
+    task = ap.ClassificationTask(DataLoader(TensorDataset(data, y), batch_size=16, shuffle=True),
+                                 DataLoader(TensorDataset(data, y), batch_size=32), lr=0.05)
+
+    def loss(m: nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return -float(nn.functional.cross_entropy(m(data), y))
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = loss(model)
+    tuned = Tuned(loss, task, 40)(model)
+    assert tuned > plain + 0.05  # 40 steps on these 32 examples lower their loss
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    handle = ap.mask(model, ap.search(model, X, loss, ap.Budget(macs=0.5), trials=1, ignore=["head"]).plan)
+    Tuned(loss, task, 5)(model)  # on a masked model: the masks stay, the weights come back
+    handle.undo()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
