@@ -66,7 +66,8 @@ def search_section(payload: dict[str, Any]) -> list[str]:
     first = next(iter(seeds.values()))
     lines = ["## Search allocator against the sensitivity allocator at equal evaluations (`benchmarks/search.py`)", "",
              (f"MNIST-1D, accuracy.py's CNN1D(32) (one base model per seed), {cfg['macs']:g} of the MACs. "
-              "*sensitivity*: `ap.sensitivity` (every cluster at 0.25/0.5/0.75) then `ap.allocate_from_sensitivity`; "
+              f"*sensitivity*: `ap.sensitivity` (every cluster at {'/'.join(f'{r:g}' for r in cfg.get('ratios', [0.25, 0.5, 0.75]))}) "
+              "then `ap.allocate_from_sensitivity`; "
               f"*search*: `ap.search` (Optuna TPE, 2 candidates at a time) with as many evaluations "
               f"({first['sensitivity']['evaluations']}); *uniform*: every group the same ratio, no evaluations. Each "
               "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy (*adaptive BN*: "

@@ -4,7 +4,8 @@ MNIST-1D (generated locally by the ``mnist1d`` package), accuracy.py's CNN1D(32)
 it, one base model per seed. At ``--macs`` of the MACs (default 1/8), three allocations of the same budget:
 
 - ``uniform``: every group cut by the same ratio (``ap.prune``, allocation ``uniform``); no evaluations.
-- ``sensitivity``: ``ap.sensitivity`` (every cluster at ratios 0.25/0.5/0.75: E = clusters x 3 + 1 evaluations),
+- ``sensitivity``: ``ap.sensitivity`` (every cluster at ``--ratios``, by default 0.25/0.5/0.75: E = clusters x
+  ratios + 1 evaluations),
   then ``ap.allocate_from_sensitivity``.
 - ``search``: ``ap.search`` with ``trials=E`` (Optuna TPE, ``parallel=2``), the same E evaluations.
 
@@ -69,7 +70,7 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
     judges = (("", score), ("+bn", Recalibrated(score, calib)), ("+tuned", Tuned(score, tuning, args.judge_steps)))
     for suffix, judge in judges:
         t0 = time.perf_counter()
-        table = ap.sensitivity(base, x, judge, graph=graph)
+        table = ap.sensitivity(base, x, judge, ratios=args.ratios, graph=graph)
         evaluations = len(table.rows) + 1
         plans["sensitivity" + suffix] = (ap.allocate_from_sensitivity(base, x, table, budget, graph=graph),
                                          evaluations, time.perf_counter() - t0)
@@ -104,6 +105,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--macs", type=float, default=0.125)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning Adam steps after each allocation")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="the sensitivity table's ratios (the evaluations of both allocators: clusters x ratios + 1)")
     p.add_argument("--judge-steps", type=int, default=30, help="optimizer steps of the short-tune judge")
     p.add_argument("--out", default="search")
     args = p.parse_args()
