@@ -64,7 +64,8 @@ def scaleout_section(payload: dict[str, Any]) -> list[str]:
 def search_section(payload: dict[str, Any]) -> list[str]:
     cfg, seeds = payload["config"], payload["seeds"]
     first = next(iter(seeds.values()))
-    lines = ["## Search allocator against the sensitivity allocator at equal evaluations (`benchmarks/search.py`)", "",
+    lines = [(f"## Search allocator against the sensitivity allocator at {first['sensitivity']['evaluations']} evaluations "
+              "each (`benchmarks/search.py`)"), "",
              (f"MNIST-1D, accuracy.py's CNN1D(32) (one base model per seed), {cfg['macs']:g} of the MACs. "
               f"*sensitivity*: `ap.sensitivity` (every cluster at {'/'.join(f'{r:g}' for r in cfg.get('ratios', [0.25, 0.5, 0.75]))}) "
               "then `ap.allocate_from_sensitivity`; "
