@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py, alone or under torchrun: fine-tune or adapt the digits CNN and write what
 each process ended with to OUT/rank{rank}.json.
 
-    python ddp_child.py finetune OUT cnn|mlp            # (the MLP has no BatchNorm)
+    python ddp_child.py finetune OUT cnn|mlp [sync]     # (the MLP has no BatchNorm; sync: SyncBatchNorm)
     python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_child.py finetune OUT cnn
     ... ddp_child.py adapt OUT RUN_DIR [resume] [slow]
 
@@ -36,7 +36,7 @@ def digest(model: torch.nn.Module) -> str:
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    distributed.join()
+    distributed.join(sync_batch_norm="sync" in sys.argv[3:])
     rank, size = distributed.world()
     data = load_digits_data(0)
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ from ._check import (
 from .calls import call_model
 from .errors import ArgumentTypeError, ConfigError, NonFiniteError, shown
 from .importance import default_loss
-from .scale.distributed import average_gradients, shard, sync_buffers
+from .scale.distributed import average_gradients, shard, sync_buffers, synced_batch_norm
 
 
 class Task(ABC):
@@ -344,7 +344,8 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         opt.zero_grad(set_to_none=True)
-        value = loss()
+        with synced_batch_norm(model):  # (under torchrun: BatchNorm sees the whole batch, not this process's slice)
+            value = loss()
         if not bool(torch.isfinite(value.detach()).all()):
             raise NonFiniteError(
                 f"{where}: the loss is {shown(value.detach().tolist())}; "

@@ -5,11 +5,13 @@ and the same :func:`adaprune.adapt` call. adapt joins the process group torchrun
 when CUDA is there; :func:`join`), and then:
 
 - **fine-tuning is data-parallel**: each process takes its own slice of every training batch (:func:`shard`),
-  and after each backward pass the gradients are averaged over the processes (:func:`average_gradients`,
-  inside :func:`adaprune.task.optimizer_step`, which every ready task's fine-tuning goes through), so every
-  process takes the same optimizer step: that of the whole batch. After a recovery the parameters and buffers
-  (BatchNorm statistics, which each process gathered on its own slice) are made rank 0's everywhere
-  (:func:`sync_model`).
+  and after each backward pass the gradients are averaged over the processes (:func:`average_gradients`), inside
+  :func:`adaprune.task.optimizer_step`, which every ready task's fine-tuning goes through, so every process
+  takes the same optimizer step. BatchNorm normalises each process's slice on its own and rank 0's statistics
+  are kept (:func:`sync_buffers`), as DistributedDataParallel does; with ``join(sync_batch_norm=True)`` it
+  normalises with the whole batch's statistics instead (:func:`synced_batch_norm`: differentiable
+  all-reduces, SyncBatchNorm on CPU too) and the step is exactly the whole batch's. After a recovery the
+  parameters and buffers are made rank 0's everywhere (:func:`sync_model`).
 - **decisions are made once**: what a decision rests on (every evaluation of the task, every cost measurement,
   each step's plan, whether a limit stopped the run) is rank 0's and broadcast (:func:`broadcast`), so the
   processes cannot drift apart; a step's probes are shared out between the processes
@@ -20,8 +22,10 @@ when CUDA is there; :func:`join`), and then:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,9 +59,20 @@ def leader() -> bool:
     return world()[0] == 0
 
 
-def join() -> bool:
+_SYNC_BATCH_NORM = [False]
+
+
+def join(sync_batch_norm: bool | None = None) -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) when no group
-    exists yet: gloo on CPU, NCCL with CUDA. Returns whether this process is now one of several."""
+    exists yet: gloo on CPU, NCCL with CUDA. Returns whether this process is now one of several.
+
+    ``sync_batch_norm``: whether fine-tuning's BatchNorm layers normalise with the whole batch's statistics
+    (:func:`synced_batch_norm`; the fine-tune is then the one-process one, at the price of three all-reduces
+    per BatchNorm layer and step, which on gloo can cost more than the second process saves) or with each
+    process's slice (the default, as DistributedDataParallel without SyncBatchNorm). ``None`` leaves the
+    setting as it is; call ``join(sync_batch_norm=True)`` before ``adapt`` to turn it on."""
+    if sync_batch_norm is not None:
+        _SYNC_BATCH_NORM[0] = bool(sync_batch_norm)
     dist = _dist()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -146,6 +161,62 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
         offset += n
 
 
+def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` in training mode with the batch statistics of every process's slice together (what
+    ``torch.nn.SyncBatchNorm`` does on GPUs, here with differentiable all-reduces, so it runs on CPU): the
+    output, its gradient and the running statistics are those of the whole batch."""
+    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # (torch marks it deprecated for a private successor without autograd docs)
+            warnings.simplefilter("ignore", FutureWarning)
+            return differentiable_all_reduce(t)
+
+    dims = [0, *range(2, x.dim())]
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+    total = all_reduce(count)
+    mean = all_reduce(x.sum(dims)) / total
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / total
+    out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        with torch.no_grad():
+            assert bn.num_batches_tracked is not None
+            bn.num_batches_tracked += 1
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            n = float(total)
+            bn.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var.detach() * n / max(n - 1, 1.0), alpha=factor)
+    return out
+
+
+@contextlib.contextmanager
+def synced_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Within the block, under torchrun with ``join(sync_batch_norm=True)``, the model's BatchNorm layers in
+    training mode normalise with the whole batch's statistics (:func:`_synced_batch_norm`); otherwise nothing
+    changes."""
+    if not active() or not _SYNC_BATCH_NORM[0]:
+        yield
+        return
+    patched = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" not in vars(m):
+            def forward(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm = m) -> torch.Tensor:
+                if bn.training:
+                    return _synced_batch_norm(bn, x)
+                return type(bn).forward(bn, x)
+
+            m.forward = forward  # type: ignore[method-assign,assignment]
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics, which each process gathers on its own slice) on every process,
     one broadcast per dtype, as DistributedDataParallel does before each forward pass."""
@@ -208,4 +279,4 @@ class DistributedExecutor(Executor):
 
 
 __all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "on_leader", "shard",
-           "sync_buffers", "sync_model", "world"]
+           "sync_buffers", "sync_model", "synced_batch_norm", "world"]
