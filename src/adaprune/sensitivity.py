@@ -12,7 +12,6 @@ weights, so re-running an analysis on the same model costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import os
@@ -47,7 +46,7 @@ from .graph import Graph, Group, ignore_items, resolve_ignore, trace
 from .importance import Context, get_importance
 from .plan import Plan
 from .planner import choose
-from .scale import get_executor
+from .scale import get_executor, model_token
 
 
 @dataclass(frozen=True)
@@ -133,12 +132,9 @@ def clusters(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[Group]
 
 
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every tensor's name, shape, dtype and bytes (order-independent)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
+    """SHA-256 over every tensor's name, shape, dtype and bytes (order-independent): the cache's key
+    (:func:`adaprune.scale.model_token`, the name executors give a model)."""
+    return model_token(model)
 
 
 def sensitivity(

@@ -353,7 +353,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable[
             )
         value.backward()
         # under torchrun: every process's gradient of its slice of the batch, averaged (data-parallel)
-        average_gradients([p for group in opt.param_groups for p in group["params"]])
+        average_gradients(p for group in opt.param_groups for p in group["params"])
     except BaseException:
         with torch.no_grad():
             for n, b in model.named_buffers():

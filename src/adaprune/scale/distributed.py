@@ -25,14 +25,14 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..plan import Plan
-from .executor import Executor, Failed, evaluate_masked
+from .executor import Executor, attempt, outcomes
 
 
 def _dist() -> Any:
@@ -146,10 +146,14 @@ def shard(batch: Any) -> Any:
     return tuple(cut) if isinstance(batch, tuple) else cut[0]
 
 
-def average_gradients(params: Sequence[torch.Tensor]) -> None:
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
     """Replace every parameter's gradient by its mean over the processes (one all-reduce over all of them,
-    a missing gradient counted as zeros), as DistributedDataParallel does."""
-    if not active() or not params:
+    a missing gradient counted as zeros), as DistributedDataParallel does; nothing (``params`` not even read)
+    outside a process group."""
+    if not active():
+        return
+    params = list(params)
+    if not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     _dist().all_reduce(flat)
@@ -257,25 +261,11 @@ class DistributedExecutor(Executor):
 
     def map(self, model: nn.Module, plans: Sequence[Plan], measure: Callable[[nn.Module], Any], *,
             seed: int = 0, catch: tuple[type[BaseException], ...] = (), token: Hashable | None = None) -> list[Any]:
-        mine: list[tuple[int, bool, Any]] = []
-        for i in range(self.rank, len(plans), self.workers):
-            try:
-                mine.append((i, True, evaluate_masked(model, plans[i], measure, seed)))
-            except Exception as exc:  # noqa: BLE001 - every process raises it (or returns it), below
-                mine.append((i, False, exc))
+        mine = {i: attempt(model, plans[i], measure, seed) for i in range(self.rank, len(plans), self.workers)}
         gathered: list[Any] = [None] * self.workers
-        _dist().all_gather_object(gathered, mine)
-        found = {i: (ok, value) for part in gathered for i, ok, value in part}
-        out: list[Any] = []
-        for i in range(len(plans)):
-            ok, value = found[i]
-            if ok:
-                out.append(value)
-            elif isinstance(value, catch):
-                out.append(Failed(value))
-            else:
-                raise value
-        return out
+        _dist().all_gather_object(gathered, mine)  # (every process then raises or returns the same)
+        found = {i: answer for part in gathered for i, answer in part.items()}
+        return outcomes((found[i] for i in range(len(plans))), catch)
 
 
 __all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "on_leader", "shard",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -54,13 +54,37 @@ def evaluate_masked(model: nn.Module, plan: Plan, measure: Callable[[nn.Module],
 
 
 def model_token(model: nn.Module) -> str:
-    """A name for the model's structure and weights, for executors that ship the model only when it
-    changed (SHA-256 over the parameters' and buffers' names, shapes, dtypes and bytes)."""
+    """SHA-256 over every tensor's name, shape, dtype and bytes (order-independent): a name for the model's
+    structure and weights, for executors that ship the model only when it changed, and the key of the
+    sensitivity cache (:func:`adaprune.sensitivity.fingerprint`)."""
     h = hashlib.sha256()
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def attempt(model: nn.Module, plan: Plan, measure: Callable[[nn.Module], Any], seed: int) -> tuple[bool, Any]:
+    """:func:`evaluate_masked` as ``(True, result)``, or ``(False, the exception)``: how a worker sends a
+    candidate's outcome back for :func:`outcomes` to sort out where the call was made."""
+    try:
+        return True, evaluate_masked(model, plan, measure, seed)
+    except Exception as exc:  # noqa: BLE001 - sent back: raised (or returned as Failed) by outcomes()
+        return False, exc
+
+
+def outcomes(answers: Iterable[tuple[bool, Any]], catch: tuple[type[BaseException], ...]) -> list[Any]:
+    """The results of :func:`attempt` in order: an exception of a ``catch`` type as :class:`Failed`, any other
+    raised here, as the type it was raised as."""
+    out: list[Any] = []
+    for ok, value in answers:
+        if ok:
+            out.append(value)
+        elif isinstance(value, catch):
+            out.append(Failed(value))
+        else:
+            raise value
+    return out
 
 
 class Executor(ABC):
@@ -117,4 +141,4 @@ class LocalExecutor(Executor):
         return "LocalExecutor()"
 
 
-__all__ = ["Executor", "Failed", "LocalExecutor", "evaluate_masked", "model_token"]
+__all__ = ["Executor", "Failed", "LocalExecutor", "attempt", "evaluate_masked", "model_token", "outcomes"]

@@ -24,7 +24,7 @@ from torch import nn
 from .._check import as_int
 from ..errors import ConfigError
 from ..plan import Plan
-from .executor import Executor, Failed, evaluate_masked, model_token
+from .executor import Executor, attempt, model_token, outcomes
 
 
 def _ray() -> Any:
@@ -56,10 +56,7 @@ class _Worker:
             self.model, self.token = ray.get(model_box[0]), token
         if self.fn_key != fn_key or self.fn is None:
             self.fn, self.fn_key = ray.get(fn_box[0]), fn_key
-        try:
-            return True, evaluate_masked(self.model, Plan.from_json(plan_json), self.fn, seed)
-        except Exception as exc:  # noqa: BLE001 - sent back: the driver raises it, or returns it when the caller expects it
-            return False, exc
+        return attempt(self.model, Plan.from_json(plan_json), self.fn, seed)
 
 
 class RayExecutor(Executor):
@@ -138,17 +135,8 @@ class RayExecutor(Executor):
 
         pool = ActorPool(self.actors)
         jobs = [p.to_json() for p in plans]
-        answers = list(pool.map(lambda actor, job: actor.run.remote(model_box, token, fn_box, fn_key, job, seed),
-                                jobs))
-        out: list[Any] = []
-        for ok, value in answers:
-            if ok:
-                out.append(value)
-            elif isinstance(value, catch):
-                out.append(Failed(value))
-            else:
-                raise value
-        return out
+        return outcomes(pool.map(lambda actor, job: actor.run.remote(model_box, token, fn_box, fn_key, job, seed),
+                                 jobs), catch)
 
     def close(self) -> None:
         """Stop the workers; the Ray cluster itself stays up (``ray.shutdown()`` ends a local one)."""
