@@ -14,7 +14,10 @@ examples, negated; the ``+bn`` rows do the same after re-estimating the candidat
 training batches (``adaprune.search.Recalibrated``, adaptive BatchNorm as EagleEye evaluates candidates), again
 the same function for both allocators; the ``+tuned`` rows judge each candidate after ``--judge-steps`` Adam steps
 on the masked model (``adaprune.search.Tuned``, NetAdapt's short-term fine-tune; weights put back after). Every plan is then cut and fine-tuned with the same ``--steps`` Adam steps (lr 1e-3, batches
-of 64, the same seed), and judged on the 1,000 held-out test examples, which nothing before saw.
+of 64, the same seed; with ``--finetunes K``, K such runs with other batch orders, the same K for every plan, and
+their mean accuracy is the plan's), and judged on the 1,000 held-out test examples, which nothing before saw.
+The summary pairs each judge's search and sensitivity plans on the same base models: the mean difference in
+test accuracy, its Student-t 95% interval over the seeds, and wins/ties/losses.
 
     python benchmarks/search.py                      # seeds 0 1 2 (a few minutes)
 """
@@ -87,17 +90,35 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
         macs = ap.count(model, x).macs / ap.count(base, x).macs
         with torch.no_grad():
             before = score(model)
-        task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000),
-                                     loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
-        torch.manual_seed(seed + 7)
-        task.finetune(model, args.steps)
+        tuned = []
+        for k in range(args.finetunes):  # the same K fine-tuning runs (batches, seeds) for every plan
+            copy_ = copy.deepcopy(model)
+            task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000 + 17 * k),
+                                         loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
+            torch.manual_seed(seed + 7 + 17 * k)
+            task.finetune(copy_, args.steps)
+            tuned.append(accuracy(copy_, d["x_test"], d["y_test"]))
         out[name] = {"evaluations": evals, "allocation_s": seconds, "macs": macs, "budget_met": macs <= args.macs,
                      "val_score_before_finetune": before,
-                     "test_accuracy": accuracy(model, d["x_test"], d["y_test"]),
+                     "test_accuracy": statistics.mean(tuned), "test_accuracy_per_finetune": tuned,
                      "widths": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv1d)]}
         log(f"seed {seed} {name}: {evals} evaluations, MACs {macs:.3f}, val score {before:.3f}, test accuracy "
             f"{out[name]['test_accuracy']:.4f}, widths {out[name]['widths']}")
     return out
+
+
+def paired(seeds: dict[str, Any], order: list[int], a: str, b: str) -> dict[str, Any]:
+    """``a``'s test accuracy minus ``b``'s on the same base models: mean, Student-t 95% interval, wins/ties/losses."""
+    diffs = [seeds[str(s)][a]["test_accuracy"] - seeds[str(s)][b]["test_accuracy"] for s in order]
+    mean = statistics.mean(diffs)
+    half = 0.0
+    if len(diffs) > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"diffs": diffs, "mean": mean, "low": mean - half, "high": mean + half,
+            "wins": sum(x > 1e-6 for x in diffs), "ties": sum(abs(x) <= 1e-6 for x in diffs),
+            "losses": sum(x < -1e-6 for x in diffs)}
 
 
 def main() -> int:
@@ -108,6 +129,8 @@ def main() -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                    help="the sensitivity table's ratios (the evaluations of both allocators: clusters x ratios + 1)")
     p.add_argument("--judge-steps", type=int, default=30, help="optimizer steps of the short-tune judge")
+    p.add_argument("--finetunes", type=int, default=1,
+                   help="fine-tuning runs per plan (other batch orders); a plan's test accuracy is their mean")
     p.add_argument("--out", default="search")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -121,6 +144,11 @@ def main() -> int:
                          "per_seed": accs}
         log(f"{name}: test accuracy {summary[name]['mean']:.4f} ± {summary[name]['sd']:.4f}")
     payload["summary"] = summary
+    payload["paired"] = {judge: paired(payload["seeds"], args.seeds, "search" + judge, "sensitivity" + judge)
+                         for judge in ("", "+bn", "+tuned")}
+    for judge, pr in payload["paired"].items():
+        log(f"search{judge} - sensitivity{judge}: {pr['mean']:+.4f} (95% CI {pr['low']:+.4f} .. {pr['high']:+.4f}), "
+            f"wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}")
     payload["environment"]["load_average_at_end"] = list(__import__("os").getloadavg())
     log(f"wrote {save(args.out, payload)}")
     return 0

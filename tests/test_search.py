@@ -11,6 +11,7 @@ from torch import nn
 
 import adaprune as ap
 from adaprune.errors import ArgumentTypeError, BudgetUnreachableError, ConfigError
+from adaprune.plan import plan_from_choice
 
 pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +93,23 @@ def test_allocate_from_sensitivity_cuts_least_where_the_table_says_it_hurts() ->
     handle = ap.mask(model, plan)
     assert FirstLayerMatters()(model) > uniform.metric
     handle.undo()
+
+
+def test_both_allocators_spend_the_budget_to_the_last_whole_channel() -> None:
+    """The scale's bisection moves every cluster at once and may stop short of the budget; the whole channels
+    left go back, so that no group can keep one more of its removed channels within the budget."""
+    model = cnn()
+    budget = ap.Budget(macs=0.5)
+    found = ap.search(model, X, FirstLayerMatters(), budget, trials=6, seed=1, ignore=[model[8]])
+    table = ap.sensitivity(model, X, FirstLayerMatters(), ignore=[model[8]])
+    plans = [found.plan, ap.allocate_from_sensitivity(model, X, table, budget, ignore=[model[8]])]
+    graph = ap.trace(model, X, ignore=[model[8]])
+    for plan in plans:
+        assert macs(model, plan) <= 0.5
+        removed = {g.name: list(g.removed) for g in plan.groups if g.removed}
+        for name in removed:
+            one_back = {n: idx[1:] if n == name else idx for n, idx in removed.items()}
+            assert macs(model, plan_from_choice(graph, one_back)) > 0.5, name
 
 
 def test_the_budget_and_the_table_are_checked() -> None:

@@ -6,10 +6,12 @@ with every candidate's cost exact (:class:`~adaprune.cost.predict.CostPredictor`
 
 - :func:`allocate_from_sensitivity`: the ratios adapt's controller would take from probes (cost saved per
   metric lost, softened, scaled to the budget: :func:`adaprune.allocate.adaptive.allocate_adaptive`), with
-  each cluster's probe read off a :class:`~adaprune.sensitivity.Sensitivity` table. It costs the table's
-  evaluations (clusters x ratios + 1) and nothing more.
+  each cluster's probe read off a :class:`~adaprune.sensitivity.Sensitivity` table, and the budget's leftover
+  whole channels given back the same way as the search's. It costs the table's evaluations (clusters x
+  ratios + 1) and nothing more.
 - :func:`search`: a search over the clusters' *weights*, each cluster's ratio being ``min(max_ratio, scale *
-  weight)`` with ``scale`` bisected so the plan meets the budget; each candidate plan is evaluated with its
+  weight)`` with ``scale`` bisected so the plan meets the budget (the whole channels that rounding leaves of
+  the budget then go back, as adapt's last step gives them back); each candidate plan is evaluated with its
   channels masked (no fine-tuning), as sensitivity evaluates, and the best one is kept. The sampler is
   Optuna's TPE (Bergstra et al., 2011; the ``search`` extra), asked ``parallel`` candidates at a time (with
   the constant liar for the ones still out), which the executor evaluates at once (``executor="ray"`` spreads
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from ._check import as_bool, as_int, check_callable, check_inputs, check_instance, check_module
+from .adapt.fill import fill
 from .allocate import Limits, get_allocator
 from .allocate.adaptive import ClusterProbe, allocate_adaptive
 from .allocate.search import bisect
@@ -88,8 +91,8 @@ class _Space:
         return name, limits[name]
 
     def scaled(self, weights: dict[str, float]) -> tuple[Plan, dict[str, float]]:
-        """The least ``scale`` whose ratios ``min(max_ratio, scale * weight)`` meet the budget, its plan and
-        ratios; BudgetUnreachableError when every cluster at its cap does not."""
+        """The least ``scale`` whose ratios ``min(max_ratio, scale * weight)`` meet the budget, its plan (filled)
+        and ratios; BudgetUnreachableError when every cluster at its cap does not."""
         cap = self.limits.max_ratio
         top = cap / max(min(weights.values()), 1e-6)
 
@@ -105,7 +108,19 @@ class _Space:
             )
         if self.met(Plan()):
             return Plan(), {c: 0.0 for c in weights}
-        return bisect(at, lambda cand: self.met(cand[0]), 0.0, top, hi, STEPS)[1]
+        plan, ratios = bisect(at, lambda cand: self.met(cand[0]), 0.0, top, hi, STEPS)[1]
+        return self.fill(plan), ratios
+
+    def fill(self, plan: Plan) -> Plan:
+        """``plan`` with the whole channels that rounding left of the budget given back (adapt's last-step
+        :func:`~adaprune.adapt.fill.fill`, against the tightest of the budget's bounds)."""
+        limits = self.budget.limits(self.base)
+
+        def load(p: Plan) -> float:
+            costs = self.costs(p)
+            return max(costs[k] / v for k, v in limits.items() if k in costs)
+
+        return fill(plan, self.graph, self.scores, 1.0 + 1e-12, load, self.limits.round_to)
 
 
 def _checked(model: nn.Module, example_inputs: Any, graph: Graph | None) -> None:
@@ -152,7 +167,7 @@ def allocate_from_sensitivity(
         raise BudgetUnreachableError(
             f"the budget cannot be met with every cluster cut to max_ratio={max_ratio:g}: that gives "
             f"{budget.describe(space.costs(found.candidate), space.base)}; raise max_ratio or ask for less")
-    return found.candidate
+    return space.fill(found.candidate)
 
 
 class Recalibrated:
