@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=40, help="training epochs of the unpruned model")
+    p.add_argument("--anneal", action="store_true", help="train the unpruned model with a cosine-decayed rate")
     p.add_argument("--tol-digit", type=float, default=0.02, help="accuracy drop allowed (absolute)")
     p.add_argument("--tol-ink", type=float, default=0.02, help="MSE rise allowed (absolute; unpruned ~0.002)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps every model takes in all")
@@ -100,7 +101,7 @@ def main() -> int:
     payload: dict[str, Any] = {"environment": environment(1), "config": {**vars(args), "tolerance": tol}, "runs": [],
                                "specialize": []}
     for seed in args.seeds:
-        base, data = trained(seed, args.width, args.epochs)
+        base, data = trained(seed, args.width, args.epochs, anneal=args.anneal)
         ref = test_metrics(base, data)
         for budget in args.budgets:
             shared = None

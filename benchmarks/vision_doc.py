@@ -25,6 +25,7 @@ def _setup_lines(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], bas
     seeds = sorted({b["seed"] for b in bases})
     dense = {b["seed"]: b["test"][mk] for b in bases}
     base_macs = sorted({b["macs"] for b in bases})
+    spreads = [b["val_spread"] for b in bases if b.get("val_spread") is not None]
     steps = sorted({r["optimizer_steps_counted"] for r in runs if "optimizer_steps_counted" in r})
     lines = [f"### {name.capitalize()}", "",
              (f"Data: {cfg['data']}; {cfg['n_train']} training, {cfg['n_val']} validation (the only split adapt's "
@@ -38,7 +39,10 @@ def _setup_lines(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], bas
                  f"**differing** optimizer step counts {steps}")
               + f" (Adam, lr {cfg['ft_lr']}; adapt's {cfg['adapt_inner']} per tried step, at most "
               f"{cfg['adapt_iters']} steps, deducted from its fine-tuning after). adapt's tolerance: {tol} "
-              f"absolute {METRIC_NAMES.get(mk, mk)} on the validation split."), "",
+              f"absolute {METRIC_NAMES.get(mk, mk)} on the validation split."
+              + (f" {cfg['val_note']}" if cfg.get("val_note") else "")
+              + (f" Bootstrap standard deviation of the dense model's validation {METRIC_NAMES.get(mk, mk)} over its "
+                 f"images (40 resamples): {_pm(spreads, 3)} over the seeds." if spreads else "")), "",
              (f"| MACs budget | method | test {mk} | Δ vs dense | before fine-tuning | MACs ratio | budget met | "
               "optimizer steps | wall s |"),
              "|---|---|---|---|---|---|---|---|---|"]
@@ -75,6 +79,13 @@ def _setup_lines(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], bas
                  + next((f"{q['test'][mk]:.4f}" for q in runs if q["method"] == "static" and q["budget"] == budget
                          and q["seed"] == r["seed"] and "test" in q), "–")
                  for r in ok if r["budget_met"] and r not in within]
+        short += [f"seed {r['seed']} stopped at {r['macs_ratio']:.3f} of the MACs, test {mk} {r['test'][mk]:.4f} "
+                  f"({dense[r['seed']] - r['test'][mk]:.4f} below the dense); static uniform at the budget on that seed "
+                  + next((f"{q['test'][mk]:.4f} ({dense[r['seed']] - q['test'][mk]:.4f} below"
+                          + (", beyond the tolerance)" if dense[r['seed']] - q['test'][mk] > tol else ")")
+                          for q in runs if q["method"] == "static" and q["budget"] == budget
+                          and q["seed"] == r["seed"] and "test" in q), "–")
+                  for r in ok if not r["budget_met"]]
         verdicts.append(f"1/{budget}: {len(within)}/{len(rs)} seeds met the budget within {tol} of the dense "
                         f"test {mk}" + (" (met)" if len(within) == len(rs) else " (**not met**")
                         + (f"; {'; '.join(short)})" if short else ")" if len(within) < len(rs) else ""))
