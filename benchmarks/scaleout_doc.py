@@ -77,17 +77,32 @@ def search_section(payload: dict[str, Any]) -> list[str]:
               f"{cfg.get('judge_steps', 30)} Adam steps on the masked candidate, `adaprune.search.Tuned`, NetAdapt's "
               "short-term fine-tune, weights put back after). Every plan is "
               f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
-              "and scored on the 1,000 held-out test examples."), "",
-             "| allocation | evaluations | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
-             "|---|---|" + "---|" * len(seeds) + "---|"]
+              "and scored on the 1,000 held-out test examples.")]
+    if cfg.get("finetunes", 1) > 1:
+        lines[-1] = lines[-1][:-len("and scored on the 1,000 held-out test examples.")] + (
+            f"{cfg['finetunes']} times with other batch orders (the same {cfg['finetunes']} for every plan), and a "
+            "plan's score is their mean accuracy on the 1,000 held-out test examples.")
+    lines += ["", f"Seeds: {len(seeds)} base models ({', '.join(seeds)}).", "",
+              "| allocation | evaluations | MACs kept | test accuracy (mean ± sd) | lowest | highest |",
+              "|---|---|---|---|---|---|"]
     labels = {"uniform": "uniform", "sensitivity": "sensitivity", "search": "search",
               "sensitivity+bn": "sensitivity, adaptive BN", "search+bn": "search, adaptive BN",
               "sensitivity+tuned": "sensitivity, short-tune judge", "search+tuned": "search, short-tune judge"}
     for name in [n for n in labels if n in payload["summary"]]:
         s = payload["summary"][name]
-        cells = " | ".join(f"{seeds[k][name]['test_accuracy']:.4f}" for k in seeds)
-        lines.append(f"| {labels[name]} | {first[name]['evaluations']} | {cells} | **{s['mean']:.4f} ± {s['sd']:.4f}** |")
-    lines += ["", "Widths kept (conv layers) per seed: " + "; ".join(
+        accs = [seeds[k][name]["test_accuracy"] for k in seeds]
+        kept = sum(seeds[k][name]["macs"] for k in seeds) / len(seeds)
+        lines.append(f"| {labels[name]} | {first[name]['evaluations']} | {kept:.3f} | **{s['mean']:.4f} ± {s['sd']:.4f}** "
+                     f"| {min(accs):.4f} | {max(accs):.4f} |")
+    if "paired" in payload:
+        judges = {"": "masked", "+bn": "adaptive BN", "+tuned": "short-tune"}
+        lines += ["", "Search minus sensitivity on the same base models (Student-t 95% interval over the seeds):", "",
+                  "| judge | mean difference | 95% interval | search wins / ties / losses |", "|---|---|---|---|"]
+        for j, pr in payload["paired"].items():
+            lines.append(f"| {judges[j]} | {pr['mean']:+.4f} | {pr['low']:+.4f} .. {pr['high']:+.4f} | "
+                         f"{pr['wins']} / {pr['ties']} / {pr['losses']} |")
+    shown = list(seeds)[:3]
+    lines += ["", f"Widths kept (conv layers), seeds {', '.join(shown)}: " + "; ".join(
         f"seed {k}: " + ", ".join(f"{n} {seeds[k][n]['widths']}" for n in ("uniform", "sensitivity", "search"))
-        for k in seeds) + "; dense [32, 64, 64, 128]."]
+        for k in shown) + "; dense [32, 64, 64, 128]."]
     return lines
