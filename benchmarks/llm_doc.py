@@ -78,7 +78,13 @@ def structured_section(payload: dict[str, Any]) -> list[str]:
               "fraction of the decoder's parameters (every method meets the same total count; heads, KV groups, FFN "
               "neurons and the residual width may go); no fine-tuning after. adaprune rows are "
               "`ap.prune(importance/allocation[/refit])`; Torch-Pruning runs its own LLM recipe (examples/LLMs/"
-              f"prune_llm.py settings), its ratio bisected to the count, in a child process given {cfg['tp_timeout']} s."),
+              f"prune_llm.py settings), its ratio bisected to the count, in a child process given {cfg['tp_timeout']} s"
+              + (", with each of the releases " + " and ".join(
+                  f"{cfg.get('tp_installed', '?')} (this environment's)" if v == "installed" else v
+                  for v in cfg["tp_versions"]) if cfg.get("tp_versions") else "")
+              + ". Each cell: test perplexity (parameters kept; Torch-Pruning's `round_to=4` widths may land below the "
+              f"count). Removing {cfg['fractions'][-1]:.0%} of the decoder's parameters is "
+              f"{cfg['fractions'][-1] * cfg['decoder_params'] / cfg['params']:.1%} of the model's."),
              "", "| method | " + " | ".join(f"{f:.0%} removed" for f in cfg["fractions"]) + " |",
              "|---|" + "---|" * len(cfg["fractions"])]
     names = {"l2/uniform": "adaprune, L2, uniform (magnitude baseline)", "wanda/global": "adaprune, Wanda, global",
@@ -96,7 +102,7 @@ def structured_section(payload: dict[str, Any]) -> list[str]:
                 cells.append("failed")
                 notes.append(f"- {v} at {f:.0%}: {r['failed']}" + (f" (in {r['where'][-1]})" if r.get("where") else ""))
             else:
-                cells.append(f"{r['perplexity']:.2f}")
+                cells.append(f"{r['perplexity']:.2f} ({r['params'] / 1e6:.3f} M)")
         lines.append(f"| {names.get(v, v)} | " + " | ".join(cells) + " |")
     widths = [f"- {names.get(r['variant'], r['variant'])} at {r['fraction']:.0%}: hidden {r['widths']['hidden']}, "
               f"heads {r['widths']['heads']}, FFN {r['widths']['ffn']} ({r['params']:,} parameters)"

@@ -16,7 +16,11 @@ Methods (the output layer's output width fixed; heads, KV groups, MLP neurons an
   ``GroupMagnitudeImportance(p=2)``, the same ratio for heads and widths, ``num_heads`` for q/k/v,
   ``prune_num_heads=True``, ``prune_head_dims=False``, ``round_to=4``, ``lm_head`` ignored), its ratio bisected
   to the same parameter count. It runs in a child process with ``--tp-timeout`` seconds; a run that does not
-  finish is recorded with where it was (Python's ``faulthandler`` stack).
+  finish is recorded with where it was (Python's ``faulthandler`` stack). ``--tp-versions`` names the
+  Torch-Pruning releases to run: ``installed`` (this environment's) and release numbers, each installed on first
+  use into ``--cache`` (``pip install --no-deps --target``; Torch-Pruning is pure Python) and put first on the
+  child's path. 1.6.1 never finishes building its dependency graph on this LLaMA; 1.5.2, an earlier release
+  before, does, so both run by default.
 
     python benchmarks/llm_structured.py
 """
@@ -94,17 +98,32 @@ def tp_child(args: Any, target: int) -> dict[str, Any]:
     model, ratio, tries = bisect_ratio(at, target, 0.9, 8)
     seconds = time.perf_counter() - t
     return {"perplexity": task.evaluate(model)["perplexity"], "params": params(model), "ratio": ratio,
-            "tries": tries, "seconds": seconds, "widths": widths(model)}
+            "tries": tries, "seconds": seconds, "widths": widths(model), "version": installed_tp()}
 
 
-def run_tp(args: Any, target: int) -> dict[str, Any]:
+def tp_path(version: str, cache: str) -> str | None:
+    """The directory holding Torch-Pruning ``version`` (installed there on first use); None for ``installed``."""
+    if version == "installed":
+        return None
+    where = Path(cache) / f"torch-pruning-{version}"
+    if not (where / "torch_pruning").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(where),
+                        f"torch-pruning=={version}"], check=True)
+    return str(where)
+
+
+def run_tp(args: Any, target: int, version: str) -> dict[str, Any]:
     model_options = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                      ("hidden", "ffn", "layers", "vocab", "seq", "train_steps", "calib", "corpus", "blocks", "threads",
                       "cache", "tp_timeout")]
     cmd = [sys.executable, __file__, "--tp-child", str(target), *model_options]
+    env = dict(os.environ)
+    extra = tp_path(version, args.cache)
+    if extra is not None:
+        env["PYTHONPATH"] = os.pathsep.join([extra, *filter(None, [env.get("PYTHONPATH")])])
     t = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tp_timeout + 900, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tp_timeout + 900, check=False, env=env)
     except subprocess.TimeoutExpired:
         return {"failed": f"no answer within {args.tp_timeout + 900} s", "seconds": time.perf_counter() - t}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -125,6 +144,8 @@ def main() -> int:
                                                      "l2/global/refit"])
     p.add_argument("--tp-timeout", type=int, default=300, help="seconds Torch-Pruning gets per budget")
     p.add_argument("--no-tp", action="store_true")
+    p.add_argument("--tp-versions", nargs="+", default=["installed", "1.5.2"],
+                   help="Torch-Pruning releases to run ('installed': this environment's)")
     p.add_argument("--out", default="llm_structured")
     p.add_argument("--tp-child", type=int, help=argparse_hidden())
     args = p.parse_args()
@@ -137,7 +158,8 @@ def main() -> int:
     decoder = sum(p.numel() for n, p in base.named_parameters() if ".layers." in n)
     example = calib[0][0]
     payload: dict[str, Any] = {"environment": environment(args.threads), "config": ready["config"] | {
-        "fractions": args.fractions, "variants": args.variants, "decoder_params": decoder, "tp_timeout": args.tp_timeout},
+        "fractions": args.fractions, "variants": args.variants, "decoder_params": decoder, "tp_timeout": args.tp_timeout,
+        "tp_versions": args.tp_versions, "tp_installed": installed_tp()},
         "dense": dense, "runs": []}
     for fraction in args.fractions:
         target = int(total - fraction * decoder)
@@ -154,19 +176,28 @@ def main() -> int:
             payload["runs"].append(rec)
             print(f"{fraction:.0%} {variant:20s} params {rec['params']:,} (target {target:,}) perplexity "
                   f"{rec['perplexity']:.2f} {seconds:.1f} s {rec['widths']}", flush=True)
-        if not args.no_tp:
-            hung = [r for r in payload["runs"] if r["method"] == "tp" and "did not finish" in r.get("failed", "")]
+        for version in [] if args.no_tp else args.tp_versions:
+            variant = f"Torch-Pruning {installed_tp() if version == 'installed' else version} LLM recipe"
+            hung = [r for r in payload["runs"] if r["variant"] == variant and "did not finish" in r.get("failed", "")]
             outcome = ({"failed": f"not run: it did not finish at {hung[0]['fraction']:.0%} (building its dependency "
                                   "graph does not depend on the ratio)", "seconds": 0.0} if hung
-                       else run_tp(args, target))
-            rec = {"method": "tp", "variant": "Torch-Pruning LLM recipe", "fraction": fraction, "target": target,
-                   **outcome}
+                       else run_tp(args, target, version))
+            rec = {"method": "tp", "variant": variant, "fraction": fraction, "target": target, **outcome}
             payload["runs"].append(rec)
-            print(f"{fraction:.0%} Torch-Pruning {rec}", flush=True)
+            print(f"{fraction:.0%} {variant}: {rec}", flush=True)
         save(args.out, payload)
     payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     print(f"wrote {save(args.out, payload)}")
     return 0
+
+
+def installed_tp() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def argparse_hidden() -> str:
