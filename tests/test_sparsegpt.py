@@ -145,7 +145,7 @@ def test_bad_input_is_named_and_changes_nothing(digits_mlp):
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
-# -- OWL: per-layer fractions from each layer's outliers ------------------------------------------------
+# -- OWL: per-block fractions from each block's outliers (a layer outside a stack is its own block) ----------------
 def outlier_net() -> tuple[nn.Module, list]:
     """Three equal layers; the middle one's inputs carry a few huge channels (outlier features)."""
     torch.manual_seed(0)
@@ -170,6 +170,54 @@ def test_owl_spares_the_layer_with_outliers_and_keeps_the_overall_sparsity():
         res = ap.sparsify(m, importance=importance, calibration=calib, sparsity=0.6, scope="owl")
         assert res.overall == pytest.approx(0.6, abs=0.01)
         assert res.sparsity["1"] == pytest.approx(fractions["1"], abs=1 / 32)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Stack(nn.Module):
+    """A stem, three residual blocks in a ModuleList, a head: a transformer's shape in small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Linear(32, 32), nn.ModuleList(Block() for _ in range(3)), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_owl_gives_a_block_of_the_stack_one_sparsity_for_all_its_layers():
+    """As Yin et al. weigh a transformer layer by all its linear layers' scores: the block whose first layer reads
+    outlier features is spared as a whole (its second layer, whose inputs are ordinary, with it); layers outside
+    the stack are units of their own."""
+    from adaprune.importance import Context, default_loss
+    from adaprune.surgery.sparse import _targets, owl_sparsities, owl_units
+
+    torch.manual_seed(0)
+    model = Stack()
+    with torch.no_grad():
+        model.blocks[0].fc2.weight[:3] *= 40.0  # block 1 reads three outlier channels of the residual stream
+        model.blocks[1].fc2.weight.mul_(0.02)  # ... and passes them on scaled down
+    layers = _targets(model, set())
+    assert owl_units(model, layers) == {"stem": ["stem"], "blocks.0": ["blocks.0.fc1", "blocks.0.fc2"],
+                                        "blocks.1": ["blocks.1.fc1", "blocks.1.fc2"],
+                                        "blocks.2": ["blocks.2.fc1", "blocks.2.fc2"], "head": ["head"]}
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(64, 32, generator=g), None) for _ in range(2)]
+    fractions = owl_sparsities(model, layers, Context(calib, default_loss), 0.6)
+    assert fractions["blocks.1.fc1"] == fractions["blocks.1.fc2"] < fractions["blocks.2.fc1"]
+    assert fractions["blocks.0.fc1"] == fractions["blocks.0.fc2"] and fractions["blocks.2.fc1"] == fractions["blocks.2.fc2"]
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    assert sum(fractions[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.6)
 
 
 def test_owl_needs_data_and_a_fraction():

@@ -109,32 +109,59 @@ def element_scores(
 
 
 OWL_THRESHOLD = 5.0
-"""OWL: a weight is an outlier when its Wanda score exceeds this many times its layer's mean score."""
+"""OWL: a weight is an outlier when its Wanda score exceeds this many times its block's mean score."""
 OWL_SPREAD = 0.08
-"""OWL: the layers' sparsities span at most the target +- this (Yin et al.'s lambda)."""
+"""OWL: the blocks' sparsities span at most the target +- this (Yin et al.'s lambda)."""
+
+
+def owl_units(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The units OWL gives one sparsity each: the layers inside each block of the model's repeated stack (a
+    decoder or encoder layer: :func:`~adaprune.surgery.blockwise.find_stack`) together, as Yin et al. weigh a
+    transformer layer by all its linear layers' scores; every other layer alone."""
+    from .blockwise import find_stack
+
+    found = find_stack(model)
+    units: dict[str, list[str]] = {}
+    for name in layers:
+        unit = name
+        if found is not None:
+            prefix = f"{found[0]}." if found[0] else ""
+            if name.startswith(prefix):
+                head = name[len(prefix):].split(".", 1)[0]
+                if head.isdigit() and int(head) < len(found[1]):
+                    unit = f"{prefix}{head}"
+        units.setdefault(unit, []).append(name)
+    return units
 
 
 def owl_sparsities(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, sparsity: float) -> dict[str, float]:
-    """Outlier-weighted layerwise sparsity (OWL, Yin et al., 2024): each layer's fraction of outlier weights
-    (Wanda score |w| * ||x|| above ``OWL_THRESHOLD`` times the layer's mean) sets its sparsity, linearly
-    between ``sparsity + OWL_SPREAD`` (fewest outliers) and ``sparsity - OWL_SPREAD`` (most), shifted so that
-    the layers' weights together are ``sparsity`` sparse; clipped to [0, 0.99]."""
+    """Outlier-weighted layerwise sparsity (OWL, Yin et al., 2024): each unit's (a block of the model's repeated
+    stack with all its layers, else one layer: :func:`owl_units`) fraction of outlier weights (Wanda score
+    |w| * ||x|| above ``OWL_THRESHOLD`` times the unit's mean score) sets the sparsity of all its layers,
+    linearly between ``sparsity + OWL_SPREAD`` (fewest outliers) and ``sparsity - OWL_SPREAD`` (most), shifted so
+    that the layers' weights together are ``sparsity`` sparse; clipped to [0, 0.99]."""
     if ctx.calibration is None:
         raise ConfigError("scope='owl' weighs each layer by its outlier weights on data: pass calibration= an iterable "
                           "of (inputs, targets) batches, or use scope='layer'")
     from ..importance.data import input_sq_norms
 
     norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
+    units = owl_units(model, layers)
     ratio, sizes = {}, {}
-    for n, m in layers.items():  # one layer's scores at a time: memory stays one layer's
-        score = wanda_score(m, norms.get(n))  # (a layer the batches miss scores |w|)
-        ratio[n], sizes[n] = float((score > OWL_THRESHOLD * score.mean()).double().mean()), score.numel()
+    for unit, names in units.items():  # one layer's scores at a time (each scored twice): memory stays one layer's
+        def score(n: str) -> torch.Tensor:
+            return wanda_score(layers[n], norms.get(n))  # (|w| for a layer the batches miss)
+
+        sizes[unit] = sum(weight_of(layers[n]).numel() for n in names)
+        bar = OWL_THRESHOLD * sum(float(score(n).sum()) for n in names) / max(sizes[unit], 1)
+        ratio[unit] = sum(int((score(n) > bar).sum()) for n in names) / max(sizes[unit], 1)
     if not ratio:
         return {}
     low, high = min(ratio.values()), max(ratio.values())
-    spread = {n: (r - low) / (high - low) if high > low else 0.5 for n, r in ratio.items()}
-    shift = sum(sizes[n] * spread[n] for n in spread) / sum(sizes.values())  # the size-weighted mean lands on sparsity
-    return {n: min(max(sparsity + 2 * OWL_SPREAD * (shift - spread[n]), 0.0), 0.99) for n in spread}
+    spread = {u: (r - low) / (high - low) if high > low else 0.5 for u, r in ratio.items()}
+    shift = sum(sizes[u] * spread[u] for u in spread) / sum(sizes.values())  # the size-weighted mean lands on sparsity
+    return {n: min(max(sparsity + 2 * OWL_SPREAD * (shift - spread[u]), 0.0), 0.99)
+            for u, names in units.items() for n in names}
 
 
 def sparsify(
@@ -153,7 +180,8 @@ def sparsify(
     """Mask individual weights of every Linear/Conv layer (reversibly, with parametrize).
 
     Give ``sparsity`` (fraction of weights zeroed, per layer or with ``scope="global"`` over all
-    layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both. ``scope="owl"`` gives each layer its own
+    layers) or ``pattern`` (``NM(2, 4)`` or ``"2:4"``), not both. ``scope="owl"`` gives each block of the model's
+    repeated stack (a transformer layer, all its linear layers together; any other layer alone) its own
     fraction from its share of outlier weights (:func:`owl_sparsities`; needs calibration), the layers
     together at ``sparsity``.
 
@@ -180,7 +208,7 @@ def sparsify(
     check_choice(importance, "importance", ("magnitude", "wanda", "taylor", "sparsegpt"))
     if importance == "sparsegpt" and scope == "global":
         raise ConfigError("importance='sparsegpt' chooses and compensates each layer on its own: use scope='layer' "
-                          "(or 'owl' for per-layer fractions)")
+                          "(or 'owl' for per-block fractions)")
     check_choice(scope, "scope", ("layer", "global", "owl"))
     if scope == "owl" and pattern is not None:
         raise ConfigError("scope='owl' spreads a sparsity= fraction unevenly over the layers; an N:M pattern is the "
