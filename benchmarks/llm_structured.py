@@ -118,7 +118,10 @@ def run_tp(args: Any, target: int, version: str) -> dict[str, Any]:
                       "cache", "tp_timeout")]
     cmd = [sys.executable, __file__, "--tp-child", str(target), *model_options]
     env = dict(os.environ)
-    extra = tp_path(version, args.cache)
+    try:
+        extra = tp_path(version, args.cache)
+    except (OSError, subprocess.CalledProcessError) as exc:  # offline, no pip: a result, like a hang
+        return {"failed": f"could not install torch-pruning=={version}: {exc}", "seconds": 0.0}
     if extra is not None:
         env["PYTHONPATH"] = os.pathsep.join([extra, *filter(None, [env.get("PYTHONPATH")])])
     t = time.perf_counter()

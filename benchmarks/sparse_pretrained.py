@@ -8,7 +8,7 @@ on the docstring retrieval task of ``transformer.py`` (same pairs, same splits p
 Per seed (the split of the pairs and the calibration texts) and per sparsity (``--sparsities``, fractions of
 each Linear layer's weights, and ``--patterns`` such as 2:4): ``ap.sparsify`` with ``importance`` magnitude,
 Wanda and SparseGPT, each with ``scope="layer"`` (the same fraction in every layer) and, for the data-driven
-ones, ``scope="owl"`` (OWL's per-layer fractions from outlier shares). Wanda, SparseGPT and OWL see the same
+ones, ``scope="owl"`` (OWL's fractions per transformer layer from outlier shares). Wanda, SparseGPT and OWL see the same
 ``--calib-batches`` training batches (32 texts each); nothing is fine-tuned. The pooler is not used (mean
 pooling); every Linear of the encoder is sparsified, the embeddings are not.
 

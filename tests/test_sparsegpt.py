@@ -196,9 +196,10 @@ class Stack(nn.Module):
 
 
 def test_owl_gives_a_block_of_the_stack_one_sparsity_for_all_its_layers():
-    """As Yin et al. weigh a transformer layer by all its linear layers' scores: the block whose first layer reads
-    outlier features is spared as a whole (its second layer, whose inputs are ordinary, with it); layers outside
-    the stack are units of their own."""
+    """As Yin et al. weigh a transformer layer by all its linear layers' scores, pooled: a block whose layers'
+    scores are mostly small beside a few large ones (its second layer scaled down, its first reading outlier
+    channels) has the largest outlier share and is spared as a whole, both its layers alike; layers outside the
+    stack are units of their own."""
     from adaprune.importance import Context, default_loss
     from adaprune.surgery.sparse import _targets, owl_sparsities, owl_units
 
@@ -218,6 +219,26 @@ def test_owl_gives_a_block_of_the_stack_one_sparsity_for_all_its_layers():
     assert fractions["blocks.0.fc1"] == fractions["blocks.0.fc2"] and fractions["blocks.2.fc1"] == fractions["blocks.2.fc2"]
     sizes = {n: m.weight.numel() for n, m in layers.items()}
     assert sum(fractions[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.6)
+
+
+def test_owl_on_a_stack_end_to_end_and_a_layer_the_data_never_reaches():
+    from adaprune.importance import Context, default_loss
+    from adaprune.surgery.sparse import _targets, owl_sparsities
+
+    torch.manual_seed(0)
+    model = Stack()
+    with torch.no_grad():
+        model.blocks[0].fc2.weight[:3] *= 40.0
+        model.blocks[1].fc2.weight.mul_(0.02)
+    model.blocks[2].spare = nn.Linear(32, 32)  # in block 2, never called: scored |w|, not pooled with the others
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(64, 32, generator=g), None) for _ in range(2)]
+    fractions = owl_sparsities(model, _targets(model, set()), Context(calib, default_loss), 0.6)
+    assert fractions["blocks.2.fc1"] == fractions["blocks.2.fc2"] != fractions["blocks.2.spare"]
+    res = ap.sparsify(model, importance="wanda", calibration=calib, sparsity=0.6, scope="owl")
+    assert res.overall == pytest.approx(0.6, abs=0.01)
+    assert res.sparsity["blocks.1.fc1"] == pytest.approx(res.sparsity["blocks.1.fc2"], abs=1 / 32)
+    assert res.sparsity["blocks.1.fc1"] < res.sparsity["blocks.2.fc1"]
 
 
 def test_owl_needs_data_and_a_fraction():

@@ -146,11 +146,19 @@ def owl_sparsities(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
     from ..importance.data import input_sq_norms
 
     norms = input_sq_norms(model, set(layers), ctx.batches("wanda"))
-    units = owl_units(model, layers)
+
+    def measured(n: str) -> bool:  # the batches reached it (else wanda_score falls back to |w|, another scale)
+        found, w = norms.get(n), weight_of(layers[n])
+        return found is not None and found.numel() == w.shape[1] * getattr(layers[n], "groups", 1)
+
+    units: dict[str, list[str]] = {}
+    for unit, names in owl_units(model, layers).items():  # a layer the batches missed is a unit of its own
+        units.update({unit: [n for n in names if measured(n)]} if any(measured(n) for n in names) else {})
+        units.update({n: [n] for n in names if not measured(n)})
     ratio, sizes = {}, {}
     for unit, names in units.items():  # one layer's scores at a time (each scored twice): memory stays one layer's
         def score(n: str) -> torch.Tensor:
-            return wanda_score(layers[n], norms.get(n))  # (|w| for a layer the batches miss)
+            return wanda_score(layers[n], norms.get(n))
 
         sizes[unit] = sum(weight_of(layers[n]).numel() for n in names)
         bar = OWL_THRESHOLD * sum(float(score(n).sum()) for n in names) / max(sizes[unit], 1)
