@@ -151,15 +151,17 @@ def owl_sparsities(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
         found, w = norms.get(n), weight_of(layers[n])
         return found is not None and found.numel() == w.shape[1] * getattr(layers[n], "groups", 1)
 
+    def score(n: str) -> torch.Tensor:
+        return wanda_score(layers[n], norms.get(n))
+
     units: dict[str, list[str]] = {}
     for unit, names in owl_units(model, layers).items():  # a layer the batches missed is a unit of its own
-        units.update({unit: [n for n in names if measured(n)]} if any(measured(n) for n in names) else {})
-        units.update({n: [n] for n in names if not measured(n)})
+        reached = [n for n in names if measured(n)]
+        if reached:
+            units[unit] = reached
+        units.update({n: [n] for n in names if n not in reached})
     ratio, sizes = {}, {}
     for unit, names in units.items():  # one layer's scores at a time (each scored twice): memory stays one layer's
-        def score(n: str) -> torch.Tensor:
-            return wanda_score(layers[n], norms.get(n))
-
         sizes[unit] = sum(weight_of(layers[n]).numel() for n in names)
         bar = OWL_THRESHOLD * sum(float(score(n).sum()) for n in names) / max(sizes[unit], 1)
         ratio[unit] = sum(int((score(n) > bar).sum()) for n in names) / max(sizes[unit], 1)
