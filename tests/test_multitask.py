@@ -189,6 +189,21 @@ def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
     assert ap.MultiTask(t, TOL).fine_tunes and not ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL).fine_tunes
 
 
+def test_fine_tuning_rate_defaults_to_the_smallest_of_the_tasks_own(base) -> None:
+    """Protocol tasks (not Task subclasses) are wrapped: their own ``lr`` still sets the default rate, and
+    ``finetune`` steps at it (an Adam step moves a weight by about ``lr``)."""
+    model, data = base
+    t = tasks(data)
+    t["digit"].lr, t["ink"].lr = 3e-4, 1e-5
+    mt = ap.MultiTask(t, TOL)
+    assert mt.lr == pytest.approx(1e-5)
+    assert ap.MultiTask(t, TOL, lr=2e-3).lr == pytest.approx(2e-3)
+    work = copy.deepcopy(model)
+    mt.finetune(work, 1)
+    moved = max(float((a - b).abs().max()) for a, b in zip(work.parameters(), model.parameters()))
+    assert 0 < moved <= 1.5e-5
+
+
 def test_a_step_draws_calibration_batches_once_for_scores_and_estimate(monkeypatch) -> None:
     """A shuffling loader gives other batches on every call: the step's importance scores and its
     first-order estimate must be computed on the same draw (one call of ``calibration()``)."""
