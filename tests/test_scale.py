@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,6 @@ class Wrapped:
     def calibration(self):
         return self.inner.calibration()
 
-
 def run(task, tmp_path: Path, name: str, **kw) -> ap.AdaptResult:
     return ap.adapt(cnn(), X[:2], task, ap.Budget(macs=0.5), tolerance=0.5, ignore=["6"], run_dir=tmp_path / name,
                     max_iterations=3, finetune_steps=2, probe_budget=4, seed=3, **kw)
@@ -216,3 +216,57 @@ def test_ladder_allocates_its_rungs_on_ray_as_it_does_here(executor) -> None:
     assert [r.metrics for r in remote.rungs] == [r.metrics for r in local.rungs]
     with pytest.raises(ConfigError, match="ladder\\(executor="):
         ap.ladder(cnn(), X[:2], small_task(), rungs, ignore=["6"], allocation={"executor": "ray"})
+
+
+class RungLog:
+    """A protocol task (a ClassificationTask inside) that records, per evaluation, the process it ran in and
+    the first convolution's width (an exported rung is narrower than the masked full model a probe is)."""
+
+    metric, higher_is_better = "accuracy", True
+
+    def __init__(self, log: Path) -> None:
+        self.inner, self.log = small_task(), log
+        self.lr = self.inner.lr  # (the ladder's recovery reads it through as_task's adapter)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        start = time.monotonic()
+        if model[0].weight.shape[0] < 12:  # a narrow rung: take long enough that two at once overlap
+            time.sleep(1.0)
+        (self.log / f"{os.getpid()}-{model[0].weight.shape[0]}-{os.urandom(4).hex()}").write_text(
+            f"{start} {time.monotonic()}")
+        return self.inner.evaluate(model)
+
+    def training_batches(self):
+        return self.inner.training_batches()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner.loss(model, x, y)
+
+    def calibration(self):
+        return self.inner.calibration()
+
+def test_a_ladders_rungs_are_evaluated_on_the_workers_with_their_own_statistics(executor, tmp_path) -> None:
+    """With BatchNorm each rung has its own statistics after the joint recovery: the workers evaluate each
+    rung exported with them, and the metrics are those measured here in place."""
+    def bn_cnn() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                             nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(16, 5))
+
+    rungs = [ap.Budget(macs=0.6), ap.Budget(macs=0.3)]
+    local = ap.ladder(bn_cnn(), X[:2], small_task(), rungs, tolerance=0.5, ignore=["7"], finetune_steps=6)
+    log = tmp_path / "log"
+    log.mkdir()
+    remote = ap.ladder(bn_cnn(), X[:2], RungLog(log), rungs, tolerance=0.5, ignore=["7"], finetune_steps=6,
+                       executor=executor)
+    assert [r.widths for r in remote.rungs] == [r.widths for r in local.rungs]
+    assert [r.metrics for r in remote.rungs] == [r.metrics for r in local.rungs]
+    assert remote.evaluations == local.evaluations
+    seen = sorted((float(a), int(pid), int(w), float(b)) for pid, w, a, b in
+                  ((*f.name.split("-")[:2], *f.read_text().split()) for f in log.iterdir()))
+    last = seen[-3:]  # the rungs' own evaluations come last, after the joint recovery
+    assert sorted(w for _, _, w, _ in last) == sorted(r.widths["0"] for r in remote.rungs)
+    assert all(pid != os.getpid() for _, pid, _, _ in last)  # on the workers
+    (_, _, _, end), (start, _, _, _) = [r for r in last if r[2] < 12]
+    assert start < end  # the two smaller rungs at once (monotonic clocks of one machine)

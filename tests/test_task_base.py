@@ -269,4 +269,4 @@ def test_the_hooks_are_resolved_once_not_probed(digits):
     counts = {n: task.looked_up.count(n) for n in set(task.looked_up)}
     assert counts == dict.fromkeys(Recording.NAMES, 1), counts
     # the optional hooks and attributes it lacks; nothing else was probed
-    assert task.answered == ["training_batches", "evaluate_part", "loss", "loss_tracks_metric"]
+    assert task.answered == ["training_batches", "evaluate_part", "loss", "loss_tracks_metric", "lr"]

@@ -86,7 +86,7 @@ class MultiTask(Task):
         unknown = sorted(set(self.losses) - set(self.tasks))
         if unknown:
             raise ConfigError(f"MultiTask: losses names {unknown[0]!r}, which is not one of the tasks {sorted(self.tasks)}")
-        found = [getattr(t, "lr", None) for t in self._given.values()]  # (a protocol task's own, not its adapter's)
+        found = [getattr(t, "lr", None) for t in self.tasks.values()]
         rates = [float(r) for r in found if isinstance(r, (int, float))]
         self.lr = as_float(lr if lr is not None else min(rates, default=1e-3), "lr", low=0.0, low_open=True,
                            where="MultiTask")

@@ -175,6 +175,8 @@ class TaskAdapter(Task):
         self.metric = found["metric"]
         self.higher_is_better = found["higher_is_better"]
         self.loss_tracks_metric: bool = found.get("loss_tracks_metric", True)
+        if "lr" in found:  # the object's learning rate (a MultiTask's or a ladder's default)
+            self.lr: float = found["lr"]
         self._evaluate: Callable[[nn.Module], Any] = found["evaluate"]
         self._hooks: dict[str, Callable[..., Any]] = {
             k: found[k] for k in (*_HOOKS, "loss") if found.get(k, _MISSING) is not _MISSING
@@ -261,6 +263,9 @@ def as_task(task: Any) -> Task:
         found["loss"] = loss
     tracks = getattr(task, "loss_tracks_metric", True)  # optional; only a bool says anything
     found["loss_tracks_metric"] = tracks if isinstance(tracks, bool) else True
+    rate = getattr(task, "lr", None)  # optional: the learning rate its fine-tuning uses, read by callers that train
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+        found["lr"] = float(rate)
     return TaskAdapter(task, found)
 
 

@@ -336,13 +336,18 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
                            checkpoint=stages.checkpoint(model), every=stages.every)
     if calibration is not None:
         recalibrate_rungs(nested, list(calibration))
+    runner = options["executor"]
+    if runner.workers > 1:  # each rung exported with its own statistics, evaluated by the workers at once
+        found = runner.map_models([nested.export(k) for k in range(len(nested))], task.evaluate)
+    else:  # in place, one after another (no copies)
+        found = [runner.map(nested.use(k), [Plan()], task.evaluate)[0] for k in range(len(nested))]
+    calls[0] += len(found)
     out = []
-    for k in range(len(nested)):
+    for k, metrics in enumerate(found):
         live = nested.use(k)
         costs = static_values(count(live, x, disk=False))
         budget = budgets[k - 1] if k else None
         costs["latency"] = measure_latency(live, x, backend=backend, threads=threads).median_ms
-        metrics = evaluate(live)
         drop = sign * (before[task.metric] - metrics[task.metric])
         out.append(Rung(k, budget, dict(nested.widths[k]), costs, metrics,
                         budget.met(costs, values) if budget is not None else True, drop, drop <= tolerance + 1e-12))

@@ -267,6 +267,16 @@ class DistributedExecutor(Executor):
         found = {i: answer for part in gathered for i, answer in part.items()}
         return outcomes((found[i] for i in range(len(plans))), catch)
 
+    def map_models(self, models: Sequence[nn.Module], measure: Callable[[nn.Module], Any], *, seed: int = 0,
+                   catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
+        """Model i evaluated on rank i mod N (every process holds the same models), gathered everywhere."""
+        empty = Plan()
+        mine = {i: attempt(models[i], empty, measure, seed) for i in range(self.rank, len(models), self.workers)}
+        gathered: list[Any] = [None] * self.workers
+        _dist().all_gather_object(gathered, mine)
+        found = {i: answer for part in gathered for i, answer in part.items()}
+        return outcomes((found[i] for i in range(len(models))), catch)
+
 
 __all__ = ["DistributedExecutor", "active", "average_gradients", "broadcast", "join", "leader", "on_leader", "shard",
            "sync_buffers", "sync_model", "synced_batch_norm", "world"]

@@ -108,6 +108,15 @@ class Executor(ABC):
                 compute :func:`model_token`).
         """
 
+    def map_models(self, models: Sequence[nn.Module], measure: Callable[[nn.Module], Any], *, seed: int = 0,
+                   catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
+        """``measure`` of each of several whole models (e.g. a ladder's rungs, each exported with its own
+        normalisation statistics), in order, each as :func:`evaluate_masked` evaluates a candidate (no plan).
+
+        This default evaluates them one after another through :meth:`map`; executors with several workers
+        override it to evaluate them at once (each model then travels to the worker that evaluates it)."""
+        return [self.map(m, [Plan()], measure, seed=seed, catch=catch)[0] for m in models]
+
     def prepare(self) -> None:
         """Start the workers without waiting for them (a call does this first, so that they start while it
         traces and scores the model); a no-op for the local executor."""

@@ -128,14 +128,28 @@ class RayExecutor(Executor):
         token = model_token(model) if token is None else token
         if self._model is None or self._model[0] != token:
             self._model = (token, ray.put(model))
+        box = [self._model[1]]
+        return self._run(measure, [(box, token, p.to_json()) for p in plans], seed, catch)
+
+    def map_models(self, models: Sequence[nn.Module], measure: Callable[[nn.Module], Any], *, seed: int = 0,
+                   catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
+        """Every model to the object store, then one evaluation per model on the workers at once."""
+        if not models:
+            return []
+        ray, empty = self._start(), Plan().to_json()
+        return self._run(measure, [([ray.put(m)], model_token(m), empty) for m in models], seed, catch)
+
+    def _run(self, measure: Callable[[nn.Module], Any], jobs: list[tuple[list[Any], Any, str]], seed: int,
+             catch: tuple[type[BaseException], ...]) -> list[Any]:
+        """Each job ``([model ref], model token, plan JSON)`` on the next free worker; the results in order."""
+        ray = self._start()
         if self._fn is None or self._fn[0] is not measure:
             self._fn = (measure, ray.put(measure))
-        model_box, fn_box, fn_key = [self._model[1]], [self._fn[1]], self._fn[1].hex()
+        fn_box, fn_key = [self._fn[1]], self._fn[1].hex()
         from ray.util import ActorPool
 
         pool = ActorPool(self.actors)
-        jobs = [p.to_json() for p in plans]
-        return outcomes(pool.map(lambda actor, job: actor.run.remote(model_box, token, fn_box, fn_key, job, seed),
+        return outcomes(pool.map(lambda actor, job: actor.run.remote(job[0], job[1], fn_box, fn_key, job[2], seed),
                                  jobs), catch)
 
     def close(self) -> None:
