@@ -52,10 +52,12 @@ def multitask_section(payload: dict[str, Any]) -> list[str]:
     if sp:
         lines += [("`ap.specialize`: one adapt run per task at the same MACs budget (then fine-tuned on its own task "
                    f"to {cfg['steps']} steps in all), each measured on its own task, against the multi-task model "
-                   "above. Storage: the specialised models kept separately, against shared weights stored once plus "
-                   "each task's extra weights (from the overlap of their plans)."), "",
+                   "above. Storage: the specialised models kept separately, against the union of the weight "
+                   "positions they keep (from the overlap of their plans): what storing the shared weights once "
+                   "would save at best, since each model is fine-tuned on its own and their values at a shared "
+                   "position differ."), "",
                   ("| MACs | budget met | digit: specialised | digit: shared | ink: specialised | ink: shared | "
-                  "storage saved by sharing |"), "|---|---|---|---|---|---|---|"]
+                  "storage saved by sharing, at best |"), "|---|---|---|---|---|---|---|"]
         for budget in cfg["budgets"]:
             rs = [r for r in sp if r["budget"] == budget]
             met = sum(all(r["budget_met"].values()) for r in rs)

@@ -163,7 +163,8 @@ def test_a_head_is_scored_by_its_own_task_only(base) -> None:
 
 def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
     """A refit that ruins one task is dropped though another gained; a head whose task has no calibration
-    batches is still scored (by the others); tasks without training batches are asked for no steps."""
+    batches is still scored (by the others); a task that fine-tunes but has no training batches is named when
+    the MultiTask is asked to fine-tune, and tasks that only evaluate are asked for no steps."""
     from adaprune.adapt.controller import AdaptConfig, Controller
 
     model, data = base
@@ -186,7 +187,22 @@ def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
     scores = task_scores(ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL, heads={"ink": ["reg"]}), "taylor",
                          model, graph.groups, ap.importance.default_loss)
     assert set(scores) == {g.name for g in graph.groups}
-    assert ap.MultiTask(t, TOL).fine_tunes and not ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL).fine_tunes
+    assert ap.MultiTask(t, TOL).fine_tunes
+    mixed = ap.MultiTask({"digit": t["digit"], "ink": blind}, TOL)
+    assert mixed.fine_tunes  # 'ink' fine-tunes on its own but has no batches: named, not skipped in silence
+    work = copy.deepcopy(model)
+    with pytest.raises(ConfigError, match="task 'ink' has no training batches"):
+        ap.adapt(work, data["xv"][:1], mixed, ap.Budget(macs=0.5), ignore=["cls", "reg.2"], finetune_steps=5,
+                 max_iterations=1)
+    assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), model.state_dict().values()))
+
+    class Judge:  # evaluates only: a MultiTask of such tasks takes no fine-tuning steps
+        metric, higher_is_better = "mse", False
+
+        def evaluate(self, m: torch.nn.Module) -> dict[str, float]:
+            return blind.evaluate(m)
+
+    assert not ap.MultiTask({"a": Judge(), "b": Judge()}, {"a": 1.0, "b": 1.0}).fine_tunes
 
 
 def test_fine_tuning_rate_defaults_to_the_smallest_of_the_tasks_own(base) -> None:
@@ -230,3 +246,14 @@ def test_a_step_draws_calibration_batches_once_for_scores_and_estimate(monkeypat
              probe_budget=2, reprobe=2, finetune_steps=0)
     assert [imp for imp, _ in seen] == ["l2", "taylor"], seen
     assert seen[0][1] is not None and seen[0][1] is seen[1][1]  # one draw, shared
+
+
+def test_a_ladder_of_a_multitask_sizes_every_rung_to_its_budget(base) -> None:
+    """The ladder's allocation runs are not judged; a MultiTask's own (tight) tolerances must not judge them
+    either, or the rungs stop short of their budgets."""
+    model, data = base
+    tight = ap.MultiTask(tasks(data), {"digit": 0.001, "ink": 0.0001})
+    lad = ap.ladder(copy.deepcopy(model), data["xv"][:1], tight, [ap.Budget(macs=0.5), ap.Budget(macs=0.25)],
+                    ignore=["cls", "reg.2"])
+    assert [r.budget_met for r in lad.rungs] == [True, True, True]
+

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -86,8 +87,12 @@ class MultiTask(Task):
         unknown = sorted(set(self.losses) - set(self.tasks))
         if unknown:
             raise ConfigError(f"MultiTask: losses names {unknown[0]!r}, which is not one of the tasks {sorted(self.tasks)}")
+        for name, fn in self.losses.items():
+            if not callable(fn):
+                raise ConfigError(f"MultiTask: losses[{name!r}] is {shown(fn)}; expected a function loss(output, targets) "
+                                  "-> scalar tensor, e.g. torch.nn.functional.mse_loss on the task's output")
         found = [getattr(t, "lr", None) for t in self.tasks.values()]
-        rates = [float(r) for r in found if isinstance(r, (int, float))]
+        rates = [float(r) for r in found if isinstance(r, numbers.Real) and not isinstance(r, bool)]
         self.lr = as_float(lr if lr is not None else min(rates, default=1e-3), "lr", low=0.0, low_open=True,
                            where="MultiTask")
         self.heads: dict[str, list[str]] = {}
@@ -192,9 +197,11 @@ class MultiTask(Task):
 
     @property
     def fine_tunes(self) -> bool:
-        """Whether :meth:`finetune` can train: every task has training batches (else adapt asks for 0 steps,
-        as for a task that does not fine-tune)."""
-        return all(t.training_batches() is not None for t in self.tasks.values())
+        """Whether :meth:`finetune` trains: every task has training batches, or one of the tasks fine-tunes on
+        its own (then fine-tuning names the task without batches, rather than the recovery silently taking 0
+        steps). With neither, adapt asks for 0 steps, as for a task that does not fine-tune."""
+        return (all(t.training_batches() is not None for t in self.tasks.values())
+                or any(t.fine_tunes for t in self.tasks.values()))
 
     def finetune(self, model: nn.Module, steps: int) -> None:
         """``steps`` Adam steps on :meth:`loss`, one batch of every task per step, in train mode."""

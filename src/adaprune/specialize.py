@@ -6,9 +6,11 @@ the same budget, so every task gets a model pruned for it alone. Then the **over
 
 - per group, the channels each task keeps and the Jaccard overlap of those sets (over all tasks, and
   per pair of tasks): where the tasks need the same channels, and where they part;
-- storage: every specialised model stored on its own (the sum of their parameters) against "shared
-  weights stored once plus each task's extra weights" (the union of the kept weights: a weight kept
-  by several tasks counted once; by inclusion-exclusion over the tasks, per parameter tensor).
+- storage: every specialised model stored on its own (the sum of their parameters) against the union of
+  the weight *positions* they keep (a position kept by several tasks counted once; by inclusion-exclusion
+  over the tasks, per parameter tensor). That is what storing the shared weights once would save at best:
+  each run fine-tunes (and may refit) its own copy, so the models' values at a shared position differ
+  unless the runs take ``finetune_steps=0`` without a refit.
 
 With ``run_dir``, each task's run is a resumable run directory ``run_dir/<task>/`` and the overlap
 report is written beside them (``overlap.json``, ``overlap.md``, ``overlap.html``), and the run's report
@@ -66,7 +68,7 @@ class Overlap:
     params_original: int
     params_per_task: dict[str, int]
     params_separate: int  # every specialised model stored on its own
-    params_shared: int  # each weight kept by any task stored once
+    params_shared: int  # the union of the kept weight positions (each counted once)
 
     @property
     def saving(self) -> float:
@@ -85,8 +87,9 @@ class Overlap:
                  *([ "## Per task", "", _md_table(per_task), "", "## Overlap", ""] if per_task else []),
                  f"Tasks: {', '.join(self.tasks)}. Parameters: original {self.params_original:,}; per task "
                  + ", ".join(f"{t} {n:,}" for t, n in self.params_per_task.items()) + ".", "",
-                 (f"Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
-                 f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less)."), "",
+                 (f"Stored separately: {self.params_separate:,} parameters. The union of the weight positions they "
+                  f"keep: {self.params_shared:,} ({self.saving:.1%} less; at best, since each model was fine-tuned "
+                  "on its own and their values at a shared position differ)."), "",
                  "| group | channels | " + " | ".join(f"kept by {t}" for t in tasks) + " | Jaccard (all tasks) |",
                  "|---|---|" + "---|" * len(self.tasks) + "---|"]
         for g in self.groups:
@@ -112,8 +115,9 @@ class Overlap:
                 + (f"<h2>Per task</h2>{_html_table(per_task)}<h2>Overlap</h2>" if per_task else "")
                 + f"<p>Tasks: {e(', '.join(self.tasks))}. Parameters: "
                 f"original {self.params_original:,}; per task {params}.</p>"
-                f"<p>Stored separately: {self.params_separate:,} parameters. Shared weights stored once plus each "
-                f"task's extra weights: {self.params_shared:,} ({self.saving:.1%} less).</p>"
+                f"<p>Stored separately: {self.params_separate:,} parameters. The union of the weight positions "
+                f"they keep: {self.params_shared:,} ({self.saving:.1%} less; at best, since each model was "
+                "fine-tuned on its own and their values at a shared position differ).</p>"
                 f"<table><tr><th>group</th><th>channels</th>{head}<th>Jaccard (all tasks)</th></tr>{rows}</table>"
                 "</body></html>\n")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -264,7 +265,7 @@ def as_task(task: Any) -> Task:
     tracks = getattr(task, "loss_tracks_metric", True)  # optional; only a bool says anything
     found["loss_tracks_metric"] = tracks if isinstance(tracks, bool) else True
     rate = getattr(task, "lr", None)  # optional: the learning rate its fine-tuning uses, read by callers that train
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+    if isinstance(rate, numbers.Real) and not isinstance(rate, bool):  # (NumPy scalars too)
         found["lr"] = float(rate)
     return TaskAdapter(task, found)
 

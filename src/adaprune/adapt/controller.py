@@ -127,10 +127,12 @@ class Controller(Recovery):
         self.evaluations = 0  # calls of the task's evaluation this run (a resumed run starts from the state's)
         self.part_evaluations = 0  # of them, evaluations of part of the validation data (probe_data < 1)
         if config.probe_data < 1.0 and not task.evaluates_parts:
+            lacking = [n for n, t in getattr(task, "tasks", {}).items() if not t.evaluates_parts]  # (a MultiTask's)
+            who = (f"task {lacking[0]!r} of the MultiTask" if lacking
+                   else f"the task ({type(getattr(task, 'wrapped', task)).__name__})")
             raise ConfigError(
-                f"probe_data={config.probe_data:g} measures probes on part of the validation data, and the task "
-                f"({type(getattr(task, 'wrapped', task)).__name__}) has no evaluate_part(model, fraction): "
-                "implement it (adaprune.Task.evaluate_part), or leave probe_data at 1"
+                f"probe_data={config.probe_data:g} measures probes on part of the validation data, and {who} has no "
+                "evaluate_part(model, fraction): implement it (adaprune.Task.evaluate_part), or leave probe_data at 1"
             )
         self.started = time.monotonic()
         self.lineage = 0  # the weights' lineage: a new one when a step changed the surviving weights

@@ -42,6 +42,7 @@ from ..cost.registry import static_values
 from ..errors import ArgumentTypeError, ConfigError
 from ..graph import Graph, ignore_items, ignore_names, trace
 from ..importance.registry import Context, default_loss, get_importance
+from ..multitask import MultiTask
 from ..plan import Plan
 from ..scale import get_executor
 from ..task import Task, as_task
@@ -231,8 +232,12 @@ def ladder(
         saved = {id(t): (t, t.data.clone()) for t in all_tensors(model).values()}  # (the recovery updates in place)
         nested: NestedWidths | None = None
         try:
-            nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
-                                   importance, loss, rate, seed, {**options, "executor": runner}, stages)
+            # whatever the build draws from torch's generator (a shuffling loader's calibration batches and the
+            # recovery's) follows ``seed``, and the caller's generator is left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                nested, built = _build(model, example_inputs, task, budgets, tolerance, names, finetune_steps,
+                                       importance, loss, rate, seed, {**options, "executor": runner}, stages)
             return built
         except BaseException:
             if nested is not None:
@@ -318,8 +323,12 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         calls[0] = resumed.evaluations
     # each rung is cut from the previous one as its allocation left it, so per-group widths never grow
     work = stages.rung(model, graph, widths) if widths else copy.deepcopy(model)
+    sizing = task  # the allocation runs are not judged (tolerance 0.999): a MultiTask's own tolerances neither
+    if isinstance(task, MultiTask):
+        sizing = copy.copy(task)
+        sizing.tolerance = dict.fromkeys(task.tasks, 0.999)
     for i in range(len(widths) + 1, len(budgets) + 1):
-        res = adapt(work, x, task, budgets[i - 1].absolute(values), tolerance=0.999, ignore=ignore,
+        res = adapt(work, x, sizing, budgets[i - 1].absolute(values), tolerance=0.999, ignore=ignore,
                     importance="position", finetune_steps=0, confidence=0.0, seed=seed + i, **options)
         calls[0] += res.evaluations
         widths.append(widths_of(graph, work))
@@ -332,6 +341,7 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         assert stages.run is not None
         optimizer_state = stages.run.load_recovery(resumed, model)
         start = resumed.steps
+    torch.manual_seed(seed)  # the recovery's batches as an uninterrupted build draws them, on a resumed build too
     taken = joint_recovery(nested, task, steps, lr, seed, start=start, optimizer_state=optimizer_state,
                            checkpoint=stages.checkpoint(model), every=stages.every)
     if calibration is not None:
