@@ -565,8 +565,8 @@ def main() -> int:
             import llm_doc
 
             lines += env_lines(name, found) + [""] + getattr(llm_doc, section)(found) + [""]
-    for name, section in (("scaleout", "scaleout_section"), ("search", "search_section"),
-                          ("search_28", "search_section")):
+    for name, section in (("scaleout", "scaleout_section"), ("scaleout_ladder", "ladder_section"),
+                          ("search", "search_section"), ("search_28", "search_section")):
         found = load(name)
         if found and (found.get("models") or found.get("seeds")):
             import scaleout_doc

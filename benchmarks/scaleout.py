@@ -21,6 +21,10 @@ Phases, each timed on its own:
   step, ``--iterations`` steps at most, ``probe_budget=--probes``), local and on Ray (a fresh executor, timed
   cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
   steps' full evaluations stay in this process.
+- **ladder**: ``ap.ladder`` with rungs at ``--ladder-rungs`` of the MACs (``--ladder-steps`` joint recovery steps
+  of Adam at ``--ladder-lr``;
+  each rung's allocation run with ``--probes`` and ``--iterations``), local and on Ray (timed cold): the allocation
+  runs' probes and the finished rungs' evaluations run on the workers. The rungs must come out identical.
 - **ddp**: the first model cut to half its MACs and fine-tuned ``--ddp-steps`` Adam steps (batches of 64), in one
   process at ``--threads`` threads and under ``torchrun`` with 2 processes of 1 thread (gloo; each process half of
   every batch, gradients averaged): fine-tuning time and validation accuracy.
@@ -203,6 +207,51 @@ def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Te
     return out
 
 
+def ladder_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """``ap.ladder`` with rungs at ``--ladder-rungs`` of the MACs, locally and on a fresh Ray executor (timed cold):
+    the rungs' allocation runs evaluate their probes on the workers, and the finished rungs are evaluated there at
+    once (each exported with its own BatchNorm statistics); the joint recovery stays in this process."""
+    import adaprune as ap
+
+    xt, yt, xv, yv = data
+
+    def task() -> ap.ClassificationTask:
+        return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
+                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
+                                     lr=0.01)
+
+    rungs = [ap.Budget(macs=r) for r in args.ladder_rungs]
+    allocation = {"probe_budget": args.probes, "max_iterations": args.iterations}
+    out: dict[str, Any] = {"rungs": args.ladder_rungs, "finetune_steps": args.ladder_steps, "lr": args.ladder_lr,
+                           **allocation}
+    built = {}
+    for name in ("local", "ray"):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if name == "local":
+            lad = ap.ladder(m, xv[:2], task(), rungs, tolerance=args.tolerance, ignore=[head(m)],
+                            finetune_steps=args.ladder_steps, lr=args.ladder_lr, allocation=allocation)
+        else:
+            with ap.RayExecutor(workers=args.workers, threads=1) as ex:
+                lad = ap.ladder(m, xv[:2], task(), rungs, tolerance=args.tolerance, ignore=[head(m)],
+                                finetune_steps=args.ladder_steps, lr=args.ladder_lr, allocation=allocation,
+                                executor=ex)
+        wall = time.perf_counter() - t0
+        built[name] = lad
+        out[name] = {"wall_s": wall, "evaluations": lad.evaluations,
+                     "accuracy": [r.metrics.get("accuracy") for r in lad.rungs],
+                     "macs": [r.costs["macs"] / lad.rungs[0].costs["macs"] for r in lad.rungs]}
+        log(f"ladder {name}: {wall:.0f} s, accuracy per rung {[round(a, 3) for a in out[name]['accuracy']]}")
+    a, b = built["local"], built["ray"]
+    out["same_widths"] = [r.widths for r in a.rungs] == [r.widths for r in b.rungs]
+    out["identical"] = out["same_widths"] and [r.metrics for r in a.rungs] == [r.metrics for r in b.rungs]
+    out["largest_difference"] = max(abs(x - y) for r, q in zip(a.rungs, b.rungs) for k in r.metrics
+                                    for x, y in [(r.metrics[k], q.metrics[k])])
+    out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
+    log(f"ladder speedup {out['speedup']:.2f}x, same widths: {out['same_widths']}, identical: {out['identical']}")
+    return out
+
+
 def ddp_phase(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Recovery fine-tuning of the half-MACs model: 1 process at --threads threads, then torchrun with 2
     processes of 1 thread each (gloo), the same batches, each process half of every batch."""
@@ -234,8 +283,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mobilenet_v3_large", "resnet50"],
                    choices=["mobilenet_v3_large", "resnet50", "resnet18", "mobilenet_v2"])
-    p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt", "ddp"],
-                   choices=["sensitivity", "adapt", "ddp"])
+    p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt", "ladder", "ddp"],
+                   choices=["sensitivity", "adapt", "ladder", "ddp"])
+    p.add_argument("--ladder-rungs", nargs="+", type=float, default=[0.5, 0.25], help="the ladder's rungs (MACs)")
+    p.add_argument("--ladder-steps", type=int, default=20, help="the ladder's joint recovery steps")
+    p.add_argument("--ladder-lr", type=float, default=1e-3, help="the ladder's joint recovery learning rate (Adam)")
     p.add_argument("--ddp-steps", type=int, default=100, help="fine-tuning steps of the DDP phase")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--train-steps", type=int, default=300)
@@ -271,6 +323,9 @@ def main() -> int:
             save(args.out, payload)
         if "adapt" in args.phases:
             record["adapt"] = adapt_phase(args, model, data)
+            save(args.out, payload)
+        if "ladder" in args.phases:
+            record["ladder"] = ladder_phase(args, model, data)
             save(args.out, payload)
     if "ddp" in args.phases:
         payload["ddp"] = ddp_phase(args, args.models[0])

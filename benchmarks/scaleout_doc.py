@@ -61,6 +61,38 @@ def scaleout_section(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ladder_section(payload: dict[str, Any]) -> list[str]:
+    """``scaleout.py --phases ladder``: a ladder built locally and on Ray workers."""
+    cfg = payload["config"]
+    lines = ["## Scale-out: a ladder on Ray workers (`benchmarks/scaleout.py --phases ladder`)", "",
+             (f"The models of the table above. `ap.ladder` with rungs at {', '.join(f'{r:g}' for r in cfg['ladder_rungs'])} "
+              f"of the MACs, {cfg['ladder_steps']} joint recovery steps (Adam, lr {cfg['ladder_lr']:g}), each rung's allocation run with "
+              f"`probe_budget={cfg['probes']}` and at most {cfg['iterations']} steps; *local*: this process at "
+              f"{cfg['threads']} torch threads, *Ray*: `RayExecutor(workers={cfg['workers']}, threads=1)`, started inside "
+              "the timed call. On Ray the allocation runs' probes and the finished rungs' evaluations (each rung "
+              "exported with its own BatchNorm statistics, all at once) run on the workers; the joint recovery and the "
+              "costs stay in this process."), "",
+             ("| model | local s | Ray s | speed-up | evaluations | accuracy per rung (full first) | same widths | "
+              "identical metrics | largest difference |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in payload.get("models", {}).items():
+        lad = rec.get("ladder")
+        if not lad:
+            continue
+        lo, ra = lad["local"], lad["ray"]
+        lines.append(f"| {NAMES.get(name, name)} | {lo['wall_s']:.0f} | {ra['wall_s']:.0f} | {lad['speedup']:.2f}x | "
+                     f"{lo['evaluations']} | {' / '.join(f'{a:.3f}' for a in lo['accuracy'])} | "
+                     f"{'yes' if lad['same_widths'] else 'no'} | {'yes' if lad['identical'] else 'no'} | "
+                     f"{lad['largest_difference']:.1e} |")
+    lines += ["", ("The rungs' metrics are measured on the workers at 1 thread and here at 2, so they may differ in their "
+                   "last bits (the largest difference); the widths, the accuracies and the joint recovery (here, seeded "
+                   "by the ladder's seed) are the same. The ladder's cost here is the joint recovery and the allocation "
+                   "runs' full evaluations, which stay in this process: Ray's workers take only the probes and the "
+                   "rungs' final evaluations, and starting them and shipping the models costs more than that saves "
+                   "on 2 cores.")]
+    return lines
+
+
 def search_section(payload: dict[str, Any]) -> list[str]:
     cfg, seeds = payload["config"], payload["seeds"]
     first = next(iter(seeds.values()))

@@ -176,7 +176,9 @@ def ladder(
         importance: how channels are ordered (a criterion name or callable, as in :func:`adaprune.prune`).
         loss: ``loss(output, targets)`` for gradient-based importance criteria (default cross-entropy).
         lr: the joint recovery's learning rate (default: the task's ``lr``, else 3e-4).
-        seed: seeds the recovery's choice of middle rungs and the allocation runs.
+        seed: seeds the recovery's choice of middle rungs, the allocation runs and whatever the build draws
+            from torch's generator (a shuffling loader's batches), in a forked generator: the caller's is
+            left as it was, and the same arguments build the same ladder.
         allocation: extra :class:`~adaprune.adapt.AdaptConfig` options for the allocation runs.
         run_dir: a directory where the build records each stage (:mod:`adaprune.ladder.run`): the
             ordered weights, each rung's widths once allocated, a checkpoint of the joint recovery
