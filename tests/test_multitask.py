@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,11 @@ def test_bad_tolerances_weights_and_names_are_named(base) -> None:
         ap.MultiTask(t, TOL, combine="mean")
     with pytest.raises(ConfigError, match=r"tolerance\['ink'\]"):
         ap.MultiTask(t, {"digit": 0.01, "ink": -1.0})
+    with pytest.raises(ConfigError, match=r"losses\['ink'\] is 'mse'; expected a function"):
+        ap.MultiTask(t, TOL, losses={"ink": "mse"})
+    with pytest.raises(ConfigError, match="task 'digit' of the MultiTask has no evaluate_part"):
+        ap.adapt(copy.deepcopy(base[0]), data["xv"][:1], ap.MultiTask(t, TOL), ap.Budget(macs=0.5),
+                 ignore=["cls", "reg.2"], probe_data=0.5)
     mt = ap.MultiTask(t, TOL)
     assert mt.metric == "digit/accuracy" and mt.higher_is_better
     assert [(c.name, c.metric, c.higher_is_better, c.tolerance) for c in mt.criteria()] == \
@@ -210,7 +216,7 @@ def test_fine_tuning_rate_defaults_to_the_smallest_of_the_tasks_own(base) -> Non
     ``finetune`` steps at it (an Adam step moves a weight by about ``lr``)."""
     model, data = base
     t = tasks(data)
-    t["digit"].lr, t["ink"].lr = 3e-4, 1e-5
+    t["digit"].lr, t["ink"].lr = 3e-4, np.float32(1e-5)  # (a NumPy scalar is a rate too)
     mt = ap.MultiTask(t, TOL)
     assert mt.lr == pytest.approx(1e-5)
     assert ap.MultiTask(t, TOL, lr=2e-3).lr == pytest.approx(2e-3)
