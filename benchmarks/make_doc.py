@@ -536,11 +536,12 @@ def main() -> int:
         from ladder_doc import ladder_section
 
         lines += env_lines("ladder", lad) + [""] + ladder_section(lad) + [""]
-    mt = load("multitask")
-    if mt:
-        from multitask_doc import multitask_section
+    for name in ("multitask", "multitask_conv"):  # the MLP trunk, and the convolutional one (--model conv)
+        mt = load(name)
+        if mt:
+            from multitask_doc import multitask_section
 
-        lines += env_lines("multitask", mt) + [""] + multitask_section(mt) + [""]
+            lines += env_lines(name, mt) + [""] + multitask_section(mt) + [""]
     for name in ("updates", "updates-eighth"):  # the model-updates sequence at 1/4 and at 1/8 of the MACs
         up = load(name)
         if up:

@@ -3,7 +3,12 @@ uniform pruning, then one specialised model per task against the shared one.
 
 The model (``adaprune.examples.multihead``): an MLP trunk on sklearn digits feeding a classifier (the
 digit: accuracy, higher is better) and a regression head (the top half's ink minus the bottom half's,
-derived from the image: mean squared error, lower is better), trained on both.
+derived from the image: mean squared error, lower is better), trained on both. With ``--model conv``: a
+convolutional trunk (``ConvTwoHead``) whose 8x8 layers feed a segmentation head (the clean digit's ink mask
+from the noisy image: per-pixel error, lower is better) and whose pooled layers feed the classifier, so the
+two tasks need the layers differently:
+
+    python benchmarks/multitask.py --model conv --tol-ink 0.01 --confidence 0.5 --out multitask_conv
 
 Part 1, at each budget (fractions of the MACs) and seed:
 
@@ -40,9 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import environment, save
 
 import adaprune as ap
-from adaprune.examples.multihead import tasks, trained
+from adaprune.examples import multihead
 
 METHODS = ("multi", "digit", "ink", "uniform")
+# per --model: its trained base, its tasks, and the output layers kept whole
+MODELS = {"mlp": (lambda seed, a: multihead.trained(seed, a.width, a.epochs, anneal=a.anneal), multihead.tasks,
+                  ["cls", "reg.2"]),
+          "conv": (lambda seed, a: multihead.trained_conv(seed, epochs=a.epochs), multihead.conv_tasks,
+                   ["cls.2", "seg.2"])}
+ARGS: argparse.Namespace  # (set by main: which model's tasks)
+
+
+def tasks(data: dict[str, Any], split: str = "v") -> dict[str, Any]:
+    return MODELS[ARGS.model][1](data, split)
 
 
 def test_metrics(model: torch.nn.Module, data: dict[str, Any]) -> dict[str, float]:
@@ -53,6 +68,10 @@ def within(base: dict[str, float], now: dict[str, float], tol: dict[str, float])
     return {"digit": base["digit"] - now["digit"] <= tol["digit"], "ink": now["ink"] - base["ink"] <= tol["ink"]}
 
 
+def ignored() -> list[str]:
+    return list(MODELS[ARGS.model][2])
+
+
 def run_method(method: str, base: torch.nn.Module, data: dict[str, Any], budget: float, tol: dict[str, float],
                args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = copy.deepcopy(base)
@@ -60,13 +79,13 @@ def run_method(method: str, base: torch.nn.Module, data: dict[str, Any], budget:
     t0 = time.perf_counter()
     inner, met, evaluations = 0, True, 0
     if method == "uniform":
-        ap.prune(model, x, budget=ap.Budget(macs=budget), allocation="uniform", ignore=["cls", "reg.2"])
+        ap.prune(model, x, budget=ap.Budget(macs=budget), allocation="uniform", ignore=ignored())
     else:
         val = tasks(data)
         task = ap.MultiTask(val, tol) if method == "multi" else val[method]
         res = ap.adapt(model, x, task, ap.Budget(macs=budget), tolerance=tol.get(method, 0.0),
-                       ignore=["cls", "reg.2"], finetune_steps=args.inner_steps, max_iterations=args.iterations,
-                       seed=args.seed_offset)
+                       ignore=ignored(), finetune_steps=args.inner_steps, max_iterations=args.iterations,
+                       seed=args.seed_offset, confidence=args.confidence)
         inner, met, evaluations = res.optimizer_steps, res.budget_met, res.evaluations
     rest = max(args.steps - inner, 0)
     if method in ("digit", "ink"):  # guided by one task: recovered on that task, as its user would
@@ -82,17 +101,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                   help="mlp: the MLP trunk with the ink regression; conv: the convolutional trunk with the ink mask")
+    p.add_argument("--confidence", type=float, default=0.9, help="adapt's confidence (0: the point drop)")
+    p.add_argument("--width", type=int, default=128, help="the MLP trunk's width")
     p.add_argument("--epochs", type=int, default=40, help="training epochs of the unpruned model")
     p.add_argument("--anneal", action="store_true", help="train the unpruned model with a cosine-decayed rate")
     p.add_argument("--tol-digit", type=float, default=0.02, help="accuracy drop allowed (absolute)")
-    p.add_argument("--tol-ink", type=float, default=0.02, help="MSE rise allowed (absolute; unpruned ~0.002)")
+    p.add_argument("--tol-ink", type=float, default=0.02,
+                   help="rise of the ink task's metric allowed (absolute; MLP: MSE, unpruned ~0.002; conv: pixel error)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps every model takes in all")
     p.add_argument("--inner-steps", type=int, default=40, help="adapt's fine-tuning steps per step")
     p.add_argument("--iterations", type=int, default=15, help="adapt's max_iterations")
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--out", default="multitask")
     args = p.parse_args()
+    global ARGS
+    ARGS = args
     if args.inner_steps * args.iterations > args.steps:
         raise SystemExit(f"adapt could take {args.inner_steps} x {args.iterations} optimizer steps inside its loop, more "
                          f"than the {args.steps} every method gets: lower --inner-steps or --iterations")
@@ -101,7 +126,7 @@ def main() -> int:
     payload: dict[str, Any] = {"environment": environment(1), "config": {**vars(args), "tolerance": tol}, "runs": [],
                                "specialize": []}
     for seed in args.seeds:
-        base, data = trained(seed, args.width, args.epochs, anneal=args.anneal)
+        base, data = MODELS[args.model][0](seed, args)
         ref = test_metrics(base, data)
         for budget in args.budgets:
             shared = None
@@ -116,8 +141,9 @@ def main() -> int:
                 if method == "multi":
                     shared = now
             t0 = time.perf_counter()
-            sp = ap.specialize(base, data["xv"][:1], tasks(data), ap.Budget(macs=budget), tol, ignore=["cls", "reg.2"],
-                               finetune_steps=args.inner_steps, max_iterations=args.iterations)
+            sp = ap.specialize(base, data["xv"][:1], tasks(data), ap.Budget(macs=budget), tol, ignore=ignored(),
+                               finetune_steps=args.inner_steps, max_iterations=args.iterations,
+                               confidence=args.confidence)
             own = {}
             for name, m in sp.models.items():
                 tasks(data)[name].finetune(m, max(args.steps - sp.results[name].optimizer_steps, 0))

@@ -263,3 +263,21 @@ def test_a_ladder_of_a_multitask_sizes_every_rung_to_its_budget(base) -> None:
                     ignore=["cls", "reg.2"])
     assert [r.budget_met for r in lad.rungs] == [True, True, True]
 
+
+def test_the_convolutional_example_pairs_a_classifier_with_a_lower_is_better_dense_task() -> None:
+    """``ConvTwoHead``: the ink mask's per-pixel error is lower-is-better and far below always saying "no ink"
+    (about 0.29 of the pixels have ink), every convolution is a group, and multi-task adapt meets a budget."""
+    from adaprune.examples.multihead import HeadTask, conv_tasks, trained_conv
+
+    model, data = trained_conv(0, epochs=3)
+    t = conv_tasks(data)
+    assert t["ink"].metric == "pixel_error" and not t["ink"].higher_is_better
+    assert t["ink"].evaluate(model)["pixel_error"] < 0.5 * float(data["tv"].mean())
+    graph = ap.trace(model, data["xv"][:1], ignore=["cls.2", "seg.2"])
+    assert sorted(g.name for g in graph.groups) == ["deep.1", "deep.3", "seg.0", "stem.0", "stem.2"]
+    res = ap.adapt(copy.deepcopy(model), data["xv"][:1], ap.MultiTask(t, {"digit": 0.5, "ink": 0.5}),
+                   ap.Budget(macs=0.6), ignore=["cls.2", "seg.2"], finetune_steps=5, max_iterations=3)
+    assert res.budget_met and set(res.after) >= {"digit/accuracy", "ink/pixel_error"}
+    with pytest.raises(ValueError, match="kind must be"):
+        HeadTask("depth", data["x"], data["t"], data["xv"], data["tv"])
+

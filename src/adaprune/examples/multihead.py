@@ -5,6 +5,11 @@ and a regression head for a target derived from the image: how much more ink its
 than its bottom half, standardised (mean squared error, lower is better). The two tasks need
 different features, so pruning guided by one of them can ruin the other. Used by the multi-task
 tests and ``benchmarks/multitask.py``.
+
+A convolutional variant (:class:`ConvTwoHead`, :func:`trained_conv`, :func:`conv_tasks`) gives the two tasks
+layers they need differently: two 8x8 convolutions feed both a segmentation head, which marks the pixels where
+the clean digit has ink (> 0.5) from the image with Gaussian noise added (per-pixel error, lower is better), and,
+after 2x2 max-pooling, two wider convolutions feeding the classifier.
 """
 
 from __future__ import annotations
@@ -32,24 +37,48 @@ class TwoHead(nn.Module):
         return {"logits": self.cls(h), "value": self.reg(h).squeeze(-1)}
 
 
+class ConvTwoHead(nn.Module):
+    """Two 3x3 convolutions of ``width`` channels at 8x8 (``stem``), shared; a segmentation head on them
+    (``"mask"``: one logit per pixel) and, after 2x2 max-pooling, two 3x3 convolutions of ``4 * width``
+    channels (``deep``) feeding a classifier (``"logits"``)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                                  nn.ReLU())
+        self.deep = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(width, 4 * width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(4 * width, 4 * width, 3, padding=1), nn.ReLU())
+        self.cls = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+        self.seg = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.stem(x)
+        return {"logits": self.cls(self.deep(h)), "mask": self.seg(h).squeeze(1)}
+
+
 def ink(x: torch.Tensor) -> torch.Tensor:
     """The regression target: the top half's mean intensity minus the bottom half's, over 0.1."""
     return (x[:, 0, :4].mean(dim=(1, 2)) - x[:, 0, 4:].mean(dim=(1, 2))) / 0.1
 
 
 class HeadTask:
-    """One head's task (the task protocol): ``kind`` ``"cls"`` (accuracy of ``"logits"``) or ``"reg"``
-    (mean squared error of ``"value"``), evaluated on ``(xv, yv)``, trained on ``(x, y)``."""
+    """One head's task (the task protocol): ``kind`` ``"cls"`` (accuracy of ``"logits"``), ``"reg"``
+    (mean squared error of ``"value"``) or ``"seg"`` (the fraction of pixels ``"mask"``'s logits get wrong,
+    trained with per-pixel binary cross-entropy), evaluated on ``(xv, yv)``, trained on ``(x, y)``."""
 
     def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
                  lr: float = 1e-3) -> None:
+        if kind not in ("cls", "reg", "seg"):
+            raise ValueError(f"kind must be 'cls', 'reg' or 'seg', got {kind!r}")
         self.kind, self.x, self.y, self.xv, self.yv, self.lr = kind, x, y, xv, yv, lr
-        self.metric = "accuracy" if kind == "cls" else "mse"
+        self.metric = {"cls": "accuracy", "reg": "mse", "seg": "pixel_error"}[kind]
         self.higher_is_better = kind == "cls"
 
     def loss_fn(self, output: Any, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "cls":
             return nn.functional.cross_entropy(output["logits"], y)
+        if self.kind == "seg":
+            return nn.functional.binary_cross_entropy_with_logits(output["mask"], y)
         return nn.functional.mse_loss(output["value"], y)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -63,6 +92,8 @@ class HeadTask:
         model.train(was)
         if self.kind == "cls":
             per = (out["logits"].argmax(1) == self.yv).double()
+        elif self.kind == "seg":
+            per = ((out["mask"] > 0).to(self.yv.dtype) != self.yv).double().flatten(1).mean(1)
         else:
             per = (out["value"] - self.yv).double() ** 2
         return {self.metric: float(per.mean())}, per
@@ -126,6 +157,44 @@ def trained(seed: int = 0, width: int = 48, epochs: int = 40,
     return model.eval(), data
 
 
+def load_dense_data(seed: int = 0, noise: float = 0.1) -> dict[str, torch.Tensor]:
+    """Digits' splits for :class:`ConvTwoHead`: the images with Gaussian noise of standard deviation ``noise``
+    (``x``, ``xv``, ``xt``; drawn from a generator seeded with ``seed``), the digit (``y``, ``yv``, ``yt``) and
+    the clean image's ink mask, its pixels above 0.5 (``t``, ``tv``, ``tt``)."""
+    d = load_digits_data(seed)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for split, x, y in (("", d.x_train, d.y_train), ("v", d.x_val, d.y_val), ("t", d.x_test, d.y_test)):
+        out[f"x{split}"] = x + noise * torch.randn(x.shape, generator=g)
+        out[f"y{split}"], out[f"t{split}"] = y, (x[:, 0] > 0.5).float()
+    return out
+
+
+def trained_conv(seed: int = 0, width: int = 16, epochs: int = 40) -> tuple[ConvTwoHead, dict[str, torch.Tensor]]:
+    """A :class:`ConvTwoHead` trained on both heads (cross-entropy plus the mask's binary cross-entropy; Adam at
+    lr 3e-3), and its data (:func:`load_dense_data`)."""
+    torch.manual_seed(seed)
+    data = load_dense_data(seed)
+    model = ConvTwoHead(width)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for i in range(0, len(data["x"]), 64):
+            out = model(data["x"][i:i + 64])
+            loss = nn.functional.cross_entropy(out["logits"], data["y"][i:i + 64]) + \
+                nn.functional.binary_cross_entropy_with_logits(out["mask"], data["t"][i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), data
+
+
+def conv_tasks(data: dict[str, torch.Tensor], split: str = "v") -> dict[str, HeadTask]:
+    """:class:`ConvTwoHead`'s tasks: ``"digit"`` (accuracy) and ``"ink"`` (the ink mask's per-pixel error),
+    evaluated on the validation split (``"v"``) or the test split (``"t"``)."""
+    xs, ys, ts = data[f"x{split}"], data[f"y{split}"], data[f"t{split}"]
+    return {"digit": HeadTask("cls", data["x"], data["y"], xs, ys), "ink": HeadTask("seg", data["x"], data["t"], xs, ts)}
+
+
 def tasks(data: dict[str, torch.Tensor], split: str = "v") -> dict[str, HeadTask]:
     """The two heads' tasks, evaluated on the validation split (``"v"``) or the test split (``"t"``)."""
     xs, ys, ts = data[f"x{split}"], data[f"y{split}"], data[f"t{split}"]
@@ -168,4 +237,5 @@ def head_task(train: Any, val: Any, head: str = "digit", lr: float = 1e-3) -> He
     return HeadTask("cls" if head == "digit" else "reg", x, y, xv, yv, lr=lr)
 
 
-__all__ = ["HeadTask", "TwoHead", "head_task", "ink", "load_data", "loaders", "tasks", "trained"]
+__all__ = ["ConvTwoHead", "HeadTask", "TwoHead", "conv_tasks", "head_task", "ink", "load_data", "load_dense_data",
+           "loaders", "tasks", "trained", "trained_conv"]
