@@ -14,7 +14,7 @@ after 2x2 max-pooling, two wider convolutions feeding the classifier.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -141,20 +141,26 @@ def trained(seed: int = 0, width: int = 48, epochs: int = 40,
     torch.manual_seed(seed)
     data = load_data(seed)
     model = TwoHead(width)
+    _fit(model, data, epochs, lambda out, t: nn.functional.mse_loss(out["value"], t), anneal)
+    return model.eval(), data
+
+
+def _fit(model: nn.Module, data: dict[str, torch.Tensor], epochs: int,
+         second: Callable[[Any, torch.Tensor], torch.Tensor], anneal: bool = False) -> None:
+    """Train both heads in batches of 64 (the digit's cross-entropy plus ``second(output, targets)`` on ``t``;
+    Adam at lr 3e-3, cosine-decayed to 0 with ``anneal``)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     per_epoch = -(-len(data["x"]) // 64)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch) if anneal else None
     for _ in range(epochs):
         for i in range(0, len(data["x"]), 64):
             out = model(data["x"][i:i + 64])
-            loss = nn.functional.cross_entropy(out["logits"], data["y"][i:i + 64]) + \
-                nn.functional.mse_loss(out["value"], data["t"][i:i + 64])
+            loss = nn.functional.cross_entropy(out["logits"], data["y"][i:i + 64]) + second(out, data["t"][i:i + 64])
             opt.zero_grad()
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-    return model.eval(), data
 
 
 def load_dense_data(seed: int = 0, noise: float = 0.1) -> dict[str, torch.Tensor]:
@@ -176,15 +182,7 @@ def trained_conv(seed: int = 0, width: int = 16, epochs: int = 40) -> tuple[Conv
     torch.manual_seed(seed)
     data = load_dense_data(seed)
     model = ConvTwoHead(width)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for i in range(0, len(data["x"]), 64):
-            out = model(data["x"][i:i + 64])
-            loss = nn.functional.cross_entropy(out["logits"], data["y"][i:i + 64]) + \
-                nn.functional.binary_cross_entropy_with_logits(out["mask"], data["t"][i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _fit(model, data, epochs, lambda out, t: nn.functional.binary_cross_entropy_with_logits(out["mask"], t))
     return model.eval(), data
 
 
