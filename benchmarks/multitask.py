@@ -19,8 +19,9 @@ Part 1, at each budget (fractions of the MACs) and seed:
 then every model is fine-tuned until it has taken ``--steps`` optimizer steps in all (adapt's own steps
 included): ``multi`` and ``uniform`` on both tasks (``MultiTask.finetune``: one batch of each per step,
 the sum of the losses), ``digit`` and ``ink`` on their own task's loss, as a user who prunes for that
-task alone would; all with Adam at lr 1e-3 on the same batches. Then each is measured on the held-out
-test split. A task is "within tolerance" when its test metric moved by
+task alone would; all with Adam from lr 1e-3 on batches drawn in the same order (``--final cosine``, the
+default: the rate decayed to 0 over the remaining steps; ``constant``: held). Then each is measured on the
+held-out test split. A task is "within tolerance" when its test metric moved by
 at most its tolerance from the unpruned model's, in its own direction.
 
 Part 2, at each budget: ``ap.specialize`` (one adapt run per task) against the ``multi`` model, each
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -51,7 +53,7 @@ METHODS = ("multi", "digit", "ink", "uniform")
 # per --model: its trained base, its tasks, and the output layers kept whole
 MODELS = {"mlp": (lambda seed, a: multihead.trained(seed, a.width, a.epochs, anneal=a.anneal), multihead.tasks,
                   ["cls", "reg.2"]),
-          "conv": (lambda seed, a: multihead.trained_conv(seed, epochs=a.epochs), multihead.conv_tasks,
+          "conv": (lambda seed, a: multihead.trained_conv(seed, a.width, a.epochs), multihead.conv_tasks,
                    ["cls.2", "seg.2"])}
 ARGS: argparse.Namespace  # (set by main: which model's tasks)
 
@@ -72,8 +74,28 @@ def ignored() -> list[str]:
     return list(MODELS[ARGS.model][2])
 
 
+def recover(model: torch.nn.Module, task: Any, steps: int, seed: int, schedule: str) -> None:
+    """The final fine-tuning, the same recipe for every method: ``steps`` Adam steps at lr 1e-3 on ``task``'s loss
+    and training batches (a MultiTask: one batch of each task per step, the sum of the losses), the rate held
+    (``constant``) or decayed to 0 over the steps (``cosine``); the batch order is drawn from ``seed``."""
+    torch.manual_seed(seed)
+    if schedule == "constant":
+        task.finetune(model, steps)
+        return
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    was = model.training
+    model.train()
+    for x, y in itertools.islice(task.training_batches(), steps):
+        opt.zero_grad()
+        task.loss(model, x, y).backward()
+        opt.step()
+        sched.step()
+    model.train(was)
+
+
 def run_method(method: str, base: torch.nn.Module, data: dict[str, Any], budget: float, tol: dict[str, float],
-               args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+               args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = copy.deepcopy(base)
     x = data["xv"][:1]
     t0 = time.perf_counter()
@@ -88,10 +110,9 @@ def run_method(method: str, base: torch.nn.Module, data: dict[str, Any], budget:
                        seed=args.seed_offset, confidence=args.confidence)
         inner, met, evaluations = res.optimizer_steps, res.budget_met, res.evaluations
     rest = max(args.steps - inner, 0)
-    if method in ("digit", "ink"):  # guided by one task: recovered on that task, as its user would
-        tasks(data)[method].finetune(model, rest)
-    else:
-        ap.MultiTask(tasks(data), tol).finetune(model, rest)
+    # guided by one task: recovered on that task, as its user would; the others on both
+    recover(model, tasks(data)[method] if method in ("digit", "ink") else ap.MultiTask(tasks(data), tol), rest, seed,
+            args.final)
     return model, {"method": method, "budget": budget, "budget_met": met, "evaluations": evaluations,
                    "macs": ap.count(model, x).macs, "optimizer_steps": inner + rest, "adapt_steps": inner,
                    "seconds": time.perf_counter() - t0}
@@ -104,7 +125,8 @@ def main() -> int:
     p.add_argument("--model", choices=sorted(MODELS), default="mlp",
                    help="mlp: the MLP trunk with the ink regression; conv: the convolutional trunk with the ink mask")
     p.add_argument("--confidence", type=float, default=0.9, help="adapt's confidence (0: the point drop)")
-    p.add_argument("--width", type=int, default=128, help="the MLP trunk's width")
+    p.add_argument("--width", type=int, default=None,
+                   help="mlp: the trunk's width (default 128); conv: the 8x8 layers' channels (default 32; the deep ones 4x)")
     p.add_argument("--epochs", type=int, default=40, help="training epochs of the unpruned model")
     p.add_argument("--anneal", action="store_true", help="train the unpruned model with a cosine-decayed rate")
     p.add_argument("--tol-digit", type=float, default=0.02, help="accuracy drop allowed (absolute)")
@@ -112,12 +134,16 @@ def main() -> int:
                    help="rise of the ink task's metric allowed (absolute; MLP: MSE, unpruned ~0.002; conv: pixel error)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps every model takes in all")
     p.add_argument("--inner-steps", type=int, default=40, help="adapt's fine-tuning steps per step")
+    p.add_argument("--final", choices=["cosine", "constant"], default="cosine",
+                   help="the final fine-tuning's rate: decayed to 0 over its steps, or held at 1e-3")
     p.add_argument("--iterations", type=int, default=15, help="adapt's max_iterations")
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--out", default="multitask")
     args = p.parse_args()
     global ARGS
     ARGS = args
+    if args.width is None:
+        args.width = {"mlp": 128, "conv": 32}[args.model]
     if args.inner_steps * args.iterations > args.steps:
         raise SystemExit(f"adapt could take {args.inner_steps} x {args.iterations} optimizer steps inside its loop, more "
                          f"than the {args.steps} every method gets: lower --inner-steps or --iterations")
@@ -131,7 +157,7 @@ def main() -> int:
         for budget in args.budgets:
             shared = None
             for method in METHODS:
-                model, rec = run_method(method, base, data, budget, tol, args)
+                model, rec = run_method(method, base, data, budget, tol, args, seed)
                 now = test_metrics(model, data)
                 rec.update(seed=seed, test=now, unpruned=ref, within=within(ref, now, tol))
                 payload["runs"].append(rec)
@@ -146,7 +172,7 @@ def main() -> int:
                                confidence=args.confidence)
             own = {}
             for name, m in sp.models.items():
-                tasks(data)[name].finetune(m, max(args.steps - sp.results[name].optimizer_steps, 0))
+                recover(m, tasks(data)[name], max(args.steps - sp.results[name].optimizer_steps, 0), seed, args.final)
                 own[name] = test_metrics(m, data)[name]
             assert shared is not None
             payload["specialize"].append({

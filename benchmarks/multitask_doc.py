@@ -23,10 +23,10 @@ def multitask_section(payload: dict[str, Any]) -> list[str]:
     conv = cfg.get("model", "mlp") == "conv"
     ink = "ink pixel error" if conv else "ink MSE"
     model = (("A convolutional two-head network on sklearn digits with Gaussian noise 0.1 added to the images "
-              "(`--model conv`, `ConvTwoHead`): two 3x3 convolutions of 16 channels at 8x8 feed both a segmentation "
-              "head, which marks where the clean digit has ink (pixels above 0.5; test per-pixel error, lower is "
-              f"better, tolerance {tol['ink']} absolute), and, after 2x2 max-pooling, two 3x3 convolutions of 64 "
-              f"channels feeding the digit classifier (test accuracy, higher is better, tolerance {tol['digit']}). "
+              f"(`--model conv`, `ConvTwoHead`): two 3x3 convolutions of {cfg['width']} channels at 8x8 feed both a "
+              "segmentation head, which marks where the clean digit has ink (pixels above 0.5; test per-pixel error, "
+              f"lower is better, tolerance {tol['ink']} absolute), and, after 2x2 max-pooling, two 3x3 convolutions "
+              f"of {4 * cfg['width']} channels feeding the digit classifier (test accuracy, higher is better, tolerance {tol['digit']}). "
               "The two tasks need the layers differently, so an allocation has something uniform can miss. "
               f"adapt judges steps at `confidence={cfg.get('confidence', 0.9)}`. ")
              if conv else
@@ -39,7 +39,10 @@ def multitask_section(payload: dict[str, Any]) -> list[str]:
              (model + "Every model takes "
               f"{cfg['steps']} optimizer steps in all (adapt's own {cfg['inner_steps']} per step included; Adam, lr "
               "1e-3): multi-task adapt and static uniform are then fine-tuned on both tasks (one batch of each per "
-              "step), single-task-guided adapt on its own task only. Mean ± standard error over seeds "
+              "step), single-task-guided adapt on its own task only, "
+              + ("with the rate decayed to 0 over the remaining steps (cosine) and " if cfg.get("final") == "cosine"
+                 else "at that rate, ") +
+              "the batches drawn in the same order for every method. Mean ± standard error over seeds "
               f"{seeds}; 'within' counts the seeds whose test metric moved by at most the task's tolerance from the "
               "unpruned model's; 'met' the seeds whose run met the MACs budget."), "",
              ("Optimizer steps per run: " + ", ".join(sorted({str(r["optimizer_steps"]) for r in runs}))

@@ -281,3 +281,21 @@ def test_the_convolutional_example_pairs_a_classifier_with_a_lower_is_better_den
     with pytest.raises(ValueError, match="kind must be"):
         HeadTask("depth", data["x"], data["t"], data["xv"], data["tv"])
 
+
+
+def test_a_head_tasks_batches_come_in_a_fresh_order_every_pass_from_torchs_seed(base) -> None:
+    """A shuffling loader's behaviour: two passes differ (so a recovery after a rollback does not replay the
+    batches of the one before), and the order follows torch's seed (which adapt sets at every step)."""
+    _, data = base
+    t = tasks(data)["digit"]
+    per_pass = len(t.x) // 64
+
+    def draw(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return [y for _, (_, y) in zip(range(2 * per_pass), t.training_batches())]
+
+    first = draw(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(3)))
+    assert not torch.equal(torch.cat(first[:per_pass]), torch.cat(first[per_pass:]))
+    assert not torch.equal(torch.cat(first), torch.cat(draw(4)))
+    assert all(len(y) == 64 for y in first)

@@ -105,9 +105,12 @@ class HeadTask:
         return [(self.x[i:i + 128], self.y[i:i + 128]) for i in range(0, 512, 128)]
 
     def training_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of 64, in a fresh order every pass (drawn from torch's generator, which adapt seeds at every
+        step), as a shuffling loader gives them: a step's recovery does not replay the last one's batches."""
         while True:
-            for i in range(0, len(self.x) - 63, 64):
-                yield self.x[i:i + 64], self.y[i:i + 64]
+            order = torch.randperm(len(self.x))
+            for i in range(0, len(order) - 63, 64):
+                yield self.x[order[i:i + 64]], self.y[order[i:i + 64]]
 
     def finetune(self, model: nn.Module, steps: int) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
