@@ -165,6 +165,9 @@ def test_a_head_is_scored_by_its_own_task_only(base) -> None:
     with pytest.raises(ConfigError, match="heads\\['ink'\\] names 'regression'"):
         task_scores(ap.MultiTask(t, TOL, heads={"ink": ["regression"]}), "activation", model, graph.groups,
                     ap.importance.default_loss)
+    for overlap in ({"digit": ["cls", "reg"], "ink": ["reg"]}, {"digit": ["reg.0"], "ink": ["reg"]}):
+        with pytest.raises(ConfigError, match="in the head of task 'digit' .* in that of task 'ink'"):
+            ap.MultiTask(t, TOL, heads=overlap)
 
 
 def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
@@ -262,6 +265,21 @@ def test_a_ladder_of_a_multitask_sizes_every_rung_to_its_budget(base) -> None:
     lad = ap.ladder(copy.deepcopy(model), data["xv"][:1], tight, [ap.Budget(macs=0.5), ap.Budget(macs=0.25)],
                     ignore=["cls", "reg.2"])
     assert [r.budget_met for r in lad.rungs] == [True, True, True]
+
+
+def test_a_multitask_ladders_rungs_are_judged_by_every_tasks_own_tolerance(base) -> None:
+    """A rung's ``drop`` is the first task's, but ``within_tolerance`` asks every task: a rung that keeps the
+    digit within its loose tolerance and ruins the ink regression is not within tolerance."""
+    model, data = base
+    mt = ap.MultiTask(tasks(data), {"digit": 0.5, "ink": 0.01})
+    lad = ap.ladder(copy.deepcopy(model), data["xv"][:1], mt, [ap.Budget(macs=0.5)], tolerance=0.5,
+                    ignore=["cls", "reg.2"])
+    rung = lad.rungs[1]
+    digit_drop = lad.original["digit/accuracy"] - rung.metrics["digit/accuracy"]
+    ink_rise = rung.metrics["ink/mse"] - lad.original["ink/mse"]
+    assert rung.drop == pytest.approx(digit_drop) and digit_drop <= 0.5
+    assert ink_rise > 0.01 and not rung.within_tolerance
+    assert lad.rungs[0].within_tolerance
 
 
 def test_the_convolutional_example_pairs_a_classifier_with_a_lower_is_better_dense_task() -> None:

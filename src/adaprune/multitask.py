@@ -103,6 +103,7 @@ class MultiTask(Task):
             if not listed or not all(isinstance(m, str) and m for m in listed):
                 raise ConfigError(f"MultiTask: heads[{name!r}] must be module names, e.g. ['heads.{name}']")
             self.heads[name] = listed
+        _check_heads_disjoint(self.heads)
         first = next(iter(self.tasks))
         self.metric = f"{first}/{self.tasks[first].metric}"  # shown where one metric is needed; every task is judged
         self.higher_is_better = bool(self.tasks[first].higher_is_better)
@@ -296,6 +297,19 @@ def task_scores(task: Task, importance: Any, model: nn.Module, groups: list[Grou
             prev = combined.get(g)
             combined[g] = t if prev is None else (prev + t if task.combine == "sum" else torch.maximum(prev, t))
     return {g: s.to(torch.float32) for g, s in combined.items()}
+
+
+def _check_heads_disjoint(heads: Mapping[str, list[str]]) -> None:
+    """A head is what one task alone uses: the same module (or one inside another) in two tasks' heads is a
+    ConfigError naming both, rather than the module silently going to whichever task comes first."""
+    owned = [(m, name) for name, listed in heads.items() for m in listed]
+    for i, (m, a) in enumerate(owned):
+        for n, b in owned[i + 1:]:
+            if a != b and (m == n or m.startswith(n + ".") or n.startswith(m + ".")):
+                raise ConfigError(
+                    f"MultiTask: module {m!r} is in the head of task {a!r} and {n!r} in that of task {b!r}; a head "
+                    "is what one task alone uses, so list each module under one task (leave shared modules out of "
+                    "heads: they are scored by every task)")
 
 
 def head_owners(task: MultiTask, model: nn.Module, groups: list[Group]) -> dict[str, str]:

@@ -66,8 +66,9 @@ class Rung:
             threads when a rung bounds latency, else on torch with one thread.
         metrics: the task's metrics at this rung, after recovery.
         budget_met: whether ``costs`` meet ``budget`` (True for rung 0).
-        drop: how far its primary metric fell below the original model's (positive: worse).
-        within_tolerance: ``drop <= tolerance``.
+        drop: how far its primary metric fell below the original model's (positive: worse; a
+            :class:`~adaprune.MultiTask`'s first task's, every task's metric being in ``metrics``).
+        within_tolerance: ``drop <= tolerance``; for a MultiTask, every task's drop within its own tolerance.
     """
 
     index: int
@@ -170,7 +171,8 @@ def ladder(
         task: a :class:`~adaprune.Task` (``evaluate``; ``training_batches`` and ``loss`` for recovery;
             ``calibration`` for BatchNorm statistics and data-driven importance).
         rungs: one budget per rung below the full model, from the largest to the smallest.
-        tolerance: the largest acceptable drop of the task's metric (reported per rung).
+        tolerance: the largest acceptable drop of the task's metric (reported per rung; a
+            :class:`~adaprune.MultiTask` judges each task by its own tolerance instead).
         ignore: modules (or names) whose output width must not change (classifiers).
         finetune_steps: optimizer steps of the joint recovery of all rungs.
         importance: how channels are ordered (a criterion name or callable, as in :func:`adaprune.prune`).
@@ -296,7 +298,6 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
            options: dict[str, Any], stages: _Stages) -> tuple[NestedWidths, Ladder]:
     from ..adapt import adapt
 
-    sign = 1.0 if task.higher_is_better else -1.0
     calls = [0]
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -360,9 +361,11 @@ def _build(model: nn.Module, x: Any, task: Task, budgets: list[Budget], toleranc
         costs = static_values(count(live, x, disk=False))
         budget = budgets[k - 1] if k else None
         costs["latency"] = measure_latency(live, x, backend=backend, threads=threads).median_ms
-        drop = sign * (before[task.metric] - metrics[task.metric])
+        drops = [(c, (1.0 if c.higher_is_better else -1.0) * (before[c.metric] - metrics[c.metric]))
+                 for c in task.criteria()]  # one per task of a MultiTask, each with its own tolerance
+        within = all(d <= (tolerance if c.tolerance is None else c.tolerance) + 1e-12 for c, d in drops)
         out.append(Rung(k, budget, dict(nested.widths[k]), costs, metrics,
-                        budget.met(costs, values) if budget is not None else True, drop, drop <= tolerance + 1e-12))
+                        budget.met(costs, values) if budget is not None else True, drops[0][1], within))
     nested.use(0)
     return nested, Ladder(nested, out, before, taken, calls[0], ignore)
 
