@@ -19,7 +19,7 @@ Part 1, at each budget (fractions of the MACs) and seed:
 then every model is fine-tuned until it has taken ``--steps`` optimizer steps in all (adapt's own steps
 included): ``multi`` and ``uniform`` on both tasks (``MultiTask.finetune``: one batch of each per step,
 the sum of the losses), ``digit`` and ``ink`` on their own task's loss, as a user who prunes for that
-task alone would; all with Adam from lr 1e-3 on batches drawn in the same order (``--final cosine``, the
+task alone would; all with Adam from lr 1e-3, the batch order drawn from the seed (``--final cosine``, the
 default: the rate decayed to 0 over the remaining steps; ``constant``: held). Then each is measured on the
 held-out test split. A task is "within tolerance" when its test metric moved by
 at most its tolerance from the unpruned model's, in its own direction.
@@ -77,21 +77,25 @@ def ignored() -> list[str]:
 def recover(model: torch.nn.Module, task: Any, steps: int, seed: int, schedule: str) -> None:
     """The final fine-tuning, the same recipe for every method: ``steps`` Adam steps at lr 1e-3 on ``task``'s loss
     and training batches (a MultiTask: one batch of each task per step, the sum of the losses), the rate held
-    (``constant``) or decayed to 0 over the steps (``cosine``); the batch order is drawn from ``seed``."""
+    (``constant``) or decayed to 0 over the steps (``cosine``); the batch order is drawn from ``seed`` (the same
+    draws for every method; a MultiTask takes them in turn, one task's shuffle after the other's)."""
     torch.manual_seed(seed)
     if schedule == "constant":
         task.finetune(model, steps)
         return
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    was = model.training
+    flags = {m: m.training for m in model.modules()}  # (each module's mode put back, as the tasks' finetune does)
     model.train()
-    for x, y in itertools.islice(task.training_batches(), steps):
-        opt.zero_grad()
-        task.loss(model, x, y).backward()
-        opt.step()
-        sched.step()
-    model.train(was)
+    try:
+        for x, y in itertools.islice(task.training_batches(), steps):
+            opt.zero_grad()
+            task.loss(model, x, y).backward()
+            opt.step()
+            sched.step()
+    finally:
+        for m, f in flags.items():
+            m.training = f
 
 
 def run_method(method: str, base: torch.nn.Module, data: dict[str, Any], budget: float, tol: dict[str, float],

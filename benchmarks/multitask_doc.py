@@ -42,7 +42,7 @@ def multitask_section(payload: dict[str, Any]) -> list[str]:
               "step), single-task-guided adapt on its own task only, "
               + ("with the rate decayed to 0 over the remaining steps (cosine) and " if cfg.get("final") == "cosine"
                  else "at that rate, ") +
-              "the batches drawn in the same order for every method. Mean ± standard error over seeds "
+              "every method's batch order drawn from the seed. Mean ± standard error over seeds "
               f"{seeds}; 'within' counts the seeds whose test metric moved by at most the task's tolerance from the "
               "unpruned model's; 'met' the seeds whose run met the MACs budget."), "",
              ("Optimizer steps per run: " + ", ".join(sorted({str(r["optimizer_steps"]) for r in runs}))

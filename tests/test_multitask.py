@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import adaprune as ap
-from adaprune.errors import ConfigError
+from adaprune.errors import ConfigError, RunDirError
 from adaprune.examples.multihead import HeadTask, tasks, trained
 from adaprune.multitask import task_scores
 
@@ -168,6 +168,9 @@ def test_a_head_is_scored_by_its_own_task_only(base) -> None:
     for overlap in ({"digit": ["cls", "reg"], "ink": ["reg"]}, {"digit": ["reg.0"], "ink": ["reg"]}):
         with pytest.raises(ConfigError, match="in the head of task 'digit' .* in that of task 'ink'"):
             ap.MultiTask(t, TOL, heads=overlap)
+    for fine in ({"digit": ["cls", "cls"], "ink": "reg"}, {"digit": ["reg2"], "ink": ["reg"]},
+                 {"digit": ["cls", "cls.0"], "ink": ["reg"]}):  # within one task, or a name that only starts alike
+        ap.MultiTask(t, TOL, heads=fine)
 
 
 def test_refits_scores_and_fine_tuning_heed_every_task(base) -> None:
@@ -267,7 +270,7 @@ def test_a_ladder_of_a_multitask_sizes_every_rung_to_its_budget(base) -> None:
     assert [r.budget_met for r in lad.rungs] == [True, True, True]
 
 
-def test_a_multitask_ladders_rungs_are_judged_by_every_tasks_own_tolerance(base) -> None:
+def test_a_multitask_ladders_rungs_are_judged_by_every_tasks_own_tolerance(base, tmp_path) -> None:
     """A rung's ``drop`` is the first task's, but ``within_tolerance`` asks every task: a rung that keeps the
     digit within its loose tolerance and ruins the ink regression is not within tolerance."""
     model, data = base
@@ -280,6 +283,13 @@ def test_a_multitask_ladders_rungs_are_judged_by_every_tasks_own_tolerance(base)
     assert rung.drop == pytest.approx(digit_drop) and digit_drop <= 0.5
     assert ink_rise > 0.01 and not rung.within_tolerance
     assert lad.rungs[0].within_tolerance
+    loose = ap.MultiTask(tasks(data), {"digit": 1.0, "ink": 100.0})  # the tasks' own, not the ladder's 0
+    lad = ap.ladder(copy.deepcopy(model), data["xv"][:1], loose, [ap.Budget(macs=0.5)], tolerance=0.0,
+                    ignore=["cls", "reg.2"], run_dir=tmp_path / "lad")
+    assert lad.rungs[1].drop > 0 and lad.rungs[1].within_tolerance
+    with pytest.raises(RunDirError, match="tasks"):  # a resume must judge by the same tasks and tolerances
+        ap.ladder(copy.deepcopy(model), data["xv"][:1], mt, [ap.Budget(macs=0.5)], tolerance=0.0,
+                  ignore=["cls", "reg.2"], run_dir=tmp_path / "lad", resume=True)
 
 
 def test_the_convolutional_example_pairs_a_classifier_with_a_lower_is_better_dense_task() -> None:

@@ -106,10 +106,11 @@ class HeadTask:
 
     def training_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of 64, in a fresh order every pass (drawn from torch's generator, which adapt seeds at every
-        step), as a shuffling loader gives them: a step's recovery does not replay the last one's batches."""
+        step), as a shuffling loader gives them: a step's recovery does not replay the last one's batches. With
+        fewer than 64 examples, every batch is all of them."""
         while True:
             order = torch.randperm(len(self.x))
-            for i in range(0, len(order) - 63, 64):
+            for i in range(0, max(len(order) - 63, 1), 64):
                 yield self.x[order[i:i + 64]], self.y[order[i:i + 64]]
 
     def finetune(self, model: nn.Module, steps: int) -> None:

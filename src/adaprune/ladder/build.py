@@ -14,7 +14,8 @@
    (sandwich rule and in-place distillation, :mod:`adaprune.ladder.recovery`); then every rung gets
    its own BatchNorm statistics from the task's calibration batches.
 4. **Measure.** Each rung's costs (exact MACs, params, bytes; measured latency) and
-   metrics, and whether its metric stayed within ``tolerance`` of the original model's.
+   metrics, and whether its metric stayed within ``tolerance`` of the original model's (for a
+   :class:`~adaprune.MultiTask`, whether every task's did, each within its own tolerance).
 
 The model passed in becomes the ladder's live model (like :func:`adaprune.prune`, in place); if
 anything fails, it is restored as it was.
@@ -42,7 +43,7 @@ from ..cost.registry import static_values
 from ..errors import ArgumentTypeError, ConfigError
 from ..graph import Graph, ignore_items, ignore_names, trace
 from ..importance.registry import Context, default_loss, get_importance
-from ..multitask import MultiTask
+from ..multitask import MultiTask, task_settings
 from ..plan import Plan
 from ..scale import get_executor
 from ..task import Task, as_task
@@ -230,7 +231,8 @@ def ladder(
         rd.open(resume=resume, force=force, names=LADDER_RUN_FILES, state=LADDER_STATE)
     try:
         run = LadderRun(rd) if rd is not None else None
-        settings = settings_of(budgets, tolerance, names, finetune_steps, importance, rate, seed, options)
+        settings = {**settings_of(budgets, tolerance, names, finetune_steps, importance, rate, seed, options),
+                    **task_settings(task)}  # a MultiTask's tasks and tolerances: a resume must share them
         state = run.load(settings, model) if run is not None and resume and run.exists() else None
         stages = _Stages(run, state, settings, every)
         saved = {id(t): (t, t.data.clone()) for t in all_tensors(model).values()}  # (the recovery updates in place)
