@@ -21,6 +21,11 @@ Phases, each timed on its own:
   step, ``--iterations`` steps at most, ``probe_budget=--probes``), local and on Ray (a fresh executor, timed
   cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
   steps' full evaluations stay in this process.
+- **alternatives** (not in the defaults; ``--phases alternatives --out scaleout_alternatives``): ``ap.adapt`` as in
+  *adapt* (first step ``--step``) with ``alternatives=--alternatives``: each step cuts, fine-tunes and measures that
+  many sizes at once and keeps the largest within tolerance. Run here, on Ray (a fresh executor, timed cold: each
+  size's fine-tuning and evaluation on a worker), and here with one size at a time for reference. The Ray and the
+  local run must be identical.
 - **ladder**: ``ap.ladder`` with rungs at ``--ladder-rungs`` of the MACs (``--ladder-steps`` joint recovery steps
   of Adam at ``--ladder-lr``;
   each rung's allocation run with ``--probes`` and ``--iterations``), local and on Ray (timed cold): the allocation
@@ -207,6 +212,52 @@ def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Te
     return out
 
 
+def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """adapt with ``alternatives=--alternatives`` (each step's sizes cut, fine-tuned and measured at once), here and
+    on Ray, beside the one-size-at-a-time run here."""
+    import adaprune as ap
+
+    xt, yt, xv, yv = data
+
+    def task() -> ap.ClassificationTask:
+        return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
+                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
+                                     lr=0.01)
+
+    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
+                "probe_budget": args.probes, "seed": 0, "step": args.step, "max_step": max(args.step, 0.6)}
+    out: dict[str, Any] = {"macs": args.macs, "alternatives": args.alternatives, **settings}
+    results = {}
+    for name, k, where in (("one_size", 1, "local"), ("local", args.alternatives, "local"),
+                           ("ray", args.alternatives, "ray")):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if where == "local":
+            res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], alternatives=k, **settings)
+        else:
+            with ap.RayExecutor(workers=args.workers, threads=1) as ex:
+                res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], executor=ex,
+                               alternatives=k, **settings)
+        wall = time.perf_counter() - t0
+        results[name] = res
+        out[name] = {"wall_s": wall, "steps": len({h.step for h in res.history}), "tried": len(res.history),
+                     "accepted": sum(h.accepted for h in res.history), "evaluations": res.evaluations,
+                     "optimizer_steps": res.optimizer_steps, "budget_met": res.budget_met,
+                     "accuracy_before": res.before.get("accuracy"), "accuracy_after": res.after.get("accuracy"),
+                     "macs_after": res.costs_after["macs"] / res.costs_before["macs"]}
+        log(f"alternatives={k} {where}: {wall:.0f} s, {out[name]['steps']} steps ({len(res.history)} sizes tried), "
+            f"accuracy {res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}, "
+            f"MACs {out[name]['macs_after']:.3f}")
+    a, b = results["local"], results["ray"]
+    out["same_plan"] = a.plan.to_json() == b.plan.to_json()
+    out["same_decisions"] = [h.accepted for h in a.history] == [h.accepted for h in b.history]
+    out["identical"] = out["same_plan"] and \
+        [(h.accepted, h.metrics, h.costs) for h in a.history] == [(h.accepted, h.metrics, h.costs) for h in b.history]
+    out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
+    log(f"alternatives speedup {out['speedup']:.2f}x, same plan: {out['same_plan']}, identical: {out['identical']}")
+    return out
+
+
 def ladder_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """``ap.ladder`` with rungs at ``--ladder-rungs`` of the MACs, locally and on a fresh Ray executor (timed cold):
     the rungs' allocation runs evaluate their probes on the workers, and the finished rungs are evaluated there at
@@ -284,7 +335,9 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["mobilenet_v3_large", "resnet50"],
                    choices=["mobilenet_v3_large", "resnet50", "resnet18", "mobilenet_v2"])
     p.add_argument("--phases", nargs="+", default=["sensitivity", "adapt", "ladder", "ddp"],
-                   choices=["sensitivity", "adapt", "ladder", "ddp"])
+                   choices=["sensitivity", "adapt", "alternatives", "ladder", "ddp"])
+    p.add_argument("--alternatives", type=int, default=2, help="step sizes tried at once (the alternatives phase)")
+    p.add_argument("--step", type=float, default=0.25, help="adapt's first step (the alternatives phase)")
     p.add_argument("--ladder-rungs", nargs="+", type=float, default=[0.5, 0.25], help="the ladder's rungs (MACs)")
     p.add_argument("--ladder-steps", type=int, default=20, help="the ladder's joint recovery steps")
     p.add_argument("--ladder-lr", type=float, default=1e-3, help="the ladder's joint recovery learning rate (Adam)")
@@ -323,6 +376,9 @@ def main() -> int:
             save(args.out, payload)
         if "adapt" in args.phases:
             record["adapt"] = adapt_phase(args, model, data)
+            save(args.out, payload)
+        if "alternatives" in args.phases:
+            record["alternatives"] = alternatives_phase(args, model, data)
             save(args.out, payload)
         if "ladder" in args.phases:
             record["ladder"] = ladder_phase(args, model, data)

@@ -128,22 +128,30 @@ def small_task() -> ap.ClassificationTask:
 
 
 class Wrapped:
-    """A protocol task (a ClassificationTask inside) whose evaluation kills its process once on a worker
-    (with ``marker``), or whose ``stop_at``-th fine-tuning is interrupted (a run stopped in the middle)."""
+    """A protocol task (a ClassificationTask inside) whose evaluation (or with ``in_finetune`` its fine-tuning)
+    kills its process once on a worker (with ``marker``), or whose ``stop_at``-th fine-tuning is interrupted (a
+    run stopped in the middle). Where it ran (a process id per call) goes to ``log`` when given."""
 
     metric, higher_is_better = "accuracy", True
 
-    def __init__(self, marker: Path | None = None, stop_at: int = 0) -> None:
+    def __init__(self, marker: Path | None = None, stop_at: int = 0, in_finetune: bool = False,
+                 log: Path | None = None) -> None:
         self.inner, self.marker, self.driver = small_task(), marker, os.getpid()
-        self.stop_at, self.tunes = stop_at, 0
+        self.stop_at, self.tunes, self.in_finetune, self.log = stop_at, 0, in_finetune, log
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if self.marker is not None and os.getpid() != self.driver and not self.marker.exists():
+    def dies(self, where: bool) -> None:
+        if self.log is not None:
+            (self.log / f"{os.getpid()}-{os.urandom(4).hex()}").touch()
+        if where and self.marker is not None and os.getpid() != self.driver and not self.marker.exists():
             self.marker.touch()
             os._exit(1)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        self.dies(not self.in_finetune)
         return self.inner.evaluate(model)
 
     def finetune(self, model: nn.Module, steps: int) -> None:
+        self.dies(self.in_finetune)
         self.tunes += 1
         if self.tunes == self.stop_at:
             raise KeyboardInterrupt
@@ -153,8 +161,9 @@ class Wrapped:
         return self.inner.calibration()
 
 def run(task, tmp_path: Path, name: str, **kw) -> ap.AdaptResult:
-    return ap.adapt(cnn(), X[:2], task, ap.Budget(macs=0.5), tolerance=0.5, ignore=["6"], run_dir=tmp_path / name,
-                    max_iterations=3, finetune_steps=2, probe_budget=4, seed=3, **kw)
+    options = {"tolerance": 0.5, "max_iterations": 3, "finetune_steps": 2, "probe_budget": 4, "seed": 3}
+    return ap.adapt(cnn(), X[:2], task, ap.Budget(macs=0.5), ignore=["6"], run_dir=tmp_path / name,
+                    **{**options, **kw})
 
 
 def steps(result: ap.AdaptResult) -> list:
@@ -170,6 +179,20 @@ def test_adapt_on_ray_gives_the_local_plan_and_history_even_when_a_worker_dies(e
     local = run(Wrapped(), tmp_path, "local2")
     dying = run(Wrapped(marker), tmp_path, "dying", executor=executor)
     assert marker.exists() and dying.plan.to_json() == local.plan.to_json() and steps(dying) == steps(local)
+
+
+def test_a_steps_alternative_sizes_run_on_the_workers_to_the_local_run_even_when_one_dies(executor, tmp_path) -> None:
+    # (adaprune.adapt.alternatives: each size is cut, fine-tuned and measured on a worker)
+    options = {"alternatives": 3, "step": 0.6, "max_step": 0.6, "tolerance": 0.05, "confidence": 0}
+    local = run(Wrapped(), tmp_path, "local", **options)
+    assert len(local.history) > len({h.step for h in local.history})  # several sizes in a step
+    log, marker = tmp_path / "log", tmp_path / "died"
+    log.mkdir()
+    remote = run(Wrapped(marker, in_finetune=True, log=log), tmp_path, "ray", executor=executor, **options)
+    assert marker.exists() and remote.plan.to_json() == local.plan.to_json()
+    assert steps(remote) == steps(local) and remote.evaluations == local.evaluations
+    assert remote.optimizer_steps == local.optimizer_steps == 2 * len(local.history)
+    assert len({p.name.split("-")[0] for p in log.iterdir()} - {str(os.getpid())}) >= 2  # fine-tuned on the workers
 
 
 def test_a_run_stopped_on_ray_resumes_locally_to_the_same_plan(executor, tmp_path) -> None:

@@ -5,6 +5,7 @@ are finite numbers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from ..errors import ConfigError, PlanError, RunDirError, shown
 from ..plan import Plan
 from ..surgery.remove import remove
+from ..task import Criterion
+from .noise import check_examples
 from .state import ControllerState
 
 
@@ -81,4 +84,37 @@ def as_number(key: str, value: Any) -> float:
     )
 
 
-__all__ = ["as_number", "as_plan", "compose", "non_finite_metrics", "non_finite_weights", "replay", "same_weights"]
+def checked(out: Any, metric: str) -> dict[str, float]:
+    """What ``task.evaluate`` returned, as metric name -> float; it must hold the task's ``metric``."""
+    if not isinstance(out, Mapping):
+        raise ConfigError(
+            f"task.evaluate returned {shown(out)} ({type(out).__name__}); it must return a dict of "
+            f"metric name -> number that includes the task's metric {metric!r}"
+        )
+    if metric not in out:
+        raise ConfigError(f"task.evaluate returned {shown(sorted(map(str, out)))}, without the task's metric {metric!r}")
+    return {str(k): as_number(str(k), v) for k, v in out.items()}
+
+
+def examine(raw: tuple[Any, Mapping[str, Any]], metric: str, criteria: list[Criterion],
+            counts: Mapping[str, int]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """What ``task.evaluate_criteria`` returned, checked: the metrics (:func:`checked`) and, per criterion,
+    its per-example values checked against its metric and the original model's example count (``counts``,
+    absent before the original is measured); left out when the task gave none or the metric is not finite."""
+    out, found = raw
+    metrics = checked(out, metric)
+    values: dict[str, torch.Tensor] = {}
+    for c in criteria:
+        if c.metric not in metrics:
+            raise ConfigError(f"task.evaluate returned no {c.metric!r} (the metric of task {c.name!r}); "
+                              f"it returned {shown(sorted(metrics), 60)}")
+        value, given = metrics[c.metric], found.get(c.name)
+        if given is None or not math.isfinite(value):
+            continue
+        kept = check_examples(given, value, c.metric, counts.get(c.name))
+        if kept is not None:
+            values[c.name] = kept
+    return metrics, values
+
+
+__all__ = ["as_number", "as_plan", "checked", "compose", "examine", "non_finite_metrics", "non_finite_weights", "replay", "same_weights"]

@@ -36,7 +36,10 @@ class AdaptConfig:
     the run's cost (a transformer on a few hundred texts), 0.5 halves what probing costs.
     ``time_limit`` (seconds) and ``max_evaluations`` (calls of the task's evaluation) end the run with
     the last accepted model; both are checked before every step (a step under way completes) and are not
-    settings a resumed run must share.
+    settings a resumed run must share. ``alternatives``: how many step sizes each step tries at once (its size,
+    then each ``shrink`` times the one before, not below ``min_step``), each cut, recovered and measured on its
+    own, side by side on an executor's workers; the largest within tolerance is kept
+    (:mod:`adaprune.adapt.alternatives`; every size's recovery is counted in ``optimizer_steps``).
 
     Every field is checked for type and range on construction (NumPy scalars are converted to Python
     numbers); a bad one raises :class:`~adaprune.errors.ArgumentTypeError`, ``ConfigError`` or, for
@@ -69,6 +72,7 @@ class AdaptConfig:
     time_limit: float | None = None
     max_evaluations: int | None = None
     warm_finetune_steps: int | None = None
+    alternatives: int = 1
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -99,7 +103,7 @@ class AdaptConfig:
         if self.warm_finetune_steps is not None:
             put("warm_finetune_steps", as_int(self.warm_finetune_steps, "warm_finetune_steps", low=0))
         for name, low in (("finetune_steps", 0), ("max_iterations", 1), ("latency_repeats", 1),
-                          ("min_channels", 1), ("round_to", 1), ("probe_budget", 1), ("reprobe", 1)):
+                          ("min_channels", 1), ("round_to", 1), ("probe_budget", 1), ("reprobe", 1), ("alternatives", 1)):
             put(name, as_int(getattr(self, name), name, low=low))
         put("seed", as_int(self.seed, "seed", low=0, high=2**32 - 1))
         if self.reconstruct is not None:

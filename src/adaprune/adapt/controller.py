@@ -21,7 +21,6 @@ how far the budget remains). State goes to the run directory after every step.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import time
@@ -41,30 +40,31 @@ from ..cost import count
 from ..cost.budget import Budget, static_values
 from ..cost.latency import measure_latency
 from ..cost.predict import CostPredictor
-from ..errors import ConfigError, NonFiniteError, shown
+from ..errors import ConfigError, NonFiniteError
 from ..graph import Graph, Group, trace
 from ..importance import default_loss
 from ..multitask import calibration_of, task_scores, task_settings
 from ..plan import Plan, plan_from_choice
 from ..scale.distributed import active, broadcast, on_leader, sync_model
-from ..scale.executor import Executor
-from ..surgery import remove
+from ..scale.executor import Executor, LocalExecutor
 from ..surgery.check import find_broken
 from ..task import Criterion, Task
+from .alternatives import smaller_sizes, tried_key, try_sizes
+from .attempts import attempt
 from .blame import blame, suspects_of
 from .bookkeeping import (
-    as_number,
+    checked,
     compose,
+    examine,
     non_finite_metrics,
     non_finite_weights,
     replay,
-    same_weights,
 )
 from .config import AdaptConfig
 from .edge import at_the_edge, recover_only
 from .fill import fill
 from .latency_table import LatencyTable
-from .noise import Interval, SmallValidationWarning, check_examples, paired_interval, resolvable
+from .noise import Interval, SmallValidationWarning, paired_interval, resolvable
 from .probing import Probe, Prober, first_order
 from .recovery import Examples, Recovery
 from .retime import retime
@@ -119,6 +119,7 @@ class Controller(Recovery):
         self.model, self.x, self.task, self.budget, self.cfg = model, example_inputs, task, budget, config
         self.warm = warm  # a previous plan mapped onto this model (adaprune.adapt.warm), tried first
         self.ignore, self.run_dir = ignore, run_dir
+        self.executor: Executor = executor or LocalExecutor()  # probes, and a step's alternative sizes
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
         # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)
@@ -165,21 +166,11 @@ class Controller(Recovery):
     def examined(self, raw: tuple[Any, Mapping[str, Any]]) -> tuple[dict[str, float], Examples]:
         """What ``task.evaluate_criteria`` returned, counted and checked (:meth:`evaluate`)."""
         self.evaluations += 1
-        out, found = raw
-        metrics = self.checked(out)
-        values: Examples = {}
-        for c in self.criteria:
-            if c.metric not in metrics:
-                raise ConfigError(f"task.evaluate returned no {c.metric!r} (the metric of task {c.name!r}); "
-                                  f"it returned {shown(sorted(metrics), 60)}")
-            value, given = metrics[c.metric], found.get(c.name)
-            if given is None or not math.isfinite(value):
-                continue
-            base = self.baseline_values.get(c.name)
-            checked = check_examples(given, value, c.metric, None if base is None else base.numel())
-            if checked is not None:
-                values[c.name] = checked
-        return metrics, values
+        return examine(raw, self.task.metric, self.criteria, self.example_counts())
+
+    def example_counts(self) -> dict[str, int]:
+        """Per criterion, how many per-example values the original model's evaluation gave."""
+        return {name: t.numel() for name, t in self.baseline_values.items()}
 
     def probed(self, raw: Any) -> Any:
         """What a probe measured (:class:`ProbeMeasure`'s result, wherever it ran), counted and checked:
@@ -200,17 +191,7 @@ class Controller(Recovery):
         return self.prober.unmasked(work, self.lineage if cached else -1, self.canonical(state, Plan()))
 
     def checked(self, out: Any) -> dict[str, float]:
-        if not isinstance(out, Mapping):
-            raise ConfigError(
-                f"task.evaluate returned {shown(out)} ({type(out).__name__}); it must return a dict of "
-                f"metric name -> number that includes the task's metric {self.task.metric!r}"
-            )
-        if self.task.metric not in out:
-            raise ConfigError(
-                f"task.evaluate returned {shown(sorted(map(str, out)))}, without the task's metric "
-                f"{self.task.metric!r}"
-            )
-        return {str(k): as_number(str(k), v) for k, v in out.items()}
+        return checked(out, self.task.metric)
 
     def baseline(self, model: nn.Module) -> tuple[dict[str, float], Examples]:
         """The original model's metrics (which every step is measured against: they must be finite) and
@@ -360,7 +341,6 @@ class Controller(Recovery):
         field, limit = self.binding(state, values)
         final = state.step_size >= 1.0 - limit / values[field]  # this step aims at the budget itself
         size = min(state.step_size, 1.0 - limit / values[field])  # never aim past the budget
-        target = values[field] * (1.0 - size)
         graph = trace(work, self.x, ignore=self.ignore).without(set(state.protected))
         batches = calibration_of(self.task)  # drawn once per step: a shuffling loader gives other batches per call
         scores = task_scores(self.task, self.cfg.importance, work, graph.groups, self.loss, batches)
@@ -386,11 +366,17 @@ class Controller(Recovery):
             graph = graph.without(set(state.protected))
             probes = {c: p for c, p in probes.items() if all(g.name not in state.protected for g in p.groups)}
         table = LatencyTable(state.latency_table)
-        plan, ratios = self.allocate(graph, scores, probes, predictor, field, target, values, table, state.caps)
-        if final and not plan.is_empty and field != "latency":
-            tied = [[g.name for g in p.groups] for p in probes.values()] if self.cfg.uniform_layers else None
-            plan = fill(plan, graph, scores, target, lambda p: static_values(predictor(p))[field], self.cfg.round_to,
-                        tied)
+
+        def plan_at(at: float, to_budget: bool = False) -> tuple[Plan, dict[str, float]]:
+            found, ratios = self.allocate(graph, scores, probes, predictor, field, values[field] * (1.0 - at), values,
+                                          table, state.caps)
+            if to_budget and not found.is_empty and field != "latency":
+                tied = [[g.name for g in p.groups] for p in probes.values()] if self.cfg.uniform_layers else None
+                found = fill(found, graph, scores, values[field] * (1.0 - at),
+                             lambda p: static_values(predictor(p))[field], self.cfg.round_to, tied)
+            return found, ratios
+
+        plan, ratios = plan_at(size, final)
         if plan.is_empty:
             state.done = True
             state.message = self.unmet(state, values, self.why_empty(probes))
@@ -402,11 +388,15 @@ class Controller(Recovery):
                                     {g.name: list(g.removed) for g in plan.groups})
             if plan.is_empty:  # every group it cut breaks the model: allocate again without them
                 return work
-        tried = hashlib.sha256(f"{version}|{plan.to_json()}".encode()).hexdigest()[:16]
-        if tried in state.rejected:  # rolled back on these very weights before: not measured again
+        if tried_key(version, plan) in state.rejected:  # rolled back on these very weights before: not measured again
             state.step_size = size * self.cfg.shrink
             return work
-        snapshot, record, verdicts = self.attempt(work, state, plan, size)
+        options = smaller_sizes(self, work, state, graph, (size, plan, ratios), version, plan_at)
+        if len(options) > 1:  # alternatives=k: the sizes at once, the largest within tolerance kept
+            work, record, verdicts, (size, plan, ratios) = try_sizes(self, work, state, options, version)
+            snapshot = work
+        else:
+            snapshot, record, verdicts = self.attempt(work, state, plan, size)
         new_values = record.costs
         if record.accepted:
             if "latency" in values:
@@ -431,67 +421,13 @@ class Controller(Recovery):
                                      over if math.isfinite(over) else 2.0)
         state.step_size = size * self.cfg.shrink  # strictly smaller than what was just tried
         record.reason += ": rolled back, step halved"
-        state.rejected.append(tried)
+        state.rejected.append(tried_key(version, plan))
         return snapshot
 
     def attempt(self, work: nn.Module, state: ControllerState, plan: Plan, size: float,
                 steps: int | None = None, more: int = 0) -> tuple[nn.Module, StepRecord, list[Verdict]]:
-        """Cut ``plan`` from ``work``, recover (``steps`` optimizer steps, by default ``finetune_steps``),
-        measure and judge; record the step in the history. Accepted: the removals are folded into the
-        state and ``work`` is the model to go on with. Rolled back: the record's reason says why, and the
-        returned snapshot (``work`` as it was) is. Returns the snapshot, the record and the verdicts.
-
-        ``more``: when the verdict is undecided (every point drop within its tolerance, an interval's upper
-        end above it), recover ``more`` steps further and judge once again (the warm start's first try)."""
-        if active():  # under torchrun every process cuts rank 0's plan
-            plan = Plan.from_json(broadcast(plan.to_json()))
-        snapshot = copy.deepcopy(work)
-        # (with probe_data < 1 the cache holds evaluations of part of the data: not a step's measurement)
-        key = (self.lineage, self.canonical(state, plan)) if self.cfg.probe_data >= 1.0 and self.as_cut(work, steps) else None
-        remove(work, plan)
-        cached = self.prober.cache.get(key) if key is not None else None
-        if isinstance(cached, tuple):  # blame or a probe measured this very model
-            metrics, examples, failure, refit = self.finished(work, cached[0], cached[1], "")
-        else:
-            metrics, examples, failure, refit = self.measure(work, snapshot, plan, state.step, steps)
-            if key is not None and not failure and not refit:
-                self.prober.cache[key] = (metrics, examples)
-        verdicts = [] if failure else self.judge(state, metrics, examples)
-        over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
-        extended = ""
-        if over and more > 0 and self.recovery_steps(more) and all(
-                v.drop <= float(v.criterion.tolerance or 0.0) for v in verdicts):
-            first = "; ".join(self.said(v) for v in over)
-            try:
-                self.recover(work, state.step + 1_000_000, more)  # (its own seed: not the first recovery's draw)
-                metrics, examples, failure, _ = self.finished(work, *self.evaluate(work), refit)
-            except NonFiniteError as exc:
-                metrics, examples, failure = {}, {}, f"recovery failed ({type(exc).__name__}: {shown(str(exc), 200)})"
-            verdicts = [] if failure else self.judge(state, metrics, examples)
-            over = [v for v in verdicts if v.judged > float(v.criterion.tolerance or 0.0) + 1e-12]
-            steps = (self.recovery_steps(steps) + self.recovery_steps(more))
-            extended = f"undecided after the first recovery ({first}), recovered {more} steps more: "
-        new_values = self.costs(work)
-        binding = max(verdicts, key=lambda v: v.judged - float(v.criterion.tolerance or 0.0), default=None)
-        interval = None if binding is None else binding.interval
-        cuts = {g.name: len(g.removed) for g in plan.groups if g.removed}
-        # measure() ran one recovery, whatever it decided: its optimizer steps are spent
-        record = StepRecord(state.step, size, cuts, metrics, new_values, False, "", self.recovery_steps(steps),
-                            None if interval is None else [interval.low, interval.high], refit)
-        state.history.append(record)
-        if failure or over:
-            record.reason = extended + (failure or "; ".join(f"{self.said(v)} exceeds tolerance {v.criterion.tolerance}"
-                                                             for v in over))
-            return snapshot, record, verdicts
-        record.accepted = True
-        record.reason = extended + "; ".join(f"{self.said(v)} within tolerance {v.criterion.tolerance}"
-                                             for v in verdicts)
-        if not same_weights(work, snapshot, plan):  # recovered: probes of the earlier weights do not apply
-            self.lineage += 1
-        compose(state.removals, self.shapes, plan)
-        for tensor, dims in plan.removals.items():
-            state.sizes.setdefault(tensor, {}).update({str(d): self.shapes[tensor][d] for d in dims})
-        return snapshot, record, verdicts
+        """:func:`adaprune.adapt.attempts.attempt`: cut, recover, measure, judge, record."""
+        return attempt(self, work, state, plan, size, steps, more)
 
     def limit_reached(self) -> str:
         """Which of ``time_limit`` / ``max_evaluations`` the run has reached (``""``: neither)."""

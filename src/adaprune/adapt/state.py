@@ -212,8 +212,9 @@ def run_settings(config: Any, budget: Any, ignore: list[str], task: dict[str, An
     the modules kept whole (``ignore``, by name) and, for several tasks, what judges them (``task``:
     :func:`adaprune.multitask.task_settings`)."""
     options = {k: v for k, v in asdict(config).items() if k not in RUN_LIMITS}
-    for later, default in (("probe_data", 1.0), ("uniform_layers", False)):  # (added later: at the default, a
-        if options.get(later) == default:                                     # run saved before them resumes)
+    # (added later: at the default, a run saved before them resumes)
+    for later, default in (("probe_data", 1.0), ("uniform_layers", False), ("alternatives", 1)):
+        if options.get(later) == default:
             del options[later]
     return json.loads(json.dumps({**options, "budget": repr(budget), "ignore": json.dumps(sorted(ignore)), **(task or {})}))
 

@@ -73,6 +73,16 @@ def attempt(model: nn.Module, plan: Plan, measure: Callable[[nn.Module], Any], s
         return False, exc
 
 
+def run_job(run: Callable[[Any], Any], job: Any) -> tuple[bool, Any]:
+    """``run(job)`` as ``(True, result)`` or ``(False, the exception)``, under a forked generator (the job seeds
+    it; the caller's draws are untouched), gradients on: how every executor runs :meth:`Executor.map_runs`."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return True, run(job)
+    except Exception as exc:  # noqa: BLE001 - sent back: raised (or returned as Failed) by outcomes()
+        return False, exc
+
+
 def outcomes(answers: Iterable[tuple[bool, Any]], catch: tuple[type[BaseException], ...]) -> list[Any]:
     """The results of :func:`attempt` in order: an exception of a ``catch`` type as :class:`Failed`, any other
     raised here, as the type it was raised as."""
@@ -117,6 +127,16 @@ class Executor(ABC):
         override it to evaluate them at once (each model then travels to the worker that evaluates it)."""
         return [self.map(m, [Plan()], measure, seed=seed, catch=catch)[0] for m in models]
 
+    def map_runs(self, jobs: Sequence[Any], run: Callable[[Any], Any], *,
+                 catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
+        """``run(job)`` for each job, in order: work that may train what a job carries (an adapt step's
+        alternative sizes: each cut, recovered and measured, :mod:`adaprune.adapt.alternatives`). Gradients
+        are on, and ``run`` seeds the generator itself (it is forked around each job). Jobs and results travel
+        to and from the workers; ``catch`` as in :meth:`map`.
+
+        This default runs them here, one after another; executors with several workers run them at once."""
+        return outcomes((run_job(run, job) for job in jobs), catch)
+
     def prepare(self) -> None:
         """Start the workers without waiting for them (a call does this first, so that they start while it
         traces and scores the model); a no-op for the local executor."""
@@ -150,4 +170,4 @@ class LocalExecutor(Executor):
         return "LocalExecutor()"
 
 
-__all__ = ["Executor", "Failed", "LocalExecutor", "attempt", "evaluate_masked", "model_token", "outcomes"]
+__all__ = ["Executor", "Failed", "LocalExecutor", "attempt", "evaluate_masked", "model_token", "outcomes", "run_job"]

@@ -24,7 +24,7 @@ from torch import nn
 from .._check import as_int
 from ..errors import ConfigError
 from ..plan import Plan
-from .executor import Executor, attempt, model_token, outcomes
+from .executor import Executor, attempt, model_token, outcomes, run_job
 
 
 def _ray() -> Any:
@@ -54,9 +54,21 @@ class _Worker:
 
         if self.token != token or self.model is None:
             self.model, self.token = ray.get(model_box[0]), token
+        return attempt(self.model, Plan.from_json(plan_json), self.load(fn_box, fn_key), seed)
+
+    def call(self, fn_box: list[Any], fn_key: Any, job_box: list[Any]) -> tuple[bool, Any]:
+        """One job of :meth:`RayExecutor.map_runs`: the function (kept while its key holds) on the job."""
+        import ray
+
+        return run_job(self.load(fn_box, fn_key), ray.get(job_box[0]))
+
+    def load(self, fn_box: list[Any], fn_key: Any) -> Callable[[Any], Any]:
+        """The call's function: the one loaded last when the key is the same, else from the object store."""
+        import ray
+
         if self.fn_key != fn_key or self.fn is None:
             self.fn, self.fn_key = ray.get(fn_box[0]), fn_key
-        return attempt(self.model, Plan.from_json(plan_json), self.fn, seed)
+        return self.fn
 
 
 class RayExecutor(Executor):
@@ -81,7 +93,7 @@ class RayExecutor(Executor):
         self.address, self.init = address, dict(init or {})
         self.actors: list[Any] = []
         self._model: tuple[Any, Any] | None = None  # (token, object ref)
-        self._fn: tuple[Any, Any] | None = None  # (the function itself, object ref)
+        self._fns: list[tuple[Any, Any]] = []  # (the function itself, its object ref), the latest last
 
     def __repr__(self) -> str:
         return f"RayExecutor(workers={self.workers}, threads={self.threads}, address={self.address!r})"
@@ -142,15 +154,35 @@ class RayExecutor(Executor):
     def _run(self, measure: Callable[[nn.Module], Any], jobs: list[tuple[list[Any], Any, str]], seed: int,
              catch: tuple[type[BaseException], ...]) -> list[Any]:
         """Each job ``([model ref], model token, plan JSON)`` on the next free worker; the results in order."""
-        ray = self._start()
-        if self._fn is None or self._fn[0] is not measure:
-            self._fn = (measure, ray.put(measure))
-        fn_box, fn_key = [self._fn[1]], self._fn[1].hex()
+        fn_box, fn_key = self._shipped(measure)
         from ray.util import ActorPool
 
         pool = ActorPool(self.actors)
         return outcomes(pool.map(lambda actor, job: actor.run.remote(job[0], job[1], fn_box, fn_key, job[2], seed),
                                  jobs), catch)
+
+    def map_runs(self, jobs: Sequence[Any], run: Callable[[Any], Any], *,
+                 catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
+        """Every job to the object store, then ``run(job)`` on the workers at once; the results in order."""
+        if not jobs:
+            return []
+        ray = self._start()
+        fn_box, fn_key = self._shipped(run)
+        from ray.util import ActorPool
+
+        boxes = [[ray.put(job)] for job in jobs]
+        return outcomes(ActorPool(self.actors).map(lambda actor, box: actor.call.remote(fn_box, fn_key, box), boxes),
+                        catch)
+
+    def _shipped(self, fn: Callable[..., Any]) -> tuple[list[Any], str]:
+        """``fn`` in the object store (put once while it is one of the last few shipped: a step's probes and
+        its alternative sizes take turns), as a box for the workers and the key they keep it by."""
+        ray = self._start()
+        found = next((ref for f, ref in self._fns if f is fn), None)
+        if found is None:
+            found = ray.put(fn)
+            self._fns = [*self._fns[-3:], (fn, found)]
+        return [found], found.hex()
 
     def close(self) -> None:
         """Stop the workers; the Ray cluster itself stays up (``ray.shutdown()`` ends a local one)."""
@@ -158,7 +190,7 @@ class RayExecutor(Executor):
             ray = _ray()
             for actor in self.actors:
                 ray.kill(actor)
-        self.actors, self._model, self._fn = [], None, None
+        self.actors, self._model, self._fns = [], None, []
 
 
 __all__ = ["RayExecutor"]
