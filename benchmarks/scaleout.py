@@ -22,7 +22,7 @@ Phases, each timed on its own:
   cold). The plans and histories must be identical. Only the probes run on the workers: the fine-tuning and the
   steps' full evaluations stay in this process.
 - **alternatives** (not in the defaults; ``--phases alternatives --out scaleout_alternatives``): ``ap.adapt`` as in
-  *adapt* (first step ``--step``) with ``alternatives=--alternatives``: each step cuts, fine-tunes and measures that
+  *adapt* (first step ``--step``, the task's Adam at ``--lr``) with ``alternatives=--alternatives``: each step cuts, fine-tunes and measures that
   many sizes at once and keeps the largest within tolerance. Run here, on Ray (a fresh executor, timed cold: each
   size's fine-tuning and evaluation on a worker), and here with one size at a time for reference. The Ray and the
   local run must be identical.
@@ -222,11 +222,11 @@ def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[t
     def task() -> ap.ClassificationTask:
         return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
                                      DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
-                                     lr=0.01)
+                                     lr=args.lr)
 
     settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
                 "probe_budget": args.probes, "seed": 0, "step": args.step, "max_step": max(args.step, 0.6)}
-    out: dict[str, Any] = {"macs": args.macs, "alternatives": args.alternatives, **settings}
+    out: dict[str, Any] = {"macs": args.macs, "alternatives": args.alternatives, "lr": args.lr, **settings}
     results = {}
     for name, k, where in (("one_size", 1, "local"), ("local", args.alternatives, "local"),
                            ("ray", args.alternatives, "ray")):
@@ -338,6 +338,7 @@ def main() -> int:
                    choices=["sensitivity", "adapt", "alternatives", "ladder", "ddp"])
     p.add_argument("--alternatives", type=int, default=2, help="step sizes tried at once (the alternatives phase)")
     p.add_argument("--step", type=float, default=0.25, help="adapt's first step (the alternatives phase)")
+    p.add_argument("--lr", type=float, default=0.01, help="the task's fine-tuning rate (Adam; the alternatives phase)")
     p.add_argument("--ladder-rungs", nargs="+", type=float, default=[0.5, 0.25], help="the ladder's rungs (MACs)")
     p.add_argument("--ladder-steps", type=int, default=20, help="the ladder's joint recovery steps")
     p.add_argument("--ladder-lr", type=float, default=1e-3, help="the ladder's joint recovery learning rate (Adam)")

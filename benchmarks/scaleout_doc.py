@@ -93,6 +93,40 @@ def ladder_section(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def alternatives_section(payload: dict[str, Any]) -> list[str]:
+    """``scaleout.py --phases alternatives``: adapt trying several step sizes at once, here and on Ray workers."""
+    cfg = payload["config"]
+    k = cfg["alternatives"]
+    lines = [f"## Scale-out: {k} step sizes at once on Ray workers (`benchmarks/scaleout.py --phases alternatives`)", "",
+             (f"The models of the scale-out table. `ap.adapt` to {cfg['macs']:g} of the MACs, tolerance "
+              f"{cfg['tolerance']:g} (validation accuracy, {cfg['val']} images), first step {cfg['step']:g}, "
+              f"{cfg['finetune']} optimizer steps (Adam, lr {cfg['lr']:g}) per size tried, at most {cfg['iterations']} steps, "
+              f"`probe_budget={cfg['probes']}`. With `alternatives={k}` every step cuts, fine-tunes and measures "
+              f"{k} sizes (each half the one before) and keeps the largest within tolerance: *local* one after "
+              f"another in this process at {cfg['threads']} torch threads, *Ray* one per worker "
+              f"(`RayExecutor(workers={cfg['workers']}, threads=1)`, started inside the timed call); *one size* is "
+              "the default run (`alternatives=1`) here, for reference: it probes and blames again between the "
+              "sizes it tries, so it is another run, not the same one slower."), "",
+             ("| model | run | wall s | steps | sizes tried | accepted | optimizer steps | evaluations | "
+              "accuracy before -> after | MACs after | budget met |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in payload.get("models", {}).items():
+        alt = rec.get("alternatives")
+        if not alt:
+            continue
+        for run, label in (("one_size", "one size, here"), ("local", f"{k} sizes, here"), ("ray", f"{k} sizes, Ray")):
+            r = alt[run]
+            lines.append(f"| {NAMES.get(name, name)} | {label} | {r['wall_s']:.0f} | {r['steps']} | {r['tried']} | "
+                         f"{r['accepted']} | {r['optimizer_steps']} | {r['evaluations']} | "
+                         f"{r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} | {r['macs_after']:.3f} | "
+                         f"{'yes' if r['budget_met'] else 'no'} |")
+        lines += ["", (f"{NAMES.get(name, name)}: Ray against here with the same sizes, {alt['speedup']:.2f}x; same plan: "
+                       f"{'yes' if alt['same_plan'] else 'no'}, same decisions: {'yes' if alt['same_decisions'] else 'no'}, "
+                       f"bit-identical history: {'yes' if alt['identical'] else 'no'} (the workers sum at 1 thread, "
+                       "this process at 2).")]
+    return lines
+
+
 def search_section(payload: dict[str, Any]) -> list[str]:
     cfg, seeds = payload["config"], payload["seeds"]
     first = next(iter(seeds.values()))
