@@ -3,7 +3,7 @@ each process ended with to OUT/rank{rank}.json.
 
     python ddp_child.py finetune OUT cnn|mlp [sync]     # (the MLP has no BatchNorm; sync: SyncBatchNorm)
     python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_child.py finetune OUT cnn
-    ... ddp_child.py adapt OUT RUN_DIR [resume] [slow]
+    ... ddp_child.py adapt OUT RUN_DIR [resume] [slow] [alternatives]
 
 Fine-tuning also saves the weights (OUT/rank{rank}.safetensors).
 """
@@ -77,9 +77,11 @@ def main() -> None:
         torch.manual_seed(1)
         task.finetune(model, 150)  # (a model worth pruning; the same on every process)
         res = ap.adapt(model, data.x_val[:1], task, ap.Budget(macs=0.5), tolerance=0.05, ignore=[model.fc],
-                       run_dir=run_dir, resume="resume" in flags, seed=3, finetune_steps=10, max_iterations=4)
+                       run_dir=run_dir, resume="resume" in flags, seed=3, finetune_steps=10, max_iterations=4,
+                       alternatives=2 if "alternatives" in flags else 1)
         record.update(plan=res.plan.to_json(), accepted=[h.accepted for h in res.history], after=res.after,
-                      base=base, evaluations=res.evaluations)
+                      base=base, evaluations=res.evaluations, steps=[h.step for h in res.history],
+                      optimizer_steps=res.optimizer_steps)
     record["digest"] = digest(model)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))

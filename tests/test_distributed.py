@@ -84,3 +84,12 @@ def test_adapt_under_torchrun_killed_and_resumed_ends_with_the_plan_of_a_run_lef
         assert runs[0]["plan"] == runs[1]["plan"] and runs[0]["digest"] == runs[1]["digest"]
     assert resumed[0]["plan"] == straight[0]["plan"] and resumed[0]["accepted"] == straight[0]["accepted"]
     assert resumed[0]["after"] == straight[0]["after"] and any(straight[0]["accepted"])
+
+
+def test_adapt_under_torchrun_tries_a_steps_sizes_on_every_process_alike(tmp_path) -> None:
+    # (alternatives=2: under torchrun the sizes run one after another, each fine-tuned data-parallel)
+    runs = finished(["adapt", str(tmp_path / "out"), str(tmp_path / "run"), "alternatives"], 2, tmp_path / "out")
+    assert runs[0]["plan"] == runs[1]["plan"] and runs[0]["digest"] == runs[1]["digest"]
+    assert runs[0]["accepted"] == runs[1]["accepted"] and any(runs[0]["accepted"])
+    assert len(runs[0]["steps"]) > len(set(runs[0]["steps"]))  # several sizes in a step
+    assert runs[0]["optimizer_steps"] == 10 * len(runs[0]["steps"])
