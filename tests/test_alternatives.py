@@ -122,3 +122,28 @@ def test_every_sizes_recovery_is_counted_and_a_killed_run_resumes_to_the_same_pl
 def test_alternatives_is_checked(bad) -> None:
     with pytest.raises((ConfigError, TypeError), match="alternatives"):
         width_run(alternatives=bad)
+
+
+def test_adapt_fine_tunes_its_sizes_even_when_called_without_gradients(tmp_path) -> None:
+    model = trained()
+    for k in (1, 3):
+        with torch.no_grad():  # (recovery needs gradients whatever the caller's mode; before, a raw RuntimeError)
+            result = tuned_run(Stopping(), tmp_path, f"no_grad{k}", model, alternatives=k)
+        plain = tuned_run(Stopping(), tmp_path, f"grad{k}", model, alternatives=k)
+        assert [h.metrics for h in result.history] == [h.metrics for h in plain.history]
+
+
+def test_the_summary_and_the_report_tell_sizes_not_used_from_sizes_rolled_back(tmp_path) -> None:
+    from adaprune import report
+
+    result = width_run(alternatives=3)
+    unused = [h for h in result.history if h.unused]
+    assert unused and not any(h.accepted for h in unused)
+    steps = len({h.step for h in result.history})
+    rolled = sum(not h.accepted and not h.unused for h in result.history)
+    assert (f"steps: {steps}, {len(result.history)} sizes tried ({sum(h.accepted for h in result.history)} accepted, "
+            f"{rolled} rolled back, {len(unused)} within tolerance and not used)") in result.summary()
+    data = report.collect(result, mlp(), X[:2], latency=False, metric="width", tolerance=0.3)
+    html = report.write(data, tmp_path / "report")["html"].read_text()
+    assert html.count("<td>not used</td>") == len(unused)
+    assert html.count('<td class="bad">rolled back</td>') == rolled

@@ -3,6 +3,7 @@ is restarted and its candidate run again, and the choice of executor is checked.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -193,6 +194,32 @@ def test_a_steps_alternative_sizes_run_on_the_workers_to_the_local_run_even_when
     assert steps(remote) == steps(local) and remote.evaluations == local.evaluations
     assert remote.optimizer_steps == local.optimizer_steps == 2 * len(local.history)
     assert len({p.name.split("-")[0] for p in log.iterdir()} - {str(os.getpid())}) >= 2  # fine-tuned on the workers
+
+
+def test_a_steps_sizes_on_one_thread_workers_give_the_run_of_a_caller_at_two(executor) -> None:
+    # (each size runs at the caller's thread count wherever it runs: fine-tuning compounds last-bit differences)
+    torch.manual_seed(0)
+    x = torch.randn(160, 3, 12, 12)
+    y = (x.mean((2, 3)) @ torch.randn(3, 5)).argmax(1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+
+    def task() -> ap.ClassificationTask:
+        return ap.ClassificationTask(DataLoader(TensorDataset(x[:112], y[:112]), batch_size=16, shuffle=True),
+                                     DataLoader(TensorDataset(x[112:], y[112:]), batch_size=48), lr=0.01)
+
+    torch.manual_seed(2)
+    task().finetune(model, 150)
+    options = {"tolerance": 0.02, "ignore": ["8"], "alternatives": 2, "step": 0.6, "max_step": 0.6,
+               "finetune_steps": 20, "max_iterations": 3, "probe_budget": 4, "confidence": 0, "seed": 1}
+    torch.set_num_threads(2)  # (the one_thread fixture puts it back)
+    local = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), **options)
+    remote = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), executor=executor, **options)
+    assert len(local.history) > len({h.step for h in local.history})
+    assert [h.metrics for h in remote.history] == [h.metrics for h in local.history]
+    assert remote.plan.to_json() == local.plan.to_json()
 
 
 def test_a_run_stopped_on_ray_resumes_locally_to_the_same_plan(executor, tmp_path) -> None:

@@ -92,8 +92,12 @@ class AdaptResult:
             if k in self.costs_after:
                 b, a = self.costs_before[k], self.costs_after[k]
                 lines.append(f"{k}: {b:,.4g} -> {a:,.4g} ({a / b:.1%})" if b else f"{k}: {b} -> {a}")
-        accepted = sum(r.accepted for r in self.history)
-        lines.append(f"steps: {len(self.history)} ({accepted} accepted, {len(self.history) - accepted} rolled back)")
+        accepted, unused = sum(r.accepted for r in self.history), sum(r.unused for r in self.history)
+        rolled = len(self.history) - accepted - unused
+        steps = len({r.step for r in self.history})
+        lines.append(f"steps: {steps} ({accepted} accepted, {rolled} rolled back)" if steps == len(self.history) else
+                     f"steps: {steps}, {len(self.history)} sizes tried ({accepted} accepted, {rolled} rolled back, "
+                     f"{unused} within tolerance and not used)")
         lines.append(f"optimizer steps: {self.optimizer_steps} (fine-tuning in every step tried)")
         lines.append(f"evaluations: {self.evaluations}" + (
             f" ({self.part_evaluations} of part of the validation data: probe_data)" if self.part_evaluations else ""))
@@ -145,10 +149,11 @@ def adapt(
             name (:func:`adaprune.updates.map_plan`; what does not map is in ``warnings`` and
             ``warm_start``), tried first as one step, and grown back where the update needs what it cut
             (:mod:`adaprune.adapt.warm`). A plan for another model is a ``PlanMismatchError``.
-        executor: where each step's probes are evaluated: ``None``/``"local"`` (here, one after another),
-            ``"ray"`` or an :class:`adaprune.Executor` such as ``RayExecutor(workers=4)`` (each worker holds a
-            copy of the model and the task, which must then pickle). The run's plan is the same with any of
-            them. Not part of the run's settings: a resumed run may use another.
+        executor: where each step's probes (and, with ``alternatives=k``, its sizes: each cut, fine-tuned and
+            measured) run: ``None``/``"local"`` (here, one after another), ``"ray"`` or an
+            :class:`adaprune.Executor` such as ``RayExecutor(workers=4)`` (each worker holds a copy of the
+            model and the task, which must then pickle). The run's plan is the same with any of them. Not part
+            of the run's settings: a resumed run may use another.
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:
@@ -201,7 +206,8 @@ def adapt(
         if rd is not None and opened:
             rd.open(resume=resume, force=force)
         try:
-            with warnings.catch_warnings():  # the working copy's config: said once, for the result, below
+            # (gradients on: recovery fine-tunes and gradient-based criteria score, whatever the caller's mode)
+            with warnings.catch_warnings(), torch.enable_grad():  # the working copy's config: said once, below
                 warnings.simplefilter("ignore", UnsaveableConfigWarning)
                 work, state = controller.run(resume)
             plan = as_plan(state.removals, state.sizes)

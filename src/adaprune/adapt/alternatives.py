@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..graph import Graph
@@ -78,10 +79,9 @@ def smaller_sizes(ctl: Controller, work: nn.Module, state: ControllerState, grap
 
 @dataclass(frozen=True)
 class Job:
-    """One size to try, as it travels to a worker: the working model, the plan's JSON and the step."""
+    """One size to try, as it travels to a worker (the working model travels once per step, beside it)."""
 
-    model: nn.Module
-    plan: str
+    plan: str  # its JSON
     step: int
 
 
@@ -101,21 +101,29 @@ class Runner(Recovery):
 
 @dataclass(frozen=True)
 class Trial:
-    """What a worker runs for each :class:`Job`: cut the plan from a copy of the model, recover, measure.
-    Returns the :data:`Measured` outcome and the number of evaluations it made. It pickles (with the task)
-    for an executor whose workers are other processes."""
+    """What a worker runs for each :class:`Job`, given the working model: cut the plan from a copy, recover,
+    measure, at the caller's torch ``threads`` (a sum over more or fewer threads may come out other in its last
+    bits, and fine-tuning compounds that: at the caller's count the numbers are those of the caller, bit for
+    bit, on the same kind of CPU). Returns the :data:`Measured` outcome and the number of evaluations it made.
+    It pickles (with the task) for an executor whose workers are other processes; one is made per run."""
 
     cfg: AdaptConfig
     task: Task
     criteria: list[Criterion]
     counts: dict[str, int]
+    threads: int
 
-    def __call__(self, job: Job) -> tuple[Measured, int]:
+    def __call__(self, work: nn.Module, job: Job) -> tuple[Measured, int]:
         plan = Plan.from_json(job.plan)
-        model = copy.deepcopy(job.model)
+        model = copy.deepcopy(work)
         remove(model, plan)
         runner = Runner(self.cfg, self.task, self.criteria, self.counts)
-        metrics, examples, failure, refit = runner.measure(model, job.model, plan, job.step)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            metrics, examples, failure, refit = runner.measure(model, work, plan, job.step)
+        finally:
+            torch.set_num_threads(before)
         return (model, metrics, examples, failure, refit), runner.evaluations
 
 
@@ -129,8 +137,9 @@ def measure_all(ctl: Controller, work: nn.Module, state: ControllerState, option
             remove(model, plan)
             out.append((model, *ctl.measure(model, copy.deepcopy(work), plan, state.step)))
         return out
-    trial = Trial(ctl.cfg, ctl.task, ctl.criteria, ctl.example_counts())
-    done = ctl.executor.map_runs([Job(work, plan.to_json(), state.step) for _, plan, _ in options], trial)
+    if ctl.trial is None:  # (once per run: the workers keep it while it is the same object)
+        ctl.trial = Trial(ctl.cfg, ctl.task, ctl.criteria, ctl.example_counts(), torch.get_num_threads())
+    done = ctl.executor.map_runs(work, [Job(plan.to_json(), state.step) for _, plan, _ in options], ctl.trial)
     ctl.evaluations += sum(n for _, n in done)
     return [m for m, _ in done]
 
@@ -152,7 +161,7 @@ def try_sizes(ctl: Controller, work: nn.Module, state: ControllerState, options:
         if i == last:
             continue
         if record.accepted:
-            record.accepted = False
+            record.accepted, record.unused = False, True
             record.reason += f"; not used: the larger {options[last][0]:.1%} is within tolerance too"
         else:
             state.rejected.append(tried_key(version, options[i][1]))

@@ -49,7 +49,7 @@ from ..scale.distributed import active, broadcast, on_leader, sync_model
 from ..scale.executor import Executor, LocalExecutor
 from ..surgery.check import find_broken
 from ..task import Criterion, Task
-from .alternatives import smaller_sizes, tried_key, try_sizes
+from .alternatives import Trial, smaller_sizes, tried_key, try_sizes
 from .attempts import attempt
 from .blame import blame, suspects_of
 from .bookkeeping import (
@@ -120,6 +120,7 @@ class Controller(Recovery):
         self.warm = warm  # a previous plan mapped onto this model (adaprune.adapt.warm), tried first
         self.ignore, self.run_dir = ignore, run_dir
         self.executor: Executor = executor or LocalExecutor()  # probes, and a step's alternative sizes
+        self.trial: Trial | None = None  # what the executor runs for a step's alternative sizes (made once)
         self.loss = loss or default_loss  # for gradient-based criteria (taylor) on the calibration batches
         limits = Limits(min_channels=config.min_channels, round_to=config.round_to)
         # (full evaluations: a step whose model is a probe's masked model reuses it, per-example values included)

@@ -33,7 +33,9 @@ class StepRecord:
     ``finetune(model, steps)`` for; a rolled-back step spent them too. State files written before it
     was recorded read back as 0. ``interval`` is the confidence interval ``[low, high]`` of the metric's
     drop when the task returned per-example values (the step was judged by ``high``); ``refit`` says
-    whether the least-squares refit was kept, with the metric with and without it.
+    whether the least-squares refit was kept, with the metric with and without it. ``unused``: a size tried
+    beside the step's deciding one (``alternatives``) that was within tolerance and not kept, a larger one
+    being kept; ``accepted`` is False for it, yet it was not rolled back for its drop.
     """
 
     step: int
@@ -46,6 +48,7 @@ class StepRecord:
     optimizer_steps: int = 0
     interval: list[float] | None = None  # [low, high] of the metric drop (adaprune.adapt.noise), None without per-example values
     refit: str = ""  # what the least-squares refit did ("" when not tried)
+    unused: bool = False  # within tolerance, tried beside a larger size that was kept (alternatives)
 
 
 @dataclass
@@ -145,6 +148,7 @@ class _StepFile(_Strict):
     optimizer_steps: int = Field(0, ge=0)  # absent in state files from before it was recorded
     interval: list[float] | None = None
     refit: str = ""
+    unused: bool = False  # absent in state files from before alternatives
 
 
 class _WarmFile(_Strict):

@@ -94,7 +94,7 @@ def _describe(state: dict[str, Any], metric: str) -> str:
     macs = f"MACs {costs['macs'] / base['macs']:.0%}" if base.get("macs") else ""
     value = (last[-1]["metrics"] if last else state.get("baseline", {})).get(metric)
     shown = f", {metric} {value:.4f}" if isinstance(value, (int, float)) else ""
-    return f"step {len(history)}: {macs}{shown} ({len(last)} accepted)"
+    return f"step {len({h['step'] for h in history})}: {macs}{shown} ({len(last)} accepted)"
 
 
 @contextmanager
@@ -280,7 +280,8 @@ def summary(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "costs_before": data["costs_before"],
         "costs_after": data["costs_after"],
         "latency": data["latency"],
-        "steps": len(history),
+        "steps": len({h["step"] for h in history}),  # (with alternatives, several sizes tried in a step)
+        "sizes_tried": len(history),
         "accepted": sum(1 for h in history if h["accepted"]),
         "optimizer_steps": data.get("optimizer_steps"),  # fine-tuning steps spent, rolled-back steps included
         "report": {

@@ -18,7 +18,17 @@ from ..cost.registry import COSTS, cost_order
 
 ACCEPTED = {"marker": "o", "color": "#1a7f37", "label": "accepted"}
 ROLLED_BACK = {"marker": "x", "color": "#cf222e", "label": "rolled back"}
+NOT_USED = {"marker": "+", "color": "#6e7781", "label": "within tolerance, not used"}
 ORIGINAL = {"marker": "s", "color": "#444444", "label": "original"}
+KINDS = (ACCEPTED, ROLLED_BACK, NOT_USED)
+
+
+def _kind(h: dict[str, Any]) -> dict[str, str]:
+    """How a history record is drawn: accepted, rolled back, or within tolerance and not used (a size tried
+    beside a larger one that was kept: ``alternatives``)."""
+    return ACCEPTED if h["accepted"] else NOT_USED if h.get("unused") else ROLLED_BACK
+
+
 AXIS_LIMIT = 1e300
 """Larger magnitudes make matplotlib's tick and layout arithmetic overflow (float max is 1.8e308)."""
 LABELS = 40
@@ -98,8 +108,8 @@ def steps(data: dict[str, Any]) -> bytes | None:
             floor = None if tol is None else _value(base - tol if higher else base + tol)
             if floor is not None:
                 top.axhline(floor, color="#cf222e", linewidth=1, linestyle=":", label="tolerance limit")
-        for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
-            pts = _points((h["step"], h["metrics"].get(metric)) for h in history if h["accepted"] == accepted)
+        for style in KINDS:
+            pts = _points((h["step"], h["metrics"].get(metric)) for h in history if _kind(h) is style)
             if pts:
                 xs, ys = zip(*pts)
                 top.scatter(xs, ys, s=40, **style)
@@ -107,8 +117,8 @@ def steps(data: dict[str, Any]) -> bytes | None:
         top.legend(fontsize=8, loc="best")
     tops[0].set_title("metric" + ("s" if len(panels) > 1 else "") + " and cost after every step")
     for key in _cost_keys(data):
-        for style, accepted in ((ACCEPTED, True), (ROLLED_BACK, False)):
-            pts = _points((h["step"], _fraction(data, h["costs"], key)) for h in history if h["accepted"] == accepted)
+        for style in KINDS:
+            pts = _points((h["step"], _fraction(data, h["costs"], key)) for h in history if _kind(h) is style)
             if pts:
                 xs, ys = zip(*pts)
                 bottom.scatter(
@@ -169,9 +179,8 @@ def pareto(data: dict[str, Any]) -> bytes | None:
                 steps += [(h["step"], f, m) for f, m in _points([(_fraction(data, h["costs"], key),
                                                                   h["metrics"].get(metric))])]
         points = [(1.0, base)] + [(f, m) for _, f, m in steps]
-        rolled = _points(
-            (_fraction(data, h["costs"], key), h["metrics"].get(metric)) for h in data["history"] if not h["accepted"]
-        )
+        rolled, unused = (_points((_fraction(data, h["costs"], key), h["metrics"].get(metric))
+                                  for h in data["history"] if _kind(h) is kind) for kind in (ROLLED_BACK, NOT_USED))
         front = _frontier(points, data.get("higher_is_better", True))
         ax.plot(*zip(*front), color="#1a7f37", linewidth=1, alpha=0.6, label="Pareto front")
         ax.scatter([1.0], [base], s=50, **ORIGINAL)
@@ -184,6 +193,8 @@ def pareto(data: dict[str, Any]) -> bytes | None:
                 ax.set_title(f"step numbers on {len(labelled)} of {len(steps)} points", fontsize=8)
         if rolled:
             ax.scatter(*zip(*rolled), s=40, alpha=0.5, **ROLLED_BACK)
+        if unused:
+            ax.scatter(*zip(*unused), s=40, alpha=0.5, **NOT_USED)
         ax.set_xlabel(f"{key} (fraction of original)")
         ax.set_ylabel(metric)
         ax.invert_xaxis()
@@ -250,7 +261,8 @@ def sensitivity(data: dict[str, Any], top: int = 12) -> bytes | None:
 
 
 PLOTS = {
-    "steps": ("Metric and cost at every step (accepted: green circles, rolled back: red crosses)", steps),
+    "steps": (("Metric and cost at every step (accepted: green circles, rolled back: red crosses; with several "
+              "sizes tried at once, those within tolerance and not used: grey pluses)"), steps),
     "pareto": ("Accepted steps: cost against metric, with the Pareto front", pareto),
     "widths": ("Output width of each conv / linear layer, before and after", widths),
     "sensitivity": ("Sensitivity of the original model, per cluster of groups", sensitivity),

@@ -106,7 +106,7 @@ def steps_table(data: dict[str, Any]) -> Table:
             [
                 str(h["step"]),
                 f"{number(h['step_size']):.3f}",
-                "accepted" if h["accepted"] else "rolled back",
+                "accepted" if h["accepted"] else "not used" if h.get("unused") else "rolled back",
                 fmt(metric, h["metrics"].get(metric)),
                 _interval(h.get("interval")),
                 macs,

@@ -31,6 +31,7 @@ class StepRow(_Loose):
     optimizer_steps: int | None = Field(default=None, ge=0)  # absent in reports from before it was recorded
     interval: list[Number] | None = None  # [low, high] of the metric's drop; absent without per-example values
     refit: str = ""
+    unused: bool = False  # a size tried beside a larger one that was kept (alternatives); absent before them
 
 
 class LayerRow(_Loose):

@@ -73,12 +73,13 @@ def attempt(model: nn.Module, plan: Plan, measure: Callable[[nn.Module], Any], s
         return False, exc
 
 
-def run_job(run: Callable[[Any], Any], job: Any) -> tuple[bool, Any]:
-    """``run(job)`` as ``(True, result)`` or ``(False, the exception)``, under a forked generator (the job seeds
-    it; the caller's draws are untouched), gradients on: how every executor runs :meth:`Executor.map_runs`."""
+def run_job(run: Callable[[Any, Any], Any], shared: Any, job: Any) -> tuple[bool, Any]:
+    """``run(shared, job)`` as ``(True, result)`` or ``(False, the exception)``, gradients on, under a forked
+    generator (the job seeds it; the caller's draws are untouched): how every executor runs
+    :meth:`Executor.map_runs`."""
     try:
-        with torch.random.fork_rng(devices=[]):
-            return True, run(job)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            return True, run(shared, job)
     except Exception as exc:  # noqa: BLE001 - sent back: raised (or returned as Failed) by outcomes()
         return False, exc
 
@@ -127,15 +128,17 @@ class Executor(ABC):
         override it to evaluate them at once (each model then travels to the worker that evaluates it)."""
         return [self.map(m, [Plan()], measure, seed=seed, catch=catch)[0] for m in models]
 
-    def map_runs(self, jobs: Sequence[Any], run: Callable[[Any], Any], *,
+    def map_runs(self, shared: Any, jobs: Sequence[Any], run: Callable[[Any, Any], Any], *,
                  catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
-        """``run(job)`` for each job, in order: work that may train what a job carries (an adapt step's
-        alternative sizes: each cut, recovered and measured, :mod:`adaprune.adapt.alternatives`). Gradients
-        are on, and ``run`` seeds the generator itself (it is forked around each job). Jobs and results travel
-        to and from the workers; ``catch`` as in :meth:`map`.
+        """``run(shared, job)`` for each job, in order: work that may train what it builds from ``shared`` (an
+        adapt step's alternative sizes, each cut from the working model, recovered and measured:
+        :mod:`adaprune.adapt.alternatives`), so gradients are on; ``run`` seeds the generator itself (it is
+        forked around each job). ``shared`` travels to each worker once per call, ``run`` once while it is the
+        same object, the jobs and results each once; ``run`` must leave ``shared`` as it was. ``catch`` as
+        in :meth:`map`.
 
         This default runs them here, one after another; executors with several workers run them at once."""
-        return outcomes((run_job(run, job) for job in jobs), catch)
+        return outcomes((run_job(run, shared, job) for job in jobs), catch)
 
     def prepare(self) -> None:
         """Start the workers without waiting for them (a call does this first, so that they start while it

@@ -43,7 +43,9 @@ class _Worker:
         self.token: Any = None
         self.model: nn.Module | None = None
         self.fn_key: Any = None
-        self.fn: Callable[[nn.Module], Any] | None = None
+        self.fn: Callable[..., Any] | None = None
+        self.shared: Any = None
+        self.shared_key: Any = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -56,13 +58,16 @@ class _Worker:
             self.model, self.token = ray.get(model_box[0]), token
         return attempt(self.model, Plan.from_json(plan_json), self.load(fn_box, fn_key), seed)
 
-    def call(self, fn_box: list[Any], fn_key: Any, job_box: list[Any]) -> tuple[bool, Any]:
-        """One job of :meth:`RayExecutor.map_runs`: the function (kept while its key holds) on the job."""
+    def call(self, fn_box: list[Any], fn_key: Any, shared_box: list[Any], shared_key: Any, job: Any) -> tuple[bool, Any]:
+        """One job of :meth:`RayExecutor.map_runs`: the function and the shared object (each kept while its key
+        holds) on the job."""
         import ray
 
-        return run_job(self.load(fn_box, fn_key), ray.get(job_box[0]))
+        if self.shared_key != shared_key:
+            self.shared, self.shared_key = ray.get(shared_box[0]), shared_key
+        return run_job(self.load(fn_box, fn_key), self.shared, job)
 
-    def load(self, fn_box: list[Any], fn_key: Any) -> Callable[[Any], Any]:
+    def load(self, fn_box: list[Any], fn_key: Any) -> Callable[..., Any]:
         """The call's function: the one loaded last when the key is the same, else from the object store."""
         import ray
 
@@ -161,18 +166,19 @@ class RayExecutor(Executor):
         return outcomes(pool.map(lambda actor, job: actor.run.remote(job[0], job[1], fn_box, fn_key, job[2], seed),
                                  jobs), catch)
 
-    def map_runs(self, jobs: Sequence[Any], run: Callable[[Any], Any], *,
+    def map_runs(self, shared: Any, jobs: Sequence[Any], run: Callable[[Any, Any], Any], *,
                  catch: tuple[type[BaseException], ...] = ()) -> list[Any]:
-        """Every job to the object store, then ``run(job)`` on the workers at once; the results in order."""
+        """``shared`` to the object store once, then ``run(shared, job)`` on the workers at once; the results in
+        order."""
         if not jobs:
             return []
         ray = self._start()
         fn_box, fn_key = self._shipped(run)
+        ref = ray.put(shared)
         from ray.util import ActorPool
 
-        boxes = [[ray.put(job)] for job in jobs]
-        return outcomes(ActorPool(self.actors).map(lambda actor, box: actor.call.remote(fn_box, fn_key, box), boxes),
-                        catch)
+        return outcomes(ActorPool(self.actors).map(
+            lambda actor, job: actor.call.remote(fn_box, fn_key, [ref], ref.hex(), job), list(jobs)), catch)
 
     def _shipped(self, fn: Callable[..., Any]) -> tuple[list[Any], str]:
         """``fn`` in the object store (put once while it is one of the last few shipped: a step's probes and
