@@ -567,7 +567,8 @@ def main() -> int:
 
             lines += env_lines(name, found) + [""] + getattr(llm_doc, section)(found) + [""]
     for name, section in (("scaleout", "scaleout_section"), ("scaleout_ladder", "ladder_section"),
-                          ("scaleout_alternatives", "alternatives_section"), ("search", "search_section"),
+                          ("scaleout_alternatives", "alternatives_section"),
+                          ("scaleout_alternatives_2t", "alternatives_section"), ("search", "search_section"),
                           ("search_28", "search_section")):
         found = load(name)
         if found and (found.get("models") or found.get("seeds")):

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaprune as ap
+from adaprune.adapt.alternatives import WorkerThreadsWarning
 from adaprune.errors import ArgumentTypeError, ConfigError, NonFiniteError
 from adaprune.plan import plan_from_choice
 from adaprune.scale import Failed, LocalExecutor, get_executor
@@ -216,7 +217,8 @@ def test_a_steps_sizes_on_one_thread_workers_give_the_run_of_a_caller_at_two(exe
                "finetune_steps": 20, "max_iterations": 3, "probe_budget": 4, "confidence": 0, "seed": 1}
     torch.set_num_threads(2)  # (the one_thread fixture puts it back)
     local = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), **options)
-    remote = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), executor=executor, **options)
+    with pytest.warns(WorkerThreadsWarning, match=r"RayExecutor\(threads=2\)"):  # (1 CPU reserved each)
+        remote = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), executor=executor, **options)
     assert len(local.history) > len({h.step for h in local.history})
     assert [h.metrics for h in remote.history] == [h.metrics for h in local.history]
     assert remote.plan.to_json() == local.plan.to_json()

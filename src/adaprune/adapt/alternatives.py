@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,10 @@ from .state import ControllerState, StepRecord
 
 if TYPE_CHECKING:
     from .controller import Controller, Verdict
+
+class WorkerThreadsWarning(UserWarning):
+    """A step's sizes run at the caller's torch thread count on workers that reserved fewer CPUs."""
+
 
 Option = tuple[float, Plan, dict[str, float]]
 """One size a step tries: the size (of the binding cost), its plan, and its per-cluster ratios."""
@@ -139,6 +144,14 @@ def measure_all(ctl: Controller, work: nn.Module, state: ControllerState, option
         return out
     if ctl.trial is None:  # (once per run: the workers keep it while it is the same object)
         ctl.trial = Trial(ctl.cfg, ctl.task, ctl.criteria, ctl.example_counts(), torch.get_num_threads())
+        reserved = getattr(ctl.executor, "threads", None)
+        if ctl.executor.workers > 1 and isinstance(reserved, int) and reserved < ctl.trial.threads:
+            warnings.warn(
+                f"alternatives={ctl.cfg.alternatives}: each size runs at this process's {ctl.trial.threads} torch "
+                f"threads (so the numbers are this process's), on workers that reserved {reserved} CPU(s) each: "
+                f"they run more threads than they reserved, which can be several times slower. Pass "
+                f"{type(ctl.executor).__name__}(threads={ctl.trial.threads}) on a cluster with the CPUs for it, or "
+                f"torch.set_num_threads({reserved}) here", WorkerThreadsWarning, stacklevel=2)
     done = ctl.executor.map_runs(work, [Job(plan.to_json(), state.step) for _, plan, _ in options], ctl.trial)
     ctl.evaluations += sum(n for _, n in done)
     return [m for m, _ in done]
@@ -180,5 +193,5 @@ def try_sizes(ctl: Controller, work: nn.Module, state: ControllerState, options:
     return measured[kept][0], record, verdicts, options[kept]
 
 
-__all__ = ["Job", "Runner", "Trial", "measure_all", "smaller_sizes", "tried_key", "try_sizes"]
+__all__ = ["Job", "Runner", "Trial", "WorkerThreadsWarning", "measure_all", "smaller_sizes", "tried_key", "try_sizes"]
 
