@@ -97,14 +97,19 @@ def alternatives_section(payload: dict[str, Any]) -> list[str]:
     """``scaleout.py --phases alternatives``: adapt trying several step sizes at once, here and on Ray workers."""
     cfg = payload["config"]
     k = cfg["alternatives"]
-    lines = [f"## Scale-out: {k} step sizes at once on Ray workers (`benchmarks/scaleout.py --phases alternatives`)", "",
+    t = cfg["threads"]
+    lines = [(f"## Scale-out: {k} step sizes at once on Ray workers, this process at {t} thread{'s' if t > 1 else ''} "
+              "(`benchmarks/scaleout.py --phases alternatives`)"), "",
              (f"The models of the scale-out table. `ap.adapt` to {cfg['macs']:g} of the MACs, tolerance "
               f"{cfg['tolerance']:g} (validation accuracy, {cfg['val']} images), first step {cfg['step']:g}, "
               f"{cfg['finetune']} optimizer steps (Adam, lr {cfg['lr']:g}) per size tried, at most {cfg['iterations']} steps, "
               f"`probe_budget={cfg['probes']}`. With `alternatives={k}` every step cuts, fine-tunes and measures "
               f"{k} sizes (each half the one before) and keeps the largest within tolerance: *local* one after "
-              f"another in this process at {cfg['threads']} torch threads, *Ray* one per worker "
-              f"(`RayExecutor(workers={cfg['workers']}, threads=1)`, started inside the timed call); *one size* is "
+              f"another in this process at {t} torch thread{'s' if t > 1 else ''}, *Ray* one per worker "
+              f"(`RayExecutor(workers={cfg['workers']}, threads=1)`: 1 CPU reserved each, started inside the timed "
+              f"call; each size runs at this process's thread count, so the numbers are this process's"
+              + (f": here {t} threads on each 1-CPU worker, more than the machine's cores" if t > 1 else "")
+              + "); *one size* is "
               "the default run (`alternatives=1`) here, for reference: it probes and blames again between the "
               "sizes it tries, so it is another run, not the same one slower."), "",
              ("| model | run | wall s | steps | sizes tried | accepted | optimizer steps | evaluations | "
@@ -122,8 +127,7 @@ def alternatives_section(payload: dict[str, Any]) -> list[str]:
                          f"{'yes' if r['budget_met'] else 'no'} |")
         lines += ["", (f"{NAMES.get(name, name)}: Ray against here with the same sizes, {alt['speedup']:.2f}x; same plan: "
                        f"{'yes' if alt['same_plan'] else 'no'}, same decisions: {'yes' if alt['same_decisions'] else 'no'}, "
-                       f"bit-identical history: {'yes' if alt['identical'] else 'no'} (the workers sum at 1 thread, "
-                       "this process at 2).")]
+                       f"bit-identical history: {'yes' if alt['identical'] else 'no'}.")]
     return lines
 
 
