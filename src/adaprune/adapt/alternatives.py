@@ -162,8 +162,9 @@ def try_sizes(ctl: Controller, work: nn.Module, state: ControllerState, options:
     """Try every option at once; keep the largest within tolerance. Returns the model to go on with (the
     kept size's, else ``work`` as it was), the deciding record (the kept size's, else the smallest's, last
     in the history), its verdicts and its option. The other sizes are recorded before it, as not used."""
-    if active():  # under torchrun every process tries rank 0's plans
-        options = [(size, Plan.from_json(broadcast(plan.to_json())), ratios) for size, plan, ratios in options]
+    if active():  # under torchrun every process tries rank 0's sizes and plans (sent at once: as many on every rank)
+        sent = broadcast([(size, plan.to_json(), ratios) for size, plan, ratios in options])
+        options = [(size, Plan.from_json(text), ratios) for size, text, ratios in sent]
     measured = measure_all(ctl, work, state, options)
     judged = [conclude(ctl, state, plan, size, model, metrics, examples, failure, refit)
               for (size, plan, _), (model, metrics, examples, failure, refit) in zip(options, measured)]

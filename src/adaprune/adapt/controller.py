@@ -385,8 +385,8 @@ class Controller(Recovery):
         broken = find_broken(work, plan, graph, self.x)
         if broken:
             state.protected.extend(f.module for f in broken)
-            plan = plan_from_choice(graph.without({f.module for f in broken}),
-                                    {g.name: list(g.removed) for g in plan.groups})
+            graph = graph.without({f.module for f in broken})  # (the smaller sizes are allocated without them too)
+            plan = plan_from_choice(graph, {g.name: list(g.removed) for g in plan.groups})
             if plan.is_empty:  # every group it cut breaks the model: allocate again without them
                 return work
         if tried_key(version, plan) in state.rejected:  # rolled back on these very weights before: not measured again
