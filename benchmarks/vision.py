@@ -61,7 +61,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "segmentation": {
         "size": 64, "n_train": 256, "n_val": 48, "n_test": 128, "batch": 16,
         "base_steps": 480, "base_lr": 3e-3, "ft_lr": 1e-3, "steps": 120,
-        "tolerance": 0.02, "adapt_inner": 10, "adapt_iters": 8, "metric": "dice",
+        "tolerance": 0.02, "adapt_inner": 10, "adapt_iters": 8, "adapt_alternatives": 1, "metric": "dice",
         "model": "MONAI UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128), "
                  "strides=(2, 2, 2), num_res_units=2, act='RELU'); "
                  "instance norm (MONAI's default)",
@@ -70,7 +70,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "detection": {
         "size": 64, "n_train": 320, "n_val": 160, "n_test": 160, "batch": 8,
         "base_steps": 800, "base_lr": 2e-3, "ft_lr": 2e-4, "steps": 400, "rpn_nms_thresh": 1.0, "box_score_thresh": 0.0,
-        "tolerance": 0.05, "adapt_inner": 30, "adapt_iters": 12, "metric": "map",
+        "tolerance": 0.05, "adapt_inner": 30, "adapt_iters": 12, "adapt_alternatives": 1, "metric": "map",
         "model": "torchvision FasterRCNN: backbone conv3x3 16(s2)-32-64(s2)-64 with BN+ReLU, one feature map "
                  "(stride 4), anchors 12/18/24 px, RPN NMS off (IoU 1.0) so that exactly 30 proposals reach the box head "
                  "at test (a fixed MACs count), RoIAlign 4x4, box head 2x128 fc, min/max_size 64, 10 detections per "
@@ -319,7 +319,7 @@ def _run_method(setup: str, spec: dict[str, Any], method: str, model: nn.Module,
     if method == "adapt":
         res = ap.adapt(model, x, task, ap.Budget(macs=budget), tolerance=spec["tolerance"],
                        ignore=fixed_layers(setup, model), finetune_steps=spec["adapt_inner"],
-                       max_iterations=spec["adapt_iters"], seed=seed)
+                       max_iterations=spec["adapt_iters"], alternatives=spec.get("adapt_alternatives", 1), seed=seed)
         model = res.model
         inner = res.optimizer_steps
         rec.update(adapt_steps=len(res.history), adapt_accepted=sum(r.accepted for r in res.history),
@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         setups[setup][field] = type(setups[setup][field])(json.loads(value))
     for name in args.setups:
         s = setups[name]
-        if "adapt" in args.methods and s["adapt_inner"] * s["adapt_iters"] > s["steps"]:
-            p.error(f"{name}: adapt may take {s['adapt_inner'] * s['adapt_iters']} optimizer steps inside its loop, "
+        inside = s["adapt_inner"] * s["adapt_iters"] * s["adapt_alternatives"]  # (each size tried recovers)
+        if "adapt" in args.methods and inside > s["steps"]:
+            p.error(f"{name}: adapt may take {inside} optimizer steps inside its loop, "
                     f"more than the {s['steps']} every method gets")
 
     payload = (None if args.fresh else load(args.out)) or {"runs": [], "bases": []}

@@ -266,3 +266,17 @@ def test_sigint_leaves_a_resumable_run(workdir):
     assert out["budget_met"] is True, out["message"]
     assert out["steps"] >= len(saved["history"])
     assert json.loads(state.read_text())["history"][: len(saved["history"])] == saved["history"]
+
+
+def test_adapt_with_sizes_at_once_counts_steps_and_says_which_sizes_were_not_used(workdir):
+    cfg = config(workdir, "sizes", budget={"macs": 0.5},
+                 options={"finetune_steps": 5, "alternatives": 2, "max_iterations": 3, "step": 0.4})
+    result = invoke("adapt", cfg)
+    assert result.exit_code == 0, result.output
+    history = json.loads((workdir / "runs" / "sizes" / "report.json").read_text())["history"]
+    taken = len({h["step"] for h in history})
+    assert len(history) > taken and f"{taken} steps ({len(history)} sizes tried)" in result.output
+    unused = sum(bool(h.get("unused")) for h in history)
+    assert unused and (workdir / "runs" / "sizes" / "report.md").read_text().count("| not used |") == unused
+    out = json.loads(invoke("adapt", cfg, "--json", "--resume").stdout)
+    assert out["steps"] == taken and out["sizes_tried"] == len(history)

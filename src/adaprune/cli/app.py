@@ -116,7 +116,9 @@ def _print_summary(data: dict[str, Any], run_dir: Path) -> None:
     for line in warm_text(data):
         console.print(line, markup=False, highlight=False)
     steps = data["history"]
-    console.print(f"{len(steps)} steps, {sum(1 for h in steps if h['accepted'])} accepted")
+    taken = len({h["step"] for h in steps})  # (with alternatives, several sizes tried in a step)
+    tried = "" if taken == len(steps) else f" ({len(steps)} sizes tried)"
+    console.print(f"{taken} steps{tried}, {sum(1 for h in steps if h['accepted'])} accepted")
     console.print(f"report: {run_dir / 'report.html'} (also report.md, report.json)")
 
 
