@@ -322,10 +322,12 @@ def _run_method(setup: str, spec: dict[str, Any], method: str, model: nn.Module,
                        max_iterations=spec["adapt_iters"], alternatives=spec.get("adapt_alternatives", 1), seed=seed)
         model = res.model
         inner = res.optimizer_steps
-        rec.update(adapt_steps=len(res.history), adapt_accepted=sum(r.accepted for r in res.history),
+        rec.update(adapt_steps=len({h.step for h in res.history}), adapt_tried=len(res.history),
+                   adapt_accepted=sum(r.accepted for r in res.history),
                    adapt_budget_met=res.budget_met, adapt_message=res.message, adapt_evaluations=res.evaluations,
                    val_before=res.before.get(spec["metric"]), val_after=res.after.get(spec["metric"]),
-                   adapt_history=[{"step_size": round(h.step_size, 4), "accepted": h.accepted, "reason": h.reason[:160],
+                   adapt_history=[{"step": h.step, "step_size": round(h.step_size, 4), "accepted": h.accepted,
+                                   "unused": h.unused, "reason": h.reason[:160],
                                    "metric": round(h.metrics.get(spec["metric"], float("nan")), 4),
                                    "macs": round(h.costs.get("macs", float("nan")), 4)} for h in res.history])
     elif method == "static":

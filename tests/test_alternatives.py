@@ -147,3 +147,15 @@ def test_the_summary_and_the_report_tell_sizes_not_used_from_sizes_rolled_back(t
     html = report.write(data, tmp_path / "report")["html"].read_text()
     assert html.count("<td>not used</td>") == len(unused)
     assert html.count('<td class="bad">rolled back</td>') == rolled
+
+
+def test_an_unfinished_runs_report_counts_its_steps_not_its_sizes(tmp_path) -> None:
+    import json
+
+    from adaprune import report
+
+    with pytest.raises(KeyboardInterrupt):
+        tuned_run(Stopping(stop_at=5), tmp_path, "cut", trained())  # in the second step's sizes
+    state = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert len(state["history"]) == 3  # the first step's 3 sizes
+    assert report.from_state(state)["message"].startswith("run not finished: 1 step (3 sizes tried) so far")

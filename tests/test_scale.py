@@ -217,11 +217,35 @@ def test_a_steps_sizes_on_one_thread_workers_give_the_run_of_a_caller_at_two(exe
                "finetune_steps": 20, "max_iterations": 3, "probe_budget": 4, "confidence": 0, "seed": 1}
     torch.set_num_threads(2)  # (the one_thread fixture puts it back)
     local = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), **options)
-    with pytest.warns(WorkerThreadsWarning, match=r"RayExecutor\(threads=2\)"):  # (1 CPU reserved each)
+    with pytest.warns(WorkerThreadsWarning, match=r"RayExecutor\(threads=2\)") as caught:  # (1 CPU reserved each)
         remote = ap.adapt(copy.deepcopy(model), x[:2], task(), ap.Budget(macs=0.05), executor=executor, **options)
+    assert [w.filename for w in caught if w.category is WorkerThreadsWarning] == [__file__]  # once, at the call
     assert len(local.history) > len({h.step for h in local.history})
     assert [h.metrics for h in remote.history] == [h.metrics for h in local.history]
     assert remote.plan.to_json() == local.plan.to_json()
+
+
+class Unpickled(Wrapped):
+    """A task that notes in ``loads`` each time a process unpickles it (a worker loading it from the object store)."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        (self.loads / f"{os.getpid()}-{os.urandom(4).hex()}").touch()
+
+
+def test_a_worker_loads_the_task_once_for_the_probes_and_once_for_the_sizes(executor, tmp_path) -> None:
+    # (it keeps the last few functions: the probes' and the sizes' no longer evict each other every step)
+    log = tmp_path / "unpickled"
+    log.mkdir()
+    task = Unpickled()
+    task.loads = log
+    result = run(task, tmp_path, "loads", executor=executor, alternatives=2, step=0.15, max_step=0.15, tolerance=0.5,
+                 confidence=0, max_iterations=4)
+    assert len({h.step for h in result.history}) >= 3
+    loads: dict[str, int] = {}
+    for p in log.iterdir():
+        loads[p.name.split("-")[0]] = loads.get(p.name.split("-")[0], 0) + 1
+    assert loads and max(loads.values()) <= 2, loads
 
 
 def test_a_run_stopped_on_ray_resumes_locally_to_the_same_plan(executor, tmp_path) -> None:

@@ -152,8 +152,10 @@ def adapt(
         executor: where each step's probes (and, with ``alternatives=k``, its sizes: each cut, fine-tuned and
             measured) run: ``None``/``"local"`` (here, one after another), ``"ray"`` or an
             :class:`adaprune.Executor` such as ``RayExecutor(workers=4)`` (each worker holds a copy of the
-            model and the task, which must then pickle). The run's plan is the same with any of them. Not part
-            of the run's settings: a resumed run may use another.
+            model and the task, which must then pickle). The run's plan is the same with any of them (the sizes
+            run at this process's torch thread count; ``"ray"``'s workers reserve 1 CPU each, and a
+            ``WorkerThreadsWarning`` says when they would run more threads than that). Not part of the run's
+            settings: a resumed run may use another.
         **options: fields of :class:`AdaptConfig` (``importance``, ``step``, ``finetune_steps`` ...).
 
     Returns:

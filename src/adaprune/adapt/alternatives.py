@@ -79,6 +79,9 @@ def smaller_sizes(ctl: Controller, work: nn.Module, state: ControllerState, grap
             continue
         seen.add(text)
         options.append((size, plan, ratios))
+    if active():  # under torchrun every process tries rank 0's sizes and plans (all at once: as many everywhere)
+        sent = broadcast([(s, p.to_json(), r) for s, p, r in options])
+        options = [(s, Plan.from_json(text), r) for s, text, r in sent]
     return options
 
 
@@ -145,13 +148,14 @@ def measure_all(ctl: Controller, work: nn.Module, state: ControllerState, option
     if ctl.trial is None:  # (once per run: the workers keep it while it is the same object)
         ctl.trial = Trial(ctl.cfg, ctl.task, ctl.criteria, ctl.example_counts(), torch.get_num_threads())
         reserved = getattr(ctl.executor, "threads", None)
-        if ctl.executor.workers > 1 and isinstance(reserved, int) and reserved < ctl.trial.threads:
+        if isinstance(reserved, int) and reserved < ctl.trial.threads:
             warnings.warn(
                 f"alternatives={ctl.cfg.alternatives}: each size runs at this process's {ctl.trial.threads} torch "
                 f"threads (so the numbers are this process's), on workers that reserved {reserved} CPU(s) each: "
                 f"they run more threads than they reserved, which can be several times slower. Pass "
                 f"{type(ctl.executor).__name__}(threads={ctl.trial.threads}) on a cluster with the CPUs for it, or "
-                f"torch.set_num_threads({reserved}) here", WorkerThreadsWarning, stacklevel=2)
+                f"torch.set_num_threads({reserved}) here", WorkerThreadsWarning,
+                stacklevel=6)  # (user -> adapt -> run -> step -> try_sizes -> here)
     done = ctl.executor.map_runs(work, [Job(plan.to_json(), state.step) for _, plan, _ in options], ctl.trial)
     ctl.evaluations += sum(n for _, n in done)
     return [m for m, _ in done]
@@ -162,9 +166,6 @@ def try_sizes(ctl: Controller, work: nn.Module, state: ControllerState, options:
     """Try every option at once; keep the largest within tolerance. Returns the model to go on with (the
     kept size's, else ``work`` as it was), the deciding record (the kept size's, else the smallest's, last
     in the history), its verdicts and its option. The other sizes are recorded before it, as not used."""
-    if active():  # under torchrun every process tries rank 0's sizes and plans (sent at once: as many on every rank)
-        sent = broadcast([(size, plan.to_json(), ratios) for size, plan, ratios in options])
-        options = [(size, Plan.from_json(text), ratios) for size, text, ratios in sent]
     measured = measure_all(ctl, work, state, options)
     judged = [conclude(ctl, state, plan, size, model, metrics, examples, failure, refit)
               for (size, plan, _), (model, metrics, examples, failure, refit) in zip(options, measured)]

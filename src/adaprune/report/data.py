@@ -270,6 +270,12 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str]) 
     return {"path": Path(out).name, "bytes": Path(out).stat().st_size}
 
 
+def _steps_so_far(history: list[dict[str, Any]]) -> str:
+    """``"3 steps"``, or with several sizes tried in a step (alternatives) ``"3 steps (9 sizes tried)"``."""
+    steps = len({h.get("step") for h in history})
+    return f"{steps} step{'' if steps == 1 else 's'}" + ("" if steps == len(history) else f" ({len(history)} sizes tried)")
+
+
 def from_state(state: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """A report of an unfinished run from its ``state.json`` (the last accepted step is the 'after')."""
     history = state.get("history", [])
@@ -284,7 +290,7 @@ def from_state(state: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         history=history,
         budget_met=False,
         message=state.get("message")
-        or f"run not finished: {len(history)} steps so far ({len(accepted)} accepted)",
+        or f"run not finished: {_steps_so_far(history)} so far ({len(accepted)} accepted)",
         warnings=state.get("warnings", []),
         evaluations=state.get("evaluations"),
     )

@@ -42,8 +42,7 @@ class _Worker:
         torch.set_num_threads(threads)
         self.token: Any = None
         self.model: nn.Module | None = None
-        self.fn_key: Any = None
-        self.fn: Callable[..., Any] | None = None
+        self.fns: dict[Any, Callable[..., Any]] = {}  # the last few functions by key
         self.shared: Any = None
         self.shared_key: Any = None
 
@@ -68,13 +67,17 @@ class _Worker:
         return run_job(self.load(fn_box, fn_key), self.shared, job)
 
     def load(self, fn_box: list[Any], fn_key: Any) -> Callable[..., Any]:
-        """The call's function: the one loaded last when the key is the same, else from the object store."""
+        """The call's function: kept by its key, the last few (a step's probes and its alternative sizes take
+        turns), else from the object store."""
         import ray
 
-        if self.fn_key != fn_key or self.fn is None:
-            self.fn, self.fn_key = ray.get(fn_box[0]), fn_key
-        return self.fn
-
+        found = self.fns.pop(fn_key, None)
+        if found is None:
+            found = ray.get(fn_box[0])
+        self.fns[fn_key] = found  # (the latest last)
+        while len(self.fns) > 4:
+            del self.fns[next(iter(self.fns))]
+        return found
 
 class RayExecutor(Executor):
     """Candidate evaluations on ``workers`` Ray actors of ``threads`` CPU threads each.
