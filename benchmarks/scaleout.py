@@ -172,64 +172,20 @@ def sensitivity_phase(args: argparse.Namespace, model: nn.Module, data: tuple[to
     return out
 
 
-def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+def adapt_runs(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...], lr: float,
+               settings: dict[str, Any], runs: list[tuple[str, int, str]], out: dict[str, Any]) -> dict[str, Any]:
+    """``ap.adapt`` of a copy of ``model`` once per ``(name, alternatives, "local" or "ray")`` of ``runs`` (Ray: a
+    fresh executor, timed cold), each recorded in ``out[name]``; then the "local" and "ray" runs compared."""
     import adaprune as ap
 
     xt, yt, xv, yv = data
 
     def task() -> ap.ClassificationTask:
         return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
-                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
-                                     lr=0.01)
+                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128), lr=lr)
 
-    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
-                    "probe_budget": args.probes, "seed": 0}
-    out: dict[str, Any] = {"macs": args.macs, **settings}
     results = {}
-    for name in ("local", "ray"):
-        m = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        if name == "local":
-            res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], **settings)
-        else:
-            with ap.RayExecutor(workers=args.workers, threads=1) as ex:
-                res = ap.adapt(m, xv[:2], task(), ap.Budget(macs=args.macs), ignore=[head(m)], executor=ex, **settings)
-        wall = time.perf_counter() - t0
-        results[name] = res
-        out[name] = {"wall_s": wall, "steps": len(res.history), "accepted": sum(h.accepted for h in res.history),
-                     "evaluations": res.evaluations, "budget_met": res.budget_met,
-                     "accuracy_before": res.before.get("accuracy"), "accuracy_after": res.after.get("accuracy"),
-                     "macs_after": res.costs_after["macs"] / res.costs_before["macs"]}
-        log(f"adapt {name}: {wall:.0f} s, {len(res.history)} steps, accuracy "
-            f"{res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}")
-    a, b = results["local"], results["ray"]
-    out["same_plan"] = a.plan.to_json() == b.plan.to_json()
-    out["same_decisions"] = [h.accepted for h in a.history] == [h.accepted for h in b.history]
-    out["identical"] = out["same_plan"] and \
-        [(h.accepted, h.metrics, h.costs) for h in a.history] == [(h.accepted, h.metrics, h.costs) for h in b.history]
-    out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
-    log(f"adapt speedup {out['speedup']:.2f}x, same plan: {out['same_plan']}, identical: {out['identical']}")
-    return out
-
-
-def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """adapt with ``alternatives=--alternatives`` (each step's sizes cut, fine-tuned and measured at once), here and
-    on Ray, beside the one-size-at-a-time run here."""
-    import adaprune as ap
-
-    xt, yt, xv, yv = data
-
-    def task() -> ap.ClassificationTask:
-        return ap.ClassificationTask(DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
-                                     DataLoader(TensorDataset(xv[:args.val], yv[:args.val]), batch_size=128),
-                                     lr=args.lr)
-
-    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
-                "probe_budget": args.probes, "seed": 0, "step": args.step, "max_step": max(args.step, 0.6)}
-    out: dict[str, Any] = {"macs": args.macs, "alternatives": args.alternatives, "lr": args.lr, **settings}
-    results = {}
-    for name, k, where in (("one_size", 1, "local"), ("local", args.alternatives, "local"),
-                           ("ray", args.alternatives, "ray")):
+    for name, k, where in runs:
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         if where == "local":
@@ -245,8 +201,8 @@ def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[t
                      "optimizer_steps": res.optimizer_steps, "budget_met": res.budget_met,
                      "accuracy_before": res.before.get("accuracy"), "accuracy_after": res.after.get("accuracy"),
                      "macs_after": res.costs_after["macs"] / res.costs_before["macs"]}
-        log(f"alternatives={k} {where}: {wall:.0f} s, {out[name]['steps']} steps ({len(res.history)} sizes tried), "
-            f"accuracy {res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}, "
+        log(f"adapt {name} (alternatives={k}): {wall:.0f} s, {out[name]['steps']} steps ({len(res.history)} sizes "
+            f"tried), accuracy {res.before.get('accuracy'):.3f} -> {res.after.get('accuracy'):.3f}, "
             f"MACs {out[name]['macs_after']:.3f}")
     a, b = results["local"], results["ray"]
     out["same_plan"] = a.plan.to_json() == b.plan.to_json()
@@ -254,8 +210,26 @@ def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[t
     out["identical"] = out["same_plan"] and \
         [(h.accepted, h.metrics, h.costs) for h in a.history] == [(h.accepted, h.metrics, h.costs) for h in b.history]
     out["speedup"] = out["local"]["wall_s"] / out["ray"]["wall_s"]
-    log(f"alternatives speedup {out['speedup']:.2f}x, same plan: {out['same_plan']}, identical: {out['identical']}")
+    log(f"speedup {out['speedup']:.2f}x, same plan: {out['same_plan']}, identical: {out['identical']}")
     return out
+
+
+def adapt_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
+                "probe_budget": args.probes, "seed": 0}
+    out: dict[str, Any] = {"macs": args.macs, **settings}
+    return adapt_runs(args, model, data, 0.01, settings, [("local", 1, "local"), ("ray", 1, "ray")], out)
+
+
+def alternatives_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """adapt with ``alternatives=--alternatives`` (each step's sizes cut, fine-tuned and measured at once), here and
+    on Ray, beside the one-size-at-a-time run here."""
+    settings = {"tolerance": args.tolerance, "max_iterations": args.iterations, "finetune_steps": args.finetune,
+                "probe_budget": args.probes, "seed": 0, "step": args.step, "max_step": max(args.step, 0.6)}
+    out: dict[str, Any] = {"macs": args.macs, "alternatives": args.alternatives, "lr": args.lr, **settings}
+    k = args.alternatives
+    return adapt_runs(args, model, data, args.lr, settings,
+                      [("one_size", 1, "local"), ("local", k, "local"), ("ray", k, "ray")], out)
 
 
 def ladder_phase(args: argparse.Namespace, model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:

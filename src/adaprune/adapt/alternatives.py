@@ -42,6 +42,7 @@ from .state import ControllerState, StepRecord
 if TYPE_CHECKING:
     from .controller import Controller, Verdict
 
+
 class WorkerThreadsWarning(UserWarning):
     """A step's sizes run at the caller's torch thread count on workers that reserved fewer CPUs."""
 
@@ -64,7 +65,7 @@ def smaller_sizes(ctl: Controller, work: nn.Module, state: ControllerState, grap
     """``first`` and the smaller sizes of the step, each allocated by ``plan_at`` from the step's probes:
     ``size * shrink**i`` for ``i < alternatives`` and not below ``min_step``. A size whose plan is empty,
     the same as a larger one's, rolled back on these weights before, or cutting what breaks the model is
-    left out."""
+    left out (``graph`` is the step's, without the protected groups, so no plan cuts those)."""
     options, seen = [first], {first[1].to_json()}
     size = first[0]
     for _ in range(ctl.cfg.alternatives - 1):
@@ -75,7 +76,7 @@ def smaller_sizes(ctl: Controller, work: nn.Module, state: ControllerState, grap
         text = plan.to_json()
         if plan.is_empty or text in seen or tried_key(version, plan) in state.rejected:
             continue
-        if any(g.name in state.protected for g in plan.groups) or find_broken(work, plan, graph, ctl.x):
+        if find_broken(work, plan, graph, ctl.x):
             continue
         seen.add(text)
         options.append((size, plan, ratios))
@@ -188,7 +189,7 @@ def try_sizes(ctl: Controller, work: nn.Module, state: ControllerState, options:
     if kept is None:
         record.reason = f"{sizes}, none within tolerance; smallest: {record.reason}"
         return work, record, verdicts, options[last]
-    adopt(ctl, measured[kept][0], work, state, options[kept][1])
+    adopt(ctl, measured[kept][0], work, state, options[kept][1])  # (cuts work: the kept size's model goes on)
     record.reason += f"; the largest of {sizes} within tolerance"
     if kept > 0:
         state.step_size = options[kept][0]  # as a run of one size at a time would have shrunk to it

@@ -69,7 +69,7 @@ from .probing import Probe, Prober, first_order
 from .recovery import Examples, Recovery
 from .retime import retime
 from .rundir import RunDir
-from .state import ControllerState, StepRecord, check_resumable, model_signature, run_settings
+from .state import ControllerState, check_resumable, model_signature, run_settings
 from .warm import warm_key, warm_state, warm_step
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ class Controller(Recovery):
             work, record, verdicts, (size, plan, ratios) = try_sizes(self, work, state, options, version)
             snapshot = work
         else:
-            snapshot, record, verdicts = self.attempt(work, state, plan, size)
+            snapshot, record, verdicts = attempt(self, work, state, plan, size)
         new_values = record.costs
         if record.accepted:
             if "latency" in values:
@@ -424,11 +424,6 @@ class Controller(Recovery):
         record.reason += ": rolled back, step halved"
         state.rejected.append(tried_key(version, plan))
         return snapshot
-
-    def attempt(self, work: nn.Module, state: ControllerState, plan: Plan, size: float,
-                steps: int | None = None, more: int = 0) -> tuple[nn.Module, StepRecord, list[Verdict]]:
-        """:func:`adaprune.adapt.attempts.attempt`: cut, recover, measure, judge, record."""
-        return attempt(self, work, state, plan, size, steps, more)
 
     def limit_reached(self) -> str:
         """Which of ``time_limit`` / ``max_evaluations`` the run has reached (``""``: neither)."""

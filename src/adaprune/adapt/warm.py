@@ -41,6 +41,7 @@ from ..cost.predict import CostPredictor
 from ..graph import Graph, trace
 from ..plan import plan_from_choice
 from ..surgery.check import find_broken
+from .attempts import attempt
 from .state import ControllerState
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def warm_step(ctl: Controller, work: nn.Module, state: ControllerState, values: 
              f"warm start (try {w['tries']}): the previous plan with {len(w['restored'])} group"
              f"{'s' if len(w['restored']) > 1 else ''} grown back "
              f"({', '.join(w['restored'][:6])}{' ...' if len(w['restored']) > 6 else ''})")
-    snapshot, record, _ = ctl.attempt(work, state, plan, size, ctl.warm_steps(size), more=ctl.cfg.finetune_steps)
+    snapshot, record, _ = attempt(ctl, work, state, plan, size, ctl.warm_steps(size), more=ctl.cfg.finetune_steps)
     if record.accepted:
         w["outcome"] = "kept" if not w["restored"] else "grown back"
         record.reason = f"{label}: {record.reason}"
