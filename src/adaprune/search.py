@@ -15,7 +15,10 @@ with every candidate's cost exact (:class:`~adaprune.cost.predict.CostPredictor`
   that rounding left of the budget then given back as adapt's last step gives them back. The sampler is
   Optuna's TPE (Bergstra et al., 2011; the ``search`` extra), asked ``parallel`` candidates at a time (with
   the constant liar for the ones still out), which the executor evaluates at once (``executor="ray"`` spreads
-  them over Ray workers). The first candidate is the uniform allocation (every weight 1).
+  them over Ray workers). The first candidate is the uniform allocation (every weight 1). Each evaluation is
+  of a new plan: the caps and whole channels map many weights to one plan, and a sampled candidate that repeats
+  an evaluated one is told that value without costing an evaluation (2 and 4 of a 28-trial search's evaluations
+  on MNIST-1D, seeds 0 and 1, were repeats before).
   NetAdapt (Yang et al., 2018) and AMC (He et al., 2018) are the field's anchors for searching layer-wise
   ratios under a resource budget; this is the black-box form of that search, with a fixed number of
   evaluations so it can be compared with the sensitivity allocator at equal cost.
@@ -52,6 +55,9 @@ from .task import recalibrate_bn
 
 STEPS = 16
 """Bisection steps of the scale that meets the budget."""
+ASKS = 10
+"""A search asks its sampler for at most ``ASKS * trials`` candidates: the sampled weights that give a plan already
+evaluated (caps and whole channels map many weights to one plan) are told its value without another evaluation."""
 
 
 class _Space:
@@ -228,11 +234,14 @@ class Trial:
 @dataclass
 class SearchResult:
     """The best plan a search found (with the whole channels left of the budget given back: ``metric`` is its
-    candidate's, measured before), its metric, and every trial in the order they were asked."""
+    candidate's, measured before), its metric, and every evaluated trial in the order they were asked (each a
+    different plan)."""
 
     plan: Plan
     metric: float
     trials: list[Trial] = field(default_factory=list)
+    repeats: int = 0
+    """Sampled candidates whose plan had been evaluated already: told its value, not evaluated again."""
 
     @property
     def evaluations(self) -> int:
@@ -268,7 +277,9 @@ def search(
     Args:
         evaluate: ``evaluate(model) -> float``, higher is better (e.g. minus the validation loss), called on the
             model with a candidate's channels masked; it must pickle for Ray.
-        trials: how many candidates are evaluated (the search's whole cost in evaluations).
+        trials: how many candidates are evaluated (the search's whole cost in evaluations). Each is a different
+            plan: weights that give a plan already evaluated are told its value and asked again, at most
+            ``10 * trials`` times in all (fewer evaluations only where the space has fewer plans the sampler finds).
         parallel: candidates asked of the sampler at a time, evaluated at once by ``executor`` (the results do
             not depend on the executor, only on ``parallel`` and ``seed``).
         min_weight: the least weight a cluster can be given (its ratio is at least this fraction of the
@@ -309,21 +320,36 @@ def search(
     study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
     token = ("search", uuid.uuid4().hex)  # (the model does not change during the search: shipped once)
     out = SearchResult(Plan(), -math.inf)
+    seen: dict[str, float] = {}  # each plan evaluated once: a repeat is told its value and costs nothing
+    asks = 0
     try:
-        while len(out.trials) < trials:
-            asked = [study.ask() for _ in range(min(parallel, trials - len(out.trials)))]
-            made = []
-            for t in asked:
+        while len(out.trials) < trials and asks < trials * ASKS:
+            made: list[tuple[Any, dict[str, float], Plan, dict[str, float], str]] = []
+            twins: list[tuple[Any, str]] = []  # repeats of a plan asked in this same batch: told once it is known
+            while len(made) < min(parallel, trials - len(out.trials)) and asks < trials * ASKS:
+                t = study.ask()
+                asks += 1
                 weights = {n: t.suggest_float(f"w{i}", min_weight, 1.0) for i, n in enumerate(names)}
                 plan, ratios = space.scaled(weights)
-                made.append((t, weights, plan, ratios))
+                key = plan.to_json()
+                if key in seen:
+                    study.tell(t, seen[key])
+                    out.repeats += 1
+                elif any(key == m[4] for m in made):
+                    twins.append((t, key))
+                    out.repeats += 1
+                else:
+                    made.append((t, weights, plan, ratios, key))
             values = runner.map(model, [m[2] for m in made], evaluate, token=token)
-            for (t, weights, plan, ratios), value in zip(made, values):
+            for (t, weights, plan, ratios, key), value in zip(made, values):
                 metric = _number(value)
                 study.tell(t, metric)
+                seen[key] = metric
                 out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan)))
                 if metric > out.metric:
                     out.plan, out.metric = plan, metric
+            for t, key in twins:
+                study.tell(t, seen[key])
     finally:
         if owned:
             runner.close()
