@@ -216,3 +216,12 @@ def test_search_spends_each_evaluation_on_a_plan_it_has_not_evaluated() -> None:
     assert found.evaluations == len(judge.seen) == 12
     assert len(set(judge.seen)) == 12, judge.seen
     assert found.repeats > 0
+
+
+def test_each_trial_keeps_the_plan_it_evaluated() -> None:
+    model = cnn()
+    found = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=4, seed=2, ignore=[model[8]])
+    for t in found.trials:
+        handle = ap.mask(model, t.plan)
+        assert FirstLayerMatters()(model) == t.metric and macs(model, t.plan) <= 0.5
+        handle.undo()

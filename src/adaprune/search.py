@@ -222,13 +222,15 @@ class Tuned:
 
 @dataclass
 class Trial:
-    """One evaluated candidate: the sampler's weights, the ratios that met the budget, the metric, the costs."""
+    """One evaluated candidate: the sampler's weights, the ratios that met the budget, the metric, the costs, and
+    the plan that was evaluated (before any fill: e.g. to fine-tune the top few and keep the best of those)."""
 
     number: int
     weights: dict[str, float]
     ratios: dict[str, float]
     metric: float
     costs: dict[str, float]
+    plan: Plan = field(default_factory=Plan)
 
 
 @dataclass
@@ -345,7 +347,7 @@ def search(
                 metric = _number(value)
                 study.tell(t, metric)
                 seen[key] = metric
-                out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan)))
+                out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan), plan))
                 if metric > out.metric:
                     out.plan, out.metric = plan, metric
             for t, key in twins:
