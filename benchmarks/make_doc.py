@@ -569,7 +569,8 @@ def main() -> int:
     for name, section in (("scaleout", "scaleout_section"), ("scaleout_ladder", "ladder_section"),
                           ("scaleout_alternatives", "alternatives_section"),
                           ("scaleout_alternatives_2t", "alternatives_section"), ("search", "search_section"),
-                          ("search_28", "search_section")):
+                          ("search_28", "search_section"), ("search_t150", "search_section"),
+                          ("search_judges", "judges_section")):
         found = load(name)
         if found and (found.get("models") or found.get("seeds")):
             import scaleout_doc

@@ -3,6 +3,7 @@ allocator against the sensitivity allocator)."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 NAMES = {"mobilenet_v3_large": "MobileNetV3-Large", "resnet50": "ResNet-50", "resnet18": "ResNet-18",
@@ -131,48 +132,94 @@ def alternatives_section(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+SEARCH_JUDGES = {
+    "masked": ("", "masked", "masked, without fine-tuning, by minus the validation cross-entropy"),
+    "bn": ("+bn", "adaptive BN", ("after re-estimating its BatchNorm statistics on 8 training batches "
+                                 "(`adaprune.search.Recalibrated`, adaptive BN as EagleEye judges candidates)")),
+    "tuned": ("+tuned", "short-tune", ("after {steps} Adam steps on the masked candidate (`adaprune.search.Tuned`, "
+                                      "NetAdapt's short-term fine-tune, weights put back after)")),
+}
+"""``benchmarks/search.py``'s judges: the suffix of their rows, their name in the tables, how they judge."""
+
+
 def search_section(payload: dict[str, Any]) -> list[str]:
     cfg, seeds = payload["config"], payload["seeds"]
+    judges = cfg.get("judges", list(SEARCH_JUDGES))
     first = next(iter(seeds.values()))
-    lines = [(f"## Search allocator against the sensitivity allocator at {first['sensitivity']['evaluations']} evaluations "
-              "each (`benchmarks/search.py`)"), "",
+    evaluations = first["sensitivity" + SEARCH_JUDGES[judges[0]][0]]["evaluations"]
+    how = "; ".join(f"*{SEARCH_JUDGES[j][1]}*: {SEARCH_JUDGES[j][2]}" for j in judges).format(
+        steps=cfg.get("judge_steps", 30))
+    lines = [(f"## Search allocator against the sensitivity allocator at {evaluations} evaluations each, "
+              f"{', '.join(SEARCH_JUDGES[j][1] for j in judges)} judge{'s' if len(judges) > 1 else ''} "
+              "(`benchmarks/search.py`)"), "",
              (f"MNIST-1D, accuracy.py's CNN1D(32) (one base model per seed), {cfg['macs']:g} of the MACs. "
               f"*sensitivity*: `ap.sensitivity` (every cluster at {'/'.join(f'{r:g}' for r in cfg.get('ratios', [0.25, 0.5, 0.75]))}) "
               "then `ap.allocate_from_sensitivity`; "
               f"*search*: `ap.search` (Optuna TPE, 2 candidates at a time) with as many evaluations "
-              f"({first['sensitivity']['evaluations']}); *uniform*: every group the same ratio, no evaluations. Each "
-              "candidate is judged masked, without fine-tuning, by minus the validation cross-entropy (*adaptive BN*: "
-              "after re-estimating its BatchNorm statistics on 8 training batches, `adaprune.search.Recalibrated`; "
-              "the same judge for both allocators; *short-tune judge*: after "
-              f"{cfg.get('judge_steps', 30)} Adam steps on the masked candidate, `adaprune.search.Tuned`, NetAdapt's "
-              "short-term fine-tune, weights put back after). Every plan is "
+              f"({evaluations}); *uniform*: every group the same ratio, no evaluations. The same judge scores both "
+              f"allocators' candidates, {how}. Every plan is "
               f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
               "and scored on the 1,000 held-out test examples.")]
     if cfg.get("finetunes", 1) > 1:
         lines[-1] = lines[-1][:-len("and scored on the 1,000 held-out test examples.")] + (
             f"{cfg['finetunes']} times with other batch orders (the same {cfg['finetunes']} for every plan), and a "
             "plan's score is their mean accuracy on the 1,000 held-out test examples.")
+    if any("repeats" in first[n] for n in first if isinstance(first[n], dict)):
+        lines[-1] += (" A search's evaluations are all of different plans: a sampled candidate whose plan was "
+                      "evaluated before is told that value and costs no evaluation (*repeats told*: mean per seed).")
     lines += ["", f"Seeds: {len(seeds)} base models ({', '.join(seeds)}).", "",
               "| allocation | evaluations | MACs kept | test accuracy (mean ± sd) | lowest | highest |",
               "|---|---|---|---|---|---|"]
-    labels = {"uniform": "uniform", "sensitivity": "sensitivity", "search": "search",
-              "sensitivity+bn": "sensitivity, adaptive BN", "search+bn": "search, adaptive BN",
-              "sensitivity+tuned": "sensitivity, short-tune judge", "search+tuned": "search, short-tune judge"}
+    labels = {"uniform": "uniform"}
+    for j in judges:
+        suffix, name, _ = SEARCH_JUDGES[j]
+        tail = "" if j == "masked" else f", {name} judge"
+        labels.update({"sensitivity" + suffix: "sensitivity" + tail, "search" + suffix: "search" + tail})
     for name in [n for n in labels if n in payload["summary"]]:
         s = payload["summary"][name]
         accs = [seeds[k][name]["test_accuracy"] for k in seeds]
         kept = sum(seeds[k][name]["macs"] for k in seeds) / len(seeds)
-        lines.append(f"| {labels[name]} | {first[name]['evaluations']} | {kept:.3f} | **{s['mean']:.4f} ± {s['sd']:.4f}** "
+        evals = str(first[name]["evaluations"])
+        if "repeats" in first[name] and name.startswith("search"):  # sampled again, told, not evaluated
+            evals += f" (+{sum(seeds[k][name]['repeats'] for k in seeds) / len(seeds):.1f} repeats told)"
+        lines.append(f"| {labels[name]} | {evals} | {kept:.3f} | **{s['mean']:.4f} ± {s['sd']:.4f}** "
                      f"| {min(accs):.4f} | {max(accs):.4f} |")
     if "paired" in payload:
-        judges = {"": "masked", "+bn": "adaptive BN", "+tuned": "short-tune"}
+        names = {suffix: name for suffix, name, _ in SEARCH_JUDGES.values()}
         lines += ["", "Search minus sensitivity on the same base models (Student-t 95% interval over the seeds):", "",
                   "| judge | mean difference | 95% interval | search wins / ties / losses |", "|---|---|---|---|"]
         for j, pr in payload["paired"].items():
-            lines.append(f"| {judges[j]} | {pr['mean']:+.4f} | {pr['low']:+.4f} .. {pr['high']:+.4f} | "
+            lines.append(f"| {names[j]} | {pr['mean']:+.4f} | {pr['low']:+.4f} .. {pr['high']:+.4f} | "
                          f"{pr['wins']} / {pr['ties']} / {pr['losses']} |")
     shown = list(seeds)[:3]
-    lines += ["", f"Widths kept (conv layers), seeds {', '.join(shown)}: " + "; ".join(
-        f"seed {k}: " + ", ".join(f"{n} {seeds[k][n]['widths']}" for n in ("uniform", "sensitivity", "search"))
-        for k in shown) + "; dense [32, 64, 64, 128]."]
+    suffix = SEARCH_JUDGES[judges[0]][0]
+    lines += ["", f"Widths kept (conv layers; the {SEARCH_JUDGES[judges[0]][1]} judge's plans), seeds {', '.join(shown)}: "
+              + "; ".join(f"seed {k}: " + ", ".join(f"{n} {seeds[k][n + (suffix if n != 'uniform' else '')]['widths']}"
+                                                    for n in ("uniform", "sensitivity", "search"))
+                          for k in shown) + "; dense [32, 64, 64, 128]."]
+    return lines
+
+
+def judges_section(payload: dict[str, Any]) -> list[str]:
+    """benchmarks/search_judges.py: how well each judge ranks a search's plans by their fine-tuned accuracy."""
+    cfg, seeds = payload["config"], payload["seeds"]
+    how = "; ".join(f"*{SEARCH_JUDGES[j][1]}*: {SEARCH_JUDGES[j][2]}" for j in cfg["judges"]).format(
+        steps=cfg.get("judge_steps", 30))
+    lines = ["## How well each judge ranks the plans by their fine-tuned accuracy (`benchmarks/search_judges.py`)", "",
+             (f"MNIST-1D, accuracy.py's CNN1D(32), {cfg['macs']:g} of the MACs, as in the search sections above: "
+              f"`ap.search` with {cfg['trials']} evaluations per seed and judge ({how}), then every plan it evaluated "
+              f"cut and fine-tuned with {cfg['steps']} Adam steps, {cfg['finetunes']} batch orders, and scored by their "
+              "mean accuracy on the 1,000 held-out test examples. *Spearman*: rank correlation between the judge's "
+              "value and that accuracy over the trials; *judge's first*: the accuracy of the plan the judge ranks "
+              "first (the one a search returns, before its leftover channels are given back); *fine-tuning noise*: "
+              "the standard deviation of one fine-tuning run's accuracy about its plan's mean (the within-plan "
+              "variance over the batch orders, pooled over the plans)."), "",
+             "| seed | judge | trials | Spearman | judge's first | best trial | mean of the trials | fine-tuning noise |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed, judges in seeds.items():
+        for j, r in judges.items():
+            pairs = [t["test"] for t in r["trials"] if len(t["test"]) > 1]  # pooled within-plan variance
+            noise = f"{statistics.mean(statistics.variance(p) for p in pairs) ** 0.5:.4f}" if pairs else "-"
+            lines.append(f"| {seed} | {SEARCH_JUDGES[j][1]} | {len(r['trials'])} | {r['spearman']:+.3f} | "
+                         f"{r['judged_first']:.4f} | {r['best']:.4f} | {r['mean']:.4f} | {noise} |")
     return lines

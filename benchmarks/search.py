@@ -20,6 +20,7 @@ The summary pairs each judge's search and sensitivity plans on the same base mod
 test accuracy, its Student-t 95% interval over the seeds, and wins/ties/losses.
 
     python benchmarks/search.py                      # seeds 0 1 2 (a few minutes)
+    python benchmarks/search.py --seeds 0 1 2 3 4 5 6 7 8 9 --jobs 2 --judges tuned --judge-steps 150
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from common import RESULTS, environment, log, save
 import adaprune as ap
 from adaprune.search import Recalibrated, Tuned
 
-METHODS = ("uniform", "sensitivity", "search", "sensitivity+bn", "search+bn", "sensitivity+tuned", "search+tuned")
+JUDGES = {"masked": "", "bn": "+bn", "tuned": "+tuned"}
+"""``--judges`` names and the suffix of their rows' method names."""
 
 
 class ValScore:
@@ -58,6 +60,47 @@ class ValScore:
         return -float(nn.functional.cross_entropy(model(self.x), self.y))
 
 
+def judges(d: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """``--judges`` name -> a function making that judge: minus the validation cross-entropy of the masked
+    candidate, after re-estimating its BatchNorm statistics on 8 training batches, or after ``--judge-steps``
+    Adam steps on it (the training loader shuffles with the global generator each evaluation seeds)."""
+    score = ValScore(d["x_val"], d["y_val"])
+    calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 8 * BATCH, BATCH)]
+    tuning = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, 123), loader(d["x_val"], d["y_val"], False, 0),
+                                   lr=FT_LR)
+    return {"masked": lambda: score, "bn": lambda: Recalibrated(score, calib),
+            "tuned": lambda: Tuned(score, tuning, args.judge_steps)}
+
+
+def finetuned(model: nn.Module, d: dict[str, torch.Tensor], seed: int, args: argparse.Namespace) -> list[float]:
+    """Test accuracy of a copy of the cut ``model`` after each of the ``--finetunes`` fine-tuning runs: the same K
+    runs (batch orders, seeds) for every plan."""
+    out = []
+    for k in range(args.finetunes):
+        tuned = copy.deepcopy(model)
+        task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000 + 17 * k),
+                                     loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
+        torch.manual_seed(seed + 7 + 17 * k)
+        task.finetune(tuned, args.steps)
+        out.append(accuracy(tuned, d["x_test"], d["y_test"]))
+    return out
+
+
+def over_seeds(run: Any, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``{seed: run(seed, args, d)}`` for ``args.seeds``, ``args.jobs`` seeds at once in spawned processes of one
+    torch thread each (every seed is independent of the others, so the results do not change)."""
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            done = list(pool.map(run, args.seeds, [args] * len(args.seeds), [d] * len(args.seeds)))
+    else:
+        done = [run(s, args, d) for s in args.seeds]
+    return {str(s): out for s, out in zip(args.seeds, done)}
+
+
 def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict[str, Any]:
     spec = DATASETS["mnist1d"]
     base = cached_base(spec, d, seed, str(RESULTS / "cache" / "accuracy"), "mnist1d")
@@ -67,11 +110,9 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
     graph = ap.trace(base, x, ignore=[base.fc])
     out: dict[str, Any] = {"dense_test_accuracy": accuracy(base, d["x_test"], d["y_test"])}
     plans: dict[str, tuple[ap.Plan, int, float]] = {}
-    calib = [(d["x_train"][i:i + BATCH], d["y_train"][i:i + BATCH]) for i in range(0, 8 * BATCH, BATCH)]
-    tuning = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, 123), loader(d["x_val"], d["y_val"], False, 0),
-                                   lr=FT_LR)
-    judges = (("", score), ("+bn", Recalibrated(score, calib)), ("+tuned", Tuned(score, tuning, args.judge_steps)))
-    for suffix, judge in judges:
+    repeats: dict[str, int] = {}  # sampled candidates that repeated an evaluated plan (told, not evaluated)
+    made = judges(d, args)
+    for suffix, judge in ((JUDGES[j], made[j]()) for j in args.judges):
         t0 = time.perf_counter()
         table = ap.sensitivity(base, x, judge, ratios=args.ratios, graph=graph)
         evaluations = len(table.rows) + 1
@@ -80,6 +121,7 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
         t0 = time.perf_counter()
         found = ap.search(base, x, judge, budget, trials=evaluations, parallel=2, seed=seed, graph=graph)
         plans["search" + suffix] = (found.plan, found.evaluations, time.perf_counter() - t0)
+        repeats["search" + suffix] = found.repeats
     uniform = copy.deepcopy(base)
     t0 = time.perf_counter()
     res = ap.prune(uniform, x, budget=budget, allocation="uniform", ignore=[uniform.fc])
@@ -90,15 +132,9 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
         macs = ap.count(model, x).macs / ap.count(base, x).macs
         with torch.no_grad():
             before = score(model)
-        tuned = []
-        for k in range(args.finetunes):  # the same K fine-tuning runs (batches, seeds) for every plan
-            copy_ = copy.deepcopy(model)
-            task = ap.ClassificationTask(loader(d["x_train"], d["y_train"], True, seed + 1000 + 17 * k),
-                                         loader(d["x_val"], d["y_val"], False, 0), lr=FT_LR)
-            torch.manual_seed(seed + 7 + 17 * k)
-            task.finetune(copy_, args.steps)
-            tuned.append(accuracy(copy_, d["x_test"], d["y_test"]))
-        out[name] = {"evaluations": evals, "allocation_s": seconds, "macs": macs, "budget_met": macs <= args.macs,
+        tuned = finetuned(model, d, seed, args)
+        out[name] = {"evaluations": evals, "repeats": repeats.get(name, 0), "allocation_s": seconds, "macs": macs,
+                     "budget_met": macs <= args.macs,
                      "val_score_before_finetune": before,
                      "test_accuracy": statistics.mean(tuned), "test_accuracy_per_finetune": tuned,
                      "widths": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv1d)]}
@@ -129,23 +165,27 @@ def main() -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                    help="the sensitivity table's ratios (the evaluations of both allocators: clusters x ratios + 1)")
     p.add_argument("--judge-steps", type=int, default=30, help="optimizer steps of the short-tune judge")
+    p.add_argument("--judges", nargs="+", choices=list(JUDGES), default=list(JUDGES),
+                   help="how candidates are judged, for both allocators alike (each adds a sensitivity and a search row)")
     p.add_argument("--finetunes", type=int, default=1,
                    help="fine-tuning runs per plan (other batch orders); a plan's test accuracy is their mean")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds run in this many processes at once, one torch thread each (results do not change)")
     p.add_argument("--out", default="search")
     args = p.parse_args()
     torch.set_num_threads(1)
     payload: dict[str, Any] = {"environment": environment(1), "config": {**vars(args), "batch": BATCH, "lr": FT_LR}}
     d = DATASETS["mnist1d"]["data"]()
-    payload["seeds"] = {str(s): run(s, args, d) for s in args.seeds}
+    payload["seeds"] = over_seeds(run, args, d)
     summary = {}
-    for name in METHODS:
+    for name in ["uniform"] + [m + JUDGES[j] for j in args.judges for m in ("sensitivity", "search")]:
         accs = [payload["seeds"][str(s)][name]["test_accuracy"] for s in args.seeds]
         summary[name] = {"mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                          "per_seed": accs}
         log(f"{name}: test accuracy {summary[name]['mean']:.4f} ± {summary[name]['sd']:.4f}")
     payload["summary"] = summary
-    payload["paired"] = {judge: paired(payload["seeds"], args.seeds, "search" + judge, "sensitivity" + judge)
-                         for judge in ("", "+bn", "+tuned")}
+    payload["paired"] = {JUDGES[j]: paired(payload["seeds"], args.seeds, "search" + JUDGES[j], "sensitivity" + JUDGES[j])
+                         for j in args.judges}
     for judge, pr in payload["paired"].items():
         log(f"search{judge} - sensitivity{judge}: {pr['mean']:+.4f} (95% CI {pr['low']:+.4f} .. {pr['high']:+.4f}), "
             f"wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}")
