@@ -342,7 +342,7 @@ def search(
                     out.repeats += 1
                 else:
                     made.append((t, weights, plan, ratios, key))
-            values = runner.map(model, [m[2] for m in made], evaluate, token=token)
+            values = runner.map(model, [m[2] for m in made], evaluate, token=token) if made else []
             for (t, weights, plan, ratios, key), value in zip(made, values):
                 metric = _number(value)
                 study.tell(t, metric)
