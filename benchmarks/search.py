@@ -8,6 +8,9 @@ it, one base model per seed. At ``--macs`` of the MACs (default 1/8), three allo
   ratios + 1 evaluations),
   then ``ap.allocate_from_sensitivity``.
 - ``search``: ``ap.search`` with ``trials=E`` (Optuna TPE, ``parallel=2``), the same E evaluations.
+- ``netadapt``: ``ap.search(method="netadapt")`` with ``trials=E``: NetAdapt's greedy path, E // clusters steps to
+  the budget, one candidate per cluster a step (``gamma`` 3, the default, not tuned here): clusters x (E // clusters)
+  evaluations, at most E.
 
 Both evaluate candidates the same way: the masked model's (no fine-tuning) cross-entropy on the 500 validation
 examples, negated; the ``+bn`` rows do the same after re-estimating the candidate's BatchNorm statistics on 8
@@ -47,6 +50,8 @@ from adaprune.search import Recalibrated, Tuned
 
 JUDGES = {"masked": "", "bn": "+bn", "tuned": "+tuned"}
 """``--judges`` names and the suffix of their rows' method names."""
+METHODS = {"tpe": "search", "netadapt": "netadapt"}
+"""``--methods`` (``ap.search``'s ``method``) and their rows' method names."""
 
 
 class ValScore:
@@ -118,10 +123,12 @@ def run(seed: int, args: argparse.Namespace, d: dict[str, torch.Tensor]) -> dict
         evaluations = len(table.rows) + 1
         plans["sensitivity" + suffix] = (ap.allocate_from_sensitivity(base, x, table, budget, graph=graph),
                                          evaluations, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        found = ap.search(base, x, judge, budget, trials=evaluations, parallel=2, seed=seed, graph=graph)
-        plans["search" + suffix] = (found.plan, found.evaluations, time.perf_counter() - t0)
-        repeats["search" + suffix] = found.repeats
+        for method in args.methods:
+            t0 = time.perf_counter()
+            found = ap.search(base, x, judge, budget, trials=evaluations, method=method, parallel=2, seed=seed,
+                              graph=graph)
+            plans[METHODS[method] + suffix] = (found.plan, found.evaluations, time.perf_counter() - t0)
+            repeats[METHODS[method] + suffix] = found.repeats
     uniform = copy.deepcopy(base)
     t0 = time.perf_counter()
     res = ap.prune(uniform, x, budget=budget, allocation="uniform", ignore=[uniform.fc])
@@ -167,6 +174,8 @@ def main() -> int:
     p.add_argument("--judge-steps", type=int, default=30, help="optimizer steps of the short-tune judge")
     p.add_argument("--judges", nargs="+", choices=list(JUDGES), default=list(JUDGES),
                    help="how candidates are judged, for both allocators alike (each adds a sensitivity and a search row)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="ap.search methods (each adds a row per judge, paired with sensitivity under that judge)")
     p.add_argument("--finetunes", type=int, default=1,
                    help="fine-tuning runs per plan (other batch orders); a plan's test accuracy is their mean")
     p.add_argument("--jobs", type=int, default=1,
@@ -178,17 +187,20 @@ def main() -> int:
     d = DATASETS["mnist1d"]["data"]()
     payload["seeds"] = over_seeds(run, args, d)
     summary = {}
-    for name in ["uniform"] + [m + JUDGES[j] for j in args.judges for m in ("sensitivity", "search")]:
+    rows = ["sensitivity"] + [METHODS[m] for m in args.methods]
+    for name in ["uniform"] + [m + JUDGES[j] for j in args.judges for m in rows]:
         accs = [payload["seeds"][str(s)][name]["test_accuracy"] for s in args.seeds]
         summary[name] = {"mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                          "per_seed": accs}
         log(f"{name}: test accuracy {summary[name]['mean']:.4f} ± {summary[name]['sd']:.4f}")
     payload["summary"] = summary
-    payload["paired"] = {JUDGES[j]: paired(payload["seeds"], args.seeds, "search" + JUDGES[j], "sensitivity" + JUDGES[j])
-                         for j in args.judges}
-    for judge, pr in payload["paired"].items():
-        log(f"search{judge} - sensitivity{judge}: {pr['mean']:+.4f} (95% CI {pr['low']:+.4f} .. {pr['high']:+.4f}), "
-            f"wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}")
+    for m in args.methods:  # "paired" (TPE) keeps its earlier name; "paired_netadapt" ...
+        key = "paired" if m == "tpe" else f"paired_{m}"
+        payload[key] = {JUDGES[j]: paired(payload["seeds"], args.seeds, METHODS[m] + JUDGES[j], "sensitivity" + JUDGES[j])
+                        for j in args.judges}
+        for judge, pr in payload[key].items():
+            log(f"{METHODS[m]}{judge} - sensitivity{judge}: {pr['mean']:+.4f} (95% CI {pr['low']:+.4f} .. "
+                f"{pr['high']:+.4f}), wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}")
     payload["environment"]["load_average_at_end"] = list(__import__("os").getloadavg())
     log(f"wrote {save(args.out, payload)}")
     return 0

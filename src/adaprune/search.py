@@ -38,7 +38,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._check import as_bool, as_int, check_callable, check_inputs, check_instance, check_module
+from ._check import (
+    as_bool,
+    as_float,
+    as_int,
+    check_callable,
+    check_choice,
+    check_inputs,
+    check_instance,
+    check_module,
+)
 from .adapt.fill import fill
 from .allocate import Limits, get_allocator
 from .allocate.adaptive import ClusterProbe, allocate_adaptive
@@ -115,6 +124,19 @@ class _Space:
         if self.met(Plan()):
             return Plan(), {c: 0.0 for c in weights}
         return bisect(at, lambda cand: self.met(cand[0]), 0.0, top, hi, STEPS)[1]
+
+    def stepped(self, start: dict[str, float], rates: dict[str, float],
+                met: Callable[[Plan], bool]) -> tuple[Plan, dict[str, float]]:
+        """The least ``s`` whose ratios ``min(max_ratio, start + s * rate)`` give a plan that is ``met``, its plan
+        and ratios (every cluster at its cap must be ``met``: the caller checks the final budget is reachable)."""
+        cap = self.limits.max_ratio
+
+        def at(s: float) -> tuple[Plan, dict[str, float]]:
+            ratios = {c: min(cap, start[c] + s * r) for c, r in rates.items()}
+            return self.plan(ratios), ratios
+
+        top = cap / min(rates.values())
+        return bisect(at, lambda cand: met(cand[0]), 0.0, top, at(top), STEPS)[1]
 
     def fill(self, plan: Plan) -> Plan:
         """``plan`` with the whole channels that rounding left of the budget given back (adapt's last-step
@@ -222,8 +244,10 @@ class Tuned:
 
 @dataclass
 class Trial:
-    """One evaluated candidate: the sampler's weights, the ratios that met the budget, the metric, the costs, and
-    the plan that was evaluated (before any fill: e.g. to fine-tune the top few and keep the best of those)."""
+    """One evaluated candidate: the sampler's weights (NetAdapt: each cluster's rate in that step, the favoured
+    one's ``gamma``), the ratios, the metric, the costs, the plan that was evaluated (before any fill: e.g. to
+    fine-tune the top few and keep the best of those), and whether it meets the search's budget (NetAdapt's
+    earlier steps' candidates meet milder ones)."""
 
     number: int
     weights: dict[str, float]
@@ -231,6 +255,7 @@ class Trial:
     metric: float
     costs: dict[str, float]
     plan: Plan = field(default_factory=Plan)
+    final: bool = True
 
 
 @dataclass
@@ -251,7 +276,114 @@ class SearchResult:
 
     @property
     def best(self) -> Trial:
-        return max(self.trials, key=lambda t: t.metric)
+        """The trial with the highest metric among those that meet the budget."""
+        return max((t for t in self.trials if t.final), key=lambda t: t.metric)
+
+
+class _Judge:
+    """Evaluates plans on the executor, each plan once: a plan seen before (keyed by its JSON) or twice in one
+    batch is told the stored value and costs no evaluation."""
+
+    def __init__(self, runner: Any, model: nn.Module, evaluate: Callable[[nn.Module], float], out: SearchResult) -> None:
+        self.runner, self.model, self.evaluate, self.out = runner, model, evaluate, out
+        self.seen: dict[str, float] = {}
+        self.token = ("search", uuid.uuid4().hex)  # (the model does not change during the search: shipped once)
+
+    def __call__(self, plans: list[Plan]) -> tuple[list[float], list[bool]]:
+        """Each plan's metric, and whether it was evaluated (new) or told."""
+        keys = [p.to_json() for p in plans]
+        new: dict[str, Plan] = {}
+        for k, p in zip(keys, plans):
+            if k not in self.seen and k not in new:
+                new[k] = p
+        values = self.runner.map(self.model, list(new.values()), self.evaluate, token=self.token) if new else []
+        self.seen.update({k: _number(v) for k, v in zip(new, values)})
+        fresh = set(new)
+        first = [k in fresh and keys.index(k) == i for i, k in enumerate(keys)]
+        self.out.repeats += first.count(False)
+        return [self.seen[k] for k in keys], first
+
+    def record(self, space: _Space, weights: dict[str, float], ratios: dict[str, float], plan: Plan, metric: float,
+               final: bool) -> None:
+        out = self.out
+        out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan), plan, final))
+        if final and metric > out.metric:
+            out.plan, out.metric = plan, metric
+
+
+def _tpe(space: _Space, judge: _Judge, trials: int, parallel: int, seed: int, min_weight: float) -> None:
+    import optuna
+
+    names = list(space.units)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                         n_startup_trials=max(1, min(10, trials // 4)))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
+    out, asks = judge.out, 0
+    while len(out.trials) < trials and asks < trials * ASKS:
+        made: list[tuple[Any, dict[str, float], Plan, dict[str, float]]] = []
+        twins: list[tuple[Any, str]] = []  # repeats of a plan asked in this same batch: told once it is known
+        while len(made) < min(parallel, trials - len(out.trials)) and asks < trials * ASKS:
+            t = study.ask()
+            asks += 1
+            weights = {n: t.suggest_float(f"w{i}", min_weight, 1.0) for i, n in enumerate(names)}
+            plan, ratios = space.scaled(weights)
+            key = plan.to_json()
+            if key in judge.seen:
+                study.tell(t, judge.seen[key])
+                out.repeats += 1
+            elif any(key == m[2].to_json() for m in made):
+                twins.append((t, key))
+                out.repeats += 1
+            else:
+                made.append((t, weights, plan, ratios))
+        values, _ = judge([m[2] for m in made])
+        for (t, weights, plan, ratios), value in zip(made, values):
+            study.tell(t, value)
+            judge.record(space, weights, ratios, plan, value, True)
+        for t, key in twins:
+            study.tell(t, judge.seen[key])
+
+
+def _netadapt(space: _Space, judge: _Judge, trials: int, gamma: float) -> None:
+    """NetAdapt's greedy path (Yang et al., 2018): ``trials // clusters`` steps, each to a budget geometrically
+    nearer the target (the binding field's limit ``base * (limit / base) ** (t / T)``; the last step meets the whole
+    budget); in each step one candidate per cluster, that cluster's ratio growing ``gamma`` times as fast as the
+    others' from the ratios kept so far; the best-judged candidate is kept. The masked judge reads the earlier,
+    milder steps where a cut model still says something, rather than only the target, where at a deep cut every
+    candidate may be near chance."""
+    names = list(space.units)
+    steps = trials // len(names)
+    if steps < 1:
+        raise ConfigError(f"search(method='netadapt') judges one candidate per cluster a step: trials={trials} is fewer "
+                          f"than the model's {len(names)} clusters; pass trials >= {len(names)}")
+    field_, limit = space.binding()
+    start = space.base[field_]
+    ratios = {n: 0.0 for n in names}
+    for t in range(1, steps + 1):
+        target = start * (limit / start) ** (t / steps)
+        final = t == steps
+
+        def met(plan: Plan, target: float = target, final: bool = final) -> bool:
+            return space.met(plan) if final else space.costs(plan)[field_] <= target * (1 + 1e-9)
+
+        proposals = []
+        for c in names:
+            rates = {n: gamma if n == c else 1.0 for n in names}
+            plan, r = space.stepped(ratios, rates, met)
+            proposals.append((rates, plan, r))
+        values, first = judge([p[1] for p in proposals])
+        for (rates, plan, r), value, new in zip(proposals, values, first):
+            if new:
+                judge.record(space, rates, r, plan, value, final)
+        keep = max(range(len(proposals)), key=lambda i: values[i])
+        ratios = proposals[keep][2]
+        if final:
+            judge.out.plan, judge.out.metric = proposals[keep][1], values[keep]
+
+
+METHODS = ("tpe", "netadapt")
 
 
 def search(
@@ -261,6 +393,7 @@ def search(
     budget: Budget,
     *,
     trials: int = 64,
+    method: str = "tpe",
     parallel: int = 2,
     importance: Any = "l2",
     ignore: Iterable[nn.Module | str] | None = None,
@@ -269,6 +402,7 @@ def search(
     min_channels: int = 1,
     round_to: int = 1,
     min_weight: float = 0.05,
+    gamma: float = 3.0,
     recalibrate: bool = False,
     seed: int = 0,
     executor: Any = None,
@@ -282,14 +416,19 @@ def search(
         trials: how many candidates are evaluated (the search's whole cost in evaluations). Each is a different
             plan: weights that give a plan already evaluated are told its value and asked again, at most
             ``10 * trials`` times in all (fewer evaluations only where the space has fewer plans the sampler finds).
-        parallel: candidates asked of the sampler at a time, evaluated at once by ``executor`` (the results do
-            not depend on the executor, only on ``parallel`` and ``seed``).
-        min_weight: the least weight a cluster can be given (its ratio is at least this fraction of the
+            NetAdapt uses ``clusters * (trials // clusters)`` of them (fewer where a step's candidates repeat).
+        method: ``"tpe"`` (Optuna's TPE over the clusters' weights, each candidate at the budget; the ``search``
+            extra) or ``"netadapt"`` (a greedy path of ``trials // clusters`` steps to the budget, one candidate per
+            cluster a step, the best kept: the module's doc; no extra needed).
+        parallel: candidates asked of the TPE sampler at a time, evaluated at once by ``executor`` (the results do
+            not depend on the executor, only on ``parallel`` and ``seed``); NetAdapt evaluates a step's at once.
+        min_weight: the least weight TPE can give a cluster (its ratio is at least this fraction of the
             most-cut cluster's, before the caps).
+        gamma: how many times as fast a NetAdapt candidate's favoured cluster is cut as the others in its step.
         recalibrate: evaluate each candidate after re-estimating its BatchNorm statistics on ``calibration``
             (:class:`Recalibrated`); the score then predicts the fine-tuned model's much better on models with
             BatchNorm.
-        seed: the sampler's seed.
+        seed: the TPE sampler's seed (NetAdapt is deterministic).
         executor: ``None``/``"local"``, ``"ray"`` or an :class:`adaprune.Executor`.
 
     Returns:
@@ -300,10 +439,15 @@ def search(
     trials = as_int(trials, "trials", low=1)
     parallel = as_int(parallel, "parallel", low=1)
     seed = as_int(seed, "seed", low=0, high=2**32 - 1)
-    try:
-        import optuna
-    except ImportError as exc:
-        raise ConfigError("search needs Optuna: pip install 'adaprune[search]'") from exc
+    method = check_choice(method, "method", METHODS)
+    gamma = as_float(gamma, "gamma", low=1.0, low_open=True, hint="a NetAdapt candidate's favoured cluster is cut "
+                     "gamma times as fast as the others")
+    if method == "tpe":
+        try:
+            import optuna  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("search(method='tpe') needs Optuna: pip install 'adaprune[search]' "
+                              "(or method='netadapt', which does not)") from exc
     if as_bool(recalibrate, "recalibrate"):
         if calibration is None:
             raise ConfigError("search(recalibrate=True) re-estimates BatchNorm statistics on calibration batches: "
@@ -312,46 +456,16 @@ def search(
         evaluate = Recalibrated(evaluate, calibration)
     space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
                    Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
-    names = list(space.units)
+    space.scaled({n: 1.0 for n in space.units})  # raises BudgetUnreachableError before any evaluation
     runner, owned = get_executor(executor)
     runner.prepare()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=max(1, min(10, trials // 4)))
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
-    token = ("search", uuid.uuid4().hex)  # (the model does not change during the search: shipped once)
     out = SearchResult(Plan(), -math.inf)
-    seen: dict[str, float] = {}  # each plan evaluated once: a repeat is told its value and costs nothing
-    asks = 0
+    judge = _Judge(runner, model, evaluate, out)
     try:
-        while len(out.trials) < trials and asks < trials * ASKS:
-            made: list[tuple[Any, dict[str, float], Plan, dict[str, float], str]] = []
-            twins: list[tuple[Any, str]] = []  # repeats of a plan asked in this same batch: told once it is known
-            while len(made) < min(parallel, trials - len(out.trials)) and asks < trials * ASKS:
-                t = study.ask()
-                asks += 1
-                weights = {n: t.suggest_float(f"w{i}", min_weight, 1.0) for i, n in enumerate(names)}
-                plan, ratios = space.scaled(weights)
-                key = plan.to_json()
-                if key in seen:
-                    study.tell(t, seen[key])
-                    out.repeats += 1
-                elif any(key == m[4] for m in made):
-                    twins.append((t, key))
-                    out.repeats += 1
-                else:
-                    made.append((t, weights, plan, ratios, key))
-            values = runner.map(model, [m[2] for m in made], evaluate, token=token) if made else []
-            for (t, weights, plan, ratios, key), value in zip(made, values):
-                metric = _number(value)
-                study.tell(t, metric)
-                seen[key] = metric
-                out.trials.append(Trial(len(out.trials), weights, ratios, metric, space.costs(plan), plan))
-                if metric > out.metric:
-                    out.plan, out.metric = plan, metric
-            for t, key in twins:
-                study.tell(t, seen[key])
+        if method == "netadapt":
+            _netadapt(space, judge, trials, gamma)
+        else:
+            _tpe(space, judge, trials, parallel, seed, min_weight)
     finally:
         if owned:
             runner.close()
