@@ -156,8 +156,13 @@ def search_section(payload: dict[str, Any]) -> list[str]:
               f"*sensitivity*: `ap.sensitivity` (every cluster at {'/'.join(f'{r:g}' for r in cfg.get('ratios', [0.25, 0.5, 0.75]))}) "
               "then `ap.allocate_from_sensitivity`; "
               f"*search*: `ap.search` (Optuna TPE, 2 candidates at a time) with as many evaluations "
-              f"({evaluations}); *uniform*: every group the same ratio, no evaluations. The same judge scores both "
-              f"allocators' candidates, {how}. Every plan is "
+              f"({evaluations}); " + (
+                  "*NetAdapt*: `ap.search(method=\"netadapt\")`, a greedy path of evaluations // clusters steps to the "
+                  "budget (each step's budget geometrically nearer it), one candidate per cluster a step (that "
+                  "cluster cut 3 times as fast as the others, the default, not tuned), the best-judged kept; at most as "
+                  "many evaluations; " if "netadapt" in cfg.get("methods", []) else "") +
+              "*uniform*: every group the same ratio, no evaluations. The same judge scores every "
+              f"allocator's candidates, {how}. Every plan is "
               f"then fine-tuned with the same {cfg['steps']} Adam steps (lr {cfg['lr']:g}, batches of {cfg['batch']}) "
               "and scored on the 1,000 held-out test examples.")]
     if cfg.get("finetunes", 1) > 1:
@@ -174,7 +179,8 @@ def search_section(payload: dict[str, Any]) -> list[str]:
     for j in judges:
         suffix, name, _ = SEARCH_JUDGES[j]
         tail = "" if j == "masked" else f", {name} judge"
-        labels.update({"sensitivity" + suffix: "sensitivity" + tail, "search" + suffix: "search" + tail})
+        labels.update({"sensitivity" + suffix: "sensitivity" + tail, "search" + suffix: "search" + tail,
+                       "netadapt" + suffix: "NetAdapt" + tail})
     for name in [n for n in labels if n in payload["summary"]]:
         s = payload["summary"][name]
         accs = [seeds[k][name]["test_accuracy"] for k in seeds]
@@ -186,16 +192,19 @@ def search_section(payload: dict[str, Any]) -> list[str]:
                      f"| {min(accs):.4f} | {max(accs):.4f} |")
     if "paired" in payload:
         names = {suffix: name for suffix, name, _ in SEARCH_JUDGES.values()}
-        lines += ["", "Search minus sensitivity on the same base models (Student-t 95% interval over the seeds):", "",
-                  "| judge | mean difference | 95% interval | search wins / ties / losses |", "|---|---|---|---|"]
-        for j, pr in payload["paired"].items():
-            lines.append(f"| {names[j]} | {pr['mean']:+.4f} | {pr['low']:+.4f} .. {pr['high']:+.4f} | "
-                         f"{pr['wins']} / {pr['ties']} / {pr['losses']} |")
+        lines += ["", "Each search minus sensitivity on the same base models (Student-t 95% interval over the seeds):",
+                  "", "| search | judge | mean difference | 95% interval | search wins / ties / losses |",
+                  "|---|---|---|---|---|"]
+        for method, key in (("TPE", "paired"), ("NetAdapt", "paired_netadapt")):
+            for j, pr in payload.get(key, {}).items():
+                lines.append(f"| {method} | {names[j]} | {pr['mean']:+.4f} | {pr['low']:+.4f} .. {pr['high']:+.4f} | "
+                             f"{pr['wins']} / {pr['ties']} / {pr['losses']} |")
     shown = list(seeds)[:3]
     suffix = SEARCH_JUDGES[judges[0]][0]
     lines += ["", f"Widths kept (conv layers; the {SEARCH_JUDGES[judges[0]][1]} judge's plans), seeds {', '.join(shown)}: "
               + "; ".join(f"seed {k}: " + ", ".join(f"{n} {seeds[k][n + (suffix if n != 'uniform' else '')]['widths']}"
-                                                    for n in ("uniform", "sensitivity", "search"))
+                                                    for n in ("uniform", "sensitivity", "search", "netadapt")
+                                                    if n + (suffix if n != "uniform" else "") in seeds[k])
                           for k in shown) + "; dense [32, 64, 64, 128]."]
     return lines
 

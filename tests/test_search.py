@@ -12,40 +12,10 @@ from torch import nn
 import adaprune as ap
 from adaprune.errors import ArgumentTypeError, BudgetUnreachableError, ConfigError
 from adaprune.plan import plan_from_choice
+from search_nets import FirstLayerMatters, X, alive, cnn, kept, macs
 
 pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-X = torch.randn(4, 3, 12, 12)
-
-
-def cnn() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, 5))
-
-
-def alive(model: nn.Module, i: int) -> int:
-    return int((model[i].weight.detach().flatten(1).abs().sum(1) > 0).sum())
-
-
-class FirstLayerMatters:
-    """Every channel of the first conv lost costs 1; of the others, 0.01 (a picklable evaluation)."""
-
-    def __call__(self, model: nn.Module) -> float:
-        return -(16 - alive(model, 0)) - 0.01 * ((16 - alive(model, 2)) + (16 - alive(model, 4)))
-
-
-def kept(model: nn.Module, plan: ap.Plan) -> dict[str, int]:
-    return {g.name: g.size - len(g.removed) for g in plan.groups}
-
-
-def macs(model: nn.Module, plan: ap.Plan) -> float:
-    m = cnn()
-    ap.remove(m, plan)
-    return ap.count(m, X).macs / ap.count(cnn(), X).macs
-
 
 def test_search_meets_the_budget_and_spares_the_layer_the_metric_needs() -> None:
     model = cnn()
@@ -74,11 +44,13 @@ def test_search_on_ray_is_the_local_search() -> None:
     pytest.importorskip("ray")
     model = cnn()
     kw = {"trials": 6, "seed": 3, "ignore": [model[8]]}
-    local = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), **kw)
+    local = [ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), method=m, **kw) for m in ("tpe", "netadapt")]
     with ap.RayExecutor(workers=2) as ex:
-        remote = ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), executor=ex, **kw)
-    assert [(t.weights, t.metric) for t in remote.trials] == [(t.weights, t.metric) for t in local.trials]
-    assert remote.plan.to_json() == local.plan.to_json()
+        remote = [ap.search(model, X, FirstLayerMatters(), ap.Budget(macs=0.5), executor=ex, method=m, **kw)
+                  for m in ("tpe", "netadapt")]
+    for a, b in zip(remote, local):
+        assert [(t.weights, t.metric) for t in a.trials] == [(t.weights, t.metric) for t in b.trials]
+        assert a.plan.to_json() == b.plan.to_json()
 
 
 def test_allocate_from_sensitivity_cuts_least_where_the_table_says_it_hurts() -> None:
@@ -131,8 +103,10 @@ def test_without_optuna_the_message_names_the_extra(monkeypatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "optuna", None)
-    with pytest.raises(ConfigError, match=r"adaprune\[search\]"):
+    with pytest.raises(ConfigError, match=r"adaprune\[search\].*netadapt"):
         ap.search(cnn(), X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=2)
+    found = ap.search(cnn(), X, FirstLayerMatters(), ap.Budget(macs=0.5), trials=2, method="netadapt")
+    assert macs(cnn(), found.plan) <= 0.5
 
 
 class BatchNormNet(nn.Module):

@@ -22,6 +22,12 @@ with every candidate's cost exact (:class:`~adaprune.cost.predict.CostPredictor`
   NetAdapt (Yang et al., 2018) and AMC (He et al., 2018) are the field's anchors for searching layer-wise
   ratios under a resource budget; this is the black-box form of that search, with a fixed number of
   evaluations so it can be compared with the sensitivity allocator at equal cost.
+- ``search(method="netadapt")``: NetAdapt's greedy path. ``trials // clusters`` steps to the budget, each step's
+  budget geometrically nearer it; in each, one candidate per cluster (that cluster's ratio growing ``gamma``
+  times as fast as the others' from the ratios kept so far), the best-judged kept. Judging the earlier steps at
+  milder budgets is its point: at a deep cut every masked candidate can be near chance. Unlike NetAdapt it
+  does not fine-tune between steps (every candidate is judged from the original weights, as sensitivity's
+  probes are); adapt is the place for that. No Optuna needed.
 
 A search's results do not depend on the executor: the sampler sees the same candidates in the same order,
 and each evaluation starts from the same seed (:mod:`adaprune.scale`).
