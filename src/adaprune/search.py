@@ -111,6 +111,16 @@ class _Space:
         name = min(limits, key=lambda k: limits[k] / max(self.base[k], 1e-12))
         return name, limits[name]
 
+    def reachable(self, plan: Plan | None = None) -> None:
+        """BudgetUnreachableError unless ``plan`` (by default every cluster cut to its cap) meets the budget."""
+        cap = self.limits.max_ratio
+        plan = self.plan({c: cap for c in self.units}) if plan is None else plan
+        if not self.met(plan):
+            raise BudgetUnreachableError(
+                f"the budget cannot be met with every cluster cut to max_ratio={cap:g}: that gives "
+                f"{self.budget.describe(self.costs(plan), self.base)}; raise max_ratio or ask for less"
+            )
+
     def scaled(self, weights: dict[str, float]) -> tuple[Plan, dict[str, float]]:
         """The least ``scale`` whose ratios ``min(max_ratio, scale * weight)`` meet the budget, its plan and
         ratios; BudgetUnreachableError when every cluster at its cap does not."""
@@ -122,11 +132,7 @@ class _Space:
             return self.plan(ratios), ratios
 
         hi = at(top)
-        if not self.met(hi[0]):
-            raise BudgetUnreachableError(
-                f"the budget cannot be met with every cluster cut to max_ratio={cap:g}: that gives "
-                f"{self.budget.describe(self.costs(hi[0]), self.base)}; raise max_ratio or ask for less"
-            )
+        self.reachable(hi[0])
         if self.met(Plan()):
             return Plan(), {c: 0.0 for c in weights}
         return bisect(at, lambda cand: self.met(cand[0]), 0.0, top, hi, STEPS)[1]
@@ -198,10 +204,7 @@ def allocate_from_sensitivity(
 
     caps = {name: max_ratio for name in space.units}
     found = allocate_adaptive(probes, field_, target, evaluate, caps=caps)
-    if not space.met(found.candidate):
-        raise BudgetUnreachableError(
-            f"the budget cannot be met with every cluster cut to max_ratio={max_ratio:g}: that gives "
-            f"{budget.describe(space.costs(found.candidate), space.base)}; raise max_ratio or ask for less")
+    space.reachable(found.candidate)
     return space.fill(found.candidate)
 
 
@@ -328,7 +331,7 @@ def _tpe(space: _Space, judge: _Judge, trials: int, parallel: int, seed: int, mi
     study.enqueue_trial({f"w{i}": 1.0 for i in range(len(names))})  # the uniform allocation first
     out, asks = judge.out, 0
     while len(out.trials) < trials and asks < trials * ASKS:
-        made: list[tuple[Any, dict[str, float], Plan, dict[str, float]]] = []
+        made: list[tuple[Any, dict[str, float], Plan, dict[str, float], str]] = []
         twins: list[tuple[Any, str]] = []  # repeats of a plan asked in this same batch: told once it is known
         while len(made) < min(parallel, trials - len(out.trials)) and asks < trials * ASKS:
             t = study.ask()
@@ -339,13 +342,13 @@ def _tpe(space: _Space, judge: _Judge, trials: int, parallel: int, seed: int, mi
             if key in judge.seen:
                 study.tell(t, judge.seen[key])
                 out.repeats += 1
-            elif any(key == m[2].to_json() for m in made):
+            elif any(key == m[4] for m in made):
                 twins.append((t, key))
                 out.repeats += 1
             else:
-                made.append((t, weights, plan, ratios))
+                made.append((t, weights, plan, ratios, key))
         values, _ = judge([m[2] for m in made])
-        for (t, weights, plan, ratios), value in zip(made, values):
+        for (t, weights, plan, ratios, _key), value in zip(made, values):
             study.tell(t, value)
             judge.record(space, weights, ratios, plan, value, True)
         for t, key in twins:
@@ -462,7 +465,7 @@ def search(
         evaluate = Recalibrated(evaluate, calibration)
     space = _Space(model, example_inputs, budget, importance, ignore_items(ignore), calibration,
                    Limits(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to), graph)
-    space.scaled({n: 1.0 for n in space.units})  # raises BudgetUnreachableError before any evaluation
+    space.reachable()  # before any evaluation (NetAdapt's steps bisect toward a plan they assume meets it)
     runner, owned = get_executor(executor)
     runner.prepare()
     out = SearchResult(Plan(), -math.inf)
