@@ -69,8 +69,8 @@ SETUPS: dict[str, dict[str, Any]] = {
     },
     "detection": {
         "size": 64, "n_train": 320, "n_val": 160, "n_test": 160, "batch": 8,
-        "base_steps": 800, "base_lr": 2e-3, "ft_lr": 2e-4, "steps": 400, "rpn_nms_thresh": 1.0, "box_score_thresh": 0.0,
-        "tolerance": 0.05, "adapt_inner": 30, "adapt_iters": 12, "adapt_alternatives": 1, "metric": "map",
+        "base_steps": 800, "base_lr": 2e-3, "ft_lr": 2e-4, "steps": 800, "rpn_nms_thresh": 1.0, "box_score_thresh": 0.0,
+        "tolerance": 0.05, "adapt_inner": 50, "adapt_iters": 14, "adapt_alternatives": 1, "metric": "map",
         "model": "torchvision FasterRCNN: backbone conv3x3 16(s2)-32-64(s2)-64 with BN+ReLU, one feature map "
                  "(stride 4), anchors 12/18/24 px, RPN NMS off (IoU 1.0) so that exactly 30 proposals reach the box head "
                  "at test (a fixed MACs count), RoIAlign 4x4, box head 2x128 fc, min/max_size 64, 10 detections per "
